@@ -1,0 +1,1 @@
+"""Hypervisor backends: one protocol (base.py), one module per backend."""

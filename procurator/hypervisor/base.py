@@ -1,0 +1,96 @@
+"""The contract every hypervisor backend implements (DESIGN.md §4).
+
+A backend receives a `LaunchSpec`: the runtime VmConfig (cloud-hypervisor's `vm.create` body with the host
+fields filled in: TAP names, writable disk paths, serial file) plus where the VM's files live. It returns a
+`Handle` that is persisted in the VM's record, so that a later command (or a restarted daemon) can talk
+to the same process again through `adopt`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class VmState(StrEnum):
+    """States as cloud-hypervisor's `VmInfo.state` names them, plus the process-level ones."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    SHUTDOWN = "Shutdown"
+    PAUSED = "Paused"
+    BREAKPOINT = "BreakPoint"
+    GONE = "Gone"  # no hypervisor process any more
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    name: str
+    vm_dir: Path  # <state>/vms/<name>: sockets, logs and the runtime config live here
+    config: dict[str, Any]  # the runtime VmConfig, exactly what vm.create receives
+    serial_log: Path
+    shutdown_timeout: float = 30.0
+    user: str | None = None  # run the hypervisor as this user (None: as ourselves)
+
+    @property
+    def api_socket(self) -> Path:
+        return self.vm_dir / "api.sock"
+
+    @property
+    def events_path(self) -> Path:
+        return self.vm_dir / "events"
+
+    @property
+    def hypervisor_log(self) -> Path:
+        return self.vm_dir / "hypervisor.log"
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What identifies a running hypervisor process; persisted in the VM record."""
+
+    backend: str
+    pid: int
+    start_time: int  # /proc/PID/stat start time, so a recycled pid is never taken for ours
+    api_socket: Path
+    vm_dir: Path
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    state: VmState
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """How a VM went down: `graceful` when the guest powered off on the power button in time."""
+
+    graceful: bool
+    steps: tuple[str, ...]  # the ladder steps taken, e.g. ("power-button",) or (..., "SIGKILL")
+
+
+class Hypervisor(Protocol):
+    name: str
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        """Start the process, create and boot the VM. On any failure nothing is left running."""
+        ...
+
+    def info(self, handle: Handle) -> VmInfo: ...
+
+    def counters(self, handle: Handle) -> dict[str, dict[str, int]]: ...
+
+    def shutdown(self, handle: Handle, timeout: float) -> StopResult:
+        """Graceful stop (power button, wait up to `timeout`), then harder steps, each bounded."""
+        ...
+
+    def kill(self, handle: Handle) -> None:
+        """Stop the process at once (SIGKILL) and remove its sockets."""
+        ...
+
+    def adopt(self, handle: Handle) -> bool:
+        """Whether the process in `handle` is still ours and answering (after our own restart)."""
+        ...
