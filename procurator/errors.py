@@ -57,8 +57,9 @@ class NixError(ProcuratorError):
 class ProcessError(ProcuratorError):
     """A subprocess could not be started or exited non-zero."""
 
-    def __init__(self, message: str, *, argv: tuple[str, ...] = (), returncode: int | None = None,
-                 stderr: str = "") -> None:
+    def __init__(
+        self, message: str, *, argv: tuple[str, ...] = (), returncode: int | None = None, stderr: str = ""
+    ) -> None:
         super().__init__(message)
         self.argv = argv
         self.returncode = returncode

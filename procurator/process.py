@@ -7,6 +7,7 @@ OSError and non-zero exits into `ProcessError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -85,9 +86,16 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     user: str | None = None,
+    netns: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived process in its own session (it survives our exit and our signals)."""
+    """Start a long-lived process in its own session (it survives our exit and our signals).
+
+    With `netns`, the process runs inside that named network namespace (`ip netns exec` execs in
+    place, so the pid is the process's own).
+    """
     args = tuple(str(a) for a in argv)
+    if netns is not None:
+        args = ("ip", "netns", "exec", netns, *args)
     log.debug("spawn: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
@@ -103,8 +111,9 @@ def spawn(
             user=user,
         )
     except FileNotFoundError as exc:
-        raise ProcessError(f"{args[0]}: not found; install it or set its path in the worker config",
-                           argv=args) from exc
+        raise ProcessError(
+            f"{args[0]}: not found; install it or set its path in the worker config", argv=args
+        ) from exc
     except (OSError, ValueError) as exc:
         raise ProcessError(f"{args[0]}: cannot start: {exc}", argv=args) from exc
 
@@ -151,10 +160,8 @@ def wait_gone(pid: int, start_time: int | None, timeout: float, *, poll: float =
     """Wait (bounded) until the process is gone, reaping it if it is our child. True if gone."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         if not alive(pid, start_time):
             return True
         if time.monotonic() >= deadline:

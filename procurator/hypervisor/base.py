@@ -33,6 +33,7 @@ class LaunchSpec:
     serial_log: Path
     shutdown_timeout: float = 30.0
     user: str | None = None  # run the hypervisor as this user (None: as ourselves)
+    netns: str | None = None  # run it inside this named network namespace (None: the host's)
 
     @property
     def api_socket(self) -> Path:

@@ -1,0 +1,51 @@
+"""The `procurator` command. `main()` is the one place errors become `error: ...` and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from procurator.cli import build
+from procurator.cli.app import cli
+from procurator.errors import EXIT_FAILURE, EXIT_USAGE, ProcuratorError
+
+__all__ = ["main"]
+
+for _command in (build.build,):
+    cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        rv = cli.main(args=args, prog_name="procurator", standalone_mode=False)
+    except ProcuratorError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return EXIT_FAILURE
+    except click.UsageError as exc:
+        hint = f" (see `procurator {exc.ctx.command_path.partition(' ')[2]} --help`)" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{hint}".replace("  ", " "), err=True)
+        return EXIT_USAGE
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

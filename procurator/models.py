@@ -1,0 +1,353 @@
+"""Frozen dataclasses parsed once, at the edge (DESIGN.md §1, §2).
+
+`Bundle.load(path)` and `Deployment.load(path)` read a store path, parse and check both JSON contracts and
+raise `ValidationError` naming the file and the field when anything is off. Everything past this module
+works with these types, never with raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from procurator.errors import ValidationError
+
+SCHEMA_VERSION = 1
+VM_NAME_MAX = 20
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_IFACE_ID = re.compile(r"^[a-z0-9]{1,8}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_STORE_NAME = re.compile(r"^([0-9a-df-np-sv-z]{32})-(.+)$")
+
+
+def is_dns_label(name: str, max_len: int = 63) -> bool:
+    return len(name) <= max_len and bool(_DNS_LABEL.match(name))
+
+
+def store_hash(path: Path) -> str:
+    """The generation of a store path: its 32-character hash ('' if it is not a store path name)."""
+    m = _STORE_NAME.match(path.name)
+    return m.group(1) if m else ""
+
+
+class _Reader:
+    """Typed access to one JSON object with errors that name the file and the dotted field."""
+
+    def __init__(self, source: str, data: Any, prefix: str = "") -> None:
+        self.source = source
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise ValidationError(source, prefix, f"expected an object, found {type(data).__name__}")
+        self.data: dict[str, Any] = data
+
+    def path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.prefix}[{key}]"
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, problem: str) -> ValidationError:
+        return ValidationError(self.source, self.path(key), problem)
+
+    def _get(self, key: str, kind: type | tuple[type, ...], default: Any, required: bool) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.fail(key, "missing")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool):
+            raise self.fail(key, "expected a number or string, found a boolean")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.fail(key, f"expected {names}, found {type(value).__name__}")
+        return value
+
+    def text(self, key: str, default: str | None = None, *, required: bool = True) -> str:
+        value: str = self._get(key, str, default, required and default is None)
+        return value
+
+    def opt_str(self, key: str) -> str | None:
+        value: str | None = self._get(key, str, None, False)
+        return value
+
+    def integer(self, key: str, default: int | None = None, *, minimum: int | None = 1) -> int:
+        value: int = self._get(key, int, default, default is None)
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, found {value}")
+        return value
+
+    def array(self, key: str, *, required: bool = False) -> list[Any]:
+        value: list[Any] = self._get(key, list, [], required)
+        return value
+
+    def obj(self, key: str, *, required: bool = False) -> _Reader:
+        return _Reader(self.source, self._get(key, dict, {}, required), self.path(key))
+
+    def items(self, key: str) -> list[_Reader]:
+        return [_Reader(self.source, v, f"{self.path(key)}[{i}]") for i, v in enumerate(self.array(key))]
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ValidationError(str(path), "", "missing; is this a Procurator bundle/deployment?") from exc
+    except OSError as exc:
+        raise ValidationError(str(path), "", f"cannot read: {exc.strerror}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            str(path), "", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+
+
+def _check_schema(r: _Reader) -> None:
+    version = r.integer("schema", minimum=None)
+    if version != SCHEMA_VERSION:
+        raise r.fail(
+            "schema", f"unknown schema version {version}; this procurator reads {SCHEMA_VERSION} (upgrade it)"
+        )
+
+
+class RestartPolicy(StrEnum):
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class Interface:
+    id: str
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    size_mib: int
+    fs_type: str = "ext4"
+    mount_point: str = ""
+
+
+@dataclass(frozen=True)
+class Restart:
+    policy: RestartPolicy = RestartPolicy.ALWAYS
+    max_restarts: int = 5
+    backoff_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    type: str  # "tcp" | "http"
+    port: int
+    path: str = "/"
+    expect_status: int = 200
+    interval_seconds: float = 2.0
+    timeout_seconds: float = 2.0
+    retries: int = 30
+
+
+@dataclass(frozen=True)
+class VmMeta:
+    """procurator.json: what Procurator needs beyond the hypervisor config."""
+
+    name: str
+    interfaces: tuple[Interface, ...]
+    volumes: tuple[Volume, ...]
+    restart: Restart
+    health: tuple[HealthCheck, ...]
+    shutdown_timeout: int
+
+    @classmethod
+    def parse(cls, source: str, data: Any) -> VmMeta:
+        r = _Reader(source, data)
+        _check_schema(r)
+        name = r.text("name")
+        if not is_dns_label(name, VM_NAME_MAX):
+            raise r.fail(
+                "name", f"{name!r} is not a DNS label of at most {VM_NAME_MAX} characters (a-z, 0-9, '-')"
+            )
+        interfaces = []
+        for item in r.items("interfaces"):
+            iface = Interface(item.text("id"), item.opt_str("mac"))
+            if not _IFACE_ID.match(iface.id):
+                raise item.fail("id", f"{iface.id!r} must be 1-8 characters of a-z and 0-9")
+            if iface.mac is not None and not _MAC.match(iface.mac):
+                raise item.fail("mac", f"{iface.mac!r} is not a lower-case MAC like 02:00:00:00:00:01")
+            interfaces.append(iface)
+        ids = [i.id for i in interfaces]
+        if len(set(ids)) != len(ids):
+            raise r.fail("interfaces", f"interface ids must be unique, found {ids}")
+        volumes = []
+        for item in r.items("volumes"):
+            vol = Volume(
+                name=item.text("name"),
+                size_mib=item.integer("sizeMiB"),
+                fs_type=item.text("fsType", "ext4"),
+                mount_point=item.text("mountPoint", ""),
+            )
+            if not is_dns_label(vol.name):
+                raise item.fail("name", f"{vol.name!r} is not a DNS label")
+            if vol.fs_type not in {"ext4", "ext2", "ext3", "xfs", "btrfs"}:
+                raise item.fail("fsType", f"unsupported filesystem {vol.fs_type!r} (use ext4)")
+            volumes.append(vol)
+        vol_names = [v.name for v in volumes]
+        if len(set(vol_names)) != len(vol_names):
+            raise r.fail("volumes", f"volume names must be unique, found {vol_names}")
+        rr = r.obj("restart")
+        try:
+            policy = RestartPolicy(rr.text("policy", "always"))
+        except ValueError as exc:
+            raise rr.fail("policy", "must be one of always, on-failure, never") from exc
+        restart = Restart(
+            policy, rr.integer("maxRestarts", 5, minimum=0), float(rr.integer("backoffSeconds", 1, minimum=0))
+        )
+        health = []
+        for item in r.items("health"):
+            kind = item.text("type")
+            if kind not in {"tcp", "http"}:
+                raise item.fail("type", f"{kind!r} must be tcp or http")
+            port = item.integer("port")
+            if port > 65535:
+                raise item.fail("port", f"{port} is not a TCP port")
+            health.append(
+                HealthCheck(
+                    type=kind,
+                    port=port,
+                    path=item.text("path", "/"),
+                    expect_status=item.integer("expectStatus", 200),
+                    interval_seconds=float(item.integer("intervalSeconds", 2)),
+                    timeout_seconds=float(item.integer("timeoutSeconds", 2)),
+                    retries=item.integer("retries", 30),
+                )
+            )
+        return cls(
+            name=name,
+            interfaces=tuple(interfaces),
+            volumes=tuple(volumes),
+            restart=restart,
+            health=tuple(health),
+            shutdown_timeout=r.integer("shutdownTimeout", 30),
+        )
+
+
+def _check_vm_config(source: str, data: Any, meta: VmMeta) -> dict[str, Any]:
+    """The checks on vm-config.json that Procurator relies on (the spec itself is checked in the tests)."""
+    r = _Reader(source, data)
+    payload = r.obj("payload", required=True)
+    for key in ("kernel", "initramfs"):
+        value = payload.opt_str(key)
+        if value is not None and not Path(value).is_absolute():
+            raise payload.fail(key, f"{value!r} must be an absolute store path")
+    payload.text("kernel")
+    r.obj("cpus", required=True).integer("boot_vcpus")
+    r.obj("memory", required=True).integer("size")
+    for item in r.items("disks"):
+        item.text("id")
+        if not item.data.get("readonly", False):
+            raise item.fail("readonly", "bundle disks must be read-only (writable disks are volumes)")
+    net_ids = []
+    for item in r.items("net"):
+        net_ids.append(item.text("id"))
+        for host_field in ("tap", "ip", "mask", "host_mac"):
+            if host_field in item.data:
+                raise item.fail(host_field, "belongs to the host, not the bundle; remove it")
+    if net_ids != [i.id for i in meta.interfaces]:
+        raise r.fail("net", f"ids {net_ids} do not match procurator.json interfaces")
+    return r.data
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One VM's build output. Its store path is its generation."""
+
+    path: Path
+    meta: VmMeta
+    vm_config: dict[str, Any]  # the VmConfig as built; never mutated (copy before filling host fields)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def generation(self) -> str:
+        return store_hash(self.path) or self.path.name
+
+    @property
+    def vcpus(self) -> int:
+        return int(self.vm_config["cpus"]["boot_vcpus"])
+
+    @classmethod
+    def is_bundle(cls, path: Path) -> bool:
+        return (path / "procurator.json").is_file() and (path / "vm-config.json").is_file()
+
+    @classmethod
+    def load(cls, path: Path) -> Bundle:
+        meta_file = path / "procurator.json"
+        meta = VmMeta.parse(str(meta_file), _load_json(meta_file))
+        config_file = path / "vm-config.json"
+        config = _check_vm_config(str(config_file), _load_json(config_file), meta)
+        return cls(path=path, meta=meta, vm_config=config)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "bundle", "name": self.name, "path": str(self.path), "generation": self.generation}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What one worker host should run: VM name -> bundle store path."""
+
+    path: Path
+    host: str
+    vms: dict[str, Path]
+
+    @property
+    def generation(self) -> str:
+        return store_hash(self.path) or self.path.name
+
+    @classmethod
+    def is_deployment(cls, path: Path) -> bool:
+        return (path / "deployment.json").is_file()
+
+    @classmethod
+    def load(cls, path: Path) -> Deployment:
+        source = path / "deployment.json"
+        r = _Reader(str(source), _load_json(source))
+        _check_schema(r)
+        host = r.text("host")
+        if not is_dns_label(host):
+            raise r.fail("host", f"{host!r} is not a DNS label")
+        vms_r = r.obj("vms", required=True)
+        vms: dict[str, Path] = {}
+        for name in vms_r.data:
+            if not is_dns_label(name, VM_NAME_MAX):
+                raise vms_r.fail(name, "VM names must be DNS labels of at most 20 characters")
+            vms[name] = Path(vms_r.text(name))
+        return cls(path=path, host=host, vms=vms)
+
+    def bundles(self) -> list[Bundle]:
+        """Load every bundle the deployment names, checking each one's name matches its key."""
+        out = []
+        for name, bundle_path in sorted(self.vms.items()):
+            bundle = Bundle.load(bundle_path)
+            if bundle.name != name:
+                raise ValidationError(
+                    str(self.path / "deployment.json"),
+                    f"vms.{name}",
+                    f"points at a bundle named {bundle.name!r}; rename one of them",
+                )
+            out.append(bundle)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "deployment",
+            "host": self.host,
+            "path": str(self.path),
+            "generation": self.generation,
+            "vms": {k: str(v) for k, v in sorted(self.vms.items())},
+        }
