@@ -1,0 +1,70 @@
+"""Health checks a bundle declares (TCP connect, HTTP status), run from the host against the guest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from procurator.errors import WaitTimeoutError
+from procurator.models import HealthCheck
+from procurator.netns import connect_tcp
+
+
+def probe(check: HealthCheck, ip: str, netns: str | None) -> str | None:
+    """Run one check once. None when it passes, else what went wrong."""
+    try:
+        sock = connect_tcp(netns, ip, check.port, check.timeout_seconds)
+    except OSError as exc:
+        return f"{check.type} {ip}:{check.port}: {exc.strerror or exc}"
+    with sock:
+        if check.type == "tcp":
+            return None
+        request = f"GET {check.path} HTTP/1.0\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
+        try:
+            sock.sendall(request.encode())
+            head = sock.recv(256).decode("latin-1")
+        except OSError as exc:
+            return f"http {ip}:{check.port}{check.path}: {exc.strerror or exc}"
+    parts = head.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return f"http {ip}:{check.port}{check.path}: not an HTTP answer"
+    status = int(parts[1])
+    if status != check.expect_status:
+        return f"http {ip}:{check.port}{check.path}: status {status}, expected {check.expect_status}"
+    return None
+
+
+def wait_healthy(
+    checks: tuple[HealthCheck, ...],
+    ip: str,
+    netns: str | None,
+    *,
+    timeout: float | None = None,
+    still_running: Callable[[], bool] = lambda: True,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Wait until every check passes once. Bounded by `timeout` (default: the checks' own budget)."""
+    if not checks:
+        return
+    budget = timeout if timeout is not None else max(c.interval_seconds * c.retries for c in checks)
+    deadline = clock() + budget
+    pending = list(checks)
+    last = ""
+    while True:
+        still = []
+        for check in pending:
+            problem = probe(check, ip, netns)
+            if problem is not None:
+                still.append(check)
+                last = problem
+        pending = still
+        if not pending:
+            return
+        if not still_running():
+            raise WaitTimeoutError(
+                f"health checks of {ip} (the VM stopped)", budget - (deadline - clock()), last
+            )
+        if clock() >= deadline:
+            raise WaitTimeoutError(f"health checks of {ip}", budget, last)
+        sleep(min(c.interval_seconds for c in pending))

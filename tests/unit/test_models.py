@@ -1,0 +1,110 @@
+"""Bundle and deployment parsing: every contract violation names the file and the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from procurator.errors import ValidationError
+from procurator.models import Bundle, Deployment, RestartPolicy, store_hash
+from tests.support.bundles import meta, vm_config, write_bundle, write_deployment
+
+
+def test_bundle_loads_with_its_generation(tmp_path: Path) -> None:
+    path = write_bundle(tmp_path)
+    bundle = Bundle.load(path)
+    assert bundle.name == "web"
+    assert bundle.generation == "0123456789abcdfghijklmnpqrsvwxyz"
+    assert bundle.meta.volumes[0].size_mib == 16
+    assert bundle.meta.restart.policy is RestartPolicy.ALWAYS
+    assert bundle.meta.health[0].path == "/health"
+    assert bundle.meta.shutdown_timeout == 10
+    assert bundle.vcpus == 1
+
+
+def test_store_hash_of_a_non_store_name_is_empty() -> None:
+    assert store_hash(Path("/tmp/foo")) == ""
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"name": "Web_1"}, "name", "not a DNS label"),
+        ({"schema": 7}, "schema", "unknown schema version 7"),
+        ({"schema": "1"}, "schema", "expected int"),
+        ({"interfaces": [{"id": "eth0"}, {"id": "eth0"}]}, "interfaces", "must be unique"),
+        ({"interfaces": [{"id": "eth0", "mac": "zz"}]}, "interfaces[0].mac", "not a lower-case MAC"),
+        ({"restart": {"policy": "sometimes"}}, "restart.policy", "always, on-failure, never"),
+        ({"volumes": [{"name": "d", "sizeMiB": 0}]}, "volumes[0].sizeMiB", "at least 1"),
+        ({"health": [{"type": "udp", "port": 1}]}, "health[0].type", "tcp or http"),
+        ({"shutdownTimeout": True}, "shutdownTimeout", "boolean"),
+    ],
+)
+def test_invalid_procurator_json_names_file_and_field(
+    tmp_path: Path, change: dict[str, object], field: str, problem: str
+) -> None:
+    data = meta()
+    data.update(change)
+    path = write_bundle(tmp_path, meta_data=data)
+    with pytest.raises(ValidationError) as err:
+        Bundle.load(path)
+    assert err.value.source == str(path / "procurator.json")
+    assert err.value.field == field
+    assert problem in str(err.value)
+
+
+def test_missing_name_is_reported(tmp_path: Path) -> None:
+    data = meta()
+    del data["name"]
+    with pytest.raises(ValidationError, match=r"procurator.json: name: missing"):
+        Bundle.load(write_bundle(tmp_path, meta_data=data))
+
+
+def test_malformed_json_names_line_and_column(tmp_path: Path) -> None:
+    path = write_bundle(tmp_path)
+    (path / "vm-config.json").write_text('{"cpus": ')
+    with pytest.raises(ValidationError, match=r"vm-config.json: malformed JSON at line 1 column 10"):
+        Bundle.load(path)
+
+
+def test_host_fields_in_the_bundle_are_refused(tmp_path: Path) -> None:
+    config = vm_config()
+    config["net"][0]["tap"] = "tap0"
+    with pytest.raises(ValidationError, match=r"net\[0\].tap: belongs to the host"):
+        Bundle.load(write_bundle(tmp_path, config=config))
+
+
+def test_writable_bundle_disk_is_refused(tmp_path: Path) -> None:
+    config = vm_config()
+    config["disks"][0]["readonly"] = False
+    with pytest.raises(ValidationError, match=r"disks\[0\].readonly"):
+        Bundle.load(write_bundle(tmp_path, config=config))
+
+
+def test_net_ids_must_match_interfaces(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="do not match procurator.json interfaces"):
+        Bundle.load(write_bundle(tmp_path, config=vm_config(nets=2)))
+
+
+def test_relative_kernel_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"payload.kernel: 'vmlinuz' must be an absolute"):
+        Bundle.load(write_bundle(tmp_path, config=vm_config(kernel="vmlinuz")))
+
+
+def test_deployment_loads_and_checks_names(tmp_path: Path) -> None:
+    web = write_bundle(tmp_path, "web")
+    dep = Deployment.load(write_deployment(tmp_path, "host1", {"web": web}))
+    assert dep.host == "host1"
+    assert [b.name for b in dep.bundles()] == ["web"]
+    wrong = Deployment.load(write_deployment(tmp_path / "x", "host2", {"api": web}))
+    with pytest.raises(ValidationError, match=r"vms.api: points at a bundle named 'web'"):
+        wrong.bundles()
+
+
+def test_deployment_with_bad_host_is_refused(tmp_path: Path) -> None:
+    path = write_deployment(tmp_path, "host1", {})
+    (path / "deployment.json").write_text(json.dumps({"schema": 1, "host": "Bad Host", "vms": {}}))
+    with pytest.raises(ValidationError, match=r"deployment.json: host: 'Bad Host' is not a DNS label"):
+        Deployment.load(path)

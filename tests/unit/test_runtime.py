@@ -1,0 +1,47 @@
+"""The runtime VmConfig: host fields filled in, still valid against cloud-hypervisor's spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from procurator.models import Bundle
+from procurator.runtime import GuestAddress, NicBinding, runtime_config
+from tests.support import chspec
+from tests.support.bundles import write_bundle
+
+
+def test_runtime_config_fills_host_fields_and_validates(tmp_path: Path) -> None:
+    bundle = Bundle.load(write_bundle(tmp_path))
+    config = runtime_config(
+        bundle,
+        nics=[NicBinding("eth0", "pc-web-1a2b", "02:aa:bb:cc:dd:ee")],
+        volumes={"data": tmp_path / "data.img"},
+        serial_log=tmp_path / "serial.log",
+        address=GuestAddress("10.100.0.2", 16, "10.100.0.1", "10.100.0.1"),
+    )
+    assert config["net"] == [{"id": "eth0", "tap": "pc-web-1a2b", "mac": "02:aa:bb:cc:dd:ee"}]
+    assert config["disks"][-1] == {"id": "vol-data", "path": str(tmp_path / "data.img"), "readonly": False}
+    assert config["serial"] == {"mode": "File", "file": str(tmp_path / "serial.log")}
+    assert config["console"] == {"mode": "Off"}
+    assert config["payload"]["cmdline"].endswith(
+        "procurator.ip=10.100.0.2/16 procurator.gw=10.100.0.1 procurator.dns=10.100.0.1"
+    )
+    assert chspec.errors("VmConfig", config) == []
+    # the bundle's own config is untouched
+    assert "tap" not in bundle.vm_config["net"][0]
+    assert len(bundle.vm_config["disks"]) == 1
+
+
+def test_runtime_config_replaces_stale_address_tokens(tmp_path: Path) -> None:
+    bundle = Bundle.load(write_bundle(tmp_path))
+    bundle.vm_config["payload"]["cmdline"] += " procurator.ip=1.2.3.4/8"
+    config = runtime_config(
+        bundle,
+        nics=[NicBinding("eth0", "t", "02:00:00:00:00:01")],
+        volumes={"data": tmp_path / "d.img"},
+        serial_log=tmp_path / "s.log",
+        address=GuestAddress("10.100.0.9", 16, "10.100.0.1"),
+    )
+    tokens = config["payload"]["cmdline"].split()
+    assert [t for t in tokens if t.startswith("procurator.ip=")] == ["procurator.ip=10.100.0.9/16"]
+    assert not any(t.startswith("procurator.dns=") for t in tokens)
