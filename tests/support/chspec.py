@@ -38,7 +38,7 @@ def validator(schema_name: str) -> jsonschema.protocols.Validator:
         raise KeyError(f"no schema {schema_name!r} in the cloud-hypervisor spec")
     root = {"$ref": f"#/components/schemas/{schema_name}", "components": components}
     cls = jsonschema.validators.validator_for({"$schema": "http://json-schema.org/draft-04/schema#"})
-    return cls(root)  # type: ignore[no-any-return]
+    return cls(root)
 
 
 def errors(schema_name: str, instance: Any) -> list[str]:

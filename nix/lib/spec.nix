@@ -1,0 +1,309 @@
+# mkSpec: check and normalise one VM's attributes (DESIGN.md §1, docs/bundle.md). Builtins only.
+#
+# Every error is a `throw` whose message starts with "procurator VM '<name>': " and names each field to
+# fix (all problems at once). mkSpec is idempotent (mkSpec (mkSpec a) == mkSpec a), so the functions of
+# outputs.nix accept raw attributes or a spec.
+let
+  c = import ./checks.nix;
+  inherit (builtins)
+    attrNames
+    concatLists
+    concatStringsSep
+    elem
+    filter
+    head
+    isAttrs
+    isInt
+    isList
+    isPath
+    isString
+    length
+    map
+    match
+    split
+    stringLength
+    ;
+
+  topDefaults = {
+    vcpus = 1;
+    memoryMiB = 256;
+    initrd = null;
+    cmdline = "";
+    disks = [ ];
+    interfaces = [ { id = "eth0"; } ];
+    volumes = [ ];
+    restart = { };
+    health = [ ];
+    shutdownTimeout = 30;
+  };
+  topKeys = [
+    "name"
+    "kernel"
+  ] ++ attrNames topDefaults;
+
+  restartDefaults = {
+    policy = "always";
+    maxRestarts = 5;
+    backoffSeconds = 1;
+  };
+  healthDefaults = {
+    intervalSeconds = 2;
+    timeoutSeconds = 2;
+    retries = 30;
+  };
+  httpDefaults = {
+    path = "/";
+    expectStatus = 200;
+  };
+  tcpKeys = [
+    "type"
+    "port"
+  ] ++ attrNames healthDefaults;
+  healthKeys = {
+    tcp = tcpKeys;
+    http = tcpKeys ++ attrNames httpDefaults;
+  };
+
+  # [ ] when `ok`, else [ msg ].
+  expect = ok: msg: if ok then [ ] else [ msg ];
+  # The errors of `checks` when `attrs` has `key`, else the "is required" error.
+  ifPresent =
+    where: attrs: key: what: checks:
+    if attrs ? ${key} then checks else [ "${where}${key} is required (${what})" ];
+  list = concatStringsSep ", ";
+
+  unknownKeys =
+    where: known: attrs:
+    map (k: "${where}unknown attribute '${k}' (known: ${list known})") (
+      filter (k: !(elem k known)) (attrNames attrs)
+    );
+
+  # A store path as a string with its context: path literals are copied into the store.
+  isStoreLike = v: isPath v || (isAttrs v && v ? outPath) || c.isStorePathString v;
+  storePathOf = v: if isPath v || (isAttrs v && v ? outPath) then "${v}" else v;
+  storeWhat = "a path, a derivation or a string under ${builtins.storeDir}/";
+  storePath =
+    field: v: expect (isStoreLike v) "${field} must be a store path (${storeWhat}), got ${c.show v}";
+
+  positive =
+    field: unit: v: expect (c.isPositiveInt v) "${field} must be a positive integer${unit}, got ${c.show v}";
+
+  # The errors of a list field whose elements are attribute sets checked by `item where attrs`.
+  eachItem =
+    field: xs: item:
+    if !isList xs then
+      [ "${field} must be a list, got ${c.show xs}" ]
+    else
+      concatLists (
+        map (
+          e:
+          let
+            where = "${field}[${toString e.index}]";
+          in
+          if isAttrs e.value then
+            item where e.value
+          else
+            [ "${where} must be an attribute set, got ${c.show e.value}" ]
+        ) (c.enumerate xs)
+      );
+
+  # The string values of `key` in the attribute-set elements of a (possibly malformed) list field.
+  valuesOf =
+    xs: key:
+    if isList xs then filter isString (map (x: if isAttrs x then x.${key} or null else null) xs) else [ ];
+
+  unique = field: what: xs: map (d: "${field}: ${what} ${c.show d} is used more than once") (c.duplicates xs);
+
+  checkDisk =
+    where: d:
+    unknownKeys "${where} has " [
+      "id"
+      "path"
+    ] d
+    ++ ifPresent "${where}." d "id" "a DNS label" (
+      expect (c.isDnsLabel d.id)
+        "${where}.id must be a DNS label (lowercase letters, digits, '-'), got ${c.show d.id}"
+      ++ expect (!(c.isDnsLabel d.id && c.hasPrefix "vol-" d.id))
+        "${where}.id ${c.show d.id}: ids starting with 'vol-' are reserved for the host's volume disks"
+    )
+    ++ ifPresent "${where}." d "path" storeWhat (storePath "${where}.path" d.path);
+
+  checkInterface =
+    where: i:
+    unknownKeys "${where} has " [
+      "id"
+      "mac"
+    ] i
+    ++ ifPresent "${where}." i "id" "1-8 characters of a-z and 0-9" (
+      expect (c.isInterfaceId i.id)
+        "${where}.id must be 1-8 characters of a-z and 0-9 (it is part of the TAP name), got ${c.show i.id}"
+    )
+    ++ expect ((i.mac or null) == null || c.isMac i.mac)
+      "${where}.mac must be a MAC address like 02:00:00:00:00:01 or null, got ${c.show i.mac}";
+
+  checkVolume =
+    where: v:
+    let
+      fsType = v.fsType or "ext4";
+      maxLength = c.labelMaxLength fsType;
+    in
+    unknownKeys "${where} has " [
+      "name"
+      "sizeMiB"
+      "fsType"
+      "mountPoint"
+    ] v
+    ++ ifPresent "${where}." v "name" "a DNS label, used as the filesystem label" (
+      expect (c.isDnsLabel v.name && stringLength v.name <= maxLength)
+        ("${where}.name must be a DNS label of at most ${toString maxLength} characters "
+          + "(it is the ${fsType} filesystem label), got ${c.show v.name}")
+    )
+    ++ ifPresent "${where}." v "sizeMiB" "a positive integer" (positive "${where}.sizeMiB" " (MiB)" v.sizeMiB)
+    ++ expect (elem fsType c.volumeFsTypes)
+      "${where}.fsType must be one of ${list c.volumeFsTypes}, got ${c.show fsType}"
+    ++ expect (!(v ? mountPoint) || c.matches "/[^[:space:]]*[^/[:space:]]" v.mountPoint)
+      "${where}.mountPoint must be an absolute path other than /, without spaces, got ${c.show v.mountPoint}";
+
+  checkRestart =
+    r:
+    let
+      v = restartDefaults // r;
+    in
+    if !isAttrs r then
+      [ "restart must be an attribute set like { policy = \"always\"; }, got ${c.show r}" ]
+    else
+      unknownKeys "restart has " (attrNames restartDefaults) r
+      ++ expect (elem v.policy c.restartPolicies)
+        "restart.policy must be one of ${list c.restartPolicies}, got ${c.show v.policy}"
+      ++ expect (c.isNonNegativeInt v.maxRestarts)
+        "restart.maxRestarts must be a non-negative integer, got ${c.show v.maxRestarts}"
+      ++ positive "restart.backoffSeconds" " (seconds)" v.backoffSeconds;
+
+  checkHealth =
+    where: h:
+    let
+      type = h.type or null;
+      v = healthDefaults // httpDefaults // h;
+      status = v.expectStatus;
+    in
+    if !(elem type c.healthTypes) then
+      [ "${where}.type must be one of ${list c.healthTypes}, got ${c.show type}" ]
+    else
+      unknownKeys "${where} (type ${type}) has " healthKeys.${type} h
+      ++ ifPresent "${where}." h "port" "a TCP port" (
+        expect (c.isPort h.port) "${where}.port must be a TCP port (1-65535), got ${c.show h.port}"
+      )
+      ++ expect (c.matches "/[^[:space:]]*" v.path)
+        "${where}.path must start with / and have no spaces, got ${c.show v.path}"
+      ++ expect (isInt status && status >= 100 && status <= 599)
+        "${where}.expectStatus must be an HTTP status (100-599), got ${c.show status}"
+      ++ positive "${where}.intervalSeconds" " (seconds)" v.intervalSeconds
+      ++ positive "${where}.timeoutSeconds" " (seconds)" v.timeoutSeconds
+      ++ positive "${where}.retries" "" v.retries;
+
+  # The whitespace-separated words of a string.
+  words = s: filter (w: isString w && w != "") (split "[[:space:]]+" s);
+  keyOf = w: head (match "([^=]*).*" w);
+
+  checkCmdline =
+    s:
+    if !isString s then
+      [ "cmdline must be a string of extra kernel parameters, got ${c.show s}" ]
+    else
+      map (
+        w:
+        "cmdline must not set ${keyOf w} (Procurator sets procurator.name and procurator.bundle when "
+        + "building, procurator.ip, procurator.gw and procurator.dns when starting the VM)"
+      ) (filter (w: elem (keyOf w) c.reservedCmdlineKeys) (words s));
+
+  checkTop =
+    a:
+    let
+      v = topDefaults // a;
+      diskIds = valuesOf v.disks "id";
+      interfaceIds = valuesOf v.interfaces "id";
+      volumes = if isList v.volumes then filter isAttrs v.volumes else [ ];
+      mountPointOf =
+        vol: vol.mountPoint or (if isString (vol.name or null) then "/mnt/${vol.name}" else null);
+    in
+    unknownKeys "" topKeys a
+    ++ ifPresent "" a "name" "a DNS label of at most ${toString c.vmNameMaxLength} characters" (
+      expect (c.isVmName a.name)
+        ("name must be a DNS label of at most ${toString c.vmNameMaxLength} characters (lowercase "
+          + "letters, digits and '-', not starting or ending with '-'), got ${c.show a.name}")
+    )
+    ++ ifPresent "" a "kernel" storeWhat (storePath "kernel" a.kernel)
+    ++ (if v.initrd == null then [ ] else storePath "initrd" v.initrd)
+    ++ positive "vcpus" "" v.vcpus
+    ++ positive "memoryMiB" " (MiB)" v.memoryMiB
+    ++ positive "shutdownTimeout" " (seconds)" v.shutdownTimeout
+    ++ checkCmdline v.cmdline
+    ++ eachItem "disks" v.disks checkDisk
+    ++ unique "disks" "id" diskIds
+    ++ eachItem "interfaces" v.interfaces checkInterface
+    ++ unique "interfaces" "id" interfaceIds
+    ++ unique "interfaces" "mac" (map c.toLower (valuesOf v.interfaces "mac"))
+    ++ map (
+      id: "disks: id ${c.show id} is also an interface id; ids must be unique across disks and interfaces"
+    ) (filter (id: elem id interfaceIds) diskIds)
+    ++ eachItem "volumes" v.volumes checkVolume
+    ++ unique "volumes" "name" (valuesOf volumes "name")
+    ++ unique "volumes" "mountPoint" (filter isString (map mountPointOf volumes))
+    ++ checkRestart v.restart
+    ++ eachItem "health" v.health checkHealth;
+
+  normalise =
+    a:
+    let
+      v = topDefaults // a;
+    in
+    {
+      inherit (v)
+        name
+        vcpus
+        memoryMiB
+        cmdline
+        shutdownTimeout
+        ;
+      kernel = storePathOf v.kernel;
+      initrd = if v.initrd == null then null else storePathOf v.initrd;
+      disks = map (d: {
+        inherit (d) id;
+        path = storePathOf d.path;
+      }) v.disks;
+      interfaces = map (i: {
+        inherit (i) id;
+        mac = if (i.mac or null) == null then null else c.toLower i.mac;
+      }) v.interfaces;
+      volumes = map (
+        vol:
+        {
+          fsType = "ext4";
+          mountPoint = "/mnt/${vol.name}";
+        }
+        // vol
+      ) v.volumes;
+      restart = restartDefaults // v.restart;
+      health = map (
+        h: if h.type == "http" then healthDefaults // httpDefaults // h else healthDefaults // h
+      ) v.health;
+    };
+in
+{
+  # attrs -> the normalised spec, or a throw naming the VM and every field to fix.
+  mkSpec =
+    attrs:
+    let
+      label = if isAttrs attrs && isString (attrs.name or null) then attrs.name else "<unnamed>";
+      errors =
+        if isAttrs attrs then checkTop attrs else [ "mkSpec expects an attribute set, got ${c.show attrs}" ];
+      n = length errors;
+    in
+    if n == 0 then
+      normalise attrs
+    else
+      throw (
+        "procurator VM '${label}': "
+        + (if n == 1 then head errors else "${toString n} problems:\n  - ${concatStringsSep "\n  - " errors}")
+      );
+}
