@@ -1,0 +1,121 @@
+{
+  description = "Procurator: build microVMs with Nix, run them on worker hosts with cloud-hypervisor";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = lib.genAttrs systems;
+      pkgsFor = system: nixpkgs.legacyPackages.${system};
+
+      # The bundle of one NixOS microVM: { system | pkgs, modules, specialArgs ? { } } -> procurator-vm-<name>.
+      # The guest module is included; `modules` configure procurator.vm.* and the rest of the system.
+      mkVm =
+        {
+          system ? null,
+          pkgs ? null,
+          modules,
+          specialArgs ? { },
+        }:
+        import ./nix/make-vm.nix (
+          {
+            inherit
+              system
+              pkgs
+              modules
+              specialArgs
+              ;
+          }
+          # A given package set brings its own nixpkgs source (pkgs.path); otherwise this flake's pin.
+          // lib.optionalAttrs (pkgs == null) { inherit nixpkgs; }
+        );
+
+      # The deployment of one worker host: { system | pkgs, host, vms } -> procurator-deployment-<host>,
+      # vms = { <name> = <bundle>; }.
+      mkDeployment =
+        {
+          system ? null,
+          pkgs ? null,
+          host,
+          vms,
+        }:
+        import ./nix/make-deployment-pkgs.nix {
+          pkgs =
+            if pkgs != null then
+              pkgs
+            else if system != null then
+              pkgsFor system
+            else
+              throw "procurator lib.mkDeployment: give `system` (e.g. \"x86_64-linux\") or `pkgs`";
+          inherit host vms;
+        };
+
+      # The template's VMs, built here as checks so the template keeps building.
+      templateVms = system: {
+        web = mkVm {
+          inherit system;
+          modules = [ ./templates/default/vms/web.nix ];
+        };
+        files = mkVm {
+          inherit system;
+          modules = [ ./templates/default/vms/files.nix ];
+        };
+      };
+    in
+    {
+      lib = {
+        inherit mkVm mkDeployment;
+        # The pure helpers (mkSpec, vmConfig, procuratorJson, deploymentJson, predicates): nix/lib.
+        spec = import ./nix/lib;
+      };
+
+      # Modules as attribute sets importing the files: error messages keep the file names, and a
+      # configuration that imports the same file directly gets it once.
+      nixosModules =
+        {
+          guest.imports = [ ./modules/guest ];
+        }
+        # The worker module (services.procurator.*) once it exists in the tree.
+        // lib.optionalAttrs (builtins.pathExists ./modules/worker/default.nix) {
+          worker.imports = [ ./modules/worker ];
+        };
+
+      packages = forAllSystems (
+        system:
+        let
+          procurator = (pkgsFor system).callPackage ./nix/package.nix { };
+        in
+        {
+          inherit procurator;
+          default = procurator;
+        }
+      );
+
+      checks = forAllSystems (
+        system:
+        let
+          vms = templateVms system;
+        in
+        {
+          procurator = self.packages.${system}.procurator;
+          template-web = vms.web;
+          template-files = vms.files;
+          template-deployment = mkDeployment {
+            inherit system vms;
+            host = "worker1";
+          };
+        }
+      );
+
+      templates.default = {
+        path = ./templates/default;
+        description = "Two NixOS microVMs (nginx; a file server with a volume) and a deployment of both";
+      };
+    };
+}

@@ -1,0 +1,77 @@
+# Checks of procurator.vm.* and of the system around it, each message starting with the VM's name.
+# They use nix/lib's predicates, so the guest module refuses what the bundle (mkSpec) would refuse,
+# and more: the guest-side rules (store label, mount points, platform) that only the module knows.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.procurator.vm;
+  spec = import ../../nix/lib;
+  layout = import ./layout.nix;
+  platform = pkgs.stdenv.hostPlatform;
+  inherit (lib)
+    attrValues
+    concatMap
+    concatStringsSep
+    count
+    filter
+    hasPrefix
+    head
+    mapAttrsToList
+    match
+    unique
+    ;
+
+  check = assertion: message: {
+    inherit assertion;
+    message = "procurator VM '${cfg.name}': ${message}";
+  };
+  duplicates = xs: unique (filter (x: count (y: y == x) xs > 1) xs);
+  quote = builtins.toJSON;
+
+  volumes = attrValues cfg.volumes;
+  labelMax = fsType: if fsType == "xfs" then 12 else spec.volumeNameMaxLength;
+  # Where a volume may not go: the guest's own tree from the bundle and the tmpfs root.
+  reserved = [
+    "/"
+    "/nix"
+    "/nix/store"
+    "/boot"
+  ];
+  paramKey = p: head (match "([^=]*).*" p);
+  forbiddenParams = filter (p: builtins.elem (paramKey p) (spec.reservedCmdlineKeys ++ [ "init" ])) cfg.kernelParams;
+in
+{
+  config.assertions =
+    [
+      (check (spec.isVmName cfg.name) "procurator.vm.name must be a DNS label of at most ${toString spec.vmNameMaxLength} characters (lowercase letters, digits, '-'), got ${quote cfg.name}; it defaults to networking.hostName")
+      (check (platform.isx86_64 || platform.isAarch64) "cloud-hypervisor guests are x86_64-linux or aarch64-linux, this system is ${platform.system}")
+      (check (!config.boot.isContainer) "a microVM boots its own kernel; boot.isContainer must be false")
+      (check (forbiddenParams == [ ]) "procurator.vm.kernelParams must not set ${concatStringsSep ", " forbiddenParams}: Procurator sets init= and the procurator.* parameters itself")
+    ]
+    # Interfaces
+    ++ map (
+      i: check (spec.isInterfaceId i.id) "interface id ${quote i.id} must be 1-8 characters of a-z and 0-9 (it is part of the TAP name on the host)"
+    ) cfg.interfaces
+    ++ map (
+      i: check (i.mac == null || spec.isMac i.mac) "interface ${quote i.id}: mac ${quote i.mac} is not a MAC address like 02:00:00:00:00:01"
+    ) cfg.interfaces
+    ++ map (id: check false "interface id ${quote id} is used more than once") (duplicates (map (i: i.id) cfg.interfaces))
+    ++ map (mac: check false "MAC address ${mac} is used by more than one interface") (
+      duplicates (map lib.toLower (filter (m: m != null) (map (i: i.mac) cfg.interfaces)))
+    )
+    # Volumes
+    ++ mapAttrsToList (
+      key: v: check (key == v.name) "volume ${quote key} has name ${quote v.name}; in the attribute set form the name is the attribute name"
+    ) cfg.volumes
+    ++ concatMap (v: [
+      (check (spec.isDnsLabel v.name && builtins.stringLength v.name <= labelMax v.fsType) "volume name ${quote v.name} must be a DNS label of at most ${toString (labelMax v.fsType)} characters: it is the ${v.fsType} label the guest mounts it by")
+      (check (v.name != layout.storeLabel) "volume name ${quote v.name} is the label of the bundle's store disk; choose another name")
+      (check (match "/[^[:space:]]*[^/[:space:]]" v.mountPoint != null) "volume ${quote v.name}: mountPoint ${quote v.mountPoint} must be an absolute path without spaces or a trailing /")
+      (check (!(builtins.elem v.mountPoint reserved) && !(hasPrefix "/nix/store/" v.mountPoint)) "volume ${quote v.name}: mountPoint ${quote v.mountPoint} is part of the guest's own tree (/, /nix, /nix/store, /boot)")
+    ]) volumes
+    ++ map (mp: check false "more than one volume is mounted at ${mp}") (duplicates (map (v: v.mountPoint) volumes));
+}

@@ -1,0 +1,39 @@
+# A read-only erofs image of a closure, laid out as /nix/store (each store path at its root), for the
+# guest to mount on /nix/store by its label. Reproducible: the paths go in name order, hard links are
+# resolved, owners and timestamps are fixed and the filesystem UUID is derived from the closure.
+#
+# callPackage ./store-image.nix { } -> { name, rootPaths, label } -> derivation <name>.erofs
+{
+  lib,
+  runCommand,
+  closureInfo,
+  erofs-utils,
+  gnutar,
+}:
+{
+  name,
+  rootPaths,
+  label,
+}:
+runCommand "${name}.erofs"
+  {
+    nativeBuildInputs = [
+      erofs-utils
+      gnutar
+    ];
+    closure = closureInfo { inherit rootPaths; };
+    passthru = { inherit label rootPaths; };
+  }
+  ''
+    # Store paths relative to the store directory: they become the image's top-level entries.
+    sed 's|^${builtins.storeDir}/||' "$closure/store-paths" > paths
+
+    hash=$(sha256sum paths | cut -c1-32)
+    uuid="''${hash:0:8}-''${hash:8:4}-''${hash:12:4}-''${hash:16:4}-''${hash:20:12}"
+
+    tar --create --format=gnu --directory=${lib.escapeShellArg builtins.storeDir} \
+        --verbatim-files-from --files-from=paths --sort=name \
+        --hard-dereference --numeric-owner --owner=0 --group=0 \
+      | mkfs.erofs --quiet --tar=f -L ${lib.escapeShellArg label} -U "$uuid" -T 0 \
+          --force-uid=0 --force-gid=0 "$out"
+  ''
