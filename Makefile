@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(BIN)/python scripts/demo.py
+	@bash scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check .

@@ -84,6 +84,7 @@ class VmRecord:
     created_at: float = 0.0
     started_at: float = 0.0
     restarts: int = 0
+    shutdown_timeout: float = 30.0
     desired: str = "running"  # running | stopped
     last_exit: str = ""
 

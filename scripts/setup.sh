@@ -21,7 +21,7 @@ command -v apt-get >/dev/null || die "this script installs with apt-get; on anot
 
 # --- Debian packages -------------------------------------------------------------------------------
 packages=(nix-bin qemu-system-x86 busybox-static cpio gzip xz-utils zstd nftables iproute2 e2fsprogs
-          procps psmisc util-linux curl socat ca-certificates)
+          procps psmisc util-linux curl socat jq ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -60,6 +60,7 @@ if [ ! -f "$kdir/vmlinuz" ] || [ ! -d "$kdir/modules" ]; then
   [ -n "$real_pkg" ] || die "cannot resolve $kernel_pkg to a kernel package; set PROCURATOR_KERNEL_PACKAGE"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
+  chmod 755 "$tmp"
   (cd "$tmp" && apt-get download -qq "$real_pkg" >/dev/null)
   dpkg-deb -x "$tmp"/*.deb "$tmp/root"
   version=${real_pkg#linux-image-}

@@ -14,6 +14,7 @@ from procurator.state import DEFAULT_STATE_DIR
 @dataclass(frozen=True)
 class Globals:
     state_dir: Path
+    state_dir_given: bool  # from --state-dir or PROCURATOR_STATE_DIR (wins over the config file)
     config: Path | None
     debug: bool
 
@@ -37,8 +38,10 @@ def cli(ctx: click.Context, state_dir: Path | None, config: Path | None, debug: 
     """Build microVMs with Nix and run them on this host."""
     env_state = os.environ.get("PROCURATOR_STATE_DIR")
     env_config = os.environ.get("PROCURATOR_CONFIG")
+    given = state_dir or (Path(env_state) if env_state else None)
     ctx.obj = Globals(
-        state_dir=state_dir or (Path(env_state) if env_state else None) or DEFAULT_STATE_DIR,
+        state_dir=given or DEFAULT_STATE_DIR,
+        state_dir_given=given is not None,
         config=config or (Path(env_config) if env_config else None),
         debug=debug,
     )

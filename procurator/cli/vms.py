@@ -1,0 +1,151 @@
+"""`up`, `down`, `stop`, `start`, `ps`, `logs`: VMs on this host."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from procurator import lifecycle
+from procurator.cli.context import host
+from procurator.cli.render import emit_json, emit_table, note
+from procurator.config import BACKENDS
+from procurator.errors import UsageError
+from procurator.lifecycle import WaitFor
+from procurator.resolve import resolve
+
+FOLLOW_POLL = 0.25
+
+
+def _fmt_uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Override the worker's backend.")
+@click.option(
+    "--wait",
+    type=click.Choice([w.value for w in WaitFor]),
+    default=WaitFor.BOOTED.value,
+    show_default=True,
+    help="booted: the hypervisor runs the guest; healthy: the bundle's health checks pass.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the started VMs as JSON.")
+@click.pass_context
+def up(ctx: click.Context, refs: tuple[str, ...], backend: str | None, wait: str, as_json: bool) -> None:
+    """Build and boot the bundles REF... (a deployment REF boots all of its VMs)."""
+    h = host(ctx)
+    bundles = []
+    for ref in refs:
+        resolved = resolve(ref)
+        if resolved.bundle is not None:
+            bundles.append(resolved.bundle)
+        elif resolved.deployment is not None:
+            bundles.extend(resolved.deployment.bundles())
+    names = [b.name for b in bundles]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two bundles share one VM name in {', '.join(names)}; give each VM its own name")
+    started = []
+    for bundle in bundles:
+        record = lifecycle.up(h, bundle, backend=backend, wait=WaitFor(wait))
+        started.append(record)
+        note(f"{record.name}: up ({record.backend}, pid {record.pid}, ip {record.ip or '-'})")
+    if as_json:
+        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--purge", is_flag=True, help="Also delete the VM's volumes and release its IP lease.")
+@click.pass_context
+def down(ctx: click.Context, names: tuple[str, ...], purge: bool) -> None:
+    """Stop VMs gracefully and remove them from this host."""
+    h = host(ctx)
+    for name in names:
+        result = lifecycle.down(h, name, purge=purge)
+        how = (
+            "was not running"
+            if result is None
+            else ("graceful" if result.graceful else " -> ".join(result.steps))
+        )
+        note(f"{name}: down ({how}){' and purged' if purge else ''}")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def stop(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Stop VMs but keep them (record, lease, volumes) for `start`."""
+    h = host(ctx)
+    for name in names:
+        result = lifecycle.stop(h, name)
+        note(f"{name}: stopped ({'graceful' if result is None or result.graceful else 'forced'})")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--wait", type=click.Choice([w.value for w in WaitFor]), default=WaitFor.BOOTED.value)
+@click.pass_context
+def start(ctx: click.Context, names: tuple[str, ...], wait: str) -> None:
+    """Boot stopped VMs again (same generation, lease and volumes)."""
+    h = host(ctx)
+    for name in names:
+        record = lifecycle.start(h, name, wait=WaitFor(wait))
+        note(f"{name}: started (pid {record.pid})")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (stable fields, see README).")
+@click.pass_context
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """List the VMs on this host."""
+    rows = lifecycle.status(host(ctx))
+    if as_json:
+        emit_json([r.to_json() for r in rows])
+        return
+    emit_table(
+        ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS"],
+        [
+            [
+                j["name"],
+                j["state"],
+                j["generation"][:12],
+                j["backend"],
+                j["ip"],
+                j["pid"],
+                _fmt_uptime(j["uptime"]),
+                j["restarts"],
+            ]
+            for j in (r.to_json() for r in rows)
+        ],
+    )
+
+
+@click.command()
+@click.argument("name")
+@click.option("-n", "lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines to show.")
+@click.option("-f", "follow", is_flag=True, help="Keep printing new output until interrupted (Ctrl-C).")
+@click.pass_context
+def logs(ctx: click.Context, name: str, lines: int, follow: bool) -> None:
+    """Show a VM's serial console output."""
+    path = lifecycle.serial_log(host(ctx), name)
+    for line in lifecycle.tail(path, lines):
+        click.echo(line)
+    if not follow:
+        return
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        while True:  # ends on Ctrl-C, which the user controls; each read is non-blocking
+            chunk = f.read()
+            if chunk:
+                click.echo(chunk.decode("utf-8", "replace"), nl=False)
+            else:
+                time.sleep(FOLLOW_POLL)

@@ -1,0 +1,85 @@
+"""The worker configuration (DESIGN.md §3): JSON written by the NixOS worker module, or defaults.
+
+{"stateDir": "/var/lib/procurator",
+ "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto"},
+ "user": null,
+ "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": "10.100.0.1",
+             "uplink": null, "nat": false, "isolate": false, "netns": null},
+ "apiSocket": "/run/procurator/api.sock"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from procurator.errors import ConfigError, ValidationError
+from procurator.network import NetworkConfig
+
+BACKENDS = ("cloud-hypervisor", "qemu")
+DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
+
+
+@dataclass(frozen=True)
+class HypervisorSettings:
+    backend: str = "cloud-hypervisor"
+    binary: str | None = None
+    accel: str = "auto"  # qemu only: auto | kvm | tcg
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    state_dir: Path | None = None
+    hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
+    user: str | None = None
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    api_socket: Path = DEFAULT_API_SOCKET
+
+    @classmethod
+    def parse(cls, source: str, data: Any) -> WorkerConfig:
+        if not isinstance(data, dict):
+            raise ValidationError(source, "", "expected a JSON object")
+        known = {"stateDir", "hypervisor", "user", "network", "apiSocket", "schema"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValidationError(source, unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
+        hv = data.get("hypervisor") or {}
+        if not isinstance(hv, dict):
+            raise ValidationError(source, "hypervisor", "expected an object")
+        backend = hv.get("backend", "cloud-hypervisor")
+        if backend not in BACKENDS:
+            raise ValidationError(
+                source, "hypervisor.backend", f"{backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        accel = hv.get("accel", "auto")
+        if accel not in ("auto", "kvm", "tcg"):
+            raise ValidationError(source, "hypervisor.accel", f"{accel!r} is not one of auto, kvm, tcg")
+        try:
+            network = NetworkConfig.parse(data.get("network") or {}, source=source)
+        except TypeError as exc:  # pragma: no cover - defensive
+            raise ValidationError(source, "network", str(exc)) from exc
+        state_dir = data.get("stateDir")
+        api_socket = data.get("apiSocket")
+        return cls(
+            state_dir=Path(state_dir) if state_dir else None,
+            hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
+            user=data.get("user"),
+            network=network,
+            api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,
+        )
+
+    @classmethod
+    def load(cls, path: Path | None) -> WorkerConfig:
+        if path is None:
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"{path}: no such worker configuration; fix --config/PROCURATOR_CONFIG"
+            ) from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the worker configuration: {exc}") from exc
+        return cls.parse(str(path), data)

@@ -1,0 +1,283 @@
+"""Start, stop and inspect VMs on this host: the core behind `up`, `down`, `stop`, `start`, `ps`, `logs`.
+
+Every mutating entry point holds the state lock. Start-up is a list of steps whose cleanups run in reverse
+on any failure, so a failed `up` leaves no process, TAP, socket or record behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import pwd
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from procurator import network, process
+from procurator.config import WorkerConfig
+from procurator.errors import ConflictError, NotFoundError
+from procurator.health import wait_healthy
+from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
+from procurator.models import Bundle
+from procurator.runtime import GuestAddress, NicBinding, runtime_config
+from procurator.state import StateDir, VmRecord, atomic_write_json
+from procurator.volumes import ensure_volumes, purge_volumes
+
+HypervisorFactory = Callable[[str], Hypervisor]
+
+
+class WaitFor(StrEnum):
+    NONE = "none"
+    BOOTED = "booted"
+    HEALTHY = "healthy"
+
+
+class Status(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    EXITED = "exited"  # should run, but its process is gone
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    record: VmRecord
+    status: Status
+    uptime: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "name": r.name,
+            "state": self.status.value,
+            "generation": r.generation,
+            "bundle": r.bundle,
+            "backend": r.backend,
+            "ip": r.ip or None,
+            "pid": r.pid if self.status is Status.RUNNING else None,
+            "uptime": round(self.uptime, 1) if self.uptime is not None else None,
+            "restarts": r.restarts,
+        }
+
+
+@dataclass
+class Host:
+    """This host's state, configuration and hypervisor backends."""
+
+    state: StateDir
+    config: WorkerConfig
+    hypervisors: HypervisorFactory
+    clock: Callable[[], float] = time.time
+
+    @property
+    def net(self) -> network.NetworkConfig:
+        return self.config.network
+
+    def leases(self) -> network.Leases:
+        return network.Leases(self.state.leases_path, self.net)
+
+    def owner_uid(self) -> int:
+        if self.config.user is None:
+            return 0
+        return pwd.getpwnam(self.config.user).pw_uid
+
+
+def _running(record: VmRecord) -> bool:
+    return record.pid > 0 and process.alive(record.pid, record.start_time)
+
+
+def _guest_address(host: Host, ip: str) -> GuestAddress:
+    subnet = ipaddress.ip_network(host.net.subnet)
+    return GuestAddress(ip=ip, prefix=subnet.prefixlen, gateway=str(host.net.gateway_address))
+
+
+def _forget(host: Host, name: str) -> None:
+    """Remove what a VM that is no longer running left: its TAPs and its directory (not its volumes)."""
+    network.detach_vm(host.net, name)
+    host.state.remove_vm_dir(name)
+
+
+def up(
+    host: Host,
+    bundle: Bundle,
+    *,
+    backend: str | None = None,
+    wait: WaitFor = WaitFor.BOOTED,
+    restarts: int = 0,
+) -> VmRecord:
+    """Boot `bundle` as a new VM. Refuses a name that is already running."""
+    name = bundle.name
+    with host.state.lock():
+        existing = host.state.load_record(name)
+        if existing is not None and _running(existing):
+            raise ConflictError(
+                f"VM {name!r} is already running (generation {existing.generation}); "
+                f"run `procurator down {name}` first"
+            )
+        if existing is not None:
+            _forget(host, name)
+        return _start(host, bundle, backend or host.config.hypervisor.backend, wait, restarts)
+
+
+def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: int) -> VmRecord:
+    name = bundle.name
+    hv = host.hypervisors(backend)
+    vm_dir = host.state.vm_dir(name)
+    with contextlib.ExitStack() as undo:
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        undo.callback(host.state.remove_vm_dir, name)
+
+        leases = host.leases()
+        had_lease = leases.get(name) is not None
+        lease = leases.acquire(name)
+        if not had_lease:
+            undo.callback(leases.release, name)
+
+        nics: list[NicBinding] = []
+        if bundle.meta.interfaces:
+            network.ensure_bridge(host.net)
+            taps = network.attach_vm(
+                host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+            )
+            undo.callback(network.detach_vm, host.net, name)
+            for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
+                nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
+
+        volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
+        serial_log = vm_dir / "serial.log"
+        config = runtime_config(
+            bundle,
+            nics=nics,
+            volumes=volumes,
+            serial_log=serial_log,
+            address=_guest_address(host, lease.ip) if nics else None,
+        )
+        atomic_write_json(vm_dir / "vm-config.runtime.json", config)
+        spec = LaunchSpec(
+            name=name,
+            vm_dir=vm_dir,
+            config=config,
+            serial_log=serial_log,
+            shutdown_timeout=float(bundle.meta.shutdown_timeout),
+            user=host.config.user,
+            netns=host.net.netns,
+        )
+        handle = hv.start(spec)
+        undo.callback(hv.kill, handle)
+
+        now = host.clock()
+        record = VmRecord(
+            name=name,
+            bundle=str(bundle.path),
+            generation=bundle.generation,
+            backend=backend,
+            pid=handle.pid,
+            start_time=handle.start_time,
+            api_socket=str(handle.api_socket),
+            vm_dir=str(vm_dir),
+            taps=tuple(n.tap for n in nics),
+            ip=lease.ip if nics else "",
+            mac=nics[0].mac if nics else "",
+            netns=host.net.netns,
+            created_at=now,
+            started_at=now,
+            restarts=restarts,
+            shutdown_timeout=float(bundle.meta.shutdown_timeout),
+        )
+        host.state.save_record(record)
+        if wait is WaitFor.HEALTHY and nics:
+            wait_healthy(bundle.meta.health, lease.ip, host.net.netns, still_running=lambda: _running(record))
+        undo.pop_all()
+        return record
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _shutdown(host: Host, record: VmRecord) -> StopResult | None:
+    if not _running(record):
+        return None
+    hv = host.hypervisors(record.backend)
+    return hv.shutdown(record.handle, record.shutdown_timeout)
+
+
+def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
+    """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes and lease."""
+    with host.state.lock():
+        record = host.state.load_record(name)
+        if record is None and not purge:
+            raise NotFoundError(f"no VM named {name!r} on this host; see `procurator ps`")
+        result = _shutdown(host, record) if record is not None else None
+        _forget(host, name)
+        if purge:
+            purge_volumes(host.state, name)
+            host.leases().release(name)
+        return result
+
+
+def stop(host: Host, name: str) -> StopResult | None:
+    """Stop the VM but keep its record, lease and volumes, so `start` boots the same generation again."""
+    with host.state.lock():
+        record = _require(host, name)
+        result = _shutdown(host, record)
+        network.detach_vm(host.net, name)
+        host.state.save_record(
+            record.with_(pid=0, start_time=0, taps=(), desired="stopped", last_exit="stopped by user")
+        )
+        return result
+
+
+def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
+    """Boot a stopped (or exited) VM's recorded generation again."""
+    with host.state.lock():
+        record = _require(host, name)
+        if _running(record):
+            raise ConflictError(f"VM {name!r} is already running; nothing to start")
+        bundle = Bundle.load(Path(record.bundle))
+        network.detach_vm(host.net, name)
+        return _start(host, bundle, record.backend, wait, record.restarts)
+
+
+def _require(host: Host, name: str) -> VmRecord:
+    record = host.state.load_record(name)
+    if record is None:
+        raise NotFoundError(f"no VM named {name!r} on this host; see `procurator ps`")
+    return record
+
+
+def status(host: Host) -> list[VmStatus]:
+    """Every recorded VM with its state, from the process table alone (no hypervisor calls)."""
+    now = host.clock()
+    out = []
+    for record in host.state.records():
+        if _running(record):
+            out.append(VmStatus(record, Status.RUNNING, now - record.started_at))
+        elif record.desired == "stopped":
+            out.append(VmStatus(record, Status.STOPPED, None))
+        else:
+            out.append(VmStatus(record, Status.EXITED, None))
+    return out
+
+
+def serial_log(host: Host, name: str) -> Path:
+    _require(host, name)
+    return host.state.vm_dir(name) / "serial.log"
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    """The last `lines` lines of a (possibly large) log file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            block = min(size, max(4096, lines * 200))
+            while True:
+                f.seek(size - block)
+                data = f.read(block)
+                if data.count(b"\n") > lines or block == size:
+                    break
+                block = min(size, block * 2)
+    except FileNotFoundError:
+        return []
+    text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+    return text.splitlines()[-lines:] if lines > 0 else []
