@@ -1,0 +1,1 @@
+"""Host networking internals; the public API is `procurator.network`."""
