@@ -137,7 +137,7 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
 
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
-            network.ensure_bridge(host.net)
+            network.net_up(host.net)
             taps = network.attach_vm(
                 host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
             )

@@ -8,13 +8,13 @@ import traceback
 
 import click
 
-from procurator.cli import build, vms
+from procurator.cli import build, net, vms
 from procurator.cli.app import cli
 from procurator.errors import EXIT_FAILURE, EXIT_USAGE, ProcuratorError
 
 __all__ = ["main"]
 
-for _command in (build.build, vms.up, vms.down, vms.stop, vms.start, vms.ps, vms.logs):
+for _command in (build.build, vms.up, vms.down, vms.stop, vms.start, vms.ps, vms.logs, net.net):
     cli.add_command(_command)
 
 
