@@ -1,0 +1,107 @@
+"""A throwaway Procurator host for tests: state dir, worker config in a private network namespace, and
+the real `procurator` CLI run against it, plus observers that list what is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.netns import Netns, throwaway_netns
+
+REPO = Path(__file__).resolve().parents[2]
+PROCURATOR = REPO / ".venv" / "bin" / "procurator"
+
+
+@dataclass(frozen=True)
+class VmHost:
+    root: Path
+    ns: Netns
+    config: dict[str, Any]
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "worker.json"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PROCURATOR_STATE_DIR": str(self.state),
+            "PROCURATOR_CONFIG": str(self.config_path),
+            **extra,
+        }
+
+    def run(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(PROCURATOR), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=self.env(**env),
+        )
+
+    def ok(self, *args: str, timeout: float = 180, **env: str) -> str:
+        done = self.run(*args, timeout=timeout, **env)
+        assert done.returncode == 0, f"procurator {' '.join(args)} failed:\n{done.stderr}"
+        return done.stdout
+
+    def ps(self) -> dict[str, dict[str, Any]]:
+        return {vm["name"]: vm for vm in json.loads(self.ok("ps", "--json"))}
+
+    def processes(self) -> list[str]:
+        """Command lines of live processes that mention this host's state directory."""
+        return processes_mentioning(str(self.root))
+
+    def taps(self) -> set[str]:
+        return {n for n in self.ns.link_names() if n.startswith("pc-")}
+
+    def leftovers(self) -> dict[str, Any]:
+        vms = sorted(p.name for p in (self.state / "vms").iterdir()) if (self.state / "vms").exists() else []
+        sockets = sorted(str(p) for p in self.state.rglob("*.sock")) if self.state.exists() else []
+        return {"processes": self.processes(), "taps": sorted(self.taps()), "vms": vms, "sockets": sockets}
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline.strip())
+    return found
+
+
+@pytest.fixture
+def vm_host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VmHost]:
+    """A host in its own namespace. Parametrise with indirect=True to pass config overrides."""
+    overrides: dict[str, Any] = getattr(request, "param", {}) or {}
+    with throwaway_netns("pch") as ns:
+        config: dict[str, Any] = {
+            "hypervisor": {"backend": "qemu", "accel": "tcg"},
+            "network": {"bridge": "pcbr0", "subnet": "10.124.0.0/24", "netns": ns.name},
+        }
+        for key, value in overrides.items():
+            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+        host = VmHost(tmp_path, ns, config)
+        host.config_path.write_text(json.dumps(config))
+        try:
+            yield host
+        finally:
+            for name in host.ps() if host.state.exists() else {}:
+                host.run("down", "--purge", name)
