@@ -478,12 +478,9 @@ def test_bulk_teardown_of_many_taps_spares_what_is_not_ours(ns: Netns, cfg: Netw
     ns.ip("link", "set", "lan0", "master", "procurator0")
     assert len(network.list_taps(cfg)) == 60
 
-    started = time.monotonic()
-    network.net_down(cfg)
-    elapsed = time.monotonic() - started
+    network.net_down(cfg)  # its speed is measured in benchmarks/bench_network.py
 
     assert ns.link_names() == {"lo", "foreign0", "lan0", "lan1"}
-    assert elapsed < 1.0, f"tearing down 60 TAPs took {elapsed:.2f}s"
 
 
 def test_host_namespace_interfaces_are_untouched() -> None:

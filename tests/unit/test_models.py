@@ -84,7 +84,7 @@ def test_writable_bundle_disk_is_refused(tmp_path: Path) -> None:
 
 
 def test_net_ids_must_match_interfaces(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="do not match procurator.json interfaces"):
+    with pytest.raises(ValidationError, match=r"do not match procurator\.json interfaces"):
         Bundle.load(write_bundle(tmp_path, config=vm_config(nets=2)))
 
 
