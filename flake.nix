@@ -110,6 +110,7 @@
             inherit system vms;
             host = "worker1";
           };
+          ${if system == "x86_64-linux" then "worker-vm-test" else null} = import ./tests/nixos/worker.nix { inherit self; pkgs = pkgsFor system; };
         }
       );
 

@@ -1,0 +1,107 @@
+"""`procurator up` through the cloud-hypervisor double, and every way starting can fail: a one-line
+error, a non-zero exit, and nothing left behind (no process, TAP, socket, record or new lease)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import ExampleBuild
+from tests.support.host import PROCURATOR, REPO, VmHost
+
+DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
+CH = {"hypervisor": {"backend": "cloud-hypervisor", "binary": str(DOUBLE)}}
+
+pytestmark = pytest.mark.parametrize("vm_host", [CH], indirect=True)
+
+
+def leases(host: VmHost) -> dict[str, Any]:
+    path = host.state / "leases.json"
+    return json.loads(path.read_text())["leases"] if path.exists() else {}
+
+
+def assert_nothing_left(host: VmHost) -> None:
+    assert host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
+    assert leases(host) == {}
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_lifecycle_through_the_double(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    vm_host.ok("up", str(example_build.deployment))
+    vms = vm_host.ps()
+    assert {n: v["backend"] for n, v in vms.items()} == {"api": "cloud-hypervisor", "web": "cloud-hypervisor"}
+    assert all(v["state"] == "running" for v in vms.values())
+    runtime = json.loads((vm_host.state / "vms" / "web" / "vm-config.runtime.json").read_text())
+    assert runtime["net"][0]["tap"] in vm_host.taps()
+    assert runtime["serial"] == {"mode": "File", "file": str(vm_host.state / "vms" / "web" / "serial.log")}
+    down = vm_host.run("down", "web", "api")
+    assert down.stderr.splitlines() == ["web: down (graceful)", "api: down (graceful)"]
+    assert vm_host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
+
+
+def test_missing_binary(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    line = one_line_error(vm_host.run("up", str(example_build.web), PROCURATOR_CLOUD_HYPERVISOR="/nope/ch"))
+    assert "/nope/ch (from PROCURATOR_CLOUD_HYPERVISOR) is not an executable file" in line
+    assert_nothing_left(vm_host)
+
+
+def test_hypervisor_dying_at_start_is_quoted(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    line = one_line_error(vm_host.run("up", str(example_build.web), CHDOUBLE_FAULT="die-at-start"))
+    assert "cloud-hypervisor" in line
+    assert "last lines of" in line
+    assert "no supported hypervisor" in line  # the double writes what the real one logs
+    assert_nothing_left(vm_host)
+
+
+def test_dying_while_booting(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    one_line_error(vm_host.run("up", str(example_build.web), CHDOUBLE_FAULT="die-on-boot"))
+    assert_nothing_left(vm_host)
+
+
+def test_api_that_never_answers_times_out(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    line = one_line_error(vm_host.run("up", str(example_build.web), CHDOUBLE_FAULT="no-answer"))
+    assert "timed out" in line
+    assert_nothing_left(vm_host)
+
+
+def test_invalid_bundle_writes_nothing(vm_host: VmHost, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "vm-config.json").write_text("{}")
+    (bundle / "procurator.json").write_text(json.dumps({"schema": 1, "name": "Bad"}))
+    line = one_line_error(vm_host.run("up", str(bundle)))
+    assert "procurator.json: name: 'Bad' is not a DNS label" in line
+    assert not vm_host.state.exists()
+
+
+def test_racing_ups_start_one_vm(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    procs = [
+        subprocess.Popen(
+            [str(PROCURATOR), "up", str(example_build.web)],
+            env=vm_host.env(CHDOUBLE_BOOT_DELAY="0.5"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "VM 'web' is already running" in loser
+    assert len(vm_host.processes()) == 1
+    assert len(vm_host.taps()) == 1
+    vm_host.ok("down", "web")
+    assert vm_host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
