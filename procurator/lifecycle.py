@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import pwd
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 from procurator import network, process
 from procurator.config import WorkerConfig
-from procurator.errors import ConflictError, NotFoundError
+from procurator.errors import ConfigError, ConflictError, NotFoundError
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
 from procurator.models import Bundle
@@ -78,10 +79,21 @@ class Host:
     def leases(self) -> network.Leases:
         return network.Leases(self.state.leases_path, self.net)
 
-    def owner_uid(self) -> int:
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) of the user hypervisors run as; None when they run as ourselves."""
         if self.config.user is None:
-            return 0
-        return pwd.getpwnam(self.config.user).pw_uid
+            return None
+        try:
+            entry = pwd.getpwnam(self.config.user)
+        except KeyError as exc:
+            raise ConfigError(
+                f"user {self.config.user!r} (the worker configuration's `user`) does not exist; create it"
+            ) from exc
+        return entry.pw_uid, entry.pw_gid
+
+    def owner_uid(self) -> int:
+        owner = self.owner()
+        return 0 if owner is None else owner[0]
 
 
 def _running(record: VmRecord) -> bool:
@@ -146,6 +158,10 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
                 nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
 
         volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
+        owner = host.owner()
+        if owner is not None:  # the hypervisor, running as the VM user, writes here and opens these
+            for path in (vm_dir, *volumes.values()):
+                os.chown(path, *owner)
         serial_log = vm_dir / "serial.log"
         config = runtime_config(
             bundle,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -94,7 +95,24 @@ def spawn(
     place, so the pid is the process's own).
     """
     args = tuple(str(a) for a in argv)
+    group: int | None = None
+    extra_groups: list[int] | None = None
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError as exc:
+            raise ProcessError(
+                f"user {user!r} does not exist; create it or fix the worker config's `user`", argv=args
+            ) from exc
+        group = entry.pw_gid
+        extra_groups = os.getgrouplist(user, entry.pw_gid)
     if netns is not None:
+        if user is not None:
+            # Entering a namespace needs privileges the user lacks: enter first, then drop them. Both
+            # steps exec in place, so the pid is still the hypervisor's own.
+            drop = ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--"]
+            args = (*drop, *args)
+            user, group, extra_groups = None, None, None
         args = ("ip", "netns", "exec", netns, *args)
     log.debug("spawn: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
@@ -109,6 +127,8 @@ def spawn(
             cwd=cwd,
             start_new_session=True,
             user=user,
+            group=group,
+            extra_groups=extra_groups,
         )
     except FileNotFoundError as exc:
         raise ProcessError(

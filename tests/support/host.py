@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,10 @@ def processes_mentioning(text: str) -> list[str]:
 def vm_host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VmHost]:
     """A host in its own namespace. Parametrise with indirect=True to pass config overrides."""
     overrides: dict[str, Any] = getattr(request, "param", {}) or {}
+    if "user" in overrides:  # an unprivileged hypervisor must be able to reach its state directory
+        tmp_path = Path(tempfile.mkdtemp(prefix="procurator-test-", dir="/tmp"))
+        tmp_path.chmod(0o755)
+        request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
     with throwaway_netns("pch") as ns:
         config: dict[str, Any] = {
             "hypervisor": {"backend": "qemu", "accel": "tcg"},
