@@ -4,8 +4,8 @@ the real `procurator` CLI run against it, plus observers that list what is left 
 from __future__ import annotations
 
 import json
+import contextlib
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -93,10 +93,14 @@ def processes_mentioning(text: str) -> list[str]:
 def vm_host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VmHost]:
     """A host in its own namespace. Parametrise with indirect=True to pass config overrides."""
     overrides: dict[str, Any] = getattr(request, "param", {}) or {}
-    if "user" in overrides:  # an unprivileged hypervisor must be able to reach its state directory
-        tmp_path = Path(tempfile.mkdtemp(prefix="procurator-test-", dir="/tmp"))
-        tmp_path.chmod(0o755)
-        request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+    with contextlib.ExitStack() as stack:
+        if "user" in overrides:  # an unprivileged hypervisor must be able to reach its state directory
+            tmp_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="procurator-test-")))
+            tmp_path.chmod(0o755)
+        yield from _host(tmp_path, overrides)
+
+
+def _host(tmp_path: Path, overrides: dict[str, Any]) -> Iterator[VmHost]:
     with throwaway_netns("pch") as ns:
         config: dict[str, Any] = {
             "hypervisor": {"backend": "qemu", "accel": "tcg"},
