@@ -3,8 +3,8 @@ the real `procurator` CLI run against it, plus observers that list what is left 
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
