@@ -1,0 +1,180 @@
+"""The one place Procurator speaks HTTP: cloud-hypervisor's REST API (/api/v1) over its UNIX socket.
+
+`ApiClient` wraps an httpx transport bound to one socket. It sends bodyless PUTs without a body and
+without a content type, JSON bodies as `application/json`, and translates every answer:
+
+- 2xx: the decoded JSON body, or None when the body is empty (204, and vmm.shutdown's empty 200);
+- an error answer (cloud-hypervisor sends a JSON array of error strings, outermost first):
+  `InvalidStateError` when the strings say the VM is in the wrong state for the request (the real
+  server answers those with 500, or 404 for "not created", never with the 405 its spec documents),
+  `HypervisorApiError` otherwise;
+- a transport failure (no socket, refused, reset, timeout): `HypervisorError`, chained `from` httpx's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from procurator.errors import HypervisorApiError, HypervisorError, InvalidStateError
+
+log = logging.getLogger(__name__)
+
+BASE_URL = "http://localhost/api/v1/"
+
+# httpx builds an SSL context for every transport, and the default one loads the CA bundle (tens of
+# milliseconds). This API is plain HTTP over a UNIX socket, so hand it one empty context, made once.
+_UNUSED_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+# Substrings of cloud-hypervisor's error strings (vmm/src/vm.rs, vmm/src/api/mod.rs) that mean "the VM
+# is not in a state where this request makes sense", as opposed to a failure of the request itself.
+_STATE_MARKERS = (
+    "VM is not running",
+    "VM is not created",
+    "VM is already created",
+    "VM config is missing",
+    "The VM is not booted",
+    "VM is migrating",
+    "InvalidStateTransition",
+    "Invalid transition",
+)
+
+
+def is_state_error(status: int, details: tuple[str, ...]) -> bool:
+    """Whether an error answer means "wrong state" rather than "this request failed"."""
+    return status in (404, 500) and any(marker in d for d in details for marker in _STATE_MARKERS)
+
+
+def error_details(content: bytes) -> tuple[str, ...]:
+    """The error strings of an error answer: a JSON array of strings, else the raw text."""
+    text = content.decode("utf-8", errors="replace").strip()
+    if not text:
+        return ()
+    try:
+        parsed = json.loads(text, strict=False)  # micro_http puts raw newlines in its strings
+    except json.JSONDecodeError:
+        return (text,)
+    if isinstance(parsed, list):
+        return tuple(str(item) for item in parsed)
+    if isinstance(parsed, dict) and "error" in parsed:  # micro_http's own parse errors
+        return (str(parsed["error"]),)
+    return (text,)
+
+
+def _url(endpoint: str) -> httpx.URL:
+    url = _URLS.get(endpoint)
+    if url is None:
+        url = _URLS[endpoint] = httpx.URL(BASE_URL + endpoint)
+    return url
+
+
+_URLS: dict[str, httpx.URL] = {}
+
+
+class ApiClient:
+    """A small httpx client for one cloud-hypervisor API socket. Use as a context manager.
+
+    Requests go straight to an `httpx.HTTPTransport` over the UNIX socket (a pool of at most two
+    connections, one kept alive): `httpx.Client`'s layers (base URL merging, cookies, redirects, auth,
+    proxies from the environment) have no use on a local socket and cost more than the request itself.
+    """
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._transport = transport or httpx.HTTPTransport(
+            uds=str(socket_path),
+            verify=_UNUSED_TLS,
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+            retries=0,
+        )
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def get(self, endpoint: str, *, timeout: float | None = None) -> Any:
+        """GET /api/v1/<endpoint>; the decoded JSON answer."""
+        return self._request("GET", endpoint, None, timeout)
+
+    def put(
+        self, endpoint: str, body: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """PUT /api/v1/<endpoint>, with `body` as JSON or with no body at all (no content type either)."""
+        return self._request("PUT", endpoint, body, timeout)
+
+    def _request(
+        self, method: str, endpoint: str, body: Mapping[str, Any] | None, timeout: float | None
+    ) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        content: bytes | None = None
+        headers: dict[str, str] | None = None
+        if body is not None:
+            content = json.dumps(body, separators=(",", ":")).encode()
+            headers = {"Content-Type": "application/json"}
+        request = httpx.Request(
+            method,
+            _url(endpoint),
+            content=content,
+            headers=headers,
+            extensions={
+                "timeout": {"connect": min(limit, 2.0), "read": limit, "write": limit, "pool": limit}
+            },
+        )
+        log.debug("cloud-hypervisor api: %s %s (%s)", method, endpoint, self.socket_path)
+        try:
+            response = self._transport.handle_request(request)
+            try:
+                response.read()
+            finally:
+                response.close()
+        except httpx.TimeoutException as exc:
+            raise HypervisorError(
+                f"{endpoint}: cloud-hypervisor did not answer within {limit:.1f}s on {self.socket_path}"
+            ) from exc
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise HypervisorError(
+                f"{endpoint}: cannot talk to cloud-hypervisor on {self.socket_path}: {reason}"
+            ) from exc
+        return self._answer(endpoint, response)
+
+    @staticmethod
+    def _answer(endpoint: str, response: httpx.Response) -> Any:
+        status = response.status_code
+        if status >= 400:
+            details = error_details(response.content)
+            if is_state_error(status, details):
+                raise InvalidStateError(endpoint, status, details)
+            raise HypervisorApiError(endpoint, status, details)
+        if status < 200 or status >= 300:
+            raise HypervisorApiError(endpoint, status, (f"unexpected status {status}",))
+        if not response.content.strip():
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise HypervisorError(f"{endpoint}: cloud-hypervisor answered invalid JSON: {exc}") from exc

@@ -1,0 +1,628 @@
+"""The cloud-hypervisor backend (DESIGN.md §4): one `cloud-hypervisor` process per VM, driven over its API.
+
+Start-up is a list of steps, each with its undo, run in reverse on any failure so that nothing is left
+behind (no process, no socket):
+
+1. bind the API socket ourselves (AF_UNIX, 0600) and hand it over as `--api-socket fd=N`;
+2. spawn the binary in its own session with `--event-monitor path=<vm_dir>/events`,
+   `--log-file <vm_dir>/hypervisor.log` (its stdout and stderr go to the same file, so that errors
+   printed before its logger exists are kept), `--seccomp true`, `--no-shutdown` and `-v`;
+3. wait (bounded) for `vmm.ping`, watching for the process exiting meanwhile;
+4. `vm.create` with the runtime VmConfig, then `vm.boot`.
+
+Stopping is a ladder, each rung bounded: the power button (the guest shuts down; we see the `vm`
+`shutdown` event in the events file or the VM leaving the running state), then `vm.shutdown`,
+`vmm.shutdown`, SIGTERM and SIGKILL. With `--no-shutdown` the process outlives its guest, so a graceful
+stop ends with `vmm.shutdown` too.
+
+All HTTP goes through `procurator.hypervisor.api.ApiClient`; all processes through `procurator.process`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pwd
+import select
+import shutil
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from procurator import process
+from procurator.errors import (
+    HypervisorError,
+    HypervisorStartError,
+    InvalidStateError,
+    ProcessError,
+    WaitTimeoutError,
+)
+from procurator.hypervisor.api import ApiClient
+from procurator.hypervisor.base import Handle, LaunchSpec, StopResult, VmInfo, VmState
+
+if TYPE_CHECKING:
+    import subprocess
+
+log = logging.getLogger(__name__)
+
+BACKEND = "cloud-hypervisor"
+ENV_BINARY = "PROCURATOR_CLOUD_HYPERVISOR"
+CONFIG_KEY = "hypervisor.binary"
+LOG_TAIL_LINES = 6
+
+_POLL_FIRST = 0.0005  # first sleep of a polling wait; grows by a quarter each round up to _POLL_MAX
+_POLL_MAX = 0.02
+_INFO_EVERY = 0.5  # while waiting for the guest to power off, also ask vm.info this often
+
+
+def resolve_binary(configured: str | None) -> Path:
+    """The cloud-hypervisor binary: $PROCURATOR_CLOUD_HYPERVISOR, else the worker config's value.
+
+    A bare name is looked up on PATH. Raises HypervisorStartError naming where the value came from and
+    how to fix it.
+    """
+    from_env = os.environ.get(ENV_BINARY, "").strip()
+    value, source = (from_env, ENV_BINARY) if from_env else ((configured or "").strip(), CONFIG_KEY)
+    if not value:
+        raise HypervisorStartError(
+            f"no cloud-hypervisor binary configured: set {CONFIG_KEY} in the worker configuration "
+            f"or the environment variable {ENV_BINARY} to its path"
+        )
+    if "/" not in value:
+        found = shutil.which(value)
+        if found is None:
+            raise HypervisorStartError(
+                f"{value!r} (from {source}) is not on PATH: install cloud-hypervisor, or set {CONFIG_KEY} "
+                f"in the worker configuration or {ENV_BINARY} to the binary's absolute path"
+            )
+        return Path(found)
+    path = Path(value)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise HypervisorStartError(
+            f"{path} (from {source}) is not an executable file: install cloud-hypervisor or point {source} "
+            "at its binary"
+        )
+    return path
+
+
+class CloudHypervisor:
+    """The `Hypervisor` protocol over cloud-hypervisor processes.
+
+    `start_timeout` bounds the wait for the API to answer after spawning; `api_timeout` any single API
+    call; `boot_timeout` the `vm.boot` call (cloud-hypervisor loads the kernel and initramfs inside it);
+    `step_timeout` each escalation step of the stop ladder and the final wait for the process to exit.
+    """
+
+    name = BACKEND
+
+    def __init__(
+        self,
+        binary: Path,
+        *,
+        start_timeout: float = 10.0,
+        api_timeout: float = 10.0,
+        boot_timeout: float = 60.0,
+        step_timeout: float = 5.0,
+    ) -> None:
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self.api_timeout = api_timeout
+        self.boot_timeout = boot_timeout
+        self.step_timeout = step_timeout
+        # Processes we spawned and their start times, kept so that they are reaped (and not reported as
+        # leaked by the runtime), and so that checking on them costs a waitpid rather than /proc reads.
+        self._children: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
+
+    # --- start ----------------------------------------------------------------------------------
+
+    def argv(self, spec: LaunchSpec, api_fd: int) -> list[str]:
+        """The command line for `spec`, with the API socket already bound as `api_fd`."""
+        return [
+            str(self.binary),
+            "--api-socket", f"fd={api_fd}",
+            "--event-monitor", f"path={spec.events_path}",
+            "--log-file", str(spec.hypervisor_log),
+            "--seccomp", "true",
+            "--no-shutdown",
+            "-v",
+        ]  # fmt: skip
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        """Spawn cloud-hypervisor for `spec`, create and boot the VM; on any failure leave nothing behind."""
+        self._check_binary()
+        owner = _lookup_user(spec.user)
+        spec.vm_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as undo:
+            listener = _bind_api_socket(spec.api_socket)
+            undo.callback(_remove_socket, spec.api_socket)
+            with listener:
+                proc = self._spawn(spec, listener, owner)
+            undo.callback(self._kill_child, proc)
+            start_time = process.process_start_time(proc.pid)
+            with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
+                self._await_api(api, proc, spec)
+                self._start_step(api, proc, spec, "vm.create", body=spec.config, timeout=self.api_timeout)
+                self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
+            if start_time is None or proc.poll() is not None:
+                raise self._died(spec, proc)
+            undo.pop_all()
+        self._children[proc.pid] = (proc, start_time)
+        log.info("vm %s: cloud-hypervisor running as pid %d", spec.name, proc.pid)
+        return Handle(
+            backend=BACKEND,
+            pid=proc.pid,
+            start_time=start_time,
+            api_socket=spec.api_socket,
+            vm_dir=spec.vm_dir,
+        )
+
+    def _check_binary(self) -> None:
+        if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
+            raise HypervisorStartError(
+                f"{self.binary}: cloud-hypervisor binary not found or not executable; install it and set "
+                f"{CONFIG_KEY} in the worker configuration or {ENV_BINARY}"
+            )
+
+    def _spawn(
+        self, spec: LaunchSpec, listener: socket.socket, owner: tuple[int, int] | None
+    ) -> subprocess.Popen[bytes]:
+        with _open_log(spec.hypervisor_log) as log_file:
+            if owner is not None:
+                _hand_over(owner, spec.hypervisor_log, spec.events_path, spec.serial_log)
+            try:
+                return process.spawn(
+                    self.argv(spec, listener.fileno()),
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=(listener.fileno(),),
+                    user=spec.user,
+                    netns=spec.netns,
+                )
+            except ProcessError as exc:
+                raise HypervisorStartError(f"vm {spec.name!r}: cannot start cloud-hypervisor: {exc}") from exc
+
+    def _await_api(self, api: ApiClient, proc: subprocess.Popen[bytes], spec: LaunchSpec) -> None:
+        """Wait (bounded) until vmm.ping answers; fail at once if the process exits meanwhile."""
+        deadline = time.monotonic() + self.start_timeout
+        last = ""
+        while True:
+            if proc.poll() is not None:
+                raise self._died(spec, proc)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                waited = WaitTimeoutError(
+                    f"cloud-hypervisor to answer vmm.ping on {spec.api_socket}", self.start_timeout, last
+                )
+                raise HypervisorStartError(f"vm {spec.name!r}: {waited}") from waited
+            try:
+                api.get("vmm.ping", timeout=min(remaining, 1.0))
+            except HypervisorError as exc:
+                last = str(exc)
+                with contextlib.suppress(Exception):  # the process may be exiting: let it finish
+                    proc.wait(timeout=min(0.05, max(remaining, 0.0)))
+                continue
+            return
+
+    def _start_step(
+        self,
+        api: ApiClient,
+        proc: subprocess.Popen[bytes],
+        spec: LaunchSpec,
+        endpoint: str,
+        *,
+        body: dict[str, Any] | None,
+        timeout: float,
+    ) -> None:
+        try:
+            api.put(endpoint, body, timeout=timeout)
+        except HypervisorError as exc:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=0.05)
+            if proc.poll() is not None:
+                raise self._died(spec, proc) from exc
+            raise HypervisorStartError(f"vm {spec.name!r}: {exc}") from exc
+
+    def _died(self, spec: LaunchSpec, proc: subprocess.Popen[bytes]) -> HypervisorStartError:
+        code = proc.poll()
+        if code is None:
+            how = "vanished"
+        elif code >= 0:
+            how = f"exited with code {code}"
+        else:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        tail = " | ".join(log_tail(spec.hypervisor_log))
+        quoted = (
+            f"; last lines of {spec.hypervisor_log}: {tail}" if tail else f"; {spec.hypervisor_log} is empty"
+        )
+        return HypervisorStartError(f"vm {spec.name!r}: cloud-hypervisor {how} while starting{quoted}")
+
+    def _kill_child(self, proc: subprocess.Popen[bytes]) -> None:
+        """Undo of the spawn step: SIGKILL and reap, bounded."""
+        if proc.poll() is None:
+            process.signal_process(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=self.step_timeout)
+        except Exception:  # an undo step logs and carries on
+            log.warning(
+                "cloud-hypervisor pid %d did not exit within %.1fs of SIGKILL", proc.pid, self.step_timeout
+            )
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def ping(self, handle: Handle) -> dict[str, Any]:
+        """vmm.ping: {build_version, version, pid, features}."""
+        with self._api(handle) as api:
+            answer = api.get("vmm.ping")
+        if not isinstance(answer, dict):
+            raise HypervisorError(
+                f"vmm.ping: expected a JSON object from {handle.api_socket}, got {answer!r}"
+            )
+        return answer
+
+    def info(self, handle: Handle) -> VmInfo:
+        """vm.info as a VmInfo; `VmState.GONE` when the process is no longer running."""
+        if not self._alive(handle):
+            return VmInfo(state=VmState.GONE)
+        with self._api(handle) as api:
+            answer = api.get("vm.info")
+        if not isinstance(answer, dict) or "state" not in answer:
+            raise HypervisorError(
+                f"vm.info: expected a VmInfo object from {handle.api_socket}, got {answer!r}"
+            )
+        try:
+            state = VmState(answer["state"])
+        except ValueError as exc:
+            raise HypervisorError(f"vm.info: unknown VM state {answer['state']!r}") from exc
+        return VmInfo(state=state, details=answer)
+
+    def counters(self, handle: Handle) -> dict[str, dict[str, int]]:
+        """vm.counters: per device id, its counters."""
+        with self._api(handle) as api:
+            answer = api.get("vm.counters")
+        if answer is None:
+            return {}
+        if not isinstance(answer, dict) or not all(
+            isinstance(values, dict) and all(isinstance(v, int) for v in values.values())
+            for values in answer.values()
+        ):
+            raise HypervisorError(f"vm.counters: expected {{device: {{counter: int}}}}, got {answer!r}")
+        return {str(device): {str(k): int(v) for k, v in values.items()} for device, values in answer.items()}
+
+    def pause(self, handle: Handle) -> None:
+        with self._api(handle) as api:
+            api.put("vm.pause")
+
+    def resume(self, handle: Handle) -> None:
+        with self._api(handle) as api:
+            api.put("vm.resume")
+
+    def adopt(self, handle: Handle) -> bool:
+        """Whether `handle` is a cloud-hypervisor process of ours, still running and answering."""
+        if handle.backend != BACKEND or not self._alive(handle):
+            return False
+        try:
+            with ApiClient(handle.api_socket, timeout=min(self.api_timeout, 2.0)) as api:
+                pong = api.get("vmm.ping")
+        except HypervisorError as exc:
+            log.info("cannot adopt pid %d: %s", handle.pid, exc)
+            return False
+        # The API reports the pid serving it: the socket must belong to the very process recorded.
+        return isinstance(pong, dict) and pong.get("pid") in (None, handle.pid)
+
+    # --- stop -----------------------------------------------------------------------------------
+
+    def shutdown(self, handle: Handle, timeout: float) -> StopResult:
+        """Power button, up to `timeout` for the guest; then vm.shutdown, vmm.shutdown, SIGTERM, SIGKILL."""
+        if not self._alive(handle):
+            self._forget(handle)
+            return StopResult(graceful=False, steps=("gone",))
+        steps: list[str] = []
+        graceful = False
+        events = EventReader(handle.vm_dir / "events")
+        with ExitWatch(handle.pid, handle.start_time) as watch:
+            with self._api(handle, timeout=self.step_timeout) as api:
+                steps.append("power-button")
+                try:
+                    api.put("vm.power-button")
+                except InvalidStateError as exc:  # the guest is not running (it powered off already)
+                    log.info("power button: %s", exc)
+                    graceful = True
+                except HypervisorError as exc:
+                    log.warning("power button: %s", exc)
+                else:
+                    graceful = self._await_poweroff(api, watch, events, timeout)
+                for rung in ("vmm.shutdown",) if graceful else ("vm.shutdown", "vmm.shutdown"):
+                    if watch.exited():
+                        break
+                    steps.append(rung)
+                    try:
+                        api.put(rung)
+                    except HypervisorError as exc:
+                        log.warning("%s: %s", rung, exc)
+                        continue
+                    if rung == "vmm.shutdown":
+                        watch.wait(self.step_timeout)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if watch.exited():
+                    break
+                steps.append(sig.name)
+                process.signal_process(handle.pid, sig)
+                watch.wait(self.step_timeout)
+            if not watch.exited():
+                raise HypervisorError(
+                    f"cloud-hypervisor pid {handle.pid} still runs {self.step_timeout:.1f}s after SIGKILL "
+                    f"(steps: {', '.join(steps)}); it is stuck in the kernel, see /proc/{handle.pid}/stack"
+                )
+        self._forget(handle)
+        log.info("cloud-hypervisor pid %d stopped (graceful: %s; steps: %s)", handle.pid, graceful, steps)
+        return StopResult(graceful=graceful, steps=tuple(steps))
+
+    def _await_poweroff(self, api: ApiClient, watch: ExitWatch, events: EventReader, timeout: float) -> bool:
+        """After the power button: whether the guest powered off within `timeout`."""
+        deadline = time.monotonic() + timeout
+        next_info = time.monotonic() + _INFO_EVERY
+        pause = _POLL_FIRST
+        while True:
+            if any(e.get("source") == "vm" and e.get("event") == "shutdown" for e in events.read()):
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                log.info(
+                    "pid %d: guest did not power off within %.1fs of the power button", watch.pid, timeout
+                )
+                return False
+            if now >= next_info:
+                next_info = now + _INFO_EVERY
+                try:
+                    answer = api.get("vm.info")
+                except HypervisorError:
+                    answer = None
+                # cloud-hypervisor drops the VM once its guest exits: vm.info says Created again.
+                if isinstance(answer, dict) and answer.get("state") in (VmState.SHUTDOWN, VmState.CREATED):
+                    return True
+            if watch.wait(min(pause, max(deadline - now, 0.0))):
+                # It exited on its own: graceful only if it said the VM shut down first.
+                return any(e.get("event") == "shutdown" for e in events.read())
+            pause = min(pause * 1.25, _POLL_MAX)
+
+    def kill(self, handle: Handle) -> None:
+        """SIGKILL the process (if it is still ours), wait for it, remove its socket."""
+        if self._alive(handle):
+            with ExitWatch(handle.pid, handle.start_time) as watch:
+                process.signal_process(handle.pid, signal.SIGKILL)
+                if not watch.wait(self.step_timeout):
+                    raise HypervisorError(
+                        f"cloud-hypervisor pid {handle.pid} still runs {self.step_timeout:.1f}s after "
+                        f"SIGKILL; it is stuck in the kernel, see /proc/{handle.pid}/stack"
+                    )
+        self._forget(handle)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _api(self, handle: Handle, *, timeout: float | None = None) -> ApiClient:
+        return ApiClient(handle.api_socket, timeout=self.api_timeout if timeout is None else timeout)
+
+    def _child(self, handle: Handle) -> subprocess.Popen[bytes] | None:
+        """Our own child process for `handle`, if it is one (same pid and start time)."""
+        entry = self._children.get(handle.pid)
+        return entry[0] if entry is not None and entry[1] == handle.start_time else None
+
+    def _alive(self, handle: Handle) -> bool:
+        child = self._child(handle)
+        if child is not None and child.poll() is not None:  # reaped now: no zombie lingers
+            return False
+        return process.alive(handle.pid, handle.start_time)  # also false for a zombie not yet reapable
+
+    def _forget(self, handle: Handle) -> None:
+        """The process is gone: reap it if it is our child, remove its socket (unless another answers)."""
+        child = self._child(handle)
+        if child is not None:
+            self._children.pop(handle.pid, None)
+            # A killed multi-threaded process shows as a zombie before it can be reaped: wait, bounded.
+            with contextlib.suppress(Exception):
+                child.wait(timeout=self.step_timeout)
+        if _socket_answers(handle.api_socket):  # a stale handle: the socket is a newer process's
+            log.warning("%s: left in place, another process listens on it", handle.api_socket)
+            return
+        _remove_socket(handle.api_socket)
+
+
+class EventReader:
+    """Reads cloud-hypervisor's event monitor file from where it stood when the reader was made.
+
+    The file holds pretty-printed JSON objects separated by blank lines, each
+    `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`; a half-written one is left for
+    the next read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.offset = path.stat().st_size
+        except OSError:
+            self.offset = 0
+        self._buffer = ""
+        self._decoder = json.JSONDecoder()
+
+    def read(self) -> list[dict[str, Any]]:
+        """The events written since the last read."""
+        try:
+            with self.path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < self.offset:  # truncated: the process was restarted
+                    self.offset, self._buffer = 0, ""
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        self.offset += len(chunk)
+        self._buffer += chunk.decode("utf-8", errors="replace")
+        found: list[dict[str, Any]] = []
+        text, pos = self._buffer, 0
+        while True:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            if pos >= len(text):
+                break
+            try:
+                value, end = self._decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:
+                break  # incomplete: wait for the rest
+            if isinstance(value, dict):
+                found.append(value)
+            pos = end
+        self._buffer = text[pos:]
+        return found
+
+
+class ExitWatch:
+    """Watches one process for its exit: a pidfd, readable once the process has exited.
+
+    `wait(timeout)` sleeps until the process exits or the timeout passes, so a wait ends the moment it
+    does; without pidfd support (kernel < 5.3) it polls /proc instead. Use as a context manager.
+    """
+
+    def __init__(self, pid: int, start_time: int | None) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self._gone = False
+        self._fd: int | None = None
+        self._poller = select.poll()  # not select(): pidfds of a busy worker may exceed FD_SETSIZE
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._gone = True
+        except OSError:  # no pidfd support: poll /proc instead
+            pass
+        else:
+            self._poller.register(self._fd, select.POLLIN)
+        # Checked after opening, so that the pidfd is of the very process (not a recycled pid).
+        if not self._gone and not process.alive(pid, start_time):
+            self._gone = True
+
+    def __enter__(self) -> ExitWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def exited(self) -> bool:
+        return self.wait(0.0)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the process exited within `timeout` seconds (bounded; 0 only looks)."""
+        if self._gone:
+            return True
+        if self._fd is None:
+            self._gone = process.wait_gone(self.pid, self.start_time, timeout, poll=0.005)
+        else:
+            self._gone = bool(self._poller.poll(max(0, math.ceil(timeout * 1000))))
+        return self._gone
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last non-empty lines of a log file (empty if it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+
+
+def _lookup_user(user: str | None) -> tuple[int, int] | None:
+    if user is None:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError as exc:
+        raise HypervisorStartError(
+            f"user {user!r} (the worker configuration's `user`) does not exist; create it or change `user`"
+        ) from exc
+    return entry.pw_uid, entry.pw_gid
+
+
+def _hand_over(owner: tuple[int, int], *paths: Path) -> None:
+    """Create the files the hypervisor writes and give them to the user it runs as."""
+    for path in paths:
+        try:
+            path.touch(exist_ok=True)
+            os.chown(path, *owner)
+        except OSError as exc:
+            raise HypervisorStartError(f"{path}: cannot hand it to uid {owner[0]}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _open_log(path: Path) -> Iterator[IO[bytes]]:
+    """The hypervisor log, emptied, opened for appending: the process's stdout and stderr.
+
+    cloud-hypervisor also opens it itself (`--log-file`) for its logger. Its own errors before the
+    logger exists (bad flags) and its fatal error chain at exit go to stderr, hence here too. Both write
+    sequentially, and stderr only at the end, so the two do not overwrite each other.
+    """
+    try:
+        f = path.open("ab")
+    except OSError as exc:
+        raise HypervisorStartError(f"{path}: cannot open the hypervisor log: {exc.strerror}") from exc
+    with f:
+        f.truncate(0)
+        yield f
+
+
+def _bind_api_socket(path: Path) -> socket.socket:
+    """A listening AF_UNIX socket at `path` (mode 0600), replacing a stale one; refuses a live one."""
+    if path.is_symlink() or path.exists():
+        if _socket_answers(path):
+            raise HypervisorStartError(
+                f"{path}: a running process already listens on this API socket; stop that VM first"
+            )
+        _remove_socket(path)
+        if path.exists():
+            raise HypervisorStartError(f"{path}: exists and is not a socket; remove it")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(0o600)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        _remove_socket(path)
+        raise HypervisorStartError(f"{path}: cannot bind the API socket: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _socket_answers(path: Path) -> bool:
+    """Whether a process listens on the UNIX socket `path` (a connection is accepted)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _remove_socket(path: Path) -> None:
+    """Remove `path` if it is a socket (never anything else)."""
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: cannot remove the API socket: %s", path, exc.strerror)

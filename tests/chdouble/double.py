@@ -1,0 +1,999 @@
+"""A test double of the `cloud-hypervisor` binary: its command line, its HTTP API on a UNIX socket, its VM
+state machine, its log and its event monitor. It runs no guest.
+
+What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/main.rs`, `vmm/src/lib.rs`,
+`vmm/src/vm.rs`, `vmm/src/api/http/`, `event_monitor/src/lib.rs`, and the micro_http server):
+
+- flags: `--api-socket path=<p>|fd=<n>`, `--event-monitor path=<p>|fd=<n>`, `--log-file`, `-v` (repeatable),
+  `--seccomp true|false|log|errno`, `--no-shutdown`, `-V`; every other real flag is accepted and ignored
+  (create the VM over the API); an unknown flag is a usage error (exit 2), as with clap.
+- the API: the real routes; a wrong method answers 400 (`["Bad Request"]`, or an empty 400 for PATCH and
+  DELETE on action endpoints), never 405; an unknown path 404 `["Not Found"]`; a body on a bodyless PUT
+  400 `["Bad Request"]`; `Content-Length: 0` counts as no body; errors are a JSON array of the error chain
+  (`["Error from API", "The VM could not boot", "VM is already created"]`); wrong-state answers are 500
+  (404 for "not created" / "config is missing"); vmm.shutdown answers 200 with an empty body, then the
+  process exits. Status lines carry no reason phrase; `Server: Cloud Hypervisor API`.
+- vm.create validates its body against the official spec's VmConfig (tests/support/chspec.py) and answers
+  400 `["Failed to deserialize JSON", <problems>]`; it creates the serial/console files in File mode.
+- states: after vm.create the VM is `Created`; vm.boot makes it `Running`; vm.shutdown (or the guest
+  powering off under `--no-shutdown`) drops the VM, so vm.info says `Created` again and vm.boot boots it
+  anew. The power button makes the guest power off after a delay: with `--no-shutdown` the VM shuts down
+  and the process stays; without it the VMM shuts down and the process exits 0. SIGTERM/SIGINT shut the
+  VMM down and exit 0.
+- events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`
+  separated by a blank line, as the real event monitor writes them.
+
+Differences: vm.create is stricter than the real server (`payload` is required by the spec, the real one
+only fails at vm.boot); vm.info echoes the config as given (the real one fills in defaults); hot-plug,
+snapshot, migration and resize endpoints answer 500 (not simulated).
+
+Knobs (environment):
+  CHDOUBLE_BOOT_DELAY      seconds vm.boot takes (default 0)
+  CHDOUBLE_POWEROFF_DELAY  seconds the guest takes to power off after the power button (default 0.05)
+  CHDOUBLE_START_DELAY     seconds before the API is served (default 0)
+  CHDOUBLE_FAULT           comma-separated faults:
+                             die-at-start         log a fatal error and exit 1 before serving anything
+                             no-answer            never accept a connection on the API socket
+                             die-on-boot          exit 1 in the middle of vm.boot, answering nothing
+                             ignore-power-button  the guest ignores the power button
+                             hang-on-shutdown     vm.shutdown, vmm.shutdown and SIGTERM never complete
+  CHDOUBLE_RECORD          append one JSON line per process start/ready/exit, request and guest power-off
+  CHDOUBLE_VALIDATE        "0" skips the spec validation of vm.create (default on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import IO, Any, ClassVar
+
+VERSION = "53.0.0"
+BUILD_VERSION = "v53.0"
+FEATURES = ("kvm",)
+FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-button", "hang-on-shutdown"})
+DEFAULT_MEMORY = 512 << 20
+
+API_ERROR = "Error from API"
+PREFIX = "/api/v1/"
+
+# Route kinds, after vmm/src/api/http/mod.rs: which handler serves the endpoint decides what a wrong
+# method or an unexpected body gets.
+GET_ACTION = "get-action"  # VmActionHandler with a GET handler (vm.counters)
+PUT_ACTION = "put-action"  # VmActionHandler, bodyless PUT
+PUT_BODY = "put-body"  # VmActionHandler, PUT with a JSON body
+CREATE = "create"  # VmCreate
+GET_ONLY = "get-only"  # VmInfo, VmmPing
+VMM_SHUTDOWN = "vmm-shutdown"  # VmmShutdown
+ROUTES = {
+    "vm.add-device": PUT_BODY,
+    "vm.add-user-device": PUT_BODY,
+    "vm.add-disk": PUT_BODY,
+    "vm.add-fs": PUT_BODY,
+    "vm.add-generic-vhost-user": PUT_BODY,
+    "vm.add-net": PUT_BODY,
+    "vm.add-pmem": PUT_BODY,
+    "vm.add-vdpa": PUT_BODY,
+    "vm.add-vsock": PUT_BODY,
+    "vm.boot": PUT_ACTION,
+    "vm.counters": GET_ACTION,
+    "vm.create": CREATE,
+    "vm.delete": PUT_ACTION,
+    "vm.info": GET_ONLY,
+    "vm.pause": PUT_ACTION,
+    "vm.power-button": PUT_ACTION,
+    "vm.reboot": PUT_ACTION,
+    "vm.receive-migration": PUT_BODY,
+    "vm.remove-device": PUT_BODY,
+    "vm.resize": PUT_BODY,
+    "vm.resize-disk": PUT_BODY,
+    "vm.resize-zone": PUT_BODY,
+    "vm.restore": PUT_BODY,
+    "vm.resume": PUT_ACTION,
+    "vm.send-migration": PUT_BODY,
+    "vm.shutdown": PUT_ACTION,
+    "vm.snapshot": PUT_BODY,
+    "vmm.ping": GET_ONLY,
+    "vmm.shutdown": VMM_SHUTDOWN,
+    "vm.nmi": PUT_ACTION,
+}
+
+
+class UsageError(Exception):
+    """A bad knob or flag value: the double exits 2 with this message."""
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise UsageError(f"{name}={raw!r}: expected seconds") from exc
+    if value < 0:
+        raise UsageError(f"{name}={raw!r}: must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    boot_delay: float = 0.0
+    poweroff_delay: float = 0.05
+    start_delay: float = 0.0
+    faults: frozenset[str] = frozenset()
+    validate: bool = True
+    no_shutdown: bool = False
+
+    @classmethod
+    def from_env(cls, *, no_shutdown: bool) -> Settings:
+        faults = frozenset(f.strip() for f in os.environ.get("CHDOUBLE_FAULT", "").split(",") if f.strip())
+        unknown = faults - FAULTS
+        if unknown:
+            raise UsageError(
+                f"CHDOUBLE_FAULT: unknown {', '.join(sorted(unknown))}; known: {', '.join(sorted(FAULTS))}"
+            )
+        return cls(
+            boot_delay=_seconds("CHDOUBLE_BOOT_DELAY", 0.0),
+            poweroff_delay=_seconds("CHDOUBLE_POWEROFF_DELAY", 0.05),
+            start_delay=_seconds("CHDOUBLE_START_DELAY", 0.0),
+            faults=faults,
+            validate=os.environ.get("CHDOUBLE_VALIDATE", "1") != "0",
+            no_shutdown=no_shutdown,
+        )
+
+
+class Log:
+    """cloud-hypervisor's logger: `cloud-hypervisor: <secs>s: <thread> LEVEL:location -- msg`."""
+
+    _RANK: ClassVar[dict[str, int]] = {"ERROR": 0, "WARN": 1, "INFO": 2, "DEBUG": 3, "TRACE": 4}
+
+    def __init__(self, stream: IO[str], verbosity: int, start: float) -> None:
+        self.stream = stream
+        self.limit = 1 + verbosity  # no -v: warnings and errors; -v: info; -vv: debug; -vvv: trace
+        self.start = start
+        self._lock = threading.Lock()
+
+    def write(self, level: str, location: str, message: str) -> None:
+        if self._RANK[level] > self.limit:
+            return
+        elapsed = time.monotonic() - self.start
+        thread = threading.current_thread().name
+        line = f"cloud-hypervisor: {elapsed:>10.6f}s: <{thread}> {level}:{location} -- {message}\n"
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self.stream.write(line)
+            self.stream.flush()
+
+    def error_at(self, location: str, message: str) -> None:
+        self.write("ERROR", location, message)
+
+    def warn_at(self, location: str, message: str) -> None:
+        self.write("WARN", location, message)
+
+    def info_at(self, location: str, message: str) -> None:
+        self.write("INFO", location, message)
+
+
+class Events:
+    """The event monitor: pretty JSON objects, each followed by a blank line (vmm/src/lib.rs)."""
+
+    def __init__(self, stream: IO[str] | None, start: float, log: Log) -> None:
+        self.stream = stream
+        self.start = start
+        self.log = log
+        self._lock = threading.Lock()
+
+    def emit(self, source: str, event: str, properties: dict[str, str] | None = None) -> None:
+        props = ", ".join(f"{k} = {v}" for k, v in (properties or {}).items())
+        self.log.info_at("event_monitor/src/lib.rs:113", f"Event: source = {source} event = {event} {props}")
+        if self.stream is None:
+            return
+        elapsed = time.monotonic() - self.start
+        secs = int(elapsed)
+        record = {
+            "timestamp": {"secs": secs, "nanos": int((elapsed - secs) * 1e9)},
+            "source": source,
+            "event": event,
+            "properties": properties,
+        }
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self.stream.write(json.dumps(record, indent=2) + "\n\n")
+            self.stream.flush()
+
+
+class Recorder:
+    """CHDOUBLE_RECORD: one JSON object per line, appended atomically (several doubles may share it)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if self.fd is not None:
+            os.write(self.fd, (json.dumps(entry) + "\n").encode())
+
+
+class SpecUnavailableError(Exception):
+    """The official spec could not be loaded, so bodies cannot be validated."""
+
+
+class SpecCheck:
+    """Validation against the official spec, loaded in the background (it takes a few hundred ms)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._errors: Callable[[str, Any], list[str]] | None = None
+        self._failure = ""
+        self._thread = threading.Thread(target=self._load, name="spec-loader", daemon=True)
+        if enabled:
+            self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            from tests.support import chspec  # noqa: PLC0415 - heavy import, off the start-up path
+
+            chspec.validator("VmConfig")
+            self._errors = chspec.errors
+        except Exception as exc:  # reported on every vm.create instead
+            self._failure = f"{type(exc).__name__}: {exc}"
+
+    def errors(self, schema: str, instance: Any) -> list[str]:
+        if not self.enabled:
+            return []
+        self._thread.join()
+        if self._errors is None:
+            raise SpecUnavailableError(self._failure)
+        return self._errors(schema, instance)
+
+
+@dataclass
+class Answer:
+    """An HTTP answer. `body=None`: no Content-Type/Content-Length (204); `then` runs once it is sent."""
+
+    status: int
+    body: bytes | None = None
+    then: Callable[[], None] | None = None
+
+
+def _json(status: int, value: Any) -> Answer:
+    return Answer(status, json.dumps(value).encode())
+
+
+def _errors(status: int, *chain: str) -> Answer:
+    return _json(status, list(chain))
+
+
+NO_CONTENT = Answer(204)
+BAD_REQUEST = _errors(400, "Bad Request")
+
+
+def _micro_http_error(message: str) -> Answer:
+    # micro_http's own answer to a request it cannot parse (a JSON-looking text with a raw newline).
+    return Answer(
+        400, f'{{ "error": "{message}\nAll previous unanswered requests will be dropped." }}'.encode()
+    )
+
+
+class Vmm:
+    """The VMM and its one VM, after vmm/src/lib.rs (`vm_config` + `VmOwnership`) and vmm/src/vm.rs.
+
+    Every operation runs under one lock, as the real VMM thread serves one API request at a time.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        events: Events,
+        log: Log,
+        exit_process: Callable[[int], None],
+        spec: SpecCheck,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.settings = settings
+        self.events = events
+        self.log = log
+        self.exit_process = exit_process
+        self.spec = spec
+        self.recorder = recorder or Recorder(None)
+        self.pid = os.getpid()
+        self.config: dict[str, Any] | None = None
+        # None: no VM object (not booted yet, or shut down); else Running or Paused
+        self.state: str | None = None
+        self.booted_at = 0.0
+        self.poweroff_pending = False
+        self.exiting = False
+        self.lock = threading.RLock()
+        self._timer: threading.Timer | None = None
+
+    # --- routing (vmm/src/api/http) -------------------------------------------------------------
+
+    def dispatch(self, method: str, path: str, body: bytes | None) -> Answer:
+        if path.startswith("http://"):  # absolute form: micro_http keeps only the path
+            rest = path[len("http://") :]
+            path = rest[rest.find("/") :] if "/" in rest else ""
+        name = path[len(PREFIX) :] if path.startswith(PREFIX) else ""
+        kind = ROUTES.get(name)
+        if kind is None:
+            return _errors(404, "Not Found")
+        if kind in (GET_ACTION, PUT_ACTION, PUT_BODY):
+            if method not in ("GET", "PUT"):
+                return Answer(400, b"")
+            wanted = "GET" if kind == GET_ACTION else "PUT"
+            if method != wanted:
+                return BAD_REQUEST
+            if kind == PUT_ACTION and body is not None:
+                return BAD_REQUEST
+            if kind == PUT_BODY:
+                return self._unsimulated(name, body)
+        elif kind == CREATE:
+            if method != "PUT":
+                return BAD_REQUEST
+            return self.create(body)
+        elif kind == GET_ONLY:
+            if method != "GET":
+                return BAD_REQUEST
+        elif method != "PUT":  # VMM_SHUTDOWN
+            return BAD_REQUEST
+        action: Callable[[], Answer] = getattr(self, "op_" + name.replace(".", "_").replace("-", "_"))
+        return action()
+
+    def _unsimulated(self, name: str, body: bytes | None) -> Answer:
+        if body is None:
+            return BAD_REQUEST
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            return _errors(400, "Failed to deserialize JSON", str(exc))
+        return _errors(500, API_ERROR, f"chdouble: {name} is not simulated")
+
+    # --- endpoints ------------------------------------------------------------------------------
+
+    def op_vmm_ping(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1990", "API request event: VmmPing")
+            return _json(
+                200,
+                {
+                    "build_version": BUILD_VERSION,
+                    "version": VERSION,
+                    "pid": self.pid,
+                    "features": list(FEATURES),
+                },
+            )
+
+    def create(self, body: bytes | None) -> Answer:
+        if body is None:
+            return Answer(400, b"")
+        try:
+            config = json.loads(body)
+        except ValueError as exc:
+            return _errors(400, "Failed to deserialize JSON", str(exc))
+        if not isinstance(config, dict):
+            return _errors(400, "Failed to deserialize JSON", "invalid type: expected struct VmConfig")
+        try:
+            problems = self.spec.errors("VmConfig", config)
+        except SpecUnavailableError as exc:
+            return _errors(500, "chdouble: cannot validate against the cloud-hypervisor spec", str(exc))
+        if problems:
+            return _errors(400, "Failed to deserialize JSON", *problems)
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1445", "API request event: VmCreate")
+            if self.config is not None:
+                return _errors(500, API_ERROR, "The VM could not be created", "VM is already created")
+            for key in ("serial", "console"):
+                device = config.get(key) or {}
+                if device.get("mode") == "File" and device.get("file"):
+                    try:
+                        with open(device["file"], "w"):
+                            pass
+                    except OSError as exc:
+                        return _errors(
+                            500,
+                            API_ERROR,
+                            "The VM could not be created",
+                            "Error creating console devices",
+                            f"{exc.strerror} (os error {exc.errno})",
+                        )
+            self.config = config
+            return NO_CONTENT
+
+    def op_vm_boot(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1060", "API request event: VmBoot")
+            if self.state is not None:
+                return _errors(500, API_ERROR, "The VM could not boot", "VM is already created")
+            self.log.info_at("vmm/src/lib.rs:2369", "Booting VM")
+            self.events.emit("vm", "booting")
+            if self.config is None:
+                return _errors(404, API_ERROR, "The VM could not boot", "VM config is missing")
+            payload = self.config.get("payload") or {}
+            for key, what in (("kernel", "kernel"), ("initramfs", "initramfs"), ("firmware", "firmware")):
+                if key in payload and not os.access(payload[key], os.R_OK):
+                    return _errors(
+                        500,
+                        API_ERROR,
+                        "The VM could not boot",
+                        f"Cannot open {what} file",
+                        "No such file or directory (os error 2)",
+                    )
+            if not any(k in payload for k in ("kernel", "firmware", "igvm")):
+                return _errors(500, API_ERROR, "The VM could not boot", "No payload to boot")
+            if "die-on-boot" in self.settings.faults:
+                self.log.error_at("vmm/src/vm.rs:2010", "chdouble fault die-on-boot: vCPU thread panicked")
+                self.exit_process(1)
+            if self.settings.boot_delay:
+                time.sleep(self.settings.boot_delay)
+            self.state = "Running"
+            self.booted_at = time.monotonic()
+            self.events.emit("vm", "booted")
+            return NO_CONTENT
+
+    def op_vm_info(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1620", "API request event: VmInfo")
+            if self.config is None:
+                return _errors(404, API_ERROR, "The VM info is not available", "VM is not created")
+            memory = self.config.get("memory") or {}
+            info: dict[str, Any] = {
+                "config": self.config,
+                "state": self.state or "Created",
+                "memory_actual_size": int(memory.get("size", DEFAULT_MEMORY)),
+            }
+            if self.state is not None:
+                info["device_tree"] = self._device_tree()
+            return _json(200, info)
+
+    def op_vm_counters(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1408", "API request event: VmCounters")
+            if self.state is None:
+                return _errors(500, API_ERROR, "The VM info is not available", "VM is not running")
+            ticks = int((time.monotonic() - self.booted_at) * 1000)
+            counters: dict[str, dict[str, int]] = {}
+            for device in self._devices("disks", "_disk"):
+                counters[device] = {
+                    "read_bytes": ticks * 512,
+                    "write_bytes": ticks * 64,
+                    "read_ops": ticks,
+                    "write_ops": ticks // 8,
+                    "read_latency_min": 10,
+                    "read_latency_max": 90,
+                    "read_latency_avg": 30,
+                    "write_latency_min": 20,
+                    "write_latency_max": 120,
+                    "write_latency_avg": 45,
+                }
+            for device in self._devices("net", "_net"):
+                counters[device] = {
+                    "rx_bytes": ticks * 100,
+                    "rx_frames": ticks,
+                    "tx_bytes": ticks * 80,
+                    "tx_frames": ticks,
+                }
+            return _json(200, counters)
+
+    def op_vm_pause(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1700", "API request event: VmPause")
+            if self.state is None:
+                return _errors(500, API_ERROR, "The VM could not be paused", "VM is not running")
+            self.events.emit("vm", "pausing")
+            if self.state != "Running":
+                return _errors(
+                    500,
+                    API_ERROR,
+                    "The VM could not be paused",
+                    "Cannot pause VM",
+                    "Failed to pause migratable component",
+                    f"Invalid transition: InvalidStateTransition({self.state}, Paused)",
+                )
+            self.state = "Paused"
+            self.events.emit("vm", "paused")
+            return NO_CONTENT
+
+    def op_vm_resume(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1760", "API request event: VmResume")
+            if self.state is None:
+                return _errors(500, API_ERROR, "The VM could not resume", "VM is not running")
+            self.events.emit("vm", "resuming")
+            if self.state == "Running":
+                return _errors(
+                    500,
+                    API_ERROR,
+                    "The VM could not resume",
+                    "Cannot resume VM",
+                    "Failed to resume migratable component",
+                    "Invalid transition: InvalidStateTransition(Running, Running)",
+                )
+            self.state = "Running"
+            self.events.emit("vm", "resumed")
+            if self.poweroff_pending:
+                self.poweroff_pending = False
+                self._schedule_poweroff()
+            return NO_CONTENT
+
+    def op_vm_power_button(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:2100", "API request event: VmPowerButton")
+            if self.state is None:
+                return _errors(500, API_ERROR, "Error triggering power button", "VM is not running")
+            if "ignore-power-button" in self.settings.faults:
+                self.log.info_at("chdouble", "fault ignore-power-button: the guest ignores the power button")
+            elif self.state == "Paused":
+                self.poweroff_pending = True  # a paused guest reacts once resumed
+            elif self._timer is None:
+                self._schedule_poweroff()
+            return NO_CONTENT
+
+    def op_vm_nmi(self) -> Answer:
+        with self.lock:
+            if self.state is None:
+                return _errors(500, API_ERROR, "Error triggering NMI", "VM is not running")
+            return NO_CONTENT
+
+    def op_vm_shutdown(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1830", "API request event: VmShutdown")
+            self._maybe_hang("vm.shutdown")
+            if self.state is None:
+                return _errors(500, API_ERROR, "The VM could not shutdown", "VM is not running")
+            self._vm_shutdown()
+            return NO_CONTENT
+
+    def op_vm_reboot(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1880", "API request event: VmReboot")
+            self.events.emit("vm", "rebooting")
+            if self.state is None:
+                return _errors(404, API_ERROR, "The VM could not reboot", "VM is not created")
+            self._cancel_poweroff()
+            self.state = "Running"
+            self.booted_at = time.monotonic()
+            self.events.emit("vm", "rebooted")
+            return NO_CONTENT
+
+    def op_vm_delete(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1500", "API request event: VmDelete")
+            self._vm_delete()
+            return NO_CONTENT
+
+    def op_vmm_shutdown(self) -> Answer:
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:2045", "API request event: VmmShutdown")
+            self._maybe_hang("vmm.shutdown")
+            self._vmm_shutdown()
+            return Answer(200, b"", then=lambda: self.exit_process(0))
+
+    # --- the VMM's inner steps ------------------------------------------------------------------
+
+    def _vm_shutdown(self) -> None:
+        self._cancel_poweroff()
+        self.state = None
+        self.events.emit("vm", "shutdown")
+
+    def _vm_delete(self) -> None:
+        if self.config is None:
+            return
+        if self.state is not None:
+            self._vm_shutdown()
+        self.config = None
+        self.events.emit("vm", "deleted")
+
+    def _vmm_shutdown(self) -> None:
+        self._vm_delete()
+        self.events.emit("vmm", "shutdown")
+        self.exiting = True
+
+    def on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the VMM shuts down and the process exits 0 (once the VMM thread is free)."""
+        self.log.info_at("vmm/src/lib.rs:800", f"Received signal {signum}, shutting down")
+        with self.lock:
+            self._vmm_shutdown()
+        self.exit_process(0)
+
+    def _maybe_hang(self, what: str) -> None:
+        if "hang-on-shutdown" not in self.settings.faults:
+            return
+        self.log.warn_at("chdouble", f"fault hang-on-shutdown: {what} never completes")
+        while True:  # holding the VMM lock, as a stuck VMM thread would
+            time.sleep(3600)
+
+    # --- the simulated guest --------------------------------------------------------------------
+
+    def _schedule_poweroff(self) -> None:
+        pressed = time.monotonic()
+        timer = threading.Timer(self.settings.poweroff_delay, self._guest_poweroff, args=(pressed,))
+        timer.name = "guest"
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _cancel_poweroff(self) -> None:
+        self.poweroff_pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _guest_poweroff(self, pressed: float) -> None:
+        exit_now = False
+        with self.lock:
+            if self._timer is None or threading.current_thread() is not self._timer or self.exiting:
+                return
+            self._timer = None
+            if self.state is None:
+                return
+            if self.state == "Paused":
+                self.poweroff_pending = True
+                return
+            self.log.info_at("vmm/src/lib.rs:2151", "VM guest exit event")
+            if self.settings.no_shutdown:
+                self._vm_shutdown()
+            else:
+                self._vmm_shutdown()
+                exit_now = True
+            done = time.monotonic()
+            self.recorder.write(
+                {"kind": "guest", "what": "poweroff", "pid": self.pid, "t_start": pressed, "t_done": done}
+            )
+        if exit_now:
+            self.exit_process(0)
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def _devices(self, key: str, prefix: str) -> list[str]:
+        assert self.config is not None
+        items = self.config.get(key) or []
+        return [str(item.get("id") or f"{prefix}{i}") for i, item in enumerate(items)]
+
+    def _device_tree(self) -> dict[str, Any]:
+        tree: dict[str, Any] = {}
+        devices = self._devices("disks", "_disk") + self._devices("net", "_net")
+        for slot, device in enumerate(devices, start=1):
+            tree[device] = {"id": device, "resources": [], "children": [], "pci_bdf": f"0000:00:{slot:02x}.0"}
+        return tree
+
+
+class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """micro_http stand-in: HTTP/1.1 with keep-alive on an already listening UNIX socket."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, listener: socket.socket, vmm: Vmm, recorder: Recorder) -> None:
+        super().__init__("", _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.vmm = vmm
+        self.recorder = recorder
+        self.accepted_at: dict[int, float] = {}  # connection fd -> when it was accepted
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = self.socket.accept()
+        self.accepted_at[connection.fileno()] = time.monotonic()
+        return connection, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # noqa: ARG002 - the stdlib signature
+        # A client that went away (e.g. gave up waiting): one log line, as micro_http logs, no traceback.
+        self.vmm.log.error_at(
+            "vmm/src/api/http/mod.rs:409", f"HTTP server error on response: {sys.exc_info()[1]!r}"
+        )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    _arrived = 0.0
+    _accepted: float | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        server = self.server
+        assert isinstance(server, ApiServer)
+        self._accepted = server.accepted_at.pop(self.connection.fileno(), None)
+
+    def parse_request(self) -> bool:
+        # When the request reached the double: for the first request on a connection, when the connection
+        # was accepted (thread start-up and parsing are the double's own time), else when its line arrived.
+        self._arrived = self._accepted if self._accepted is not None else time.monotonic()
+        self._accepted = None
+        return super().parse_request()
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._unsupported()
+
+    def do_HEAD(self) -> None:
+        self._unsupported()
+
+    def do_OPTIONS(self) -> None:
+        self._unsupported()
+
+    def _unsupported(self) -> None:
+        self.close_connection = True
+        self._send(_micro_http_error("Invalid HTTP Method: Unsupported HTTP method."))
+
+    def _serve(self) -> None:
+        received = self._arrived or time.monotonic()
+        threading.current_thread().name = "vmm"  # the real VMM thread serves API requests one by one
+        server = self.server
+        assert isinstance(server, ApiServer)
+        body: bytes | None = None
+        answer: Answer | None = None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            answer = _micro_http_error("Invalid request.")
+            length = 0
+        if self.headers.get("Transfer-Encoding"):
+            answer = _micro_http_error("Invalid request.")
+        if answer is None and length > 0:
+            body = self.rfile.read(length)
+            if self.command in ("GET", "DELETE"):
+                answer = _micro_http_error("Invalid request.")
+        if answer is None:
+            try:
+                answer = server.vmm.dispatch(self.command, self.path, body)
+            except Exception as exc:  # a bug in the double: say so rather than drop the connection
+                server.vmm.log.error_at("chdouble", f"internal error: {exc!r}")
+                answer = _errors(500, "chdouble: internal error", repr(exc))
+        else:
+            self.close_connection = True
+        self._send(answer)
+        done = time.monotonic()
+        server.recorder.write(
+            {
+                "kind": "request",
+                "pid": server.vmm.pid,
+                "method": self.command,
+                "path": self.path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": None if body is None else body.decode("utf-8", errors="replace"),
+                "status": answer.status,
+                "t_recv": received,
+                "t_done": done,
+            }
+        )
+        if answer.then is not None:
+            answer.then()
+
+    def _send(self, answer: Answer) -> None:
+        self.send_response_only(answer.status, "")  # micro_http sends no reason phrase
+        self.send_header("Server", "Cloud Hypervisor API")
+        self.send_header("Connection", "keep-alive")
+        if answer.body is not None:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        if answer.body:
+            self.wfile.write(answer.body)
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:  # the stdlib's signature
+        pass
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+_VALUE_FLAGS = (
+    "api-socket",
+    "balloon",
+    "cmdline",
+    "console",
+    "cpus",
+    "dbus-object-path",
+    "dbus-service-name",
+    "debug-console",
+    "event-monitor",
+    "firmware",
+    "fw-cfg-config",
+    "gdb",
+    "igvm",
+    "host-data",
+    "initramfs",
+    "ivshmem",
+    "kernel",
+    "log-file",
+    "log-format",
+    "memory",
+    "platform",
+    "restore",
+    "rng",
+    "serial",
+    "tpm",
+    "vsock",
+)
+_MULTI_FLAGS = (
+    "device",
+    "disk",
+    "fs",
+    "generic-vhost-user",
+    "landlock-rules",
+    "memory-zone",
+    "net",
+    "numa",
+    "pci-segment",
+    "pmem",
+    "rate-limit-group",
+    "user-device",
+    "vdpa",
+)
+_SWITCHES = ("dbus-system-bus", "landlock", "no-shutdown", "pvmemcontrol", "pvpanic", "watchdog")
+_VM_FLAGS = ("kernel", "firmware", "igvm", "restore")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cloud-hypervisor",
+        allow_abbrev=False,
+        usage="%(prog)s [OPTIONS]",
+        description="Test double of cloud-hypervisor (runs no guest).",
+    )
+    for name in _VALUE_FLAGS:
+        parser.add_argument(f"--{name}")
+    for name in _MULTI_FLAGS:
+        parser.add_argument(f"--{name}", nargs="+", action="append")
+    for name in _SWITCHES:
+        parser.add_argument(f"--{name}", action="store_true")
+    parser.add_argument("--rtc", nargs="?", const="")
+    parser.add_argument("--seccomp", choices=("true", "false", "log", "errno"), default="true")
+    parser.add_argument("-v", action="count", default=0, dest="verbosity")
+    parser.add_argument("-V", "--version", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _option(value: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """cloud-hypervisor's OptionParser for `k=v,k=v` values (only `keys` are known)."""
+    found: dict[str, str] = {}
+    for part in value.split(","):
+        key, sep, val = part.partition("=")
+        if sep and key in keys:
+            found[key] = val
+    return found
+
+
+def _fatal(log: Log, debug: str, chain: Sequence[str]) -> int:
+    log.error_at("cloud-hypervisor/src/lib.rs:24", f"Fatal error: {debug}")
+    if len(chain) == 1:
+        print(f"Error: Cloud Hypervisor exited with the following error:\n  {chain[0]}", file=sys.stderr)
+    else:
+        print("Error: Cloud Hypervisor exited with the following chain of errors:", file=sys.stderr)
+        for level, message in enumerate(chain):
+            print(f"  {level}: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(args_list)
+    if args.version:
+        print(f"cloud-hypervisor {BUILD_VERSION}")
+        return 0
+    try:
+        settings = Settings.from_env(no_shutdown=args.no_shutdown)
+    except UsageError as exc:
+        print(f"chdouble: {exc}", file=sys.stderr)
+        return 2
+    recorder = Recorder(os.environ.get("CHDOUBLE_RECORD"))
+    recorder.write({"kind": "process", "what": "start", "pid": os.getpid(), "argv": args_list, "t": started})
+    try:
+        log_stream: IO[str] = open(args.log_file, "w") if args.log_file else sys.stderr  # noqa: SIM115
+    except OSError as exc:
+        print(
+            "Error: Cloud Hypervisor exited with the following chain of errors:\n"
+            "  0: Error creating log file"
+            f"\n  1: {exc.strerror} (os error {exc.errno})",
+            file=sys.stderr,
+        )
+        return 1
+    log = Log(log_stream, args.verbosity, started)
+    log.info_at("cloud-hypervisor/src/main.rs:680", f"{BUILD_VERSION} starting")
+    if "die-at-start" in settings.faults:
+        return _fatal(
+            log,
+            "CreateHypervisor(HypervisorCreate(no supported hypervisor))",
+            (
+                "Failed to open hypervisor interface (is hypervisor interface available?)",
+                "Failed to create the hypervisor",
+                "no supported hypervisor",
+            ),
+        )
+    if any(getattr(args, flag.replace("-", "_")) for flag in _VM_FLAGS):
+        log.warn_at("chdouble", "VM configuration flags are accepted but ignored: create the VM over the API")
+
+    events_stream: IO[str] | None = None
+    if args.event_monitor is not None:
+        monitor = _option(args.event_monitor, ("path", "fd"))
+        try:
+            if "fd" in monitor:
+                events_stream = os.fdopen(int(monitor["fd"]), "w")
+            elif "path" in monitor:
+                events_stream = open(monitor["path"], "w")  # noqa: SIM115
+            else:
+                return _fatal(
+                    log, "BareEventMonitor", ("Error parsing --event-monitor: path or fd required",)
+                )
+        except (OSError, ValueError) as exc:
+            return _fatal(log, f"EventMonitorIo({exc})", ("Error opening event monitor file", str(exc)))
+    events = Events(events_stream, started, log)
+    events.emit("vmm", "starting")
+
+    listener: socket.socket | None = None
+    socket_path: str | None = None
+    if args.api_socket is not None:
+        api = _option(args.api_socket, ("path", "fd"))
+        try:
+            if "fd" in api:
+                listener = socket.socket(fileno=int(api["fd"]))
+            else:
+                socket_path = api.get("path", args.api_socket)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(socket_path)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(socket_path)
+                listener.listen(16)
+        except (OSError, ValueError) as exc:
+            return _fatal(
+                log,
+                f"CreateApiServerSocket({exc})",
+                ("Failed to start the VMM thread", "Error creating API server's socket", str(exc)),
+            )
+
+    def exit_process(code: int) -> None:
+        recorder.write(
+            {"kind": "process", "what": "exit", "pid": os.getpid(), "code": code, "t": time.monotonic()}
+        )
+        if code == 0:
+            log.info_at("cloud-hypervisor/src/main.rs:1011", "Cloud Hypervisor exited successfully")
+            if socket_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(socket_path)
+        for stream in (events_stream, log_stream, sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()  # type: ignore[union-attr]
+        os._exit(code)
+
+    vmm = Vmm(
+        settings=settings,
+        events=events,
+        log=log,
+        exit_process=exit_process,
+        spec=SpecCheck(settings.validate),
+        recorder=recorder,
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, _frame: vmm.on_signal(sig))
+
+    if listener is None or "no-answer" in settings.faults:
+        if listener is not None:
+            log.warn_at("chdouble", "fault no-answer: the API socket is never served")
+        while True:
+            signal.pause()
+    if settings.start_delay:
+        time.sleep(settings.start_delay)
+    server = ApiServer(listener, vmm, recorder)
+    recorder.write({"kind": "process", "what": "ready", "pid": os.getpid(), "t": time.monotonic()})
+    server.serve_forever(poll_interval=0.5)
+    return 0

@@ -1,0 +1,534 @@
+"""The cloud-hypervisor backend against the test double (tests/chdouble): what it sends, the lifecycle,
+and every failure path, each checked to leave no process and no socket behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from procurator import process
+from procurator.errors import HypervisorApiError, HypervisorError, HypervisorStartError, InvalidStateError
+from procurator.hypervisor.api import ApiClient
+from procurator.hypervisor.base import Handle, LaunchSpec, VmState
+from procurator.hypervisor.cloud_hypervisor import ENV_BINARY, CloudHypervisor, EventReader, resolve_binary
+from tests.chdouble import BINARY, sample_config
+
+
+@pytest.fixture(autouse=True)
+def _double_knobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for knob in ("CHDOUBLE_FAULT", "CHDOUBLE_BOOT_DELAY", "CHDOUBLE_START_DELAY", "CHDOUBLE_VALIDATE"):
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.delenv(ENV_BINARY, raising=False)
+    monkeypatch.setenv("CHDOUBLE_POWEROFF_DELAY", "0.05")
+    monkeypatch.setenv("CHDOUBLE_RECORD", str(tmp_path / "record.jsonl"))
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> LaunchSpec:
+    vm_dir = tmp_path / "vms" / "web"
+    vm_dir.mkdir(parents=True)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\x7fELF not really a kernel")
+    return LaunchSpec(
+        name="web", vm_dir=vm_dir, config=sample_config(vm_dir, kernel), serial_log=vm_dir / "serial.log"
+    )
+
+
+@pytest.fixture
+def backend() -> CloudHypervisor:
+    return CloudHypervisor(BINARY, start_timeout=15.0, api_timeout=10.0, step_timeout=3.0)
+
+
+@pytest.fixture
+def clean(spec: LaunchSpec) -> Iterator[None]:
+    """Assert that the test leaves no hypervisor process and no socket behind."""
+    assert leftovers(spec.vm_dir) == ([], [])
+    yield
+    assert leftovers(spec.vm_dir) == ([], [])
+
+
+def leftovers(vm_dir: Path) -> tuple[list[int], list[str]]:
+    """Processes whose command line names `vm_dir` (or unreaped children of ours), and sockets in it."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if str(vm_dir) in cmdline or (state == "Z" and int(ppid) == os.getpid()):
+            pids.append(int(entry.name))
+    sockets = sorted(p.name for p in vm_dir.rglob("*") if p.is_socket())
+    return pids, sockets
+
+
+def records(tmp_path: Path, kind: str) -> list[dict[str, Any]]:
+    path = tmp_path / "record.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def events(vm_dir: Path) -> list[tuple[str, str]]:
+    reader = EventReader(vm_dir / "events")
+    reader.offset = 0
+    return [(e["source"], e["event"]) for e in reader.read()]
+
+
+# --- what is sent ----------------------------------------------------------------------------------
+
+
+def test_start_and_stop_send_the_expected_command_line_and_requests(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    handle = backend.start(spec)
+    backend.info(handle)
+    backend.shutdown(handle, timeout=5.0)
+
+    (start,) = [r for r in records(tmp_path, "process") if r["what"] == "start"]
+    argv = start["argv"]
+    assert argv[0] == "--api-socket"
+    assert argv[1].startswith("fd=")
+    assert int(argv[1].removeprefix("fd=")) > 2
+    assert argv[2:] == [
+        "--event-monitor", f"path={spec.vm_dir / 'events'}",
+        "--log-file", str(spec.vm_dir / "hypervisor.log"),
+        "--seccomp", "true",
+        "--no-shutdown",
+        "-v",
+    ]  # fmt: skip
+
+    sent = records(tmp_path, "request")
+    sequence = [(r["method"], r["path"].removeprefix("/api/v1/")) for r in sent]
+    # Legitimate repetitions on a loaded machine: vmm.ping retried while the process starts slowly, and
+    # vm.info polled while the guest takes more than half a second to power off.
+    pings = sequence.index(("PUT", "vm.create"))
+    assert pings >= 1
+    assert set(sequence[:pings]) == {("GET", "vmm.ping")}, sequence
+    button = sequence.index(("PUT", "vm.power-button"))
+    assert set(sequence[button + 1 : -1]) <= {("GET", "vm.info")}, sequence
+    assert [sequence[pings - 1], *sequence[pings : button + 1], sequence[-1]] == [
+        ("GET", "vmm.ping"),
+        ("PUT", "vm.create"),
+        ("PUT", "vm.boot"),
+        ("GET", "vm.info"),
+        ("PUT", "vm.power-button"),
+        ("PUT", "vmm.shutdown"),
+    ], sequence
+    sent = [sent[pings - 1], *sent[pings : button + 1], sent[-1]]
+    create = sent[1]
+    assert create["headers"]["content-type"] == "application/json"
+    assert json.loads(create["body"]) == spec.config
+    for bodyless in (sent[2], sent[4], sent[5]):
+        assert bodyless["body"] is None
+        assert "content-type" not in bodyless["headers"]
+        assert bodyless["headers"].get("content-length", "0") == "0"
+    assert all(r["status"] < 300 for r in sent)
+
+
+# --- the lifecycle ---------------------------------------------------------------------------------
+
+
+def test_lifecycle_start_info_counters_pause_resume_and_graceful_shutdown(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    assert handle.backend == "cloud-hypervisor"
+    assert handle.api_socket == spec.api_socket
+    assert handle.vm_dir == spec.vm_dir
+    assert process.alive(handle.pid, handle.start_time)
+    assert oct(spec.api_socket.stat().st_mode & 0o777) == "0o600"
+
+    info = backend.info(handle)
+    assert info.state is VmState.RUNNING
+    assert info.details["config"] == spec.config
+    assert backend.ping(handle)["pid"] == handle.pid
+
+    counters = backend.counters(handle)
+    assert set(counters) == {"store", "eth0"}
+    assert isinstance(counters["eth0"]["rx_bytes"], int)
+
+    backend.pause(handle)
+    assert backend.info(handle).state is VmState.PAUSED
+    backend.resume(handle)
+    assert backend.info(handle).state is VmState.RUNNING
+
+    result = backend.shutdown(handle, timeout=5.0)
+    assert result.graceful
+    assert result.steps == ("power-button", "vmm.shutdown")
+    assert backend.info(handle).state is VmState.GONE
+    assert events(spec.vm_dir) == [
+        ("vmm", "starting"), ("vm", "booting"), ("vm", "booted"), ("vm", "pausing"), ("vm", "paused"),
+        ("vm", "resuming"), ("vm", "resumed"), ("vm", "shutdown"), ("vm", "deleted"), ("vmm", "shutdown"),
+    ]  # fmt: skip
+    assert (spec.vm_dir / "serial.log").is_file()
+    assert "API request event: VmBoot" in spec.hypervisor_log.read_text()
+
+
+def test_shutdown_of_a_guest_that_already_powered_off_is_graceful(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    with ApiClient(handle.api_socket) as api:
+        api.put("vm.power-button")
+    deadline = time.monotonic() + 5
+    while backend.info(handle).state is not VmState.CREATED:  # --no-shutdown: the process stays
+        assert time.monotonic() < deadline, "the guest never powered off"
+        time.sleep(0.02)
+    result = backend.shutdown(handle, timeout=5.0)
+    assert result.graceful
+    assert result.steps == ("power-button", "vmm.shutdown")
+
+
+def test_adopt_recognises_only_the_very_process(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    try:
+        restarted = CloudHypervisor(BINARY)  # a new Procurator process, with no memory of the child
+        assert restarted.adopt(handle)
+        assert restarted.info(handle).state is VmState.RUNNING
+        assert not restarted.adopt(replace(handle, start_time=handle.start_time + 1))
+        assert not restarted.adopt(replace(handle, backend="qemu"))
+        own_start = process.process_start_time(os.getpid())
+        assert own_start is not None
+        assert not restarted.adopt(replace(handle, pid=os.getpid(), start_time=own_start))  # not its socket
+        assert restarted.shutdown(handle, timeout=5.0).graceful
+    finally:
+        backend.kill(handle)
+    assert not backend.adopt(handle)
+
+
+def test_kill_stops_at_once_and_removes_the_socket(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    backend.kill(handle)
+    assert not process.alive(handle.pid, handle.start_time)
+    assert not spec.api_socket.exists()
+    assert backend.info(handle).state is VmState.GONE
+    assert backend.shutdown(handle, timeout=1.0).steps == ("gone",)
+    backend.kill(handle)  # idempotent
+
+
+def test_runs_as_the_configured_user(backend: CloudHypervisor, spec: LaunchSpec, clean: None) -> None:
+    me = pwd.getpwuid(os.getuid())
+    handle = backend.start(replace(spec, user=me.pw_name))
+    try:
+        assert os.stat(f"/proc/{handle.pid}").st_uid == me.pw_uid
+        for path in (spec.hypervisor_log, spec.events_path, spec.serial_log):
+            assert path.stat().st_uid == me.pw_uid
+    finally:
+        backend.kill(handle)
+
+
+def test_a_stale_socket_is_replaced(backend: CloudHypervisor, spec: LaunchSpec, clean: None) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(spec.api_socket))
+    stale.close()  # the file stays, nobody listens
+    handle = backend.start(spec)
+    backend.kill(handle)
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+
+def test_resolve_binary_prefers_the_environment_and_explains_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(HypervisorStartError, match=f"hypervisor.binary.*{ENV_BINARY}"):
+        resolve_binary(None)
+    with pytest.raises(HypervisorStartError, match=r"from hypervisor\.binary\) is not an executable file"):
+        resolve_binary(str(tmp_path / "cloud-hypervisor"))
+    with pytest.raises(HypervisorStartError, match="not on PATH"):
+        resolve_binary("no-such-cloud-hypervisor")
+    assert resolve_binary(str(BINARY)) == BINARY
+    monkeypatch.setenv("PATH", f"{BINARY.parent}:{os.environ.get('PATH', '')}")
+    assert resolve_binary("cloud-hypervisor") == BINARY
+    monkeypatch.setenv(ENV_BINARY, str(tmp_path / "elsewhere"))
+    with pytest.raises(HypervisorStartError, match=f"from {ENV_BINARY}"):
+        resolve_binary(str(BINARY))
+    monkeypatch.setenv(ENV_BINARY, str(BINARY))
+    assert resolve_binary("/nonexistent/cloud-hypervisor") == BINARY
+
+
+def test_missing_binary(spec: LaunchSpec, tmp_path: Path, clean: None) -> None:
+    backend = CloudHypervisor(tmp_path / "cloud-hypervisor")
+    with pytest.raises(HypervisorStartError, match=f"not found or not executable.*{ENV_BINARY}"):
+        backend.start(spec)
+
+
+def test_dies_at_start_quotes_the_log(
+    backend: CloudHypervisor, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_FAULT", "die-at-start")
+    with pytest.raises(HypervisorStartError) as caught:
+        backend.start(spec)
+    message = str(caught.value)
+    assert "exited with code 1 while starting" in message
+    assert str(spec.hypervisor_log) in message
+    assert "Fatal error: CreateHypervisor(HypervisorCreate(no supported hypervisor))" in message
+    assert "2: no supported hypervisor" in message  # its stderr lands in the same log
+
+
+def test_dies_while_booting_quotes_the_log(
+    backend: CloudHypervisor, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_FAULT", "die-on-boot")
+    with pytest.raises(
+        HypervisorStartError, match=r"exited with code 1 while starting.*vCPU thread panicked"
+    ):
+        backend.start(spec)
+
+
+def test_a_socket_that_never_answers_times_out_bounded(
+    spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_FAULT", "no-answer")
+    backend = CloudHypervisor(BINARY, start_timeout=1.0, step_timeout=2.0)
+    started = time.monotonic()
+    with pytest.raises(HypervisorStartError, match=r"timed out after 1\.0s waiting for .*vmm\.ping"):
+        backend.start(spec)
+    assert time.monotonic() - started < 1.0 + 3.0  # the start timeout, then the clean-up
+
+
+def test_a_slow_start_is_waited_for_within_the_bound(
+    spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_START_DELAY", "1.3")  # longer than one vmm.ping attempt (1 s)
+    backend = CloudHypervisor(BINARY, start_timeout=10.0)
+    handle = backend.start(spec)
+    try:
+        assert backend.info(handle).state is VmState.RUNNING
+    finally:
+        backend.kill(handle)
+
+
+def test_a_boot_that_takes_too_long_is_abandoned_bounded(
+    spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_BOOT_DELAY", "5")
+    monkeypatch.setenv("CHDOUBLE_VALIDATE", "0")  # keep the double's own start-up short and steady
+    backend = CloudHypervisor(BINARY, start_timeout=15.0, boot_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(HypervisorStartError, match=r"vm\.boot: cloud-hypervisor did not answer within 0\.5s"):
+        backend.start(spec)
+    assert time.monotonic() - started < 5.0
+
+
+def test_an_invalid_config_is_refused_with_the_spec_details(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    config = dict(spec.config)
+    del config["payload"]
+    with pytest.raises(
+        HypervisorStartError, match=r"vm\.create: HTTP 400: Failed to deserialize JSON"
+    ) as caught:
+        backend.start(replace(spec, config=config))
+    cause = caught.value.__cause__
+    assert isinstance(cause, HypervisorApiError)
+    assert not isinstance(cause, InvalidStateError)
+    assert any("'payload' is a required property" in d for d in cause.details)
+
+
+def test_a_failed_boot_is_reported_and_cleaned_up(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    config = {**spec.config, "payload": {"kernel": str(spec.vm_dir / "no-kernel")}}
+    with pytest.raises(HypervisorStartError, match=r"vm\.boot: HTTP 500: .*Cannot open kernel file"):
+        backend.start(replace(spec, config=config))
+
+
+def test_a_socket_in_use_is_refused_and_the_running_vm_untouched(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    try:
+        with pytest.raises(HypervisorStartError, match="already listens on this API socket"):
+            backend.start(spec)
+        assert backend.info(handle).state is VmState.RUNNING
+    finally:
+        backend.kill(handle)
+
+
+def test_wrong_state_is_an_invalid_state_error(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    try:
+        with pytest.raises(InvalidStateError) as caught:
+            backend.resume(handle)
+        assert caught.value.status == 500
+        assert caught.value.endpoint == "vm.resume"
+        assert "Invalid transition: InvalidStateTransition(Running, Running)" in caught.value.details
+        backend.pause(handle)
+        with pytest.raises(InvalidStateError, match=r"vm\.pause: HTTP 500: Error from API; The VM could not"):
+            backend.pause(handle)
+        with (
+            ApiClient(handle.api_socket) as api,
+            pytest.raises(InvalidStateError, match="VM is already created"),
+        ):
+            api.put("vm.boot")
+        with ApiClient(handle.api_socket) as api, pytest.raises(HypervisorApiError) as unknown:
+            api.get("vm.nope")
+        assert (unknown.value.status, unknown.value.details) == (404, ("Not Found",))
+        assert not isinstance(unknown.value, InvalidStateError)
+    finally:
+        backend.kill(handle)
+
+
+def test_ladder_escalates_when_the_guest_ignores_the_power_button(
+    backend: CloudHypervisor, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_FAULT", "ignore-power-button")
+    handle = backend.start(spec)
+    started = time.monotonic()
+    result = backend.shutdown(handle, timeout=0.5)
+    assert not result.graceful
+    assert result.steps == ("power-button", "vm.shutdown", "vmm.shutdown")
+    assert 0.5 <= time.monotonic() - started < 0.5 + 5 * 3.0  # waited for the guest, then bounded
+    assert events(spec.vm_dir)[-3:] == [("vm", "shutdown"), ("vm", "deleted"), ("vmm", "shutdown")]
+
+
+def test_ladder_ends_with_sigkill_when_the_vmm_hangs(
+    spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clean: None
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_FAULT", "ignore-power-button,hang-on-shutdown")
+    backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=0.5)
+    handle = backend.start(spec)
+    started = time.monotonic()
+    result = backend.shutdown(handle, timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert not result.graceful
+    assert result.steps == ("power-button", "vm.shutdown", "vmm.shutdown", "SIGTERM", "SIGKILL")
+    assert elapsed < 0.3 + 5 * 0.5 + 2.0  # every rung bounded
+    assert not [r for r in records(tmp_path, "process") if r["what"] == "exit"]  # it never exited on its own
+
+
+def test_a_process_that_died_on_its_own_is_reported_gone(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)
+    process.signal_process(handle.pid, signal.SIGKILL)
+    process.wait_gone(handle.pid, handle.start_time, 5.0)
+    assert backend.info(handle).state is VmState.GONE
+    assert not backend.adopt(handle)
+    assert backend.shutdown(handle, timeout=1.0).steps == ("gone",)
+
+
+def test_handles_survive_a_round_trip_through_the_record(backend: CloudHypervisor, spec: LaunchSpec) -> None:
+    handle = backend.start(spec)
+    again = Handle(backend=handle.backend, pid=handle.pid, start_time=handle.start_time,
+                   api_socket=Path(str(handle.api_socket)), vm_dir=Path(str(handle.vm_dir)))  # fmt: skip
+    try:
+        assert CloudHypervisor(BINARY).adopt(again)
+    finally:
+        backend.kill(handle)
+    assert leftovers(spec.vm_dir) == ([], [])
+
+
+# --- the API client and the events reader, in isolation --------------------------------------------
+
+
+def mock_client(handler: Any) -> ApiClient:
+    return ApiClient(Path("/nonexistent/api.sock"), transport=httpx.MockTransport(handler))
+
+
+def test_api_client_sends_bodyless_puts_without_body_or_content_type() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    with mock_client(handler) as api:
+        assert api.put("vm.boot") is None
+        assert api.put("vm.create", {"payload": {"kernel": "/k"}}) is None
+    boot, create = seen
+    assert (boot.method, str(boot.url)) == ("PUT", "http://localhost/api/v1/vm.boot")
+    assert boot.content == b""
+    assert "content-type" not in boot.headers
+    assert boot.headers.get("content-length", "0") == "0"
+    assert create.headers["content-type"] == "application/json"
+    assert json.loads(create.content) == {"payload": {"kernel": "/k"}}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "details"),
+    [
+        (500, b'["Error from API","The VM could not be paused","VM is not running"]', InvalidStateError,
+         ("Error from API", "The VM could not be paused", "VM is not running")),
+        (404, b'["Error from API","The VM info is not available","VM is not created"]', InvalidStateError,
+         ("Error from API", "The VM info is not available", "VM is not created")),
+        (500, b'["Error from API","The VM could not boot","Cannot open kernel file"]', HypervisorApiError,
+         ("Error from API", "The VM could not boot", "Cannot open kernel file")),
+        (404, b'["Not Found"]', HypervisorApiError, ("Not Found",)),
+        (400, b"", HypervisorApiError, ()),
+        (400, b'{ "error": "Invalid request.\nAll previous unanswered requests will be dropped." }',
+         HypervisorApiError, ("Invalid request.\nAll previous unanswered requests will be dropped.",)),
+    ],
+)  # fmt: skip
+def test_api_client_maps_error_answers(
+    status: int, body: bytes, error: type[HypervisorApiError], details: tuple[str, ...]
+) -> None:
+    with mock_client(lambda _: httpx.Response(status, content=body)) as api, pytest.raises(error) as caught:
+        api.put("vm.pause")
+    assert type(caught.value) is error
+    assert (caught.value.endpoint, caught.value.status, caught.value.details) == ("vm.pause", status, details)
+
+
+def test_api_client_translates_transport_failures() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    with mock_client(refuse) as api, pytest.raises(HypervisorError, match=r"vm\.info: cannot talk") as caught:
+        api.get("vm.info")
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with mock_client(slow) as api, pytest.raises(HypervisorError, match=r"did not answer within 0\.5s"):
+        api.get("vm.info", timeout=0.5)
+    with (
+        mock_client(lambda _: httpx.Response(200, content=b"{oops")) as api,
+        pytest.raises(HypervisorError, match="invalid JSON"),
+    ):
+        api.get("vm.info")
+
+
+def test_events_reader_returns_new_events_and_waits_for_half_written_ones(tmp_path: Path) -> None:
+    path = tmp_path / "events"
+    first = json.dumps({"timestamp": {"secs": 0, "nanos": 1}, "source": "vmm", "event": "starting",
+                        "properties": None}, indent=2)  # fmt: skip
+    path.write_text(first + "\n\n")
+    reader = EventReader(path)
+    assert reader.read() == []  # what was there before the reader is skipped
+    second = json.dumps({"timestamp": {"secs": 1, "nanos": 2}, "source": "vm", "event": "shutdown",
+                         "properties": {"id": "x"}}, indent=2)  # fmt: skip
+    with path.open("a") as f:
+        f.write(second[:20])
+        f.flush()
+        assert reader.read() == []
+        f.write(second[20:] + "\n\n")
+    assert [(e["source"], e["event"], e["properties"]) for e in reader.read()] == [
+        ("vm", "shutdown", {"id": "x"})
+    ]
+    assert reader.read() == []
+    path.write_text(first + "\n\n")  # truncated and rewritten: a new process
+    assert [e["event"] for e in reader.read()] == ["starting"]
+    assert EventReader(tmp_path / "missing").read() == []
