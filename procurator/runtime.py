@@ -45,9 +45,14 @@ def runtime_config(
     nics: list[NicBinding],
     volumes: dict[str, Path],
     serial_log: Path,
+    console_socket: Path,
     address: GuestAddress | None,
 ) -> dict[str, Any]:
-    """Fill the host's fields into a copy of the bundle's VmConfig."""
+    """Fill the host's fields into a copy of the bundle's VmConfig.
+
+    The serial port (ttyS0) goes to `serial_log`, read by `procurator logs`; the virtio console (hvc0)
+    to a UNIX socket the hypervisor serves, which `procurator console` attaches to.
+    """
     config = copy.deepcopy(bundle.vm_config)
     by_id = {n.id: n for n in nics}
     for net in config.get("net", []):
@@ -62,7 +67,7 @@ def runtime_config(
     if not disks:
         del config["disks"]
     config["serial"] = {"mode": "File", "file": str(serial_log)}
-    config["console"] = {"mode": "Off"}
+    config["console"] = {"mode": "Socket", "socket": str(console_socket)}
     if address is not None and nics:
         payload = config["payload"]
         cmdline = payload.get("cmdline", "").split()

@@ -54,6 +54,13 @@ in
     boot.kernelParams = [ "boot.panic_on_fail" ] ++ optionals platform.isAarch64 [ "console=ttyAMA0" ];
     systemd.enableEmergencyMode = mkDefault false;
 
+    # `procurator console` attaches to the virtio console (hvc0, a socket on the host); the serial port
+    # stays the boot log the host keeps (`procurator logs`). A login prompt on hvc0:
+    systemd.services."serial-getty@hvc0" = {
+      enable = true;
+      wantedBy = [ "getty.target" ];
+    };
+
     # / is a tmpfs: a VM's state lives on its volumes, everything else starts afresh at each boot.
     # (options at normal priority: they merge with what NixOS adds, e.g. x-initrd.mount.)
     fileSystems."/" = {

@@ -64,6 +64,7 @@ let
     "virtio_net"
     "virtio_blk"
     "virtio_rng"
+    "virtio_console"
     "button"
     "evdev"
   ];

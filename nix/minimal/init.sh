@@ -121,6 +121,21 @@ serve || say "warning: httpd failed to start"
 addr=${ip%/*}
 say "$name up ip=${addr:-none} uptime=$(cut -d ' ' -f 1 /proc/uptime)s"
 
+# An interactive shell on the virtio console (hvc0), which `procurator console` attaches to; respawned
+# when it exits, until the power-off handler runs. No virtio console device: no interactive console.
+console_shell() {
+  while [ ! -e /run/procurator/stopping ]; do
+    setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1'
+    sleep 1
+  done
+}
+tries=0
+while [ ! -e /dev/hvc0 ] && [ "$tries" -lt 20 ] && grep -q virtio_console /proc/modules; do
+  sleep 0.1
+  tries=$((tries + 1))
+done
+if [ -e /dev/hvc0 ]; then console_shell & fi
+
 # PID 1 stays here: it reaps orphans (ash waits on any child) and restarts httpd if it dies, unless the
 # power-off handler is running.
 while :; do

@@ -232,13 +232,19 @@ def _serial(serial: Mapping[str, Any]) -> list[str]:
 
 
 def _console(console: Mapping[str, Any]) -> list[str]:
-    _only("console", console, handled={"mode", "file"}, defaults=_DEVICE_DEFAULTS)
+    _only("console", console, handled={"mode", "file", "socket"}, defaults=_DEVICE_DEFAULTS)
     mode = console.get("mode", "Off")
     if mode in ("Off", "Null"):
         return []
-    if mode != "File":
-        raise _untranslatable("console.mode", f"{mode!r}; the qemu backend supports File, Off and Null")
-    chardev = f"file,id=console0,path={_esc(_str('console.file', console.get('file')))}"
+    if mode == "File":
+        chardev = f"file,id=console0,path={_esc(_str('console.file', console.get('file')))}"
+    elif mode == "Socket":
+        path = _esc(_str("console.socket", console.get("socket")))
+        chardev = f"socket,id=console0,path={path},server=on,wait=off"
+    else:
+        raise _untranslatable(
+            "console.mode", f"{mode!r}; the qemu backend supports File, Socket, Off and Null"
+        )
     return ["-device", "virtio-serial-pci", "-chardev", chardev, "-device", "virtconsole,chardev=console0"]
 
 

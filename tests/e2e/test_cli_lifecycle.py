@@ -4,10 +4,12 @@ second up, stop/start on the same lease, down gracefully, nothing left behind.""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.integration.conftest import ExampleBuild
-from tests.support.host import VmHost
+from tests.support.host import PROCURATOR, VmHost
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +46,20 @@ def test_up_ps_logs_down(vm_host: VmHost, example_build: ExampleBuild) -> None:
     assert "procurator-guest: web up ip=" + vms["web"]["ip"] in logs
     assert "volume data mounted at /mnt/data" in logs
 
+    # The interactive console (hvc0) takes input and shows the guest's answer.
+    console = subprocess.run(
+        [str(PROCURATOR), "console", "web"],
+        input="echo console-$((6*7))\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=host.env(),
+        check=False,
+    )
+    assert console.returncode == 0, console.stderr
+    assert "console-42" in console.stdout
+    assert "detach with Ctrl-]" in console.stderr
+
     # A second up of a running name is refused and changes nothing.
     again = host.run("up", str(example_build.web))
     assert again.returncode == 1
@@ -58,6 +74,9 @@ def test_up_ps_logs_down(vm_host: VmHost, example_build: ExampleBuild) -> None:
     assert stop.returncode == 0, stop.stderr
     assert "web: stopped (graceful)" in stop.stderr
     assert host.ps()["web"]["state"] == "stopped"
+    refused = host.run("console", "web")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "error: VM 'web' is not running; start it with `procurator start web`"
     assert len(host.taps()) == 1
     host.ok("start", "web", "--wait", "healthy")
     restarted = host.ps()["web"]

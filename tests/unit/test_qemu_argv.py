@@ -181,6 +181,18 @@ TRANSLATIONS: list[tuple[str, dict[str, Any], list[str]]] = [
             "virtconsole,chardev=console0",
         ],
     ),
+    (
+        "console Socket",
+        {"console": {"mode": "Socket", "socket": "/s/console.sock"}},
+        [
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            "socket,id=console0,path=/s/console.sock,server=on,wait=off",
+            "-device",
+            "virtconsole,chardev=console0",
+        ],
+    ),
     ("rng.src", {"rng": {"src": "/dev/random"}}, ["-object", "rng-random,id=rng0,filename=/dev/random"]),
     ("rng absent: /dev/urandom", {"rng": None}, ["-object", "rng-random,id=rng0,filename=/dev/urandom"]),
     ("pvpanic", {"pvpanic": True}, ["-device", "pvpanic", "-qmp"]),
