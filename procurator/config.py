@@ -5,7 +5,10 @@
  "user": null,
  "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": "10.100.0.1",
              "uplink": null, "nat": false, "isolate": false, "netns": null},
- "apiSocket": "/run/procurator/api.sock"}
+ "apiSocket": "/run/procurator/api.sock",
+ "metricsListen": null}
+
+`metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from procurator.errors import ConfigError, ValidationError
-from procurator.network import NetworkConfig
+from procurator.net.config import NetworkConfig
 
 BACKENDS = ("cloud-hypervisor", "qemu")
 DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
@@ -36,12 +39,13 @@ class WorkerConfig:
     user: str | None = None
     network: NetworkConfig = field(default_factory=NetworkConfig)
     api_socket: Path = DEFAULT_API_SOCKET
+    metrics_listen: str | None = None  # host:port for the worker's /metrics over TCP
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
         if not isinstance(data, dict):
             raise ValidationError(source, "", "expected a JSON object")
-        known = {"stateDir", "hypervisor", "user", "network", "apiSocket", "schema"}
+        known = {"stateDir", "hypervisor", "user", "network", "apiSocket", "metricsListen", "schema"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValidationError(source, unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
@@ -62,12 +66,16 @@ class WorkerConfig:
             raise ValidationError(source, "network", str(exc)) from exc
         state_dir = data.get("stateDir")
         api_socket = data.get("apiSocket")
+        metrics_listen = data.get("metricsListen")
+        if metrics_listen is not None and (not isinstance(metrics_listen, str) or ":" not in metrics_listen):
+            raise ValidationError(source, "metricsListen", f"{metrics_listen!r} is not host:port")
         return cls(
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
             user=data.get("user"),
             network=network,
             api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,
+            metrics_listen=metrics_listen,
         )
 
     @classmethod

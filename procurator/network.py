@@ -16,10 +16,11 @@ crash is survived (nothing to reconcile with a file of ours) and how `net_down` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procurator.errors import ConflictError, NetworkError, ValidationError
 from procurator.net import nft
@@ -33,7 +34,28 @@ from procurator.net.names import (
     tap_alias,
     tap_name,
 )
-from procurator.net.netlink import Link, Netlink, session, step
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from procurator.net.netlink import Link, Netlink
+
+
+# pyroute2 takes a few hundred milliseconds to import; commands that never touch the network (`ps`,
+# `logs`, `build`) must not pay for it, so the netlink module is imported on first use.
+@contextlib.contextmanager
+def session(netns: str | None) -> Iterator[Netlink]:
+    from procurator.net import netlink  # noqa: PLC0415 - deferred on purpose, see above
+
+    with netlink.session(netns) as nl:
+        yield nl
+
+
+def step(name: str) -> None:
+    from procurator.net import netlink  # noqa: PLC0415 - deferred on purpose, see above
+
+    netlink.step(name)
+
 
 __all__ = [
     "BridgeStatus",

@@ -6,6 +6,7 @@ import time
 
 import click
 
+from procurator import console as consoles
 from procurator import lifecycle
 from procurator.cli.context import host
 from procurator.cli.render import emit_json, emit_table, note
@@ -136,16 +137,49 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def logs(ctx: click.Context, name: str, lines: int, follow: bool) -> None:
     """Show a VM's serial console output."""
-    path = lifecycle.serial_log(host(ctx), name)
+    h = host(ctx)
+    path = lifecycle.serial_log(h, name)
     for line in lifecycle.tail(path, lines):
         click.echo(line)
     if not follow:
         return
     with open(path, "rb") as f:
         f.seek(0, 2)
-        while True:  # ends on Ctrl-C, which the user controls; each read is non-blocking
+        checked = time.monotonic()
+        while True:  # until Ctrl-C, or until the VM stops running (checked once a second)
             chunk = f.read()
             if chunk:
                 click.echo(chunk.decode("utf-8", "replace"), nl=False)
-            else:
-                time.sleep(FOLLOW_POLL)
+                continue
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                states = {s.record.name: s.status for s in lifecycle.status(h)}
+                if states.get(name) is not lifecycle.Status.RUNNING:
+                    note(f"{name} is no longer running")
+                    return
+            time.sleep(FOLLOW_POLL)
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "--quiet-after",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Not a terminal: stop once the guest is quiet this long after the end of input.",
+)
+@click.option(
+    "--limit",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Not a terminal: stop after this many seconds in all.",
+)
+@click.pass_context
+def console(ctx: click.Context, name: str, quiet_after: float, limit: float) -> None:
+    """Attach to a VM's interactive console (virtio console, hvc0). Detach with Ctrl-]."""
+    path = lifecycle.console_socket(host(ctx), name)
+    note(f"connected to {name}'s console; detach with {consoles.DETACH_NAME}")
+    consoles.attach(path, name, quiet=quiet_after, limit=limit)
+    note(f"\r\ndetached from {name}")

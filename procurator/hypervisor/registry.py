@@ -7,8 +7,6 @@ from collections.abc import Callable
 from procurator.config import HypervisorSettings
 from procurator.errors import ConfigError
 from procurator.hypervisor.base import Hypervisor
-from procurator.hypervisor.cloud_hypervisor import CloudHypervisor, resolve_binary
-from procurator.hypervisor.qemu import Qemu
 
 
 def factory(settings: HypervisorSettings) -> Callable[[str], Hypervisor]:
@@ -19,10 +17,15 @@ def factory(settings: HypervisorSettings) -> Callable[[str], Hypervisor]:
         if backend in made:
             return made[backend]
         own = backend == settings.backend
+        # Backends are imported when first used: httpx alone costs tens of milliseconds at start-up.
         if backend == "cloud-hypervisor":
+            from procurator.hypervisor.cloud_hypervisor import CloudHypervisor, resolve_binary  # noqa: PLC0415
+
             binary = settings.binary if own else None
             made[backend] = CloudHypervisor(resolve_binary(binary or "cloud-hypervisor"))
         elif backend == "qemu":
+            from procurator.hypervisor.qemu import Qemu  # noqa: PLC0415
+
             made[backend] = Qemu(binary=settings.binary if own else None, accel=settings.accel)
         else:
             raise ConfigError(f"unknown hypervisor backend {backend!r}; use cloud-hypervisor or qemu")
