@@ -66,9 +66,7 @@ def main() -> int:
             core.append((time.perf_counter() - t0) * 1000)
             assert len(rows) == VMS
     c, k = statistics.median(cli), statistics.median(core)
-    print(
-        f"procurator ps --json with {VMS} VMs, median of {RUNS}: {c:.1f} ms (core status: {k:.1f} ms)"
-    )
+    print(f"procurator ps --json with {VMS} VMs, median of {RUNS}: {c:.1f} ms (core status: {k:.1f} ms)")
     print(
         f"target <= {TARGET_MS:.0f} ms: {'met' if c <= TARGET_MS else 'NOT met'} (ratio {c / TARGET_MS:.2f})"
     )

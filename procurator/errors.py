@@ -121,3 +121,35 @@ class WaitTimeoutError(ProcuratorError):
         super().__init__(f"timed out after {seconds:.1f}s waiting for {what}{tail}")
         self.what = what
         self.seconds = seconds
+
+
+class WorkerError(ProcuratorError):
+    """The worker daemon could not be reached, or it refused a request."""
+
+
+class WorkerUnavailableError(WorkerError):
+    """No worker daemon answers on its API socket."""
+
+
+class WorkerApiError(WorkerError):
+    """The worker answered a request with an error. `status` is the HTTP status, `kind` its error class."""
+
+    def __init__(self, request: str, status: int, message: str, *, kind: str = "") -> None:
+        super().__init__(f"worker: {request}: {message}")
+        self.request = request
+        self.status = status
+        self.kind = kind
+
+
+class ApplyError(ProcuratorError):
+    """An apply (or rollback) ran and at least one of its actions failed or was rolled back."""
+
+
+class DeployError(ProcuratorError):
+    """`procurator deploy` ran and at least one host did not end up running its deployment."""
+
+
+class DeployInterruptedError(DeployError):
+    """`procurator deploy` was interrupted (Ctrl-C): hosts not started were skipped (exit 130)."""
+
+    exit_code = 130

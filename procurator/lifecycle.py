@@ -10,9 +10,10 @@ import contextlib
 import ipaddress
 import os
 import pwd
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Status(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
     EXITED = "exited"  # should run, but its process is gone
+    FAILED = "failed"  # the worker gave up restarting it (crash loop); `start` boots it again
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,21 @@ class VmStatus:
 
 @dataclass
 class Host:
-    """This host's state, configuration and hypervisor backends."""
+    """This host's state, configuration and hypervisor backends.
+
+    `shared` serialises, between threads of one process, the changes to what all VMs share: the lease
+    table (one file, read-modified-written) and the bridge. The state lock is per process (a thread
+    inside a locked apply re-enters it), so callers that run lifecycle steps in parallel rely on this.
+    `network_ready` is set while a batch of starts runs under `network_once` (the bridge was just
+    brought up), so that each start does not check it again.
+    """
 
     state: StateDir
     config: WorkerConfig
     hypervisors: HypervisorFactory
     clock: Callable[[], float] = time.time
+    shared: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    network_ready: bool = field(default=False, repr=False, compare=False)
 
     @property
     def net(self) -> network.NetworkConfig:
@@ -141,15 +152,17 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
         vm_dir.mkdir(parents=True, exist_ok=True)
         undo.callback(host.state.remove_vm_dir, name)
 
-        leases = host.leases()
-        had_lease = leases.get(name) is not None
-        lease = leases.acquire(name)
-        if not had_lease:
-            undo.callback(leases.release, name)
+        with host.shared:
+            leases = host.leases()
+            had_lease = leases.get(name) is not None
+            lease = leases.acquire(name)
+            if not had_lease:
+                undo.callback(_release_lease, host, name)
+            if bundle.meta.interfaces and not host.network_ready:
+                network.net_up(host.net)
 
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
-            network.net_up(host.net)
             taps = network.attach_vm(
                 host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
             )
@@ -168,6 +181,7 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             nics=nics,
             volumes=volumes,
             serial_log=serial_log,
+            console_socket=vm_dir / "console.sock",
             address=_guest_address(host, lease.ip) if nics else None,
         )
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
@@ -210,6 +224,20 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@contextlib.contextmanager
+def network_once(host: Host) -> Iterator[None]:
+    """Bring the host network up once for a batch of starts (an apply), not again at each start."""
+    if host.network_ready:
+        yield
+        return
+    network.net_up(host.net)
+    host.network_ready = True
+    try:
+        yield
+    finally:
+        host.network_ready = False
+
+
 def _shutdown(host: Host, record: VmRecord) -> StopResult | None:
     if not _running(record):
         return None
@@ -227,8 +255,14 @@ def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
         _forget(host, name)
         if purge:
             purge_volumes(host.state, name)
-            host.leases().release(name)
+            _release_lease(host, name)
         return result
+
+
+def _release_lease(host: Host, name: str) -> None:
+    """Release `name`'s lease from a freshly read table (another thread may have changed the file)."""
+    with host.shared:
+        host.leases().release(name)
 
 
 def stop(host: Host, name: str) -> StopResult | None:
@@ -264,20 +298,30 @@ def _require(host: Host, name: str) -> VmRecord:
 def status(host: Host) -> list[VmStatus]:
     """Every recorded VM with its state, from the process table alone (no hypervisor calls)."""
     now = host.clock()
-    out = []
-    for record in host.state.records():
-        if _running(record):
-            out.append(VmStatus(record, Status.RUNNING, now - record.started_at))
-        elif record.desired == "stopped":
-            out.append(VmStatus(record, Status.STOPPED, None))
-        else:
-            out.append(VmStatus(record, Status.EXITED, None))
-    return out
+    return [classify(record, _running(record), now) for record in host.state.records()]
+
+
+def classify(record: VmRecord, running: bool, now: float) -> VmStatus:
+    """The status of a recorded VM whose process does (`running`) or does not run (`now`: host.clock())."""
+    if running:
+        return VmStatus(record, Status.RUNNING, now - record.started_at)
+    if record.desired == "stopped":
+        return VmStatus(record, Status.STOPPED, None)
+    if record.desired == "failed":
+        return VmStatus(record, Status.FAILED, None)
+    return VmStatus(record, Status.EXITED, None)
 
 
 def serial_log(host: Host, name: str) -> Path:
     _require(host, name)
     return host.state.vm_dir(name) / "serial.log"
+
+
+def console_socket(host: Host, name: str) -> Path:
+    record = _require(host, name)
+    if not _running(record):
+        raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
+    return host.state.vm_dir(name) / "console.sock"
 
 
 def tail(path: Path, lines: int) -> list[str]:

@@ -6,7 +6,11 @@ Every call goes through `procurator.process.run`; failures become `NixError` quo
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from procurator import process
 from procurator.errors import NixError, ProcessError
@@ -16,10 +20,10 @@ BUILD_TIMEOUT = 1800.0
 QUERY_TIMEOUT = 60.0
 
 
-def _nix(args: list[str], *, timeout: float) -> str:
+def _nix(args: list[str], *, timeout: float, env: Mapping[str, str] | None = None) -> str:
     try:
         return process.run(
-            ["nix", "--extra-experimental-features", "nix-command flakes", *args], timeout=timeout
+            ["nix", "--extra-experimental-features", "nix-command flakes", *args], timeout=timeout, env=env
         ).stdout
     except ProcessError as exc:
         detail = _last_error(exc.stderr) or exc.message
@@ -62,6 +66,47 @@ def build_file(file: Path, attr: str | None) -> list[Path]:
     return _outputs(_nix(args, timeout=BUILD_TIMEOUT))
 
 
+def _json(args: list[str], what: str) -> Any:
+    out = _nix(args, timeout=QUERY_TIMEOUT)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError as exc:
+        raise NixError(f"nix eval --json {what} printed something unexpected: {out[:200]!r}") from exc
+
+
+def eval_flake_json(ref: str) -> Any:
+    """`nix eval --json REF` for a flake reference with an attribute: the value as JSON data."""
+    return _json(["eval", "--json", ref], ref)
+
+
+def eval_file_json(file: Path, attr: str) -> Any:
+    """`nix eval --json --file FILE ATTR` (the file evaluated impurely, like nix-build): JSON data."""
+    return _json(["eval", "--json", "--file", str(file), attr], f"{file} {attr}")
+
+
+def copy_to(
+    paths: Sequence[Path],
+    store: str,
+    *,
+    ssh_options: Sequence[str] = (),
+    substitute_on_destination: bool = False,
+    timeout: float = BUILD_TIMEOUT,
+) -> None:
+    """`nix copy --to STORE PATH...`: copy the paths' closures (what STORE lacks of them).
+
+    For an `ssh://` store, `ssh_options` reach ssh through NIX_SSHOPTS, which nix splits on white space:
+    no option may contain any.
+    """
+    for option in ssh_options:
+        if not option or option.split() != [option]:
+            raise NixError(f"ssh option {option!r} is empty or has white space; NIX_SSHOPTS cannot carry it")
+    args = ["copy", "--to", store]
+    if substitute_on_destination:
+        args.append("--substitute-on-destination")
+    env = {"NIX_SSHOPTS": " ".join(ssh_options)} if ssh_options else None
+    _nix([*args, *(str(p) for p in paths)], timeout=timeout, env=env)
+
+
 def is_valid_path(path: Path) -> bool:
     """Whether `path` is a valid (registered, complete) store path."""
     try:
@@ -75,3 +120,58 @@ def closure(path: Path) -> list[Path]:
     """The store paths of `path`'s closure (`nix path-info -r`)."""
     out = _nix(["path-info", "--recursive", str(path)], timeout=QUERY_TIMEOUT)
     return [Path(line) for line in out.splitlines() if line]
+
+
+# -- profiles (nix-env) ----------------------------------------------------------------------------------
+# A profile is a symlink `P -> P-<N>-link -> /nix/store/...`; each generation link is also a GC root.
+# nix-env needs P's directory to exist.
+
+
+@dataclass(frozen=True)
+class ProfileGeneration:
+    """One line of `nix-env --profile P --list-generations`."""
+
+    number: int
+    date: str  # as nix prints it: local time, "YYYY-MM-DD HH:MM:SS"
+    current: bool
+
+
+_GENERATION_LINE = re.compile(r"^\s*(\d+)\s+(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})\s*(\(current\))?\s*$")
+
+
+def _nix_env(profile: Path, args: list[str]) -> str:
+    argv = ["nix-env", "--profile", str(profile), *args]
+    try:
+        return process.run(argv, timeout=QUERY_TIMEOUT).stdout
+    except ProcessError as exc:
+        detail = _last_error(exc.stderr) or exc.message
+        raise NixError(f"nix-env {args[0]} on profile {profile} failed: {detail}") from exc
+
+
+def profile_set(profile: Path, path: Path) -> None:
+    """`nix-env --profile P --set PATH`: make PATH the profile's new current generation.
+
+    Nix reuses the current generation when it already points at PATH (no new generation then).
+    """
+    _nix_env(profile, ["--set", str(path)])
+
+
+def profile_generations(profile: Path) -> list[ProfileGeneration]:
+    """`nix-env --profile P --list-generations`, oldest first ([] for a profile that does not exist)."""
+    if not profile.is_symlink():
+        return []
+    out = _nix_env(profile, ["--list-generations"])
+    generations = []
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        m = _GENERATION_LINE.match(line)
+        if m is None:
+            raise NixError(f"nix-env --list-generations printed an unexpected line: {line!r}")
+        generations.append(ProfileGeneration(int(m.group(1)), m.group(2), m.group(3) is not None))
+    return generations
+
+
+def profile_switch(profile: Path, number: int) -> None:
+    """`nix-env --profile P --switch-generation N`: make generation N current (no new generation)."""
+    _nix_env(profile, ["--switch-generation", str(number)])
