@@ -90,6 +90,22 @@ class _Reader:
         return [_Reader(self.source, v, f"{self.path(key)}[{i}]") for i, v in enumerate(self.array(key))]
 
 
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys; a deployment naming one VM twice must be refused."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
 def _load_json(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -98,7 +114,9 @@ def _load_json(path: Path) -> Any:
     except OSError as exc:
         raise ValidationError(str(path), "", f"cannot read: {exc.strerror}") from exc
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKeyError as exc:
+        raise ValidationError(str(path), exc.key, "appears twice; every name must be unique") from exc
     except json.JSONDecodeError as exc:
         raise ValidationError(
             str(path), "", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"

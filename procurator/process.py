@@ -138,33 +138,33 @@ def spawn(
         raise ProcessError(f"{args[0]}: cannot start: {exc}", argv=args) from exc
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if gone.
-
-    Recorded with a pid so that a recycled pid is never mistaken for our process.
-    """
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) from /proc/PID/stat; None if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
+    return fields[0], int(fields[19])
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time (field 22 of /proc/PID/stat), None if gone.
+
+    Recorded with a pid so that a recycled pid is never mistaken for our process.
+    """
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def alive(pid: int, start_time: int | None) -> bool:
-    """Whether `pid` is running and is the very process that started at `start_time`."""
+    """Whether `pid` is running (not a zombie) and is the very process that started at `start_time`."""
     if pid <= 0:
         return False
-    now = process_start_time(pid)
-    if now is None:
+    stat = _stat(pid)
+    if stat is None or stat[0] in {"Z", "X"}:
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state in {"Z", "X"}:
-        return False
-    return start_time is None or now == start_time
+    return start_time is None or stat[1] == start_time
 
 
 def signal_process(pid: int, sig: signal.Signals) -> bool:

@@ -108,3 +108,12 @@ def test_deployment_with_bad_host_is_refused(tmp_path: Path) -> None:
     (path / "deployment.json").write_text(json.dumps({"schema": 1, "host": "Bad Host", "vms": {}}))
     with pytest.raises(ValidationError, match=r"deployment.json: host: 'Bad Host' is not a DNS label"):
         Deployment.load(path)
+
+
+def test_deployment_naming_a_vm_twice_is_refused(tmp_path: Path) -> None:
+    path = write_deployment(tmp_path, "host1", {})
+    (path / "deployment.json").write_text(
+        '{"schema": 1, "host": "host1", "vms": {"web": "/nix/store/a", "web": "/nix/store/b"}}'
+    )
+    with pytest.raises(ValidationError, match=r"deployment.json: web: appears twice"):
+        Deployment.load(path)
