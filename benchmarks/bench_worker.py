@@ -1,0 +1,262 @@
+"""Worker daemon benchmark: its memory and costs with 1 000 VMs in its state. Target: RSS under 80 MB.
+
+Run as root: `.venv/bin/python benchmarks/bench_worker.py [N]`. Everything lives in a temporary state
+directory and a network namespace this script creates and deletes.
+
+The VMs are synthetic: N records (backend cloud-hypervisor) whose pid and start time are those of one
+stand-in process, which serves each record's API socket with the standard library's HTTP server
+(`vmm.ping` with its pid, so that the daemon adopts every VM; `vm.counters`; everything else 404) and
+counts the requests. The real `procurator worker` runs on that state (no deployment profile, so no
+reconcile: it adopts, supervises and serves) and is measured from outside:
+
+  - RSS (VmRSS) after start-up and adoption, after /status and /metrics scrapes, and its peak (VmHWM);
+  - the time of /status, of a first /metrics scrape (one vm.counters call per VM) and of a cached one;
+  - API calls per scrape, counted by the stand-in (at most one per VM, none within the cache's ttl);
+  - the daemon's CPU while idle (supervision passes over N records every second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import selectors
+import shutil
+import socketserver
+import subprocess
+import sys
+import tempfile
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from procurator import process
+from procurator.errors import WorkerApiError, WorkerUnavailableError
+from procurator.worker_api import WorkerClient
+from tests.support.netns import throwaway_netns
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 1000
+TARGET_MB = 80.0
+PROCURATOR = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "procurator"
+IDLE_SECONDS = 10.0
+SCRAPES = 5
+
+
+# --- the stand-in hypervisor process ------------------------------------------------------------------
+
+
+class _Api(BaseHTTPRequestHandler):
+    counted: dict[str, int] = {}  # noqa: RUF012 - one process, one table of counts
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        endpoint = self.path.removeprefix("/api/v1/")
+        _Api.counted[endpoint] = _Api.counted.get(endpoint, 0) + 1
+        if endpoint == "vmm.ping":
+            body: Any = {"build_version": "stand-in", "version": "0", "pid": os.getpid(), "features": []}
+        elif endpoint == "vm.counters":
+            body = {
+                "eth0": {"rx_bytes": 1000, "rx_frames": 10, "tx_bytes": 800, "tx_frames": 9},
+                "vol-data": {"read_bytes": 4096, "write_bytes": 512, "read_ops": 1, "write_ops": 1},
+            }
+        elif endpoint == "counts":
+            body = _Api.counted
+        else:
+            self.send_error(404)
+            return
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def serve_stand_in(vms_dir: Path, n: int) -> None:
+    """Serve every VM's api.sock (and `counts.sock`) from this one process, until killed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 256)), hard))
+    selector = selectors.DefaultSelector()
+    paths = [vms_dir / f"vm{i:04d}" / "api.sock" for i in range(n)] + [vms_dir.parent / "counts.sock"]
+    for path in paths:
+        server = socketserver.UnixStreamServer(str(path), _Api)
+        server.timeout = 0
+        selector.register(server.socket, selectors.EVENT_READ, server)
+    print("ready", flush=True)
+    while True:
+        for key, _ in selector.select():
+            key.data.handle_request()
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write_records(state: Path, n: int, pid: int, start_time: int) -> None:
+    now = time.time()
+    for i in range(n):
+        name = f"vm{i:04d}"
+        vm_dir = state / "vms" / name
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "schema": 1,
+            "name": name,
+            "bundle": f"/nix/store/0123456789abcdfghijklmnpqrsvwxyz-procurator-vm-{name}",
+            "generation": "0123456789abcdfghijklmnpqrsvwxyz",
+            "backend": "cloud-hypervisor",
+            "pid": pid,
+            "start_time": start_time,
+            "api_socket": str(vm_dir / "api.sock"),
+            "vm_dir": str(vm_dir),
+            "taps": [],
+            "ip": f"10.100.{i // 250}.{i % 250 + 2}",
+            "mac": "",
+            "netns": None,
+            "created_at": now,
+            "started_at": now,
+            "restarts": 0,
+            "shutdown_timeout": 30.0,
+            "desired": "running",
+            "last_exit": "",
+        }
+        (vm_dir / "record.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - started, value
+
+
+def counts(root: Path) -> dict[str, int]:
+    with WorkerClient(root / "counts.sock") as client:  # any httpx client over a UNIX socket will do
+        answer: dict[str, int] = client._client.get("/api/v1/counts").json()
+    return answer
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--stand-in":
+        serve_stand_in(Path(sys.argv[2]), int(sys.argv[3]))
+        return 0
+    root = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    state = root / "state"
+    (state / "vms").mkdir(parents=True)
+    for i in range(N):
+        (state / "vms" / f"vm{i:04d}").mkdir()
+    stand_in = subprocess.Popen(
+        [sys.executable, __file__, "--stand-in", str(state / "vms"), str(N)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        assert stand_in.stdout is not None
+        assert stand_in.stdout.readline().strip() == "ready"
+        start_time = process.process_start_time(stand_in.pid)
+        assert start_time is not None
+        write_records(state, N, stand_in.pid, start_time)
+        with throwaway_netns("pcb") as ns:
+            config = root / "worker.json"
+            config.write_text(
+                json.dumps({"hypervisor": {"backend": "cloud-hypervisor"}, "network": {"netns": ns.name}})
+            )
+            api = root / "api.sock"
+            env = {**os.environ, "PROCURATOR_STATE_DIR": str(state), "PROCURATOR_CONFIG": str(config),
+                   "PROCURATOR_CLOUD_HYPERVISOR": "/bin/true"}  # fmt: skip
+            log = (root / "worker.log").open("wb")
+            began = time.perf_counter()
+            daemon = subprocess.Popen(
+                [str(PROCURATOR), "worker", "--api-socket", str(api), "--poll", "1"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            client = WorkerClient(api, timeout=120)
+            while True:
+                try:
+                    status = client.status()
+                    break
+                except (WorkerUnavailableError, WorkerApiError):
+                    if daemon.poll() is not None or time.perf_counter() - began > 120:
+                        print((root / "worker.log").read_text())
+                        raise
+                    time.sleep(0.05)
+            ready = time.perf_counter() - began
+            while "adopted" not in (root / "worker.log").read_text() and time.perf_counter() - began < 120:
+                time.sleep(0.05)
+            adopted = time.perf_counter() - began
+            time.sleep(2)
+            rss_start = rss_mb(daemon.pid)
+
+            t_status, status = timed(client.status)
+            running = sum(1 for vm in status["vms"] if vm["state"] == "running")
+            before = counts(state).get("vm.counters", 0)
+            t_first, text = timed(client.metrics)
+            first_calls = counts(state).get("vm.counters", 0) - before
+            series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+            cached = []
+            for _ in range(SCRAPES):
+                t, _ = timed(client.metrics)
+                cached.append(t)
+            cached_calls = counts(state).get("vm.counters", 0) - before - first_calls
+            rss_after = rss_mb(daemon.pid)
+
+            cpu_before = cpu_seconds(daemon.pid)
+            time.sleep(IDLE_SECONDS)
+            idle_cpu = (cpu_seconds(daemon.pid) - cpu_before) / IDLE_SECONDS
+            rss_end, hwm = rss_mb(daemon.pid), rss_mb(daemon.pid, "VmHWM")
+            client.close()
+            daemon.terminate()
+            code = daemon.wait(timeout=30)
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=30)
+        stand_in.kill()
+        stand_in.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+    rows = [
+        ("API answering after start", f"{ready * 1000:8.0f} ms"),
+        ("all VMs adopted after start", f"{adopted * 1000:8.0f} ms"),
+        ("GET /status", f"{t_status * 1000:8.0f} ms"),
+        (
+            "GET /metrics, first",
+            f"{t_first * 1000:8.0f} ms  {first_calls} vm.counters calls, {series} series",
+        ),
+        (
+            f"GET /metrics, cached (best of {SCRAPES})",
+            f"{min(cached) * 1000:8.0f} ms  {cached_calls} vm.counters calls",
+        ),
+        ("CPU while idle (1 s supervision passes)", f"{idle_cpu * 100:8.1f} % of a core"),
+        ("RSS after adoption", f"{rss_start:8.1f} MB"),
+        ("RSS after /status and /metrics", f"{rss_after:8.1f} MB"),
+        ("RSS at the end", f"{rss_end:8.1f} MB"),
+        ("peak RSS (VmHWM)", f"{hwm:8.1f} MB  (target < {TARGET_MB:.0f} MB)"),
+        ("exit code on SIGTERM", f"{code:8d}"),
+    ]
+    print(f"procurator worker with {N} VMs in its state ({running} running, adopted)")
+    for label, value in rows:
+        print(f"  {label:<42}{value}")
+    ok = hwm < TARGET_MB and first_calls <= N and cached_calls == 0 and code == 0
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
