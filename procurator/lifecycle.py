@@ -13,6 +13,7 @@ import pwd
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from procurator import network, process
 from procurator.config import WorkerConfig
-from procurator.errors import ConfigError, ConflictError, NotFoundError
+from procurator.errors import ConfigError, ConflictError, HypervisorError, NotFoundError, ProcuratorError
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
 from procurator.models import Bundle
@@ -278,14 +279,56 @@ def stop(host: Host, name: str) -> StopResult | None:
 
 
 def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
-    """Boot a stopped (or exited) VM's recorded generation again."""
+    """Boot a stopped (or exited) VM's recorded generation again.
+
+    A start that fails keeps the record (not running, `last_exit` saying why), so the VM is not
+    forgotten: `start` can be tried again and `down` removes it.
+    """
     with host.state.lock():
         record = _require(host, name)
         if _running(record):
             raise ConflictError(f"VM {name!r} is already running; nothing to start")
         bundle = Bundle.load(Path(record.bundle))
         network.detach_vm(host.net, name)
-        return _start(host, bundle, record.backend, wait, record.restarts)
+        try:
+            return _start(host, bundle, record.backend, wait, record.restarts)
+        except ProcuratorError as exc:
+            host.state.save_record(
+                record.with_(pid=0, start_time=0, taps=(), last_exit=f"start failed: {exc}")
+            )
+            raise
+
+
+HOST_SHUTDOWN = "host shutdown"
+
+
+def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | None]:
+    """Stop every running VM gracefully and in parallel, for a host shutdown.
+
+    Unlike `stop`, the desired state is kept (the record says `last_exit` = HOST_SHUTDOWN), so the worker
+    boots them again when the host comes back. Each stop is bounded by its VM's shutdown timeout.
+    """
+    with host.state.lock():
+        running = [r for r in host.state.records() if _running(r)]
+        results: dict[str, StopResult | None] = {}
+        errors: dict[str, ProcuratorError] = {}
+
+        def one(record: VmRecord) -> None:
+            try:
+                results[record.name] = _shutdown(host, record)
+            except ProcuratorError as exc:
+                errors[record.name] = exc
+
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            list(pool.map(one, running))
+        for record in running:
+            network.detach_vm(host.net, record.name)
+            if record.name not in errors:
+                host.state.save_record(record.with_(pid=0, start_time=0, taps=(), last_exit=HOST_SHUTDOWN))
+        if errors:
+            detail = "; ".join(f"{name}: {exc}" for name, exc in sorted(errors.items()))
+            raise HypervisorError(f"some VMs did not stop: {detail}")
+        return results
 
 
 def _require(host: Host, name: str) -> VmRecord:

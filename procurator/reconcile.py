@@ -390,6 +390,36 @@ class ApplyResult:
             "actions": [r.to_json() for r in self.actions],
         }
 
+    @classmethod
+    def from_json(cls, data: Any, source: str = "worker answer") -> ApplyResult:
+        """The inverse of `to_json`, for a result the worker daemon sent back over its API."""
+        try:
+            actions = tuple(
+                ActionResult(
+                    action=Action(
+                        kind=ActionKind(a["kind"]),
+                        name=a["name"],
+                        old=a["old"],
+                        new=a["new"],
+                        reason=a["reason"],
+                        diff=a.get("diff") or "",
+                    ),
+                    outcome=Outcome(a["outcome"]),
+                    error=a.get("error") or "",
+                    seconds=float(a.get("seconds") or 0.0),
+                )
+                for a in data["actions"]
+            )
+            return cls(
+                deployment=data["deployment"],
+                actions=actions,
+                duration=float(data["duration"]),
+                history=data.get("history"),
+                error=data.get("error") or "",
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(source, "", f"not an apply result: {exc}") from exc
+
 
 class _RolledBackError(ProcuratorError):
     """The new generation failed; the old one runs again."""

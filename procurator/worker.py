@@ -601,8 +601,13 @@ class Worker:
                 except ProcuratorError as exc:
                     log.warning("plan (%s) of %s failed: %s", trigger, deployment.path, exc)
                     return None
+                # VMs the host's shutdown stopped (`procurator shutdown`) come back with the host,
+                # whatever their restart policy says about exits.
+                held = {r.name for r in self.host.state.records() if r.last_exit == lifecycle.HOST_SHUTDOWN}
                 drift = [
-                    a for a in the_plan.actions if a.changes and a.kind is not reconcile.ActionKind.START
+                    a
+                    for a in the_plan.actions
+                    if a.changes and (a.kind is not reconcile.ActionKind.START or a.name in held)
                 ]
                 if not drift:
                     self._desired = deployment

@@ -114,10 +114,25 @@ def _finish(
 def apply(  # noqa: PLR0917 - click passes each option as a parameter
     ctx: click.Context, deployment: str, parallel: int, wait: str, as_json: bool, exit_code: bool
 ) -> None:
-    """Make this host run DEPLOYMENT: create, replace, start and remove VMs; record it in the history."""
+    """Make this host run DEPLOYMENT: create, replace, start and remove VMs; record it in the history.
+
+    When a worker daemon answers on the configured API socket, the apply runs in the worker (which owns
+    the VMs' processes; --parallel is then the worker's own setting).
+    """
     h = host(ctx)
     d = _deployment(deployment)
-    result = reconcile.apply(h, d, parallel=parallel, wait=WaitFor(wait))
+    from procurator import worker_api  # noqa: PLC0415 - httpx only when a worker may be asked
+
+    client = worker_api.connect(h.config.api_socket)
+    if client is None:
+        result = reconcile.apply(h, d, parallel=parallel, wait=WaitFor(wait))
+    else:
+        note(f"applying through the worker on {h.config.api_socket}")
+        with client:
+            report = client.apply(d.path, wait=WaitFor(wait))
+        if report.get("result") is None:
+            raise ApplyError(f"apply failed in the worker: {report.get('error') or 'no result'}")
+        result = reconcile.ApplyResult.from_json(report["result"])
     _finish(ctx, result, as_json=as_json, exit_code=exit_code, what="apply")
 
 

@@ -183,3 +183,20 @@ def console(ctx: click.Context, name: str, quiet_after: float, limit: float) -> 
     note(f"connected to {name}'s console; detach with {consoles.DETACH_NAME}")
     consoles.attach(path, name, quiet=quiet_after, limit=limit)
     note(f"\r\ndetached from {name}")
+
+
+@click.command()
+@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True)
+@click.pass_context
+def shutdown(ctx: click.Context, parallel: int) -> None:
+    """Stop every running VM gracefully for a host shutdown; the worker boots them again at start."""
+    results = lifecycle.shutdown_all(host(ctx), parallel=parallel)
+    for name, result in sorted(results.items()):
+        how = (
+            "was not running"
+            if result is None
+            else ("graceful" if result.graceful else " -> ".join(result.steps))
+        )
+        note(f"{name}: shut down ({how})")
+    if not results:
+        note("no VM was running")

@@ -424,3 +424,37 @@ def test_api_errors_and_a_second_daemon(
     assert daemon.proc.wait(timeout=30) == 0
     with pytest.raises(WorkerUnavailableError, match="no worker answers"):
         daemon.status()
+
+
+def test_cli_apply_goes_through_the_worker_and_host_shutdown_comes_back(
+    vm_host: VmHost, start_daemon: Callable[..., Daemon], example_build: ExampleBuild
+) -> None:
+    config = json.loads(vm_host.config_path.read_text())
+    config["apiSocket"] = str(vm_host.root / "api.sock")
+    vm_host.config_path.write_text(json.dumps(config))
+    daemon = start_daemon()
+
+    done = vm_host.run("apply", str(example_build.deployment), "--wait", "booted")
+    assert done.returncode == 0, done.stderr
+    assert f"applying through the worker on {vm_host.root / 'api.sock'}" in done.stderr
+    assert_converged(vm_host, example_build.bundles)
+    assert {vm["name"] for vm in daemon.status()["vms"]} == {"api", "web"}
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=30) == 0
+    assert_converged(vm_host, example_build.bundles)  # the VMs outlive the daemon
+
+    down = vm_host.run("shutdown")
+    assert down.returncode == 0, down.stderr
+    assert sorted(down.stderr.splitlines()) == ["api: shut down (graceful)", "web: shut down (graceful)"]
+    assert {n: v["state"] for n, v in vm_host.ps().items()} == {"api": "exited", "web": "exited"}
+    assert record(vm_host, "web")["last_exit"] == "host shutdown"
+    assert [p for p in vm_host.processes() if "cloud-hypervisor" in p] == []
+
+    start_daemon()  # the host is back: the worker boots what the shutdown stopped
+    wait_for(
+        "the VMs to run again",
+        lambda: all(v["state"] == "running" for v in vm_host.ps().values()) or None,
+        timeout=60,
+    )
+    assert_converged(vm_host, example_build.bundles)
