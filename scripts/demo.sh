@@ -44,9 +44,9 @@ pid_of() { "$pc" ps --json | jq -r --arg n "$1" '.[] | select(.name == $n) | .pi
 bold "1. Nix builds two VM bundles and a deployment of both (they share kernel and initrd)"
 run "$pc" build examples/minimal.nix#deployment
 
-bold "2. Procurator boots both VMs (bridge, TAPs, leases, QEMU) and waits for their health checks"
+bold "2. Procurator applies the deployment: bridge, TAPs, leases, both VMs booted, health checks passed"
 start=$(date +%s%N)
-run "$pc" up examples/minimal.nix#deployment --wait healthy
+run "$pc" apply examples/minimal.nix#deployment --parallel 2
 tenths=$(( ($(date +%s%N) - start) / 100000000 ))
 echo "both healthy after $((tenths / 10)).$((tenths % 10)) s"
 run "$pc" ps
@@ -58,18 +58,21 @@ bold "4. Change web's definition (a new release): Nix gives it a new store path,
 cat > "$work/changed.nix" <<NIX
 import $repo/examples/minimal.nix { overrides = { web = { cmdline = "procurator.release=2"; }; }; }
 NIX
-run "$pc" build "$work/changed.nix#deployment"
+run "$pc" plan "$work/changed.nix#deployment"
 
-bold "5. Replace only web: stop the old generation, boot the new one on the same lease and volume"
+bold "5. Apply it: only web is replaced (same lease, same volume), health-gated; api is not touched"
 api_pid=$(pid_of api)
-run "$pc" down web
-run "$pc" up "$work/changed.nix#web" --wait healthy
+run "$pc" apply "$work/changed.nix#deployment"
 run "$pc" ps
 echo "-- web now reports its new bundle:"; page web
 [ "$(pid_of api)" = "$api_pid" ] && echo "-- api was not touched (pid $api_pid unchanged)"
+run "$pc" history
 
-bold "6. The guest's serial console, then a graceful stop (ACPI power button)"
-run "$pc" logs web -n 5
+bold "6. The guest's boot log (serial), its interactive console (virtio console), then a graceful stop"
+run "$pc" logs web -n 4
+echo "$ echo 'uname -r; ls /mnt' | $pc console web"
+echo 'uname -r; ls /mnt' | "$pc" console web
+echo
 run "$pc" down web api
 echo
 echo "demo done: everything it made (namespace, bridge, TAPs, state) is removed on exit."
