@@ -20,14 +20,12 @@ failures become `WorkerUnavailableError`, error answers `WorkerApiError` with th
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from procurator import metrics
+from procurator import metrics, sockets
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -249,7 +247,7 @@ class Server:
         self.server.server_close()
         self.thread.join(timeout=5.0)
         if self.path is not None:
-            _remove_socket(self.path)
+            sockets.remove(self.path)
 
 
 def parse_listen(text: str) -> tuple[str, int, socket.AddressFamily]:
@@ -271,9 +269,9 @@ def serve(worker: Worker, api_socket: Path, metrics_listen: str | None) -> list[
     listen = parse_listen(metrics_listen) if metrics_listen else None  # a typo fails before anything
     api_socket.parent.mkdir(parents=True, exist_ok=True)
     if api_socket.is_symlink() or api_socket.exists():
-        if socket_answers(api_socket):
+        if sockets.answers(api_socket):
             raise ConflictError(f"{api_socket}: another worker already serves this API socket; stop it first")
-        _remove_socket(api_socket)
+        sockets.remove(api_socket)
         if api_socket.exists():
             raise ConfigError(f"{api_socket}: exists and is not a socket; remove it or change apiSocket")
     try:
@@ -292,25 +290,6 @@ def serve(worker: Worker, api_socket: Path, metrics_listen: str | None) -> list[
             ) from exc
         servers.append(Server(tcp, f"{host}:{port}"))
     return servers
-
-
-def socket_answers(path: Path, timeout: float = 0.5) -> bool:
-    """Whether a process accepts connections on the UNIX socket `path`."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(timeout)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _remove_socket(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
 
 
 # --- the client --------------------------------------------------------------------------------------
@@ -399,6 +378,6 @@ def _seconds(client: httpx.Client, timeout: float | None) -> float:
 
 def connect(api_socket: Path, *, timeout: float = CLIENT_TIMEOUT) -> WorkerClient | None:
     """A client if a worker answers on `api_socket`, else None (no daemon: callers work without it)."""
-    if not socket_answers(api_socket):
+    if not sockets.answers(api_socket):
         return None
     return WorkerClient(api_socket, timeout=timeout)

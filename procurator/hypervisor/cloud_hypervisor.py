@@ -30,13 +30,12 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from procurator import process
+from procurator import process, sockets
 from procurator.errors import (
     HypervisorError,
     HypervisorStartError,
@@ -141,7 +140,7 @@ class CloudHypervisor:
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as undo:
             listener = _bind_api_socket(spec.api_socket)
-            undo.callback(_remove_socket, spec.api_socket)
+            undo.callback(sockets.remove, spec.api_socket)
             with listener:
                 proc = self._spawn(spec, listener, owner)
             undo.callback(self._kill_child, proc)
@@ -431,10 +430,10 @@ class CloudHypervisor:
             # A killed multi-threaded process shows as a zombie before it can be reaped: wait, bounded.
             with contextlib.suppress(Exception):
                 child.wait(timeout=self.step_timeout)
-        if _socket_answers(handle.api_socket):  # a stale handle: the socket is a newer process's
+        if sockets.answers(handle.api_socket):  # a stale handle: the socket is a newer process's
             log.warning("%s: left in place, another process listens on it", handle.api_socket)
             return
-        _remove_socket(handle.api_socket)
+        sockets.remove(handle.api_socket)
 
 
 class EventReader:
@@ -585,11 +584,11 @@ def _open_log(path: Path) -> Iterator[IO[bytes]]:
 def _bind_api_socket(path: Path) -> socket.socket:
     """A listening AF_UNIX socket at `path` (mode 0600), replacing a stale one; refuses a live one."""
     if path.is_symlink() or path.exists():
-        if _socket_answers(path):
+        if sockets.answers(path):
             raise HypervisorStartError(
                 f"{path}: a running process already listens on this API socket; stop that VM first"
             )
-        _remove_socket(path)
+        sockets.remove(path)
         if path.exists():
             raise HypervisorStartError(f"{path}: exists and is not a socket; remove it")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -599,30 +598,6 @@ def _bind_api_socket(path: Path) -> socket.socket:
         sock.listen(16)
     except OSError as exc:
         sock.close()
-        _remove_socket(path)
+        sockets.remove(path)
         raise HypervisorStartError(f"{path}: cannot bind the API socket: {exc.strerror or exc}") from exc
     return sock
-
-
-def _socket_answers(path: Path) -> bool:
-    """Whether a process listens on the UNIX socket `path` (a connection is accepted)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _remove_socket(path: Path) -> None:
-    """Remove `path` if it is a socket (never anything else)."""
-    try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("%s: cannot remove the API socket: %s", path, exc.strerror)

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from procurator import process
+from procurator import process, sockets
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -581,15 +580,9 @@ class Qemu:
         path = spec.api_socket
         if not path.exists() and not path.is_symlink():
             return
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError:
+        if not sockets.answers(path, timeout=1.0):
             path.unlink(missing_ok=True)
             return
-        finally:
-            probe.close()
         raise ConflictError(f"{spec.name}: {path} is served by a running process; stop that VM first")
 
     def info(self, handle: Handle) -> VmInfo:
