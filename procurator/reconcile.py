@@ -626,7 +626,7 @@ def apply(
                 lifecycle.network_once(host) if networked else contextlib.nullcontext(),
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="apply") as pool,
             ):
-                for step_result in pool.map(_run_step, steps):
+                for step_result in pool.map(host.state.lend(_run_step), steps):
                     done[step_result.action.name] = step_result
         results = tuple(done.get(a.name) or ActionResult(a, Outcome.OK) for a in the_plan.actions)
         result = ApplyResult(str(deployment.path), results, 0.0)

@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from procurator.errors import LockBusyError, StateError, ValidationError
 from procurator.hypervisor.base import Handle
@@ -25,6 +26,8 @@ from procurator.hypervisor.base import Handle
 DEFAULT_STATE_DIR = Path("/var/lib/procurator")
 LOCK_TIMEOUT = 30.0
 RECORD_SCHEMA = 1
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -113,10 +116,23 @@ class VmRecord:
         return replace(self, **changes)
 
 
+class _Holders:
+    """Who holds a StateDir's lock in this process: the thread that took it and the threads it lent it to."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()  # excludes the other threads of this process (flock does not)
+        self.guard = threading.Lock()  # protects `threads`
+        self.threads: set[int] = set()
+
+    def holds(self) -> bool:
+        with self.guard:
+            return threading.get_ident() in self.threads
+
+
 @dataclass(frozen=True)
 class StateDir:
     root: Path
-    _lock_fd: list[int] = field(default_factory=list, compare=False, repr=False)
+    _holders: _Holders = field(default_factory=_Holders, compare=False, repr=False)
 
     @property
     def vms_dir(self) -> Path:
@@ -148,35 +164,72 @@ class StateDir:
 
     @contextlib.contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold the state lock (re-entrant within one StateDir). Bounded wait, then LockBusyError."""
-        if self._lock_fd:
+        """Hold the state lock: one holder across processes (flock) and across threads (a mutex).
+
+        Re-entrant for the thread that holds it and for threads it lent it to (`lend`). The wait is
+        bounded; past `timeout` it raises LockBusyError.
+        """
+        holders = self._holders
+        if holders.holds():
             yield
             return
-        self.ensure()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + timeout
+        if not holders.mutex.acquire(timeout=max(0.0, timeout)):
+            raise LockBusyError(
+                f"{self.lock_path}: another thread of this process holds the lock after {timeout:.0f}s; "
+                "wait for it to finish and retry"
+            )
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise StateError(f"{self.lock_path}: cannot lock: {exc.strerror}") from exc
-                    if time.monotonic() >= deadline:
-                        raise LockBusyError(
-                            f"{self.lock_path}: another procurator command holds the lock after "
-                            f"{timeout:.0f}s; wait for it to finish and retry"
-                        ) from exc
-                    time.sleep(0.05)
-            self._lock_fd.append(fd)
+            self.ensure()
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                yield
+                self._flock(fd, deadline, timeout)
+                with holders.guard:
+                    holders.threads.add(threading.get_ident())
+                try:
+                    yield
+                finally:
+                    with holders.guard:
+                        holders.threads.clear()
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                self._lock_fd.clear()
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
         finally:
-            os.close(fd)
+            holders.mutex.release()
+
+    def _flock(self, fd: int, deadline: float, timeout: float) -> None:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise StateError(f"{self.lock_path}: cannot lock: {exc.strerror}") from exc
+                if time.monotonic() >= deadline:
+                    raise LockBusyError(
+                        f"{self.lock_path}: another procurator command holds the lock after "
+                        f"{timeout:.0f}s; wait for it to finish and retry"
+                    ) from exc
+                time.sleep(0.05)
+            else:
+                return
+
+    def lend(self, fn: Callable[[A], R]) -> Callable[[A], R]:
+        """Wrap `fn` so that, run on another thread (a pool's), it acts under the lock this thread holds."""
+        if not self._holders.holds():
+            raise StateError("lend() needs the state lock held by the calling thread")
+        holders = self._holders
+
+        def run(arg: A) -> R:
+            me = threading.get_ident()
+            with holders.guard:
+                holders.threads.add(me)
+            try:
+                return fn(arg)
+            finally:
+                with holders.guard:
+                    holders.threads.discard(me)
+
+        return run
 
     # --- records -----------------------------------------------------------------------------------
     def load_record(self, name: str) -> VmRecord | None:

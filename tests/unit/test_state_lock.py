@@ -1,0 +1,63 @@
+"""The state lock excludes other processes and other threads, and is lent to an apply's pool threads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from procurator.errors import LockBusyError, StateError
+from procurator.state import StateDir
+
+
+def test_another_thread_waits_for_the_holder_and_times_out(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with state.lock(timeout=0.2):
+                pass
+        except LockBusyError as exc:
+            errors.append(exc)
+
+    with state.lock(), state.lock():  # re-entrant in the holding thread
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(timeout=10)
+    assert len(errors) == 1
+    assert "another thread of this process holds the lock" in str(errors[0])
+    with state.lock(timeout=1):  # released: free again
+        pass
+
+
+def test_another_process_is_refused_while_held(tmp_path: Path) -> None:
+    script = (
+        "import sys; from pathlib import Path; from procurator.state import StateDir\n"
+        "try:\n    with StateDir(Path(sys.argv[1])).lock(timeout=0.2): print('got it')\n"
+        "except Exception as exc: print(type(exc).__name__)\n"
+    )
+    with StateDir(tmp_path).lock():
+        held = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                              timeout=30, check=True)  # fmt: skip
+    free = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=30, check=True)  # fmt: skip
+    assert held.stdout.strip() == "LockBusyError"
+    assert free.stdout.strip() == "got it"
+
+
+def test_lent_threads_act_under_the_holders_lock(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+
+    def step(n: int) -> int:
+        with state.lock(timeout=0.2):  # would time out if the lock were not lent
+            return n * 2
+
+    with state.lock(), ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(state.lend(step), range(8))) == [n * 2 for n in range(8)]
+    with pytest.raises(StateError, match="needs the state lock held"):
+        state.lend(step)
