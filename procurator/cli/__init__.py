@@ -8,14 +8,10 @@ import traceback
 
 import click
 
-from procurator.cli import build, net, vms
 from procurator.cli.app import cli
 from procurator.errors import EXIT_FAILURE, EXIT_USAGE, ProcuratorError
 
 __all__ = ["main"]
-
-for _command in (build.build, vms.up, vms.down, vms.stop, vms.start, vms.ps, vms.logs, net.net):
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,45 @@ class Globals:
     debug: bool
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Each command's module is imported only when that command runs (or for --help): `ps` must not pay for
+# the imports of `worker` or `deploy` at every start-up.
+COMMANDS = {
+    "build": "procurator.cli.build:build",
+    "plan": "procurator.cli.reconcile:plan",
+    "apply": "procurator.cli.reconcile:apply",
+    "history": "procurator.cli.reconcile:history",
+    "rollback": "procurator.cli.reconcile:rollback",
+    "up": "procurator.cli.vms:up",
+    "down": "procurator.cli.vms:down",
+    "stop": "procurator.cli.vms:stop",
+    "start": "procurator.cli.vms:start",
+    "ps": "procurator.cli.vms:ps",
+    "logs": "procurator.cli.vms:logs",
+    "console": "procurator.cli.vms:console",
+    "shutdown": "procurator.cli.vms:shutdown",
+    "net": "procurator.cli.net:net",
+    "worker": "procurator.cli.worker:worker",
+    "deploy": "procurator.cli.deploy:deploy",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use (Click's documented lazy-loading pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            module, _, attr = COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{COMMANDS[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),

@@ -13,7 +13,7 @@ import click
 from procurator.cli.app import Globals
 from procurator.cli.context import host
 from procurator.lifecycle import WaitFor
-from procurator.worker import DEFAULT_INTERVAL, DEFAULT_POLL, Limits, Settings, Worker
+from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Limits
 
 
 @click.command()
@@ -93,6 +93,8 @@ def worker(  # noqa: PLR0917 - one parameter per option, as Click passes them
     h = host(ctx)
     if not g.debug:
         logging.getLogger("procurator").setLevel(logging.INFO)
+    from procurator.worker import Settings, Worker  # noqa: PLC0415 - the daemon's imports only for it
+
     settings = Settings(
         api_socket=api_socket or h.config.api_socket,
         metrics_listen=metrics_listen or h.config.metrics_listen,

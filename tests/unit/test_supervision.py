@@ -17,19 +17,8 @@ import pytest
 from procurator import process
 from procurator.models import Restart, RestartPolicy
 from procurator.state import StateDir, VmRecord
-from procurator.worker import (
-    Decision,
-    EventsWatch,
-    ExitKind,
-    Limits,
-    PidWatch,
-    RecordCache,
-    Verdict,
-    backoff_delay,
-    decide,
-    observe_exit,
-    recent,
-)
+from procurator.supervision import Decision, ExitKind, Limits, Verdict, backoff_delay, decide, recent
+from procurator.worker import EventsWatch, PidWatch, RecordCache, observe_exit
 
 ALWAYS = Restart(RestartPolicy.ALWAYS, max_restarts=5, backoff_seconds=1.0)
 ON_FAILURE = Restart(RestartPolicy.ON_FAILURE, max_restarts=5, backoff_seconds=1.0)
