@@ -56,6 +56,21 @@
           inherit host vms;
         };
 
+      # The worker hosts of a fleet for `procurator deploy` / `nix run .#deploy`: { system | pkgs,
+      # hosts, defaults ? { } } -> { hosts.<name> (settings and deployment); inventory (settings only) }.
+      # Each host gives `deployment` (a mkDeployment) or `vms` (made into one here). See nix/hosts.nix.
+      mkHosts =
+        {
+          system ? null,
+          pkgs ? null,
+          hosts,
+          defaults ? { },
+        }:
+        import ./nix/hosts.nix {
+          inherit hosts defaults;
+          mkDeployment = { host, vms }: mkDeployment { inherit system pkgs host vms; };
+        };
+
       # The template's VMs, built here as checks so the template keeps building.
       templateVms = system: {
         web = mkVm {
@@ -70,7 +85,7 @@
     in
     {
       lib = {
-        inherit mkVm mkDeployment;
+        inherit mkVm mkDeployment mkHosts;
         # The pure helpers (mkSpec, vmConfig, procuratorJson, deploymentJson, predicates): nix/lib.
         spec = import ./nix/lib;
       };
@@ -96,6 +111,16 @@
           default = procurator;
         }
       );
+
+      # `nix run .#deploy -- [REF] [--on HOST,@TAG] [--dry-run] ...` is `procurator deploy` (docs/deploy.md).
+      apps = forAllSystems (system: {
+        deploy = {
+          type = "app";
+          program = "${(pkgsFor system).writeShellScript "procurator-deploy" ''
+            exec ${self.packages.${system}.procurator}/bin/procurator deploy "$@"
+          ''}";
+        };
+      });
 
       checks = forAllSystems (
         system:

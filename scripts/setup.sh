@@ -21,7 +21,8 @@ command -v apt-get >/dev/null || die "this script installs with apt-get; on anot
 
 # --- Debian packages -------------------------------------------------------------------------------
 packages=(nix-bin qemu-system-x86 busybox-static cpio gzip xz-utils zstd nftables iproute2 e2fsprogs
-          procps psmisc util-linux curl socat jq ca-certificates)
+          procps psmisc util-linux curl socat jq ca-certificates
+          openssh-client openssh-server)  # ssh for `procurator deploy`; sshd for its tests' fake hosts
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -30,7 +31,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests start their own sshd inside network namespaces; the package's service must not start
+  # on the host's interfaces: forbid service starts during the install (policy-rc.d), as containers do.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    rm -f "$policy"; trap - EXIT
+  else
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
 fi
 
 # --- Nix, offline and single-user -----------------------------------------------------------------
