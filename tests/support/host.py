@@ -75,6 +75,15 @@ class VmHost:
 
 
 def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live (non-zombie) processes whose command line contains `text`."""
+    return [cmdline for _, cmdline in _live_processes(text)]
+
+
+def pids_mentioning(text: str) -> list[int]:
+    return [pid for pid, _ in _live_processes(text)]
+
+
+def _live_processes(text: str) -> list[tuple[int, str]]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -82,10 +91,10 @@ def processes_mentioning(text: str) -> list[str]:
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+        except (OSError, IndexError):
             continue
         if text in cmdline and state != "Z":
-            found.append(cmdline.strip())
+            found.append((int(entry.name), cmdline.strip()))
     return found
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.host import PROCURATOR, REPO
+from tests.support.host import PROCURATOR, REPO, pids_mentioning
 from tests.support.netns import Netns, throwaway_netns, veth
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
@@ -63,21 +63,6 @@ def _ok(argv: Sequence[str], **kw: Any) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _wait(pred: Any, timeout: float, what: str) -> None:
@@ -270,7 +255,7 @@ class SshHost:
             except (AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
                 problems.append(f"{self.name}: listing VMs: {exc}")
         self.stop_sshd()
-        for pid in _pids_mentioning(str(self.root)):
+        for pid in pids_mentioning(str(self.root)):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 os.kill(pid, signal.SIGKILL)
