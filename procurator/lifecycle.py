@@ -117,10 +117,15 @@ def _guest_address(host: Host, ip: str) -> GuestAddress:
     return GuestAddress(ip=ip, prefix=subnet.prefixlen, gateway=str(host.net.gateway_address))
 
 
-def _forget(host: Host, name: str) -> None:
+def _forget(host: Host, name: str, record: VmRecord | None = None) -> None:
     """Remove what a VM that is no longer running left: its TAPs and its directory (not its volumes)."""
-    network.detach_vm(host.net, name)
+    _detach(host, name, record)
     host.state.remove_vm_dir(name)
+
+
+def _detach(host: Host, name: str, record: VmRecord | None) -> None:
+    """Remove the VM's TAPs: those its record names, or (no record of them) any carrying its alias."""
+    network.detach_vm(host.net, name, record.taps if record is not None and record.taps else None)
 
 
 def up(
@@ -141,7 +146,7 @@ def up(
                 f"run `procurator down {name}` first"
             )
         if existing is not None:
-            _forget(host, name)
+            _forget(host, name, existing)
         return _start(host, bundle, backend or host.config.hypervisor.backend, wait, restarts)
 
 
@@ -253,7 +258,7 @@ def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
         if record is None and not purge:
             raise NotFoundError(f"no VM named {name!r} on this host; see `procurator ps`")
         result = _shutdown(host, record) if record is not None else None
-        _forget(host, name)
+        _forget(host, name, record)
         if purge:
             purge_volumes(host.state, name)
             _release_lease(host, name)
@@ -271,7 +276,7 @@ def stop(host: Host, name: str) -> StopResult | None:
     with host.state.lock():
         record = _require(host, name)
         result = _shutdown(host, record)
-        network.detach_vm(host.net, name)
+        _detach(host, name, record)
         host.state.save_record(
             record.with_(pid=0, start_time=0, taps=(), desired="stopped", last_exit="stopped by user")
         )

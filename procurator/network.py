@@ -487,17 +487,30 @@ def attach_vm(
         return out
 
 
-def detach_vm(cfg: NetworkConfig, vm: str) -> list[str]:
-    """Remove every TAP of `vm` (found by alias); returns their names. The bridge stays."""
+def detach_vm(cfg: NetworkConfig, vm: str, taps: Sequence[str] | None = None) -> list[str]:
+    """Remove every TAP of `vm`; returns their names. The bridge stays.
+
+    With `taps` (the names the VM's record lists), only those are looked up, each by name: a stop costs
+    no listing of every link. Without, every link is listed and the VM's found by alias (after a crash,
+    when no record says which TAPs exist).
+    """
     check_id(vm, what="vm")
     with session(cfg.netns) as nl:
-        taps = [t for t in _our_taps(nl) if t.vm == vm]
-        if taps:
-            nl.delete_links([t.index for t in taps], what=f"deleting TAPs of {vm}")
-            left = [t.name for t in _our_taps(nl) if t.vm == vm]
+        if taps is None:
+            found = [t for t in _our_taps(nl) if t.vm == vm]
+        else:
+            found = []
+            for name in taps:
+                link = nl.link(name)
+                owner = parse_tap_alias(link.alias) if link is not None else None
+                if link is not None and owner is not None and owner[0] == vm:
+                    found.append(_tap_info(link, vm, owner[1], None))
+        if found:
+            nl.delete_links([t.index for t in found], what=f"deleting TAPs of {vm}")
+            left = [t.name for t in found if nl.link(t.name) is not None]
             if left:
                 raise NetworkError(f"TAPs of {vm} still present after deleting them: {', '.join(left)}")
-        return [t.name for t in taps]
+        return [t.name for t in found]
 
 
 # -- NAT and the whole network -----------------------------------------------------------------------------

@@ -539,3 +539,13 @@ def test_fast_link_decoder_agrees_with_pyroute2(ns: Netns, cfg: NetworkConfig) -
     assert (ours["v0"].alias, ours["v0"].group, ours["v0"].isolated) == ("someone else's", 7, False)
     assert ours["plain0"].tun is not None
     assert ours["plain0"].tun.owner is None
+
+
+def test_detach_by_recorded_names_removes_only_that_vms_taps(ns: Netns, cfg: NetworkConfig) -> None:
+    network.net_up(cfg)
+    web = [t.name for t in network.attach_vm(cfg, "web", ["eth0", "eth1"], UID, vcpus=1)]
+    api = [t.name for t in network.attach_vm(cfg, "api", ["eth0"], UID, vcpus=1)]
+    # a name the record lists that is not (or no longer) a TAP of this VM is left alone
+    assert network.detach_vm(cfg, "web", [*web, api[0], "pc-nothere"]) == web
+    assert {t.name for t in network.list_taps(cfg)} == set(api)
+    assert network.detach_vm(cfg, "web", web) == []  # idempotent
