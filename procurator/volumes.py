@@ -15,6 +15,14 @@ from procurator.models import Volume
 from procurator.state import StateDir
 
 MIB = 1024 * 1024
+# How each mkfs is told to be quiet and to format a regular file without asking.
+_FORCE = {
+    "ext2": ("-q", "-F"),
+    "ext3": ("-q", "-F"),
+    "ext4": ("-q", "-F"),
+    "xfs": ("-q", "-f"),
+    "btrfs": ("-q", "-f"),
+}
 
 
 def volume_path(state: StateDir, vm: str, volume: Volume) -> Path:
@@ -31,7 +39,9 @@ def ensure_volume(state: StateDir, vm: str, volume: Volume) -> Path:
     try:
         with open(tmp, "wb") as f:
             f.truncate(volume.size_mib * MIB)
-        process.run([f"mkfs.{volume.fs_type}", "-q", "-F", "-L", volume.name, str(tmp)], timeout=120)
+        process.run(
+            [f"mkfs.{volume.fs_type}", *_FORCE[volume.fs_type], "-L", volume.name, str(tmp)], timeout=120
+        )
         os.replace(tmp, path)
     except (OSError, ProcuratorError) as exc:
         tmp.unlink(missing_ok=True)

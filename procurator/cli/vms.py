@@ -12,10 +12,18 @@ from procurator.cli.context import host
 from procurator.cli.render import emit_json, emit_table, note
 from procurator.config import BACKENDS
 from procurator.errors import UsageError
+from procurator.hypervisor.base import StopResult
 from procurator.lifecycle import WaitFor
 from procurator.resolve import resolve
 
 FOLLOW_POLL = 0.25
+
+
+def _how(result: StopResult | None) -> str:
+    """How a VM went down, for people: graceful, or the stop ladder's steps."""
+    if result is None:
+        return "was not running"
+    return "graceful" if result.graceful else " -> ".join(result.steps)
 
 
 def _fmt_uptime(seconds: float | None) -> str:
@@ -72,12 +80,7 @@ def down(ctx: click.Context, names: tuple[str, ...], purge: bool) -> None:
     h = host(ctx)
     for name in names:
         result = lifecycle.down(h, name, purge=purge)
-        how = (
-            "was not running"
-            if result is None
-            else ("graceful" if result.graceful else " -> ".join(result.steps))
-        )
-        note(f"{name}: down ({how}){' and purged' if purge else ''}")
+        note(f"{name}: down ({_how(result)}){' and purged' if purge else ''}")
 
 
 @click.command()
@@ -192,11 +195,6 @@ def shutdown(ctx: click.Context, parallel: int) -> None:
     """Stop every running VM gracefully for a host shutdown; the worker boots them again at start."""
     results = lifecycle.shutdown_all(host(ctx), parallel=parallel)
     for name, result in sorted(results.items()):
-        how = (
-            "was not running"
-            if result is None
-            else ("graceful" if result.graceful else " -> ".join(result.steps))
-        )
-        note(f"{name}: shut down ({how})")
+        note(f"{name}: shut down ({_how(result)})")
     if not results:
         note("no VM was running")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from procurator.models import Bundle
+import pytest
+
+from procurator import process
+from procurator.models import Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
+from procurator.state import StateDir
+from procurator.volumes import ensure_volume
 from tests.support import chspec
 from tests.support.bundles import write_bundle
 
@@ -47,3 +52,23 @@ def test_runtime_config_replaces_stale_address_tokens(tmp_path: Path) -> None:
     tokens = config["payload"]["cmdline"].split()
     assert [t for t in tokens if t.startswith("procurator.ip=")] == ["procurator.ip=10.100.0.9/16"]
     assert not any(t.startswith("procurator.dns=") for t in tokens)
+
+
+def test_each_filesystem_is_made_with_its_own_force_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[str, ...]] = []
+    monkeypatch.setattr(process, "run", lambda argv, **_: sent.append(tuple(argv)))
+    state = StateDir(tmp_path)
+    for fs in ("ext4", "xfs", "btrfs"):
+        ensure_volume(state, "web", Volume(name=f"d{fs}", size_mib=1, fs_type=fs))
+    assert [argv[:-1] for argv in sent] == [
+        ("mkfs.ext4", "-q", "-F", "-L", "dext4"),
+        ("mkfs.xfs", "-q", "-f", "-L", "dxfs"),
+        ("mkfs.btrfs", "-q", "-f", "-L", "dbtrfs"),
+    ]
+    assert sorted(p.name for p in state.volume_dir("web").iterdir()) == [
+        "dbtrfs.img",
+        "dext4.img",
+        "dxfs.img",
+    ]
