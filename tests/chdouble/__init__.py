@@ -9,7 +9,7 @@ BINARY = Path(__file__).resolve().with_name("cloud-hypervisor")
 
 
 def sample_config(vm_dir: Path, kernel: Path) -> dict[str, Any]:
-    """A runtime VmConfig that validates against the official spec and that the double can boot."""
+    """A runtime VmConfig that validates against our schema of the API and that the double can boot."""
     return {
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": 256 << 20},

@@ -223,11 +223,11 @@ class Recorder:
 
 
 class SpecUnavailableError(Exception):
-    """The official spec could not be loaded, so bodies cannot be validated."""
+    """The schema could not be loaded, so bodies cannot be validated."""
 
 
 class SpecCheck:
-    """Validation against the official spec, loaded in the background (it takes a few hundred ms)."""
+    """Validation against our schema of the API, loaded in the background (jsonschema takes a while to import)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled

@@ -1,7 +1,7 @@
 """The qemu backend's translation of the runtime VmConfig into a command line, and its accelerator choice.
 
-Every config given to `build_argv` here is first checked against cloud-hypervisor's official VmConfig
-schema, so the translation is tested on real `vm.create` bodies only.
+Every config given to `build_argv` here is first checked against our schema of cloud-hypervisor's VmConfig
+(procurator/hypervisor/ch-api.schema.json), so the translation is tested on real `vm.create` bodies only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def runtime_config(**changes: Any) -> dict[str, Any]:
 def argv_for(
     config: dict[str, Any], accel: qemu.Accel = "tcg", binary: str = "qemu-system-x86_64"
 ) -> list[str]:
-    assert chspec.errors("VmConfig", config) == [], "the test input is not a valid VmConfig"
+    assert chspec.full_body_errors("VmConfig", config) == [], "the test input is not a valid VmConfig"
     return qemu.build_argv(config, qmp_socket=SOCKET, accel=accel, binary=binary)
 
 
