@@ -227,7 +227,7 @@ class SpecUnavailableError(Exception):
 
 
 class SpecCheck:
-    """Validation against our schema of the API, loaded in the background (jsonschema takes a while to import)."""
+    """Validation against our schema of the API, loaded in the background (jsonschema is slow to import)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled

@@ -20,7 +20,9 @@ def _official() -> dict[str, Any]:
     if schemas is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{chspec.official_spec_path()}: CI always has the official spec; it is missing")
-        pytest.skip(f"no official cloud-hypervisor spec at {chspec.official_spec_path()} (PROCURATOR_CH_SPEC)")
+        pytest.skip(
+            f"no official cloud-hypervisor spec at {chspec.official_spec_path()} (PROCURATOR_CH_SPEC)"
+        )
     return schemas
 
 
@@ -81,7 +83,10 @@ def test_every_definition_matches_the_official_spec() -> None:
 def test_the_cross_check_catches_a_field_the_spec_lacks() -> None:
     official = _official()
     problems: list[str] = []
-    made_up = {"type": "object", "properties": {"tap": {"type": "string"}, "queue_pairs": {"type": "integer"}}}
+    made_up = {
+        "type": "object",
+        "properties": {"tap": {"type": "string"}, "queue_pairs": {"type": "integer"}},
+    }
     _compare("NetConfig", made_up, official["NetConfig"], problems)
     assert problems == ["NetConfig.queue_pairs: not in the official spec"]
     problems.clear()

@@ -308,9 +308,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(served: Served) ->
         (b"{not json", "Expecting property name"),
     ],
 )
-def test_create_validates_the_body_against_the_schema(
-    served: Served, body: bytes, expect: str
-) -> None:
+def test_create_validates_the_body_against_the_schema(served: Served, body: bytes, expect: str) -> None:
     answer = served.client.put("vm.create", content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == 400
     chain = answer.json()
