@@ -170,6 +170,9 @@ class Sleeper:
     def kill(self, _handle: Handle) -> None:
         return None
 
+    def console_path(self, handle: Handle) -> Path:
+        return handle.vm_dir / "console.sock"
+
     def adopt(self, _handle: Handle) -> bool:
         return True
 

@@ -1,4 +1,5 @@
-"""Attach a terminal to a VM's interactive console: the hypervisor's virtio-console (hvc0) socket.
+"""Attach a terminal to a VM's interactive console (virtio-console, hvc0): the pty cloud-hypervisor made
+for it, or the UNIX socket the qemu backend serves.
 
 Interactive (stdin is a terminal): raw mode, every key goes to the guest, Ctrl-] detaches. Otherwise
 (a pipe, a script): stdin is sent, and after its end the guest's output is read until it has been quiet
@@ -11,6 +12,7 @@ import contextlib
 import os
 import select
 import socket
+import stat
 import termios
 import time
 import tty
@@ -24,7 +26,55 @@ DETACH_NAME = "Ctrl-]"
 CHUNK = 4096
 
 
-def connect(path: Path, name: str) -> socket.socket:
+class _Endpoint:
+    """The console as a file descriptor: a connected socket or an open pty, read and written alike."""
+
+    def __init__(self, fd: int, sock: socket.socket | None = None) -> None:
+        self.fd = fd
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return os.read(self.fd, size)
+        except OSError:  # EIO: the hypervisor closed the pty (the VM stopped)
+            return b""
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self.fd)
+
+    def __enter__(self) -> _Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(path: Path, name: str) -> _Endpoint:
+    """Open the console at `path`: a character device (a pty) or a UNIX socket."""
+    try:
+        is_tty = stat.S_ISCHR(path.stat().st_mode)
+    except FileNotFoundError as exc:
+        raise NotFoundError(
+            f"VM {name!r} has no console at {path}; is it running? see `procurator ps`"
+        ) from exc
+    except OSError as exc:
+        raise ProcuratorError(f"cannot attach to {name}'s console ({path}): {exc.strerror}") from exc
+    if is_tty:
+        try:
+            return _Endpoint(os.open(path, os.O_RDWR | os.O_NOCTTY))
+        except OSError as exc:
+            raise ProcuratorError(f"cannot open {name}'s console ({path}): {exc.strerror}") from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -38,7 +88,7 @@ def connect(path: Path, name: str) -> socket.socket:
         raise ProcuratorError(
             f"cannot attach to {name}'s console ({path}): {exc.strerror}; another session may hold it"
         ) from exc
-    return sock
+    return _Endpoint(sock.fileno(), sock)
 
 
 @contextlib.contextmanager
@@ -51,9 +101,7 @@ def _raw(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _pump(
-    sock: socket.socket, stdin: int, stdout: int, *, interactive: bool, quiet: float, limit: float
-) -> None:
+def _pump(sock: _Endpoint, stdin: int, stdout: int, *, interactive: bool, quiet: float, limit: float) -> None:
     stdin_open = True
     deadline = None if interactive else time.monotonic() + limit
     last_output = time.monotonic()
@@ -87,7 +135,7 @@ def _pump(
 def attach(
     path: Path, name: str, *, stdin: int = 0, stdout: int = 1, quiet: float = 1.0, limit: float = 30.0
 ) -> None:
-    """Bridge stdin/stdout and the console socket of VM `name` until detached (or the bounds above)."""
+    """Bridge stdin/stdout and the console of VM `name` until detached (or the bounds above)."""
     with connect(path, name) as sock:
         interactive = os.isatty(stdin)
         if interactive:

@@ -187,7 +187,6 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             nics=nics,
             volumes=volumes,
             serial_log=serial_log,
-            console_socket=vm_dir / "console.sock",
             address=_guest_address(host, lease.ip) if nics else None,
         )
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
@@ -365,11 +364,12 @@ def serial_log(host: Host, name: str) -> Path:
     return host.state.vm_dir(name) / "serial.log"
 
 
-def console_socket(host: Host, name: str) -> Path:
+def console_path(host: Host, name: str) -> Path:
+    """Where the VM's interactive console is served: a pty or a UNIX socket, as its backend says."""
     record = _require(host, name)
     if not _running(record):
         raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
-    return host.state.vm_dir(name) / "console.sock"
+    return host.hypervisors(record.backend).console_path(record.handle)
 
 
 def tail(path: Path, lines: int) -> list[str]:

@@ -45,13 +45,18 @@ def runtime_config(
     nics: list[NicBinding],
     volumes: dict[str, Path],
     serial_log: Path,
-    console_socket: Path,
     address: GuestAddress | None,
 ) -> dict[str, Any]:
     """Fill the host's fields into a copy of the bundle's VmConfig.
 
-    The serial port (ttyS0) goes to `serial_log`, read by `procurator logs`; the virtio console (hvc0)
-    to a UNIX socket the hypervisor serves, which `procurator console` attaches to.
+    The serial port (ttyS0) goes to `serial_log`, read by `procurator logs`. The virtio console (hvc0) is
+    a `Pty`: cloud-hypervisor refuses `Socket` for the console device (NoSocketOptionSupportForConsoleDevice,
+    vmm/src/console_devices.rs) and writes the pty's path back into `console.file`, which `procurator
+    console` reads from vm.info; the qemu backend serves it as a UNIX socket instead.
+
+    Every disk says `image_type: "Raw"`: from v51 a raw image whose type is detected gets its sector 0
+    writes disabled (vmm/src/device_manager.rs); older releases ignore the unknown field (no config struct
+    denies unknown fields).
     """
     config = copy.deepcopy(bundle.vm_config)
     by_id = {n.id: n for n in nics}
@@ -64,10 +69,12 @@ def runtime_config(
         disks.append(
             {"id": volume_disk_id(volume.name), "path": str(volumes[volume.name]), "readonly": False}
         )
+    for disk in disks:
+        disk.setdefault("image_type", "Raw")
     if not disks:
         del config["disks"]
     config["serial"] = {"mode": "File", "file": str(serial_log)}
-    config["console"] = {"mode": "Socket", "socket": str(console_socket)}
+    config["console"] = {"mode": "Pty"}
     if address is not None and nics:
         payload = config["payload"]
         cmdline = payload.get("cmdline", "").split()

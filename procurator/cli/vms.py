@@ -182,7 +182,7 @@ def logs(ctx: click.Context, name: str, lines: int, follow: bool) -> None:
 @click.pass_context
 def console(ctx: click.Context, name: str, quiet_after: float, limit: float) -> None:
     """Attach to a VM's interactive console (virtio console, hvc0). Detach with Ctrl-]."""
-    path = lifecycle.console_socket(host(ctx), name)
+    path = lifecycle.console_path(host(ctx), name)
     note(f"connected to {name}'s console; detach with {consoles.DETACH_NAME}")
     consoles.attach(path, name, quiet=quiet_after, limit=limit)
     note(f"\r\ndetached from {name}")

@@ -33,17 +33,20 @@ BASE_URL = "http://localhost/api/v1/"
 # milliseconds). This API is plain HTTP over a UNIX socket, so hand it one empty context, made once.
 _UNUSED_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
-# Substrings of cloud-hypervisor's error strings (vmm/src/vm.rs, vmm/src/api/mod.rs) that mean "the VM
-# is not in a state where this request makes sense", as opposed to a failure of the request itself.
+# Substrings of cloud-hypervisor's error strings that mean "the VM is not in a state where this request
+# makes sense", as opposed to a failure of the request itself. Each is the `#[error]` text of a variant, the
+# same from v40 to v53 unless noted: vm.rs `Error::{VmConfigMissing, VmNotCreated, VmAlreadyCreated,
+# VmNotRunning, InvalidStateTransition}` ("invalid VM state transition: {from:?} to {to:?}"),
+# `Error::VmMigrating` (v53: "VM is currently migrating and can't be modified"), api/mod.rs
+# `ApiError::{VmNotBooted, VmNotCreated}` ("The VM is not booted", "The VM is not created").
 _STATE_MARKERS = (
     "VM is not running",
     "VM is not created",
     "VM is already created",
     "VM config is missing",
     "The VM is not booted",
-    "VM is migrating",
-    "InvalidStateTransition",
-    "Invalid transition",
+    "VM is currently migrating",
+    "invalid VM state transition",
 )
 
 

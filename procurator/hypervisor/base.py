@@ -95,3 +95,7 @@ class Hypervisor(Protocol):
     def adopt(self, handle: Handle) -> bool:
         """Whether the process in `handle` is still ours and answering (after our own restart)."""
         ...
+
+    def console_path(self, handle: Handle) -> Path:
+        """The interactive console (hvc0) of the running VM: a pty device or a UNIX socket."""
+        ...

@@ -26,12 +26,14 @@ import logging
 import math
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -121,28 +123,40 @@ class CloudHypervisor:
 
     # --- start ----------------------------------------------------------------------------------
 
-    def argv(self, spec: LaunchSpec, api_fd: int) -> list[str]:
-        """The command line for `spec`, with the API socket already bound as `api_fd`."""
-        return [
+    def version(self) -> Version:
+        """The binary's release, asked once per binary path and modification (see `binary_version`)."""
+        return binary_version(self.binary)
+
+    def argv(self, spec: LaunchSpec, api_fd: int, version: Version | None = None) -> list[str]:
+        """The command line for `spec`, with the API socket already bound as `api_fd`.
+
+        Only what `version` accepts: `--no-shutdown` first appeared in v52.0 (cloud-hypervisor/src/main.rs);
+        without it the VMM exits 0 when its guest powers off, which supervision takes as a clean stop.
+        """
+        version = version or self.version()
+        argv = [
             str(self.binary),
             "--api-socket", f"fd={api_fd}",
             "--event-monitor", f"path={spec.events_path}",
             "--log-file", str(spec.hypervisor_log),
             "--seccomp", "true",
-            "--no-shutdown",
-            "-v",
         ]  # fmt: skip
+        if version >= NO_SHUTDOWN_SINCE:
+            argv.append("--no-shutdown")
+        argv.append("-v")
+        return argv
 
     def start(self, spec: LaunchSpec) -> Handle:
         """Spawn cloud-hypervisor for `spec`, create and boot the VM; on any failure leave nothing behind."""
         self._check_binary()
+        version = self.version()
         owner = _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as undo:
             listener = _bind_api_socket(spec.api_socket)
             undo.callback(sockets.remove, spec.api_socket)
             with listener:
-                proc = self._spawn(spec, listener, owner)
+                proc = self._spawn(spec, listener, owner, version)
             undo.callback(self._kill_child, proc)
             start_time = process.process_start_time(proc.pid)
             with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
@@ -170,14 +184,14 @@ class CloudHypervisor:
             )
 
     def _spawn(
-        self, spec: LaunchSpec, listener: socket.socket, owner: tuple[int, int] | None
+        self, spec: LaunchSpec, listener: socket.socket, owner: tuple[int, int] | None, version: Version
     ) -> subprocess.Popen[bytes]:
         with _open_log(spec.hypervisor_log) as log_file:
             if owner is not None:
                 _hand_over(owner, spec.hypervisor_log, spec.events_path, spec.serial_log)
             try:
                 return process.spawn(
-                    self.argv(spec, listener.fileno()),
+                    self.argv(spec, listener.fileno(), version),
                     stdout=log_file,
                     stderr=log_file,
                     pass_fds=(listener.fileno(),),
@@ -304,6 +318,18 @@ class CloudHypervisor:
     def resume(self, handle: Handle) -> None:
         with self._api(handle) as api:
             api.put("vm.resume")
+
+    def console_path(self, handle: Handle) -> Path:
+        """The pty of the virtio console: cloud-hypervisor writes its path into vm.info's `console.file`."""
+        info = self.info(handle)
+        console = info.details.get("config", {}).get("console") or {}
+        path = console.get("file") if isinstance(console, dict) else None
+        if not isinstance(path, str) or not path:
+            raise HypervisorError(
+                f"vm.info on {handle.api_socket} names no console pty (console: {console!r}); "
+                "the VM was created without a Pty console: restart it with this Procurator"
+            )
+        return Path(path)
 
     def adopt(self, handle: Handle) -> bool:
         """Whether `handle` is a cloud-hypervisor process of ours, still running and answering."""
@@ -434,6 +460,68 @@ class CloudHypervisor:
             log.warning("%s: left in place, another process listens on it", handle.api_socket)
             return
         sockets.remove(handle.api_socket)
+
+
+@dataclass(frozen=True, order=True)
+class Version:
+    """A cloud-hypervisor release, e.g. v48.0 as Version(48, 0)."""
+
+    major: int
+    minor: int = 0
+
+    def __str__(self) -> str:
+        return f"v{self.major}.{self.minor}"
+
+
+OLDEST_SUPPORTED = Version(40)
+NEWEST_KNOWN = Version(53)
+NO_SHUTDOWN_SINCE = Version(52)
+_VERSION_RE = re.compile(r"\bv?(\d+)\.(\d+)(?:\.\d+)?")
+_versions: dict[tuple[str, int, int, int], Version] = {}
+
+
+def parse_version(text: str) -> Version | None:
+    """The release in `cloud-hypervisor --version` output ("cloud-hypervisor v48.0.0-dirty", ...)."""
+    found = _VERSION_RE.search(text)
+    return None if found is None else Version(int(found.group(1)), int(found.group(2)))
+
+
+def binary_version(binary: Path) -> Version:
+    """Ask `binary --version` once per path, inode, size and mtime; refuse releases older than v40.
+
+    Raises HypervisorStartError naming the binary and the fix.
+    """
+    try:
+        st = binary.stat()
+    except OSError as exc:
+        raise HypervisorStartError(
+            f"{binary}: cannot read the cloud-hypervisor binary: {exc.strerror}"
+        ) from exc
+    key = (str(binary), st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _versions.get(key)
+    if cached is not None:
+        return cached
+    try:
+        result = process.run([str(binary), "--version"], timeout=10.0)
+    except ProcessError as exc:
+        raise HypervisorStartError(f"{binary} --version failed: {exc}; is it cloud-hypervisor?") from exc
+    version = parse_version(result.stdout)
+    if version is None:
+        raise HypervisorStartError(
+            f"{binary} --version printed {result.stdout.strip()[:80]!r}, no release number; "
+            "point hypervisor.binary at a cloud-hypervisor binary"
+        )
+    if version < OLDEST_SUPPORTED:
+        raise HypervisorStartError(
+            f"{binary} is cloud-hypervisor {version}; Procurator supports {OLDEST_SUPPORTED} to "
+            f"{NEWEST_KNOWN}: install a newer cloud-hypervisor"
+        )
+    if version > NEWEST_KNOWN:
+        log.warning(
+            "%s is cloud-hypervisor %s, newer than the newest checked (%s)", binary, version, NEWEST_KNOWN
+        )
+    _versions[key] = version
+    return version
 
 
 class EventReader:

@@ -52,6 +52,7 @@ DEFAULT_RNG_SOURCE = "/dev/urandom"  # cloud-hypervisor's default entropy source
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}")  # what QEMU accepts as a device, drive or netdev id
 _MAC = re.compile(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}")
 _TAP = re.compile(r"[^\s/,:]{1,15}")  # a Linux interface name (IFNAMSIZ - 1); no comma for QEMU's sake
+CONSOLE_SOCKET = "console.sock"  # in the VM directory, beside the QMP socket
 _IMAGE_FORMATS = {"Raw": "raw", "Qcow2": "qcow2"}
 
 
@@ -128,7 +129,7 @@ def build_argv(
     for index, net in enumerate(_items("net", config.get("net"))):
         argv += _net(f"net[{index}]", net, ids)
     argv += _serial(_section("serial", config.get("serial")))
-    argv += _console(_section("console", config.get("console")))
+    argv += _console(_section("console", config.get("console")), qmp_socket.parent / CONSOLE_SOCKET)
     argv += _rng(_section("rng", config.get("rng")))
     if _flag("pvpanic", config.get("pvpanic", False)):
         argv += ["-device", "pvpanic"]
@@ -230,19 +231,23 @@ def _serial(serial: Mapping[str, Any]) -> list[str]:
     return ["-chardev", chardev, "-serial", "chardev:serial0"]
 
 
-def _console(console: Mapping[str, Any]) -> list[str]:
+def _console(console: Mapping[str, Any], pty_socket: Path) -> list[str]:
+    """The virtio console. `Pty` (what cloud-hypervisor gets) is served as a UNIX socket at `pty_socket`:
+    QEMU would report a pty's path only over QMP, and the socket needs no terminal settings."""
     _only("console", console, handled={"mode", "file", "socket"}, defaults=_DEVICE_DEFAULTS)
     mode = console.get("mode", "Off")
     if mode in ("Off", "Null"):
         return []
-    if mode == "File":
+    if mode == "Pty":
+        chardev = f"socket,id=console0,path={_esc(str(pty_socket))},server=on,wait=off"
+    elif mode == "File":
         chardev = f"file,id=console0,path={_esc(_str('console.file', console.get('file')))}"
     elif mode == "Socket":
         path = _esc(_str("console.socket", console.get("socket")))
         chardev = f"socket,id=console0,path={path},server=on,wait=off"
     else:
         raise _untranslatable(
-            "console.mode", f"{mode!r}; the qemu backend supports File, Socket, Off and Null"
+            "console.mode", f"{mode!r}; the qemu backend supports Pty, File, Socket, Off and Null"
         )
     return ["-device", "virtio-serial-pci", "-chardev", chardev, "-device", "virtconsole,chardev=console0"]
 
@@ -660,6 +665,10 @@ class Qemu:
                     raise WaitTimeoutError(f"qemu pid {handle.pid} to exit after SIGKILL", self.step_timeout)
         finally:
             handle.api_socket.unlink(missing_ok=True)
+
+    def console_path(self, handle: Handle) -> Path:
+        """The virtio console's socket: a `Pty` console is served as this socket (see `_console`)."""
+        return handle.vm_dir / CONSOLE_SOCKET
 
     def adopt(self, handle: Handle) -> bool:
         if handle.backend != BACKEND or not _ours(handle):

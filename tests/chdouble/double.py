@@ -38,7 +38,9 @@ Knobs (environment):
                              ignore-power-button  the guest ignores the power button
                              hang-on-shutdown     vm.shutdown, vmm.shutdown and SIGTERM never complete
   CHDOUBLE_RECORD          append one JSON line per process start/ready/exit, request and guest power-off
-  CHDOUBLE_VALIDATE        "0" skips the spec validation of vm.create (default on)
+  CHDOUBLE_VALIDATE        "0" skips the schema validation of vm.create (default on)
+  CHDOUBLE_VERSION         the release to act as, a major number from 40 to 53 (default 53): gates flags
+                           and rules as that release's code does (see tests/chdouble/README.md)
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
-VERSION = "53.0.0"
-BUILD_VERSION = "v53.0"
+DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
+OLDEST_RELEASE = 40
+NO_SHUTDOWN_SINCE = 52  # cloud-hypervisor/src/main.rs: the `no-shutdown` Arg first appears in v52.0
+IMAGE_TYPE_SINCE = 51  # vmm/src/config.rs DiskConfig.image_type and the sector-0 rule first appear in v51.0
 FEATURES = ("kvm",)
 FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-button", "hang-on-shutdown"})
 DEFAULT_MEMORY = 512 << 20
@@ -113,6 +117,17 @@ class UsageError(Exception):
     """A bad knob or flag value: the double exits 2 with this message."""
 
 
+def release() -> int:
+    raw = os.environ.get("CHDOUBLE_VERSION", "").strip().lstrip("v").split(".")[0]
+    if not raw:
+        return DEFAULT_RELEASE
+    if not raw.isdigit() or not OLDEST_RELEASE <= int(raw) <= DEFAULT_RELEASE:
+        raise UsageError(
+            f"CHDOUBLE_VERSION={raw!r}: expected a release from {OLDEST_RELEASE} to {DEFAULT_RELEASE}"
+        )
+    return int(raw)
+
+
 def _seconds(name: str, default: float) -> float:
     raw = os.environ.get(name, "")
     if not raw:
@@ -134,6 +149,7 @@ class Settings:
     faults: frozenset[str] = frozenset()
     validate: bool = True
     no_shutdown: bool = False
+    release: int = DEFAULT_RELEASE
 
     @classmethod
     def from_env(cls, *, no_shutdown: bool) -> Settings:
@@ -150,6 +166,7 @@ class Settings:
             faults=faults,
             validate=os.environ.get("CHDOUBLE_VALIDATE", "1") != "0",
             no_shutdown=no_shutdown,
+            release=release(),
         )
 
 
@@ -312,6 +329,7 @@ class Vmm:
         self.booted_at = 0.0
         self.poweroff_pending = False
         self.exiting = False
+        self.ptys: list[int] = []  # the main ends of Pty consoles, held as the VMM holds them
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
@@ -364,8 +382,8 @@ class Vmm:
             return _json(
                 200,
                 {
-                    "build_version": BUILD_VERSION,
-                    "version": VERSION,
+                    "build_version": f"v{self.settings.release}.0",
+                    "version": f"{self.settings.release}.0.0",
                     "pid": self.pid,
                     "features": list(FEATURES),
                 },
@@ -390,22 +408,36 @@ class Vmm:
             self.log.info_at("vmm/src/api/mod.rs:1445", "API request event: VmCreate")
             if self.config is not None:
                 return _errors(500, API_ERROR, "The VM could not be created", "VM is already created")
-            for key in ("serial", "console"):
-                device = config.get(key) or {}
-                if device.get("mode") == "File" and device.get("file"):
-                    try:
-                        with open(device["file"], "w"):
-                            pass
-                    except OSError as exc:
-                        return _errors(
-                            500,
-                            API_ERROR,
-                            "The VM could not be created",
-                            "Error creating console devices",
-                            f"{exc.strerror} (os error {exc.errno})",
-                        )
+            refused = self._pre_create_consoles(config)
+            if refused is not None:
+                return refused
             self.config = config
             return NO_CONTENT
+
+    def _pre_create_consoles(self, config: dict[str, Any]) -> Answer | None:
+        """vmm/src/console_devices.rs `pre_create_console_devices`, run by vm.create (vmm/src/lib.rs).
+
+        The console device refuses `Socket` (NoSocketOptionSupportForConsoleDevice); `File` is created with
+        truncation; `Pty` opens a pty and writes its path back into the config's `file`, as vm.info shows.
+        """
+        failed = (API_ERROR, "The VM could not be created", "Error creating console devices")
+        console = config.get("console") or {}
+        if console.get("mode") == "Socket":
+            return _errors(500, *failed, "No socket option support for console device")
+        for key in ("serial", "console"):
+            device = config.get(key) or {}
+            if device.get("mode") == "File" and device.get("file"):
+                try:
+                    with open(device["file"], "w"):
+                        pass
+                except OSError as exc:
+                    return _errors(500, *failed, f"{exc.strerror} (os error {exc.errno})")
+            elif device.get("mode") == "Pty":
+                main_fd, sub_fd = os.openpty()
+                device["file"] = os.ttyname(sub_fd)
+                os.close(sub_fd)
+                self.ptys.append(main_fd)
+        return None
 
     def op_vm_boot(self) -> Answer:
         with self.lock:
@@ -428,6 +460,14 @@ class Vmm:
                     )
             if not any(k in payload for k in ("kernel", "firmware", "igvm")):
                 return _errors(500, API_ERROR, "The VM could not boot", "No payload to boot")
+            if self.settings.release >= IMAGE_TYPE_SINCE:
+                for disk in self.config.get("disks") or []:
+                    if disk.get("image_type", "Unknown") == "Unknown":
+                        # vmm/src/device_manager.rs (v51+): a detected raw image loses sector 0 writes
+                        self.log.warn_at(
+                            "vmm/src/device_manager.rs:2689",
+                            "Autodetected raw image type. Disabling sector 0 writes.",
+                        )
             if "die-on-boot" in self.settings.faults:
                 self.log.error_at("vmm/src/vm.rs:2010", "chdouble fault die-on-boot: vCPU thread panicked")
                 self.exit_process(1)
@@ -495,7 +535,7 @@ class Vmm:
                     "The VM could not be paused",
                     "Cannot pause VM",
                     "Failed to pause migratable component",
-                    f"Invalid transition: InvalidStateTransition({self.state}, Paused)",
+                    f"invalid VM state transition: {self.state} to Paused",
                 )
             self.state = "Paused"
             self.events.emit("vm", "paused")
@@ -514,7 +554,7 @@ class Vmm:
                     "The VM could not resume",
                     "Cannot resume VM",
                     "Failed to resume migratable component",
-                    "Invalid transition: InvalidStateTransition(Running, Running)",
+                    "invalid VM state transition: Running to Running",
                 )
             self.state = "Running"
             self.events.emit("vm", "resumed")
@@ -887,9 +927,22 @@ def _fatal(log: Log, debug: str, chain: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        acting_as = release()
+    except UsageError as exc:
+        print(f"chdouble: {exc}", file=sys.stderr)
+        return 2
+    if acting_as < NO_SHUTDOWN_SINCE and "--no-shutdown" in args_list:
+        # clap's answer to an argument the release does not define (cloud-hypervisor/src/main.rs)
+        print(
+            "error: unexpected argument '--no-shutdown' found\n\nUsage: cloud-hypervisor [OPTIONS]\n\n"
+            "For more information, try '--help'.",
+            file=sys.stderr,
+        )
+        return 2
     args = parse_args(args_list)
     if args.version:
-        print(f"cloud-hypervisor {BUILD_VERSION}")
+        print(f"cloud-hypervisor v{acting_as}.0")
         return 0
     try:
         settings = Settings.from_env(no_shutdown=args.no_shutdown)
@@ -909,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     log = Log(log_stream, args.verbosity, started)
-    log.info_at("cloud-hypervisor/src/main.rs:680", f"{BUILD_VERSION} starting")
+    log.info_at("cloud-hypervisor/src/main.rs:680", f"v{acting_as}.0 starting")
     if "die-at-start" in settings.faults:
         return _fatal(
             log,

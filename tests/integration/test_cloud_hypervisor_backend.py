@@ -19,6 +19,7 @@ import pytest
 
 from procurator import process
 from procurator.errors import HypervisorApiError, HypervisorError, HypervisorStartError, InvalidStateError
+from procurator.hypervisor import cloud_hypervisor
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import Handle, LaunchSpec, VmState
 from procurator.hypervisor.cloud_hypervisor import ENV_BINARY, CloudHypervisor, EventReader, resolve_binary
@@ -32,6 +33,9 @@ def _double_knobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(ENV_BINARY, raising=False)
     monkeypatch.setenv("CHDOUBLE_POWEROFF_DELAY", "0.05")
     monkeypatch.setenv("CHDOUBLE_RECORD", str(tmp_path / "record.jsonl"))
+    monkeypatch.delenv("CHDOUBLE_VERSION", raising=False)
+    # the double's release is a knob, not its file: forget what earlier tests learnt of the binary
+    monkeypatch.setattr(cloud_hypervisor, "_versions", {})
 
 
 @pytest.fixture
@@ -374,7 +378,7 @@ def test_wrong_state_is_an_invalid_state_error(
             backend.resume(handle)
         assert caught.value.status == 500
         assert caught.value.endpoint == "vm.resume"
-        assert "Invalid transition: InvalidStateTransition(Running, Running)" in caught.value.details
+        assert "invalid VM state transition: Running to Running" in caught.value.details
         backend.pause(handle)
         with pytest.raises(InvalidStateError, match=r"vm\.pause: HTTP 500: Error from API; The VM could not"):
             backend.pause(handle)
@@ -532,3 +536,77 @@ def test_events_reader_returns_new_events_and_waits_for_half_written_ones(tmp_pa
     path.write_text(first + "\n\n")  # truncated and rewritten: a new process
     assert [e["event"] for e in reader.read()] == ["starting"]
     assert EventReader(tmp_path / "missing").read() == []
+
+
+# --- releases: the backend against the double acting as v40, v48 and v53 ------------------------------
+
+
+@pytest.mark.parametrize("release", [40, 48, 51, 53])
+def test_every_supported_release_boots_serves_the_console_and_stops(  # noqa: PLR0917 - fixtures
+    backend: CloudHypervisor,
+    spec: LaunchSpec,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    release: int,
+    clean: None,
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
+    config = {
+        **spec.config,
+        "disks": [{**d, "image_type": "Raw"} for d in spec.config["disks"]],
+        "console": {"mode": "Pty"},
+    }
+    spec = replace(spec, config=config)
+    handle = backend.start(spec)
+    assert backend.version().major == release
+    assert backend.info(handle).state is VmState.RUNNING
+    pty = backend.console_path(handle)
+    assert pty.is_char_device()
+    assert str(pty).startswith("/dev/pts/")
+
+    result = backend.shutdown(handle, timeout=5.0)
+    assert result.graceful
+    assert result.steps[0] == "power-button"
+    (start,) = [r for r in records(tmp_path, "process") if r["what"] == "start"]
+    # --no-shutdown exists from v52 (cloud-hypervisor/src/main.rs); before, clap exits 2 on it
+    assert ("--no-shutdown" in start["argv"]) is (release >= 52)
+    (exit_,) = [r for r in records(tmp_path, "process") if r["what"] == "exit"]
+    assert exit_["code"] == 0
+    assert "Disabling sector 0 writes" not in spec.hypervisor_log.read_text()
+
+
+def test_an_old_release_refuses_no_shutdown_as_clap_does() -> None:
+    result = process.run(
+        [str(BINARY), "--no-shutdown"], check=False, env={"CHDOUBLE_VERSION": "51"}, timeout=30
+    )
+    assert result.returncode == 2
+    assert "unexpected argument '--no-shutdown'" in result.stderr
+
+
+def test_the_version_is_asked_once_per_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    binary = tmp_path / "cloud-hypervisor"
+    calls = tmp_path / "calls"
+    binary.write_text(f'#!/bin/sh\necho x >> {calls}\necho "cloud-hypervisor v48.0.0-dirty"\n')
+    binary.chmod(0o755)
+    assert cloud_hypervisor.binary_version(binary) == cloud_hypervisor.Version(48, 0)
+    assert cloud_hypervisor.binary_version(binary) == cloud_hypervisor.Version(48, 0)
+    assert calls.read_text() == "x\n"
+    binary.write_text(f'#!/bin/sh\necho x >> {calls}\necho "cloud-hypervisor v39.0"\n')  # replaced
+    with pytest.raises(HypervisorStartError, match=r"v39\.0; Procurator supports v40\.0 to v53\.0"):
+        cloud_hypervisor.binary_version(binary)
+
+
+def test_a_console_socket_is_refused_as_cloud_hypervisor_refuses_it(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    config = {**spec.config, "console": {"mode": "Socket", "socket": str(spec.vm_dir / "console.sock")}}
+    with pytest.raises(HypervisorStartError, match="No socket option support for console device"):
+        backend.start(replace(spec, config=config))
+
+
+def test_a_disk_without_image_type_loses_sector_0_from_v51(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    handle = backend.start(spec)  # sample_config's disk has no image_type
+    backend.kill(handle)
+    assert "Autodetected raw image type. Disabling sector 0 writes." in spec.hypervisor_log.read_text()

@@ -202,12 +202,12 @@ WRONG_STATE = [
     (
         ("create", "vm.boot"), "PUT vm.resume", 500,
         [E, "The VM could not resume", "Cannot resume VM", "Failed to resume migratable component",
-         "Invalid transition: InvalidStateTransition(Running, Running)"],
+         "invalid VM state transition: Running to Running"],
     ),
     (
         ("create", "vm.boot", "vm.pause"), "PUT vm.pause", 500,
         [E, "The VM could not be paused", "Cannot pause VM", "Failed to pause migratable component",
-         "Invalid transition: InvalidStateTransition(Paused, Paused)"],
+         "invalid VM state transition: Paused to Paused"],
     ),
 ]  # fmt: skip
 

@@ -291,6 +291,9 @@ class FakeHypervisor:
     def kill(self, handle: Handle) -> None:
         raise NotImplementedError
 
+    def console_path(self, handle: Handle) -> Path:
+        return handle.vm_dir / "console.sock"
+
     def adopt(self, handle: Handle) -> bool:
         return handle.pid > 0
 

@@ -22,13 +22,20 @@ def test_runtime_config_fills_host_fields_and_validates(tmp_path: Path) -> None:
         nics=[NicBinding("eth0", "pc-web-1a2b", "02:aa:bb:cc:dd:ee")],
         volumes={"data": tmp_path / "data.img"},
         serial_log=tmp_path / "serial.log",
-        console_socket=tmp_path / "console.sock",
         address=GuestAddress("10.100.0.2", 16, "10.100.0.1", "10.100.0.1"),
     )
     assert config["net"] == [{"id": "eth0", "tap": "pc-web-1a2b", "mac": "02:aa:bb:cc:dd:ee"}]
-    assert config["disks"][-1] == {"id": "vol-data", "path": str(tmp_path / "data.img"), "readonly": False}
+    assert config["disks"][-1] == {
+        "id": "vol-data",
+        "path": str(tmp_path / "data.img"),
+        "readonly": False,
+        "image_type": "Raw",
+    }
+    # every disk says Raw, or cloud-hypervisor v51+ disables its sector 0 writes (vmm/src/device_manager.rs)
+    assert all(disk["image_type"] == "Raw" for disk in config["disks"])
     assert config["serial"] == {"mode": "File", "file": str(tmp_path / "serial.log")}
-    assert config["console"] == {"mode": "Socket", "socket": str(tmp_path / "console.sock")}
+    # cloud-hypervisor refuses Socket for the console device (vmm/src/console_devices.rs)
+    assert config["console"] == {"mode": "Pty"}
     assert config["payload"]["cmdline"].endswith(
         "procurator.ip=10.100.0.2/16 procurator.gw=10.100.0.1 procurator.dns=10.100.0.1"
     )
@@ -46,7 +53,6 @@ def test_runtime_config_replaces_stale_address_tokens(tmp_path: Path) -> None:
         nics=[NicBinding("eth0", "t", "02:00:00:00:00:01")],
         volumes={"data": tmp_path / "d.img"},
         serial_log=tmp_path / "s.log",
-        console_socket=tmp_path / "c.sock",
         address=GuestAddress("10.100.0.9", 16, "10.100.0.1"),
     )
     tokens = config["payload"]["cmdline"].split()
