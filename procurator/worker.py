@@ -105,7 +105,27 @@ def _describe_exit(code: int, status: int) -> Exit:
 @dataclass
 class _EventsSeen:
     key: tuple[int, int, int]  # inode, size, mtime
-    verdict: str | None  # "shutdown", "panic" or None
+    verdict: str | None  # "shutdown", "panic", "reset" or None
+
+
+RESET_DETAIL = "guest reset (a reboot, or a panic under panic=-1)"
+
+
+def _event_verdict(event: dict[str, object]) -> str | None:
+    """What one event-monitor event says of the guest: "shutdown", "panic", "reset" or nothing.
+
+    `vm`/`shutdown` is a power-off; `guest`/`panic` comes from the pvpanic device (devices/src/pvpanic.rs);
+    `vm`/`rebooting` is a guest reset, which cloud-hypervisor serves inside the same process (vmm/src/lib.rs
+    `vm_reboot`, v40 to v53): with the bundles' `reboot=t panic=-1` a kernel panic is such a reset.
+    """
+    source, name = event.get("source"), event.get("event")
+    if source == "vm" and name == "shutdown":
+        return "shutdown"
+    if name == "panic" and source in ("vm", "guest"):
+        return "panic"
+    if source == "vm" and name in ("rebooting", "rebooted"):
+        return "reset"
+    return None
 
 
 class EventsWatch:
@@ -133,9 +153,10 @@ class EventsWatch:
         reader.offset = 0
         verdict = None
         for event in reader.read():
-            if event.get("source") == "vm" and event.get("event") in ("shutdown", "panic"):
-                verdict = str(event["event"])
-                if verdict == "panic":
+            said = _event_verdict(event)
+            if said is not None:
+                verdict = said
+                if said in ("panic", "reset"):
                     break
         self._seen[path] = _EventsSeen(key, verdict)
         return verdict
@@ -244,6 +265,8 @@ def observe_exit(record: VmRecord, events: EventsWatch, *, alive: bool | None = 
     if alive:
         if said == "panic":
             return Exit(ExitKind.CRASHED, "guest panicked", process_gone=False)
+        if said == "reset":
+            return Exit(ExitKind.CRASHED, RESET_DETAIL, process_gone=False)
         if said == "shutdown":
             return Exit(ExitKind.POWERED_OFF, "guest powered off", process_gone=False)
         return None
@@ -256,6 +279,8 @@ def observe_exit(record: VmRecord, events: EventsWatch, *, alive: bool | None = 
             return found
     if said == "panic":
         return Exit(ExitKind.CRASHED, "guest panicked")
+    if said == "reset":
+        return Exit(ExitKind.CRASHED, RESET_DETAIL)
     if said == "shutdown":
         return Exit(ExitKind.POWERED_OFF, "guest powered off")
     return Exit(ExitKind.CRASHED, "hypervisor process vanished")

@@ -39,6 +39,7 @@ Knobs (environment):
                              hang-on-shutdown     vm.shutdown, vmm.shutdown and SIGTERM never complete
   CHDOUBLE_RECORD          append one JSON line per process start/ready/exit, request and guest power-off
   CHDOUBLE_VALIDATE        "0" skips the schema validation of vm.create (default on)
+  CHDOUBLE_GUEST_RESET     seconds after each boot at which the guest panics and resets (a crash loop)
   CHDOUBLE_VERSION         the release to act as, a major number from 40 to 53 (default 53): gates flags
                            and rules as that release's code does (see tests/chdouble/README.md)
 """
@@ -150,6 +151,7 @@ class Settings:
     validate: bool = True
     no_shutdown: bool = False
     release: int = DEFAULT_RELEASE
+    guest_reset: float | None = None
 
     @classmethod
     def from_env(cls, *, no_shutdown: bool) -> Settings:
@@ -167,6 +169,9 @@ class Settings:
             validate=os.environ.get("CHDOUBLE_VALIDATE", "1") != "0",
             no_shutdown=no_shutdown,
             release=release(),
+            guest_reset=_seconds("CHDOUBLE_GUEST_RESET", -1.0)
+            if os.environ.get("CHDOUBLE_GUEST_RESET")
+            else None,
         )
 
 
@@ -476,6 +481,7 @@ class Vmm:
             self.state = "Running"
             self.booted_at = time.monotonic()
             self.events.emit("vm", "booted")
+            self._schedule_reset()
             return NO_CONTENT
 
     def op_vm_info(self) -> Answer:
@@ -598,10 +604,44 @@ class Vmm:
             if self.state is None:
                 return _errors(404, API_ERROR, "The VM could not reboot", "VM is not created")
             self._cancel_poweroff()
-            self.state = "Running"
-            self.booted_at = time.monotonic()
-            self.events.emit("vm", "rebooted")
+            self._reboot()
             return NO_CONTENT
+
+    def _reboot(self) -> None:
+        """vmm/src/lib.rs `vm_reboot` (v40 to v53): the VM is rebuilt inside the same process, and
+        `pre_create_console_devices` runs again, so `File` consoles are created anew (emptied)."""
+        assert self.config is not None
+        for key in ("serial", "console"):
+            device = self.config.get(key) or {}
+            if device.get("mode") == "File" and device.get("file"):
+                with contextlib.suppress(OSError), open(device["file"], "w"):
+                    pass
+        self.state = "Running"
+        self.booted_at = time.monotonic()
+        self.events.emit("vm", "rebooted")
+        self._schedule_reset()
+
+    def _schedule_reset(self) -> None:
+        """CHDOUBLE_GUEST_RESET: the guest panics that long after each boot; under `panic=-1` the kernel
+        resets the machine, which cloud-hypervisor serves as a reboot (no `vm shutdown` event)."""
+        if self.settings.guest_reset is None:
+            return
+        timer = threading.Timer(self.settings.guest_reset, self._guest_reset, args=(self.booted_at,))
+        timer.name = "guest-reset"
+        timer.daemon = True
+        timer.start()
+
+    def _guest_reset(self, booted_at: float) -> None:
+        with self.lock:
+            if self.state != "Running" or self.booted_at != booted_at or self.exiting or self.config is None:
+                return
+            serial = self.config.get("serial") or {}
+            if serial.get("mode") == "File" and serial.get("file"):
+                with contextlib.suppress(OSError), open(serial["file"], "a") as out:
+                    out.write("Kernel panic - not syncing: chdouble guest reset\n")
+            self.log.info_at("vmm/src/lib.rs:2151", "VM reset event")
+            self.events.emit("vm", "rebooting")
+            self._reboot()
 
     def op_vm_delete(self) -> Answer:
         with self.lock:

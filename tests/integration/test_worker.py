@@ -379,6 +379,29 @@ def test_a_guest_power_off_follows_the_restart_policy(
     assert_converged(vm_host, example_build.bundles)
 
 
+def test_a_guest_that_resets_inside_cloud_hypervisor_is_a_crash_loop(
+    vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
+) -> None:
+    """cloud-hypervisor serves a guest reset (a panic under panic=-1) in the same process: no exit, no
+    shutdown event, only vm/rebooting (vmm/src/lib.rs vm_reboot). Supervision must still see it."""
+    daemon = start_daemon("--interval", "1", CHDOUBLE_GUEST_RESET="1.0")
+    assert daemon.apply(example_build.deployment)["success"]
+    first = daemon.vms()["api"]["pid"]
+    # api (on-failure, maxRestarts 3): each boot resets a second later; three restarts, then given up.
+    api = wait_for(
+        "api to be given up",
+        lambda: daemon.vms()["api"] if daemon.vms()["api"]["state"] == "failed" else None,
+        timeout=90,
+    )
+    assert api["pid"] is None
+    last_exit = record(vm_host, "api")["last_exit"]
+    assert last_exit.startswith("guest reset (a reboot, or a panic under panic=-1); crash loop: 3 restarts")
+    assert record(vm_host, "api")["restarts"] == 3
+    assert vm_host.ps()["api"]["state"] == "failed"
+    assert not any("vms/api/" in p for p in vm_host.processes() if "cloud-hypervisor" in p)
+    assert daemon.vms()["web"]["pid"] != first
+
+
 def test_api_errors_and_a_second_daemon(
     vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
 ) -> None:
