@@ -21,6 +21,7 @@ All HTTP goes through `procurator.hypervisor.api.ApiClient`; all processes throu
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -31,13 +32,15 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from procurator import process, sockets
+from procurator import process, serial_keeper, sockets
 from procurator.errors import (
     HypervisorError,
     HypervisorStartError,
@@ -47,9 +50,6 @@ from procurator.errors import (
 )
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import Handle, LaunchSpec, StopResult, VmInfo, VmState
-
-if TYPE_CHECKING:
-    import subprocess
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,18 @@ class CloudHypervisor:
         api_timeout: float = 10.0,
         boot_timeout: float = 60.0,
         step_timeout: float = 5.0,
+        serial_max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES,
     ) -> None:
         self.binary = binary
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
         self.boot_timeout = boot_timeout
         self.step_timeout = step_timeout
+        self.serial_max_bytes = serial_max_bytes
         # Processes we spawned and their start times, kept so that they are reaped (and not reported as
         # leaked by the runtime), and so that checking on them costs a waitpid rather than /proc reads.
         self._children: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
+        self._keepers: dict[Path, subprocess.Popen[bytes]] = {}  # serial keepers we spawned, by VM dir
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -152,16 +155,19 @@ class CloudHypervisor:
         version = self.version()
         owner = _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
+        body = wire_config(spec)
         with contextlib.ExitStack() as undo:
             listener = _bind_api_socket(spec.api_socket)
-            undo.callback(sockets.remove, spec.api_socket)
+            undo.callback(self._remove_sockets, spec.vm_dir)
             with listener:
                 proc = self._spawn(spec, listener, owner, version)
             undo.callback(self._kill_child, proc)
             start_time = process.process_start_time(proc.pid)
             with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
                 self._await_api(api, proc, spec)
-                self._start_step(api, proc, spec, "vm.create", body=spec.config, timeout=self.api_timeout)
+                self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
+                if start_time is not None and body.get("serial", {}).get("mode") == "Socket":
+                    self._spawn_keeper(spec, proc.pid, start_time)
                 self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
             if start_time is None or proc.poll() is not None:
                 raise self._died(spec, proc)
@@ -175,6 +181,43 @@ class CloudHypervisor:
             api_socket=spec.api_socket,
             vm_dir=spec.vm_dir,
         )
+
+    def _spawn_keeper(self, spec: LaunchSpec, pid: int, start_time: int) -> None:
+        """The serial keeper (procurator/serial_keeper.py), connected before the guest boots."""
+        env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        argv = [
+            sys.executable, "-m", "procurator.serial_keeper",
+            "--socket", str(spec.vm_dir / SERIAL_SOCKET),
+            "--log", str(spec.serial_log),
+            "--pid", str(pid),
+            "--start-time", str(start_time),
+            "--max-bytes", str(self.serial_max_bytes),
+        ]  # fmt: skip
+        try:
+            keeper = process.spawn(argv, env=env, stdout=subprocess.PIPE)
+        except ProcessError as exc:
+            raise HypervisorStartError(f"vm {spec.name!r}: cannot start its serial keeper: {exc}") from exc
+        self._keepers[spec.vm_dir] = keeper
+        if keeper.stdout is None:  # pragma: no cover - spawned with stdout=PIPE
+            raise HypervisorStartError(f"vm {spec.name!r}: its serial keeper has no stdout")
+        with keeper.stdout:
+            ready, _, _ = select.select([keeper.stdout], [], [], self.start_timeout)
+            said = keeper.stdout.readline() if ready else b""
+        if said != b"connected\n":
+            raise HypervisorStartError(
+                f"vm {spec.name!r}: its serial keeper did not connect to {spec.vm_dir / SERIAL_SOCKET} "
+                f"within {self.start_timeout:.0f}s (exit status {keeper.poll()})"
+            )
+
+    def _remove_sockets(self, vm_dir: Path) -> None:
+        """After the process is gone: wait for its serial keeper to exit, remove the sockets it left."""
+        serial_keeper.wait_gone(vm_dir, self.step_timeout)
+        keeper = self._keepers.pop(vm_dir, None)
+        if keeper is not None:  # our own child: reap it
+            with contextlib.suppress(Exception):
+                keeper.wait(timeout=self.step_timeout)
+        sockets.remove(vm_dir / "api.sock")
+        sockets.remove(vm_dir / SERIAL_SOCKET)
 
     def _check_binary(self) -> None:
         if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
@@ -459,7 +502,20 @@ class CloudHypervisor:
         if sockets.answers(handle.api_socket):  # a stale handle: the socket is a newer process's
             log.warning("%s: left in place, another process listens on it", handle.api_socket)
             return
-        sockets.remove(handle.api_socket)
+        self._remove_sockets(handle.vm_dir)
+
+
+SERIAL_SOCKET = "serial.sock"
+
+
+def wire_config(spec: LaunchSpec) -> dict[str, Any]:
+    """The `vm.create` body for cloud-hypervisor: the runtime config, with a `File` serial port turned into
+    a `Socket` in the VM directory that the serial keeper copies into that file (see serial_keeper.py)."""
+    body = copy.deepcopy(spec.config)
+    serial = body.get("serial") or {}
+    if serial.get("mode") == "File":
+        body["serial"] = {"mode": "Socket", "socket": str(spec.vm_dir / SERIAL_SOCKET)}
+    return body
 
 
 @dataclass(frozen=True, order=True)

@@ -64,6 +64,9 @@ from typing import IO, Any, ClassVar
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
 OLDEST_RELEASE = 40
 NO_SHUTDOWN_SINCE = 52  # cloud-hypervisor/src/main.rs: the `no-shutdown` Arg first appears in v52.0
+SERIAL_BUFFER_SINCE = (
+    53  # vmm/src/serial_manager.rs: v53's SocketConsole keeps output until a client connects
+)
 IMAGE_TYPE_SINCE = 51  # vmm/src/config.rs DiskConfig.image_type and the sector-0 rule first appear in v51.0
 FEATURES = ("kvm",)
 FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-button", "hang-on-shutdown"})
@@ -334,6 +337,10 @@ class Vmm:
         self.booted_at = 0.0
         self.poweroff_pending = False
         self.exiting = False
+        self.serial_path = ""
+        self.serial_listener: socket.socket | None = None
+        self.serial_client: socket.socket | None = None
+        self.serial_pending = b""
         self.ptys: list[int] = []  # the main ends of Pty consoles, held as the VMM holds them
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
@@ -437,12 +444,79 @@ class Vmm:
                         pass
                 except OSError as exc:
                     return _errors(500, *failed, f"{exc.strerror} (os error {exc.errno})")
+            elif key == "serial" and device.get("mode") == "Socket":
+                try:
+                    self._bind_serial(device.get("socket") or "")
+                except OSError as exc:
+                    return _errors(500, *failed, f"{exc.strerror} (os error {exc.errno})")
             elif device.get("mode") == "Pty":
                 main_fd, sub_fd = os.openpty()
                 device["file"] = os.ttyname(sub_fd)
                 os.close(sub_fd)
                 self.ptys.append(main_fd)
         return None
+
+    # --- the serial port in Socket mode (vmm/src/serial_manager.rs) ------------------------------
+
+    def _bind_serial(self, path: str) -> None:
+        """Listen on the serial socket; one client at a time, a new connection replaces the old one.
+        Before the first client, output is dropped, and from v53 kept and replayed on connect."""
+        self._close_serial()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        self.serial_path, self.serial_listener = path, listener
+        threading.Thread(target=self._accept_serial, args=(listener,), name="serial", daemon=True).start()
+
+    def _accept_serial(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: the serial device was re-created or the VMM shut down
+            with self.lock:
+                if self.serial_listener is not listener:
+                    client.close()
+                    return
+                if self.serial_client is not None:
+                    self.serial_client.close()
+                self.serial_client = client
+                if self.serial_pending:
+                    with contextlib.suppress(OSError):
+                        client.sendall(self.serial_pending)
+                    self.serial_pending = b""
+
+    def _close_serial(self) -> None:
+        for sock in (self.serial_client, self.serial_listener):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self.serial_client = self.serial_listener = None
+
+    def _remove_serial(self) -> None:
+        """The serial manager's Drop: the socket file is removed (RemoveUnixSocket)."""
+        self._close_serial()
+        if self.serial_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.serial_path)
+
+    def _guest_output(self, data: bytes) -> None:
+        """What the simulated guest writes on its serial port (ttyS0)."""
+        serial = (self.config or {}).get("serial") or {}
+        if serial.get("mode") == "File" and serial.get("file"):
+            with contextlib.suppress(OSError), open(serial["file"], "ab") as out:
+                out.write(data)
+        elif serial.get("mode") == "Socket":
+            if self.serial_client is not None:
+                try:
+                    self.serial_client.sendall(data)
+                except OSError:
+                    self.serial_client = None
+            elif self.settings.release >= SERIAL_BUFFER_SINCE:
+                self.serial_pending = (self.serial_pending + data)[-65536:]
 
     def op_vm_boot(self) -> Answer:
         with self.lock:
@@ -481,6 +555,7 @@ class Vmm:
             self.state = "Running"
             self.booted_at = time.monotonic()
             self.events.emit("vm", "booted")
+            self._guest_output(b"Linux version chdouble: booting\n")
             self._schedule_reset()
             return NO_CONTENT
 
@@ -616,9 +691,13 @@ class Vmm:
             if device.get("mode") == "File" and device.get("file"):
                 with contextlib.suppress(OSError), open(device["file"], "w"):
                     pass
+            elif key == "serial" and device.get("mode") == "Socket":
+                with contextlib.suppress(OSError):
+                    self._bind_serial(device.get("socket") or "")
         self.state = "Running"
         self.booted_at = time.monotonic()
         self.events.emit("vm", "rebooted")
+        self._guest_output(b"Linux version chdouble: booting again\n")
         self._schedule_reset()
 
     def _schedule_reset(self) -> None:
@@ -635,10 +714,7 @@ class Vmm:
         with self.lock:
             if self.state != "Running" or self.booted_at != booted_at or self.exiting or self.config is None:
                 return
-            serial = self.config.get("serial") or {}
-            if serial.get("mode") == "File" and serial.get("file"):
-                with contextlib.suppress(OSError), open(serial["file"], "a") as out:
-                    out.write("Kernel panic - not syncing: chdouble guest reset\n")
+            self._guest_output(b"Kernel panic - not syncing: chdouble guest reset\n")
             self.log.info_at("vmm/src/lib.rs:2151", "VM reset event")
             self.events.emit("vm", "rebooting")
             self._reboot()
@@ -673,6 +749,7 @@ class Vmm:
 
     def _vmm_shutdown(self) -> None:
         self._vm_delete()
+        self._remove_serial()
         self.events.emit("vmm", "shutdown")
         self.exiting = True
 

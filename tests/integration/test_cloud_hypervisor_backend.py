@@ -136,7 +136,9 @@ def test_start_and_stop_send_the_expected_command_line_and_requests(
     sent = [sent[pings - 1], *sent[pings : button + 1], sent[-1]]
     create = sent[1]
     assert create["headers"]["content-type"] == "application/json"
-    assert json.loads(create["body"]) == spec.config
+    # the File serial port is sent as a Socket that the serial keeper copies into the same file
+    serial_socket = {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")}
+    assert json.loads(create["body"]) == {**spec.config, "serial": serial_socket}
     for bodyless in (sent[2], sent[4], sent[5]):
         assert bodyless["body"] is None
         assert "content-type" not in bodyless["headers"]
@@ -159,7 +161,10 @@ def test_lifecycle_start_info_counters_pause_resume_and_graceful_shutdown(
 
     info = backend.info(handle)
     assert info.state is VmState.RUNNING
-    assert info.details["config"] == spec.config
+    assert info.details["config"] == {
+        **spec.config,
+        "serial": {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")},
+    }
     assert backend.ping(handle)["pid"] == handle.pid
 
     counters = backend.counters(handle)
@@ -610,3 +615,31 @@ def test_a_disk_without_image_type_loses_sector_0_from_v51(
     handle = backend.start(spec)  # sample_config's disk has no image_type
     backend.kill(handle)
     assert "Autodetected raw image type. Disabling sector 0 writes." in spec.hypervisor_log.read_text()
+
+
+@pytest.mark.parametrize("release", [40, 53])
+def test_the_serial_log_survives_guest_resets_and_is_bounded(
+    spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, release: int, clean: None
+) -> None:
+    """cloud-hypervisor empties a File serial at every reboot (vm_reboot -> pre_create_console_devices);
+    through the serial keeper the panic before a reset stays in serial.log, and the log is bounded."""
+    monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
+    monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.2")
+    backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=3.0, serial_max_bytes=600)
+    handle = backend.start(spec)
+    logs = (spec.serial_log, spec.serial_log.with_name("serial.log.1"))
+
+    def kept() -> str:
+        return "".join(p.read_text() for p in reversed(logs) if p.exists())
+
+    deadline = time.monotonic() + 20
+    while not logs[1].exists():  # each reset cycle writes ~140 bytes: rotated after about four
+        assert time.monotonic() < deadline, kept()
+        time.sleep(0.02)
+    backend.kill(handle)
+    text = kept()
+    assert "Linux version chdouble: booting\n" in text  # the first boot, before any reset
+    first_panic = text.index("Kernel panic - not syncing: chdouble guest reset")
+    assert text.index("-- procurator: serial port re-created (guest reset) --") > first_panic
+    assert text.count("Kernel panic") >= 2
+    assert all(p.stat().st_size <= 600 for p in logs)
