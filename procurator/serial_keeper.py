@@ -6,8 +6,9 @@ bound. Instead the VM's serial port is a `Socket` (the serial device accepts one
 replaces the old one, vmm/src/serial_manager.rs) and this process, connected before the guest boots,
 appends what it reads to `serial.log`. It says "connected" on its stdout once connected, so that the
 guest boots only then (before v53 the serial device drops what is written while no client is connected).
-When the socket is re-created at a reboot it connects again and writes a marker line. When the log passes `max_bytes` it becomes `serial.log.1` (one old file kept), so a
-guest flooding its console uses at most twice `max_bytes` of disk.
+When the socket is re-created at a reboot it connects again and writes a marker line. When the log passes
+`max_bytes` it becomes `serial.log.1` (one old file kept), so a guest flooding its console uses at most
+twice `max_bytes` of disk.
 
 It holds an exclusive flock on `serial.lock` (its pid inside), so there is one keeper per VM, and it exits
 when the hypervisor process exits (a pidfd), after reading what is left. It imports only the standard
