@@ -140,10 +140,12 @@ def assert_converged(host: VmHost, bundles: dict[str, Path]) -> None:
     }
     hypervisors = [p for p in host.processes() if "cloud-hypervisor" in p]
     assert len(hypervisors) == len(bundles), hypervisors
+    keepers = host.keepers()  # one serial keeper per cloud-hypervisor VM
+    assert sorted(k.split("--log ")[1].split("/")[-2] for k in keepers) == sorted(bundles), keepers
     assert len(host.taps()) == len(bundles), host.taps()
     assert sorted(p.name for p in (host.state / "vms").iterdir()) == sorted(bundles)
     sockets = sorted(p.relative_to(host.state).as_posix() for p in host.state.rglob("*.sock"))
-    assert sockets == sorted(f"vms/{n}/api.sock" for n in bundles)
+    assert sockets == sorted(f"vms/{n}/{s}" for n in bundles for s in ("api.sock", "serial.sock"))
 
 
 def kill9(pid: int) -> int:

@@ -62,8 +62,12 @@ class VmHost:
         return {vm["name"]: vm for vm in json.loads(self.ok("ps", "--json"))}
 
     def processes(self) -> list[str]:
-        """Command lines of live processes that mention this host's state directory."""
-        return processes_mentioning(str(self.root))
+        """Command lines of live processes that mention this host's state directory, serial keepers aside."""
+        return [p for p in processes_mentioning(str(self.root)) if SERIAL_KEEPER not in p]
+
+    def keepers(self) -> list[str]:
+        """Command lines of the live serial keepers of this host's VMs (one per cloud-hypervisor VM)."""
+        return [p for p in processes_mentioning(str(self.root)) if SERIAL_KEEPER in p]
 
     def taps(self) -> set[str]:
         return {n for n in self.ns.link_names() if n.startswith("pc-")}
@@ -71,7 +75,15 @@ class VmHost:
     def leftovers(self) -> dict[str, Any]:
         vms = sorted(p.name for p in (self.state / "vms").iterdir()) if (self.state / "vms").exists() else []
         sockets = sorted(str(p) for p in self.state.rglob("*.sock")) if self.state.exists() else []
-        return {"processes": self.processes(), "taps": sorted(self.taps()), "vms": vms, "sockets": sockets}
+        return {
+            "processes": self.processes() + self.keepers(),
+            "taps": sorted(self.taps()),
+            "vms": vms,
+            "sockets": sockets,
+        }
+
+
+SERIAL_KEEPER = "procurator.serial_keeper"
 
 
 def processes_mentioning(text: str) -> list[str]:
