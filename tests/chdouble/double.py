@@ -1059,7 +1059,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parse_args(args_list)
     if args.version:
-        print(f"cloud-hypervisor v{acting_as}.0")
+        # src/main.rs: "{CARGO_BIN_NAME} {BUILD_VERSION}"; build.rs makes BUILD_VERSION "v" + the crate
+        # version unless `git describe --dirty` answers (a Nix build from a tarball has no .git)
+        print(f"cloud-hypervisor v{acting_as}.0.0")
         return 0
     try:
         settings = Settings.from_env(no_shutdown=args.no_shutdown)
