@@ -542,7 +542,14 @@ class Vmm:
             if self.settings.release >= IMAGE_TYPE_SINCE:
                 for disk in self.config.get("disks") or []:
                     if disk.get("image_type", "Unknown") == "Unknown":
-                        # vmm/src/device_manager.rs (v51+): a detected raw image loses sector 0 writes
+                        # vmm/src/device_manager.rs (v51+): a detected raw image loses sector 0 writes;
+                        # from v52 a deprecation warning comes first
+                        if self.settings.release >= 52:
+                            self.log.warn_at(
+                                "vmm/src/device_manager.rs",
+                                "DEPRECATION: auto-detection of disk image type is deprecated and will be "
+                                "removed in a future release. Please specify image type explicitly.",
+                            )
                         self.log.warn_at(
                             "vmm/src/device_manager.rs:2689",
                             "Autodetected raw image type. Disabling sector 0 writes.",

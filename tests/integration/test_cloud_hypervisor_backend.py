@@ -578,6 +578,7 @@ def test_every_supported_release_boots_serves_the_console_and_stops(  # noqa: PL
     (exit_,) = [r for r in records(tmp_path, "process") if r["what"] == "exit"]
     assert exit_["code"] == 0
     assert "Disabling sector 0 writes" not in spec.hypervisor_log.read_text()
+    assert "DEPRECATION" not in spec.hypervisor_log.read_text()
 
 
 def test_an_old_release_refuses_no_shutdown_as_clap_does() -> None:
@@ -614,7 +615,9 @@ def test_a_disk_without_image_type_loses_sector_0_from_v51(
 ) -> None:
     handle = backend.start(spec)  # sample_config's disk has no image_type
     backend.kill(handle)
-    assert "Autodetected raw image type. Disabling sector 0 writes." in spec.hypervisor_log.read_text()
+    logged = spec.hypervisor_log.read_text()
+    assert "Autodetected raw image type. Disabling sector 0 writes." in logged
+    assert "DEPRECATION: auto-detection of disk image type is deprecated" in logged  # v52+, the default v53
 
 
 @pytest.mark.parametrize("release", [40, 53])
