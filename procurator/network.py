@@ -38,7 +38,7 @@ from procurator.net.names import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from procurator.net.netlink import Link, Netlink
+    from procurator.net.netlink import Link, Netlink, TunDetails
 
 
 # pyroute2 takes a few hundred milliseconds to import; commands that never touch the network (`ps`,
@@ -406,6 +406,36 @@ def ensure_tap(
     with session(cfg.netns) as nl:
         bridge = _require_bridge(nl, cfg)
         return _ensure_tap(nl, cfg, bridge, _TapSpec(name, vm, iface_id, owner_uid, multi_queue))
+
+
+PROBE_TAP = "pc-doctor"  # never a VM's TAP name: those have a '-' after at most three readable characters
+
+
+def probe_tap(cfg: NetworkConfig, owner_uid: int) -> TunDetails:
+    """Create a throwaway multi-queue TAP owned by `owner_uid`, read back what the kernel reports, and let
+    it go (it is never made persistent, so closing it deletes it). For `procurator doctor`.
+
+    NetworkError when it cannot be created, reads back otherwise, or outlives its descriptor.
+    """
+    with session(cfg.netns) as nl:
+        pending = nl.create_tap(PROBE_TAP, owner_uid, multi_queue=True)
+        if pending is None:
+            raise NetworkError(
+                f"interface {PROBE_TAP} already exists in {nl.where}; another doctor runs, or delete it "
+                f"(`ip link del {PROBE_TAP}`)"
+            )
+        with pending:
+            link = nl.link(PROBE_TAP)
+        if nl.link(PROBE_TAP) is not None:
+            raise NetworkError(f"TAP {PROBE_TAP} in {nl.where} outlived its descriptor; delete it by hand")
+    if link is None or link.tun is None or not link.tun.tap:
+        raise NetworkError(f"TAP {PROBE_TAP} in {nl.where} vanished or is not a TAP right after creation")
+    if link.tun.owner != owner_uid or not link.tun.multi_queue:
+        raise NetworkError(
+            f"TAP {PROBE_TAP} in {nl.where} reads back owner {link.tun.owner} and multi-queue "
+            f"{link.tun.multi_queue}, not {owner_uid} and True"
+        )
+    return link.tun
 
 
 def delete_tap(cfg: NetworkConfig, name: str) -> bool:

@@ -39,6 +39,7 @@ COMMANDS = {
     "net": "procurator.cli.net:net",
     "worker": "procurator.cli.worker:worker",
     "deploy": "procurator.cli.deploy:deploy",
+    "doctor": "procurator.cli.doctor:doctor",
 }
 
 

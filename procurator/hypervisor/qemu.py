@@ -401,13 +401,13 @@ def _probe_kvm(binary: str) -> tuple[bool, str]:
     `-accel kvm -cpu host` within PROBE_TIMEOUT. An openable /dev/kvm is not enough: nested setups exist
     where QEMU aborts on `-cpu host` or where guests crawl; this catches both, in milliseconds or in
     PROBE_TIMEOUT seconds."""
-    problem = _kvm_device_problem(Path("/dev/kvm"))
+    problem = kvm_device_problem(Path("/dev/kvm"))
     if problem:
         return False, problem
     return probe_guest(binary, "kvm")
 
 
-def _kvm_device_problem(device: Path) -> str:
+def kvm_device_problem(device: Path) -> str:
     """Why `device` is not a usable KVM device; empty when it is."""
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)

@@ -435,5 +435,5 @@ def test_a_qemu_that_fails_means_no_kvm_and_says_why(tmp_path: Path) -> None:
 
 
 def test_a_device_that_is_not_kvm_is_refused(tmp_path: Path) -> None:
-    assert qemu._kvm_device_problem(tmp_path / "kvm") == f"{tmp_path / 'kvm'}: No such file or directory"
-    assert qemu._kvm_device_problem(Path(os.devnull)).startswith("/dev/null: KVM_GET_API_VERSION failed")
+    assert qemu.kvm_device_problem(tmp_path / "kvm") == f"{tmp_path / 'kvm'}: No such file or directory"
+    assert qemu.kvm_device_problem(Path(os.devnull)).startswith("/dev/null: KVM_GET_API_VERSION failed")

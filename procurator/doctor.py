@@ -1,0 +1,411 @@
+"""`procurator doctor`: what a fresh worker host needs, checked one thing at a time, each with its fix.
+
+Checks run in order and never stop at the first failure: the state directory, /dev/kvm, the hypervisor
+binary (and for cloud-hypervisor its release against the supported range), a throwaway TAP owned by the
+hypervisors' user, the bridge and NAT as configured, nftables when NAT needs it; then, given a bundle,
+one VM booted end to end through the configured backend, health-checked, stopped and purged. Nothing is
+left behind: the probe TAP is never persistent, the VM is removed with its lease and volumes, and a
+bridge that the boot had to create is taken down again when no other VM exists.
+
+The result is a `Report` (JSON schema 1) that the CLI renders; a failed check makes the command fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from procurator import lifecycle, network, process
+from procurator.errors import ProcuratorError
+from procurator.lifecycle import Host, WaitFor
+from procurator.models import Bundle
+
+SCHEMA = 1
+KVM_DEVICE = Path("/dev/kvm")
+TUN_DEVICE = Path("/dev/net/tun")
+LOW_DISK_BYTES = 1 << 30  # below this much free space in the state directory: a warning
+
+
+class Status(StrEnum):
+    OK = "ok"
+    WARN = "warn"  # works, but not as it should on a production host
+    FAIL = "fail"
+    SKIP = "skip"  # not applicable to this configuration, or not asked for
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "detail": self.detail,
+            "fix": self.fix or None,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    backend: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status is not Status.FAIL for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "backend": self.backend,
+            "ok": self.ok,
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+
+class _CheckFailedError(Exception):
+    """A check's failure: what is wrong and how to fix it."""
+
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def _timed(name: str, body: Callable[[], _Outcome]) -> Check:
+    began = time.monotonic()
+    try:
+        outcome = body()
+    except _CheckFailedError as failed:
+        outcome = _Outcome(Status.FAIL, failed.detail, failed.fix)
+    except ProcuratorError as exc:
+        outcome = _Outcome(
+            Status.FAIL, exc.message, "see the message; `procurator --debug doctor` shows more"
+        )
+    return Check(name, outcome.status, outcome.detail, outcome.fix, time.monotonic() - began)
+
+
+def run(host: Host, bundle: Bundle | None, *, on_check: Callable[[Check], None] | None = None) -> Report:
+    """Every check in order (each reported to `on_check` as it ends), then the boot when `bundle` is given."""
+    backend = host.config.hypervisor.backend
+    steps: list[tuple[str, Callable[[], _Outcome]]] = [
+        ("state", lambda: _state_dir(host)),
+        ("kvm", lambda: _kvm(host)),
+        ("hypervisor", lambda: _hypervisor(host)),
+        ("tap", lambda: _tap(host)),
+        ("network", lambda: _network(host)),
+        ("nftables", lambda: _nftables(host)),
+        ("boot", lambda: _boot(host, bundle)),
+    ]
+    checks = []
+    for name, body in steps:
+        check = _timed(name, body)
+        if on_check is not None:
+            on_check(check)
+        checks.append(check)
+    return Report(backend, tuple(checks))
+
+
+# --- the host ---------------------------------------------------------------------------------------
+
+
+def _state_dir(host: Host) -> _Outcome:
+    root = host.state.root
+    try:
+        host.state.ensure()
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".doctor-") as probe:
+            probe.write(b"doctor\n")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except (OSError, ProcuratorError) as exc:
+        raise _CheckFailedError(
+            f"{root}: not writable: {getattr(exc, 'strerror', None) or exc}",
+            "point stateDir (or --state-dir) at a writable local directory",
+        ) from exc
+    free = shutil.disk_usage(root).free
+    detail = f"{root} writable, {free / (1 << 30):.1f} GiB free"
+    if free < LOW_DISK_BYTES:
+        return _Outcome(Status.WARN, detail, "free space there: volumes and serial logs live in it")
+    return _Outcome(Status.OK, detail)
+
+
+def _user_may(path: Path, user: str | None, mode: int) -> bool:
+    """Whether `user` (None: we ourselves, root here) has `mode` (a mask of R_OK/W_OK) on `path`, by its
+    owner, group and permission bits; raises OSError when `path` cannot be read."""
+    st = path.stat()
+    if user is None:
+        return os.access(path, mode)
+    entry = pwd.getpwnam(user)
+    groups = set(os.getgrouplist(user, entry.pw_gid))
+    want = {os.R_OK: 4, os.W_OK: 2, os.R_OK | os.W_OK: 6}[mode]
+    if entry.pw_uid == 0:
+        return True
+    if st.st_uid == entry.pw_uid:
+        bits = (st.st_mode >> 6) & 7
+    elif st.st_gid in groups:
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    return bits & want == want
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _kvm(host: Host) -> _Outcome:
+    from procurator.hypervisor import qemu  # noqa: PLC0415 - the probe lives with the backend that uses it
+
+    backend = host.config.hypervisor.backend
+    problem = qemu.kvm_device_problem(KVM_DEVICE)
+    if problem:
+        fix = "enable virtualisation in the firmware and load kvm_intel or kvm_amd"
+        if backend == "qemu":
+            return _Outcome(Status.WARN, f"{problem}; qemu guests run under TCG (slow)", fix)
+        raise _CheckFailedError(f"{problem}; cloud-hypervisor needs KVM", fix)
+    user = host.config.user
+    if user is not None and not _user_may(KVM_DEVICE, user, os.R_OK | os.W_OK):
+        group = _group_name(KVM_DEVICE.stat().st_gid)
+        raise _CheckFailedError(
+            f"{KVM_DEVICE} opens (KVM API 12) but user {user!r} may not open it",
+            f"add {user!r} to group {group!r} (users.users.{user}.extraGroups on NixOS)",
+        )
+    detail = f"{KVM_DEVICE} opens, KVM API 12"
+    if backend == "qemu":
+        accel = qemu.accel_setting(host.config.hypervisor.accel)
+        if accel != "tcg":
+            usable, reason = qemu.kvm_usable(host.config.hypervisor.binary or qemu.DEFAULT_BINARY)
+            if not usable:
+                return _Outcome(
+                    Status.WARN,
+                    f"{detail}, but {reason}; qemu guests run under TCG (slow)",
+                    "on nested virtualisation, enable nested KVM on the outer host",
+                )
+            detail += f"; {reason}"
+    return _Outcome(Status.OK, detail)
+
+
+def _hypervisor(host: Host) -> _Outcome:
+    settings = host.config.hypervisor
+    if settings.backend == "cloud-hypervisor":
+        from procurator.hypervisor import cloud_hypervisor as ch  # noqa: PLC0415
+
+        try:
+            binary = ch.resolve_binary(settings.binary or "cloud-hypervisor")
+            version = ch.binary_version(binary)
+        except ProcuratorError as exc:
+            raise _CheckFailedError(
+                exc.message, f"install cloud-hypervisor {ch.OLDEST_SUPPORTED} to {ch.NEWEST_KNOWN}"
+            ) from exc
+        supported = f"supported {ch.OLDEST_SUPPORTED} to {ch.NEWEST_KNOWN}"
+        if version > ch.NEWEST_KNOWN:
+            return _Outcome(
+                Status.WARN,
+                f"{binary} is cloud-hypervisor {version}, newer than checked ({supported})",
+                f"run `procurator doctor --vm REF` to check it boots, or pin {ch.NEWEST_KNOWN}",
+            )
+        flags = "with --no-shutdown" if version >= ch.NO_SHUTDOWN_SINCE else "without --no-shutdown"
+        return _Outcome(Status.OK, f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags})")
+    from procurator.hypervisor import qemu  # noqa: PLC0415
+
+    binary_name = settings.binary or qemu.DEFAULT_BINARY
+    found = shutil.which(binary_name)
+    if found is None:
+        raise _CheckFailedError(
+            f"{binary_name}: not found",
+            "install QEMU (Debian: qemu-system-x86) or set hypervisor.binary in the worker config",
+        )
+    done = process.run([found, "--version"], check=False, timeout=10.0)
+    first = (done.stdout.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+    if done.returncode != 0:
+        raise _CheckFailedError(
+            f"{found} --version failed: {first}", "reinstall QEMU or fix hypervisor.binary"
+        )
+    return _Outcome(Status.OK, f"{found}: {first}")
+
+
+def _tap(host: Host) -> _Outcome:
+    owner = host.owner()
+    uid = 0 if owner is None else owner[0]
+    user = host.config.user
+    who = f"user {user!r} (uid {uid})" if user is not None else f"uid {uid}"
+    try:
+        may_open = _user_may(TUN_DEVICE, user, os.R_OK | os.W_OK)
+    except OSError as exc:
+        raise _CheckFailedError(
+            f"{TUN_DEVICE}: {exc.strerror}", "load the tun module (`modprobe tun`)"
+        ) from exc
+    if not may_open:
+        raise _CheckFailedError(
+            f"{who} may not open {TUN_DEVICE} (mode {stat.filemode(TUN_DEVICE.stat().st_mode)})",
+            f"make {TUN_DEVICE} mode 0666 (the kernel's default) or give {who} access to it",
+        )
+    where = f" in netns {host.net.netns}" if host.net.netns else ""
+    try:
+        network.probe_tap(host.net, uid)
+    except ProcuratorError as exc:
+        raise _CheckFailedError(
+            exc.message, "run the worker as root (it needs CAP_NET_ADMIN to create TAPs)"
+        ) from exc
+    return _Outcome(Status.OK, f"a multi-queue TAP{where} owned by {who} created and removed")
+
+
+def _network(host: Host) -> _Outcome:
+    cfg = host.net
+    status = network.net_status(cfg)
+    bridge = status.bridge
+    where = f" in netns {cfg.netns}" if cfg.netns else ""
+    problems = []
+    if not bridge.present:
+        detail = (
+            f"bridge {cfg.bridge}{where} not there yet (made at the first VM start or `procurator net up`)"
+        )
+    else:
+        addresses = " ".join(bridge.addresses) or "no address"
+        detail = f"bridge {cfg.bridge}{where} {'up' if bridge.up else 'down'}, {addresses}"
+        gateway = f"{cfg.gateway_address}/{cfg.network.prefixlen}"
+        if not bridge.up or gateway not in bridge.addresses:
+            problems.append(f"bridge {cfg.bridge} should be up with {gateway}")
+    if cfg.uplink is None:
+        detail += "; no uplink, so no NAT (guests reach only the host)"
+    else:
+        nat = status.nat
+        detail += f"; uplink {cfg.uplink}, ip_forward {'on' if nat.ip_forward else 'off'}"
+        detail += f", table inet procurator {'present' if nat.table_present else 'absent'}"
+        if cfg.nat:
+            detail += f", masquerade {'on' if nat.masquerade else 'off'}"
+        if bridge.present and not (nat.table_present and nat.ip_forward and (nat.masquerade or not cfg.nat)):
+            problems.append("forwarding/NAT is not as configured")
+    if problems:
+        return _Outcome(
+            Status.WARN, f"{detail}; {'; '.join(problems)}", "run `procurator net up` (idempotent)"
+        )
+    return _Outcome(Status.OK, detail)
+
+
+def _nftables(host: Host) -> _Outcome:
+    from procurator.net import nft  # noqa: PLC0415
+
+    cfg = host.net
+    if cfg.uplink is None:
+        present = "installed" if nft.available() else "not installed"
+        return _Outcome(Status.SKIP, f"not needed without an uplink (nft {present})")
+    if not nft.available():
+        raise _CheckFailedError(
+            "nft: not found; NAT for the uplink needs it",
+            "install nftables (networking.nftables.enable on NixOS; Debian: nftables)",
+        )
+    argv = ["nft", "list", "tables"]
+    if cfg.netns is not None:
+        argv = ["ip", "netns", "exec", cfg.netns, *argv]
+    done = process.run(argv, check=False, timeout=30.0)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise _CheckFailedError(
+            f"`nft list tables` failed: {last}", "load nf_tables (`modprobe nf_tables`); run as root"
+        )
+    return _Outcome(Status.OK, f"nft works ({len(done.stdout.splitlines())} tables)")
+
+
+# --- the boot ---------------------------------------------------------------------------------------
+
+
+def _boot(host: Host, bundle: Bundle | None) -> _Outcome:
+    if bundle is None:
+        return _Outcome(
+            Status.SKIP,
+            "no VM given, none booted",
+            "run `procurator doctor --vm REF` with a small bundle to boot one end to end",
+        )
+    name = bundle.name
+    if host.state.load_record(name) is not None:
+        raise _CheckFailedError(
+            f"a VM named {name!r} already exists on this host; doctor boots its VM beside the others",
+            "give --vm a bundle with a name no VM here uses",
+        )
+    bridge_before = network.net_status(host.net).bridge.present
+    checks = bundle.meta.health if bundle.meta.interfaces else ()
+    began = time.monotonic()
+    try:
+        try:
+            record = lifecycle.up(host, bundle, wait=WaitFor.HEALTHY if checks else WaitFor.BOOTED)
+        except ProcuratorError as exc:
+            raise _CheckFailedError(
+                f"{name}: {exc.message}",
+                f"boot it by hand (`procurator up {bundle.path} --wait healthy`), read "
+                f"`procurator logs {name}`, then `procurator down --purge {name}`",
+            ) from exc
+        booted = time.monotonic() - began
+        running = [s for s in lifecycle.status(host) if s.record.name == name and s.record.pid == record.pid]
+        if not running or running[0].status is not lifecycle.Status.RUNNING:
+            raise _CheckFailedError(
+                f"VM {name!r} is not running right after its start",
+                f"read its boot log: `procurator logs {name}` while it starts",
+            )
+        stopping = time.monotonic()
+        result = lifecycle.down(host, name, purge=True)
+        stopped = time.monotonic() - stopping
+    finally:
+        leftovers = _leftovers(host, name)
+        if leftovers:  # a failure above: take the VM away, then look again
+            with contextlib.suppress(ProcuratorError):
+                lifecycle.down(host, name, purge=True)
+            leftovers = _leftovers(host, name)
+        if not bridge_before and not host.state.records():
+            network.net_down(host.net)
+    if leftovers:
+        raise _CheckFailedError(
+            f"VM {name!r} left {', '.join(leftovers)} behind", "remove them with `procurator down --purge`"
+        )
+    gate = (
+        f"healthy ({', '.join(f'{c.type} :{c.port}' for c in checks)})"
+        if checks
+        else "booted (no health checks)"
+    )
+    how = "gracefully" if result is not None and result.graceful else "by force"
+    return _Outcome(
+        Status.OK,
+        f"{name} ({host.config.hypervisor.backend}) {gate} in {booted:.1f}s, "
+        f"stopped {how} in {stopped:.1f}s, nothing left behind",
+    )
+
+
+def _leftovers(host: Host, name: str) -> list[str]:
+    found = []
+    if host.state.vm_dir(name).exists():
+        found.append(f"its directory {host.state.vm_dir(name)}")
+    if host.state.volume_dir(name).exists():
+        found.append(f"its volumes {host.state.volume_dir(name)}")
+    if host.leases().get(name) is not None:
+        found.append("its lease")
+    taps = [t.name for t in network.list_taps(host.net) if t.vm == name]
+    if taps:
+        found.append(f"TAPs {', '.join(taps)}")
+    return found
