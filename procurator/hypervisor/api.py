@@ -39,6 +39,10 @@ _UNUSED_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 # VmNotRunning, InvalidStateTransition}` ("invalid VM state transition: {from:?} to {to:?}"),
 # `Error::VmMigrating` (v53: "VM is currently migrating and can't be modified"), api/mod.rs
 # `ApiError::{VmNotBooted, VmNotCreated}` ("The VM is not booted", "The VM is not created").
+# micro_http (the API server's HTTP crate) refuses a body longer than this with a 400 and drops the
+# connection (`MAX_PAYLOAD_SIZE`); a request that big is refused here, before it is sent, with its size.
+MAX_BODY_BYTES = 51200
+
 _STATE_MARKERS = (
     "VM is not running",
     "VM is not created",
@@ -138,6 +142,12 @@ class ApiClient:
         if body is not None:
             content = json.dumps(body, separators=(",", ":")).encode()
             headers = {"Content-Type": "application/json"}
+            if len(content) > MAX_BODY_BYTES:
+                raise HypervisorError(
+                    f"{endpoint}: the request body is {len(content)} bytes, more than the {MAX_BODY_BYTES} "
+                    "cloud-hypervisor's API accepts; shorten the VM's configuration (kernel command line, "
+                    "number of disks or interfaces)"
+                )
         request = httpx.Request(
             method,
             _url(endpoint),

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
+MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
 OLDEST_RELEASE = 40
 NO_SHUTDOWN_SINCE = 52  # cloud-hypervisor/src/main.rs: the `no-shutdown` Arg first appears in v52.0
@@ -912,6 +913,12 @@ class _Handler(BaseHTTPRequestHandler):
             length = 0
         if self.headers.get("Transfer-Encoding"):
             answer = _micro_http_error("Invalid request.")
+        if answer is None and length > MAX_PAYLOAD_SIZE:  # refused before the body is read
+            answer = _micro_http_error(
+                f"Request payload with size {length} is larger than the limit of {MAX_PAYLOAD_SIZE} "
+                "allowed by server."
+            )
+            length = 0
         if answer is None and length > 0:
             body = self.rfile.read(length)
             if self.command in ("GET", "DELETE"):

@@ -354,6 +354,16 @@ def test_an_invalid_config_is_refused_with_the_spec_details(
     assert any("'payload' is a required property" in d for d in cause.details)
 
 
+def test_a_config_over_the_api_body_limit_is_refused_before_sending(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    payload = {**spec.config["payload"], "cmdline": "x" * 52000}
+    with pytest.raises(
+        HypervisorError, match=r"vm\.create: the request body is 5\d{4} bytes, more than the 51200"
+    ):
+        backend.start(replace(spec, config={**spec.config, "payload": payload}))
+
+
 def test_a_failed_boot_is_reported_and_cleaned_up(
     backend: CloudHypervisor, spec: LaunchSpec, clean: None
 ) -> None:

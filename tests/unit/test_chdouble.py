@@ -268,6 +268,22 @@ def test_unsupported_methods_and_get_bodies_get_micro_http_errors(served: Served
     assert body.startswith(b'{ "error": "Invalid request.')
 
 
+def test_bodies_over_micro_http_limit_are_refused_unread(served: Served) -> None:
+    # micro_http refuses a Content-Length over 51200 bytes before reading the body, and the VM is untouched.
+    status, _, body = raw_request(
+        served.socket_path,
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 51201\r\n\r\n{",
+    )
+    assert status == 400
+    assert body == (
+        b'{ "error": "Request payload with size 51201 is larger than the limit of 51200 allowed by server.\n'
+        b'All previous unanswered requests will be dropped." }'
+    )
+    status, _, _ = raw_request(served.socket_path, b"GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 404  # still not created
+
+
 def test_bodyless_put_without_content_length_is_accepted(served: Served) -> None:
     served.create()
     status, headers, body = raw_request(
