@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from procurator import network, process
+from procurator import network, process, sweep
 from procurator.config import WorkerConfig
 from procurator.errors import ConfigError, ConflictError, HypervisorError, NotFoundError, ProcuratorError
 from procurator.health import wait_healthy
@@ -138,7 +138,7 @@ def up(
 ) -> VmRecord:
     """Boot `bundle` as a new VM. Refuses a name that is already running."""
     name = bundle.name
-    with host.state.lock():
+    with sweep.locked(host.state, host.net):
         existing = host.state.load_record(name)
         if existing is not None and _running(existing):
             raise ConflictError(
@@ -252,7 +252,7 @@ def _shutdown(host: Host, record: VmRecord) -> StopResult | None:
 
 def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
     """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes and lease."""
-    with host.state.lock():
+    with sweep.locked(host.state, host.net):
         record = host.state.load_record(name)
         if record is None and not purge:
             raise NotFoundError(f"no VM named {name!r} on this host; see `procurator ps`")
@@ -272,7 +272,7 @@ def _release_lease(host: Host, name: str) -> None:
 
 def stop(host: Host, name: str) -> StopResult | None:
     """Stop the VM but keep its record, lease and volumes, so `start` boots the same generation again."""
-    with host.state.lock():
+    with sweep.locked(host.state, host.net):
         record = _require(host, name)
         result = _shutdown(host, record)
         _detach(host, name, record)
@@ -288,7 +288,7 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
     A start that fails keeps the record (not running, `last_exit` saying why), so the VM is not
     forgotten: `start` can be tried again and `down` removes it.
     """
-    with host.state.lock():
+    with sweep.locked(host.state, host.net):
         record = _require(host, name)
         if _running(record):
             raise ConflictError(f"VM {name!r} is already running; nothing to start")
@@ -312,7 +312,7 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
     Unlike `stop`, the desired state is kept (the record says `last_exit` = HOST_SHUTDOWN), so the worker
     boots them again when the host comes back. Each stop is bounded by its VM's shutdown timeout.
     """
-    with host.state.lock():
+    with sweep.locked(host.state, host.net):
         running = [r for r in host.state.records() if _running(r)]
         results: dict[str, StopResult | None] = {}
         errors: dict[str, ProcuratorError] = {}

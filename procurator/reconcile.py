@@ -45,7 +45,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from procurator import history, lifecycle, process
+from procurator import history, lifecycle, process, sweep
 from procurator.errors import NotFoundError, ProcuratorError, StateError, UsageError, ValidationError
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment, store_hash
@@ -612,7 +612,7 @@ def apply(
     if parallel < 1:
         raise UsageError(f"parallel must be at least 1, got {parallel}")
     started = time.monotonic()
-    with host.state.lock(lock_timeout):
+    with sweep.locked(host.state, host.net, lock_timeout):
         observed = observe(host)
         the_plan = plan(deployment, observed)
         bundles = check_bundles(deployment, the_plan)
@@ -651,7 +651,7 @@ def rollback(
 ) -> ApplyResult:
     """Apply an earlier generation of the deployment history (`to`, default the one before the current)
     and, if that succeeds, make it the current generation. Its number is the result's `history`."""
-    with host.state.lock(lock_timeout):
+    with sweep.locked(host.state, host.net, lock_timeout):
         target = history.select(history.generations(host.state), to)
         deployment = Deployment.load(Path(target.deployment))
         result = apply(host, deployment, parallel=parallel, wait=wait, record=False)

@@ -162,6 +162,10 @@ class StateDir:
         except OSError as exc:
             raise StateError(f"{self.root}: cannot create the state directory: {exc.strerror}") from exc
 
+    def held(self) -> bool:
+        """Whether this thread holds the state lock (or was lent it)."""
+        return self._holders.holds()
+
     @contextlib.contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         """Hold the state lock: one holder across processes (flock) and across threads (a mutex).

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procurator import history, lifecycle, metrics, network, process, reconcile, worker_api
+from procurator import history, lifecycle, metrics, network, process, reconcile, sweep, worker_api
 from procurator.errors import NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
 from procurator.hypervisor.cloud_hypervisor import EventReader
 from procurator.lifecycle import Host, WaitFor
@@ -450,42 +450,8 @@ class Worker:
     # --- start-up: sweep and adopt ---------------------------------------------------------------
 
     def sweep(self) -> list[str]:
-        """Remove what a daemon killed mid-operation left: hypervisors and TAPs of VMs without a record.
-
-        A hypervisor is recognised by its command line naming the VM's API socket or event file and by
-        leading its own session (as Procurator starts them); the one a record names stays.
-        """
-        done: list[str] = []
-        with self.host.state.lock():
-            records = {r.name: r for r in self.host.state.records()}
-            vms_dir = self.host.state.vms_dir
-            dirs = sorted(p.name for p in vms_dir.iterdir() if p.is_dir()) if vms_dir.is_dir() else []
-            keep = {r.pid for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
-            for pid, name in _hypervisors_in(vms_dir, dirs):
-                if pid in keep:
-                    continue
-                log.warning("sweep: killing hypervisor pid %d of %s, which no record names", pid, name)
-                process.signal_process(pid, signal.SIGKILL)
-                if not process.wait_gone(pid, None, 5.0):
-                    log.error("sweep: pid %d still runs 5s after SIGKILL", pid)
-                done.append(f"killed pid {pid} ({name})")
-            for name in dirs:
-                if name not in records:
-                    with contextlib.suppress(ProcuratorError):
-                        network.detach_vm(self.host.net, name)
-                    self.host.state.remove_vm_dir(name)
-                    done.append(f"removed {name}, which had no record")
-            try:
-                taps = network.list_taps(self.host.net)
-            except ProcuratorError as exc:
-                log.info("sweep: cannot list TAPs: %s", exc)
-                taps = []
-            for vm in sorted({t.vm for t in taps} - set(records)):
-                network.detach_vm(self.host.net, vm)
-                done.append(f"removed the TAPs of {vm}, which has no record")
-        for line in done:
-            log.info("sweep: %s", line)
-        return done
+        """Remove what a daemon or command killed mid-operation left (see `procurator.sweep`)."""
+        return sweep.sweep(self.host.state, self.host.net)
 
     def adopt(self) -> list[str]:
         """Adopt the recorded VMs still running: alive (pid and start time) and answering their backend."""
@@ -921,30 +887,3 @@ def _load_deployment(path: Path) -> Deployment:
     if not Deployment.is_deployment(path):
         raise UsageError(f"{path}: not a deployment (no deployment.json); build one with lib.mkDeployment")
     return Deployment.load(path)
-
-
-def _hypervisors_in(vms_dir: Path, names: Sequence[str]) -> list[tuple[int, str]]:
-    """(pid, VM name) of session leaders whose command line names a VM's API socket or event file."""
-    wanted = set(names)
-    prefix = f"{vms_dir}/"
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        pid = int(entry.name)
-        try:
-            if os.getsid(pid) != pid:
-                continue
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for arg in argv:
-            text = arg.decode(errors="replace")
-            if prefix not in text:
-                continue
-            name, _, rest = text.split(prefix, 1)[1].partition("/")
-            if name in wanted and rest.startswith(("api.sock", "events")):
-                found.append((pid, name))
-                break
-    return found

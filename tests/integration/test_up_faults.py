@@ -4,7 +4,9 @@ error, a non-zero exit, and nothing left behind (no process, TAP, socket, record
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,65 @@ def test_racing_ups_start_one_vm(vm_host: VmHost, example_build: ExampleBuild) -
     assert len(vm_host.taps()) == 1
     vm_host.ok("down", "web")
     assert vm_host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
+
+
+def hypervisors_of(host: VmHost, name: str) -> list[str]:
+    return [p for p in host.processes() if f"vms/{name}/" in p and "cloud-hypervisor" in p]
+
+
+def kill_mid_start(host: VmHost, name: str, *args: str) -> None:
+    """Run `procurator ARGS` with slow boots; kill -9 it once `name`'s hypervisor runs but has no record."""
+    cli = subprocess.Popen(
+        [str(PROCURATOR), *args],
+        env=host.env(CHDOUBLE_BOOT_DELAY="2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    record = host.state / "vms" / name / "record.json"
+    deadline = time.monotonic() + 30
+    try:
+        while not (hypervisors_of(host, name) and not record.exists()):
+            assert cli.poll() is None, f"procurator {' '.join(args)} ended before {name} was booting"
+            assert time.monotonic() < deadline, f"{name}'s hypervisor never started"
+            time.sleep(0.02)
+    finally:
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=10)
+    assert len(hypervisors_of(host, name)) == 1  # the orphan: a hypervisor that no record names
+    assert not record.exists()
+
+
+def assert_converged(host: VmHost, names: set[str]) -> None:
+    vms = host.ps()
+    assert set(vms) == names
+    for name, vm in vms.items():
+        assert vm["state"] == "running"
+        assert len(hypervisors_of(host, name)) == 1, hypervisors_of(host, name)
+    assert len(host.taps()) == len(names)
+    assert set(leases(host)) == names
+
+
+def test_kill_9_of_up_mid_start_then_one_rerun_converges(
+    vm_host: VmHost, example_build: ExampleBuild
+) -> None:
+    kill_mid_start(vm_host, "web", "up", str(example_build.web))
+    assert vm_host.ps() == {}  # no record: ps shows nothing, and the next up must not start a second one
+    done = vm_host.run("up", str(example_build.web))
+    assert done.returncode == 0, done.stderr
+    assert_converged(vm_host, {"web"})
+    assert process_alive(vm_host.ps()["web"]["pid"])
+
+
+def test_kill_9_of_apply_mid_start_then_one_rerun_converges(
+    vm_host: VmHost, example_build: ExampleBuild
+) -> None:
+    kill_mid_start(vm_host, "web", "apply", str(example_build.deployment), "--wait", "booted")
+    done = vm_host.run("apply", str(example_build.deployment), "--wait", "booted")
+    assert done.returncode == 0, done.stderr
+    assert_converged(vm_host, {"api", "web"})
+    again = vm_host.run("apply", str(example_build.deployment), "--wait", "booted", "--json")
+    assert json.loads(again.stdout)["changed"] is False
+
+
+def process_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()

@@ -1,0 +1,101 @@
+"""Remove what a killed predecessor left, before anything else takes the state lock's work in hand.
+
+A process killed mid-start (kill -9 of `procurator apply` or `up`, or of the worker) can leave a
+hypervisor running with no record naming it, its VM directory and its TAPs. `sweep` removes exactly
+those: hypervisors that lead their own session and name a VM directory's API socket or event file but are
+not the process a record names, VM directories without a record, and Procurator TAPs of VMs without a
+record. `locked` takes the state lock and sweeps once, for the outermost holder only, so every command
+that changes this host starts from a clean state and one re-run converges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from procurator import network, process
+from procurator.errors import ProcuratorError
+from procurator.net.config import NetworkConfig
+from procurator.state import LOCK_TIMEOUT, StateDir
+
+log = logging.getLogger(__name__)
+
+KILL_WAIT = 5.0  # seconds a swept hypervisor gets to vanish after SIGKILL
+
+
+@contextlib.contextmanager
+def locked(state: StateDir, net: NetworkConfig, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the state lock; when this is its outermost holder, sweep first."""
+    outermost = not state.held()
+    with state.lock(timeout):
+        if outermost:
+            sweep(state, net)
+        yield
+
+
+def sweep(state: StateDir, net: NetworkConfig) -> list[str]:
+    """Kill unrecorded hypervisors, remove VM directories and TAPs without a record; what was done."""
+    done: list[str] = []
+    with state.lock():
+        records = {r.name: r for r in state.records()}
+        vms_dir = state.vms_dir
+        dirs = sorted(p.name for p in vms_dir.iterdir() if p.is_dir()) if vms_dir.is_dir() else []
+        keep = {r.pid for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
+        for pid, name in hypervisors_in(vms_dir, dirs):
+            if pid in keep:
+                continue
+            log.warning("killing hypervisor pid %d of %s, which no record names", pid, name)
+            process.signal_process(pid, signal.SIGKILL)
+            if not process.wait_gone(pid, None, KILL_WAIT):
+                log.error("pid %d still runs %.0fs after SIGKILL", pid, KILL_WAIT)
+            done.append(f"killed pid {pid} ({name})")
+        for name in dirs:
+            if name not in records:
+                with contextlib.suppress(ProcuratorError):
+                    network.detach_vm(net, name)
+                state.remove_vm_dir(name)
+                done.append(f"removed {name}, which had no record")
+        try:
+            taps = network.list_taps(net)
+        except ProcuratorError as exc:
+            log.info("cannot list TAPs: %s", exc)
+            taps = []
+        for vm in sorted({t.vm for t in taps} - set(records)):
+            network.detach_vm(net, vm)
+            done.append(f"removed the TAPs of {vm}, which has no record")
+    for line in done:
+        log.info("sweep: %s", line)
+    return done
+
+
+def hypervisors_in(vms_dir: Path, names: Sequence[str]) -> list[tuple[int, str]]:
+    """(pid, VM name) of session leaders whose command line names a VM's API socket or event file."""
+    wanted = set(names)
+    if not wanted:
+        return []
+    prefix = f"{vms_dir}/"
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        try:
+            if os.getsid(pid) != pid:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in argv:
+            text = arg.decode(errors="replace")
+            if prefix not in text:
+                continue
+            name, _, rest = text.split(prefix, 1)[1].partition("/")
+            if name in wanted and rest.startswith(("api.sock", "events")):
+                found.append((pid, name))
+                break
+    return found
