@@ -112,7 +112,13 @@ class QmpClient:
             return message["return"]
 
     def _handshake(self) -> None:
-        greeting = self._read_message("greeting", time.monotonic() + self.timeout, self.timeout)
+        deadline = time.monotonic() + self.timeout
+        greeting = self._read_message("greeting", deadline, self.timeout)
+        # A client that connects while the guest starts can see an event (RESUME) broadcast before its
+        # greeting: keep the event and read on, within the same deadline.
+        while "event" in greeting and "QMP" not in greeting:
+            self._record(greeting)
+            greeting = self._read_message("greeting", deadline, self.timeout)
         if not isinstance(greeting.get("QMP"), dict):
             raise QmpError("greeting", f"expected a QMP greeting, got {_short(greeting)}")
         self.greeting = greeting["QMP"]

@@ -174,6 +174,18 @@ def test_a_wrong_greeting_is_a_protocol_error(pair: tuple[socket.socket, socket.
         qmp.QmpClient(ours, timeout=1.0)
 
 
+def test_an_event_before_the_greeting_is_kept_and_the_greeting_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Seen with QEMU 7.2 under TCG: a client connecting as the guest starts got RESUME before the greeting.
+    ours, theirs = pair
+    resume = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}\r\n'
+    FakeQemu(theirs, silent, greeting=resume + json.dumps(GREETING).encode() + b"\r\n")
+    client = qmp.QmpClient(ours, timeout=2.0)
+    assert client.greeting["version"]["qemu"]["major"] == 7
+    assert client.event_names() == ["RESUME"]
+
+
 def test_a_closed_connection_is_an_api_error(pair: tuple[socket.socket, socket.socket]) -> None:
     client, _ = session(pair, lambda _: [HANG_UP])
     with pytest.raises(
