@@ -322,16 +322,11 @@ def _nftables(host: Host) -> _Outcome:
             "nft: not found; NAT for the uplink needs it",
             "install nftables (networking.nftables.enable on NixOS; Debian: nftables)",
         )
-    argv = ["nft", "list", "tables"]
-    if cfg.netns is not None:
-        argv = ["ip", "netns", "exec", cfg.netns, *argv]
-    done = process.run(argv, check=False, timeout=30.0)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise _CheckFailedError(
-            f"`nft list tables` failed: {last}", "load nf_tables (`modprobe nf_tables`); run as root"
-        )
-    return _Outcome(Status.OK, f"nft works ({len(done.stdout.splitlines())} tables)")
+    try:
+        tables = nft.list_tables(cfg.netns)
+    except ProcuratorError as exc:
+        raise _CheckFailedError(exc.message, "load nf_tables (`modprobe nf_tables`); run as root") from exc
+    return _Outcome(Status.OK, f"nft works ({len(tables)} tables)")
 
 
 # --- the boot ---------------------------------------------------------------------------------------

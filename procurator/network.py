@@ -38,7 +38,7 @@ from procurator.net.names import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from procurator.net.netlink import Link, Netlink, TunDetails
+    from procurator.net.netlink import Link, Netlink
 
 
 # pyroute2 takes a few hundred milliseconds to import; commands that never touch the network (`ps`,
@@ -411,7 +411,7 @@ def ensure_tap(
 PROBE_TAP = "pc-doctor"  # never a VM's TAP name: those have a '-' after at most three readable characters
 
 
-def probe_tap(cfg: NetworkConfig, owner_uid: int) -> TunDetails:
+def probe_tap(cfg: NetworkConfig, owner_uid: int) -> None:
     """Create a throwaway multi-queue TAP owned by `owner_uid`, read back what the kernel reports, and let
     it go (it is never made persistent, so closing it deletes it). For `procurator doctor`.
 
@@ -435,7 +435,6 @@ def probe_tap(cfg: NetworkConfig, owner_uid: int) -> TunDetails:
             f"TAP {PROBE_TAP} in {nl.where} reads back owner {link.tun.owner} and multi-queue "
             f"{link.tun.multi_queue}, not {owner_uid} and True"
         )
-    return link.tun
 
 
 def delete_tap(cfg: NetworkConfig, name: str) -> bool:

@@ -123,6 +123,7 @@ class _Holders:
         self.mutex = threading.Lock()  # excludes the other threads of this process (flock does not)
         self.guard = threading.Lock()  # protects `threads`
         self.threads: set[int] = set()
+        self.interrupted = False  # the last holder died holding the lock (valid while it is held)
 
     def holds(self) -> bool:
         with self.guard:
@@ -166,6 +167,14 @@ class StateDir:
         """Whether this thread holds the state lock (or was lent it)."""
         return self._holders.holds()
 
+    def interrupted(self) -> bool:
+        """Whether the lock's previous holder died holding it (killed mid-operation); only while held.
+
+        The holder's pid is written into the lock file when the lock is taken and removed when it is
+        released, so a pid found there on taking it was left by a process that never released it.
+        """
+        return self.held() and self._holders.interrupted
+
     @contextlib.contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         """Hold the state lock: one holder across processes (flock) and across threads (a mutex).
@@ -188,6 +197,9 @@ class StateDir:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 self._flock(fd, deadline, timeout)
+                holders.interrupted = bool(os.pread(fd, 32, 0).strip())
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 with holders.guard:
                     holders.threads.add(threading.get_ident())
                 try:
@@ -195,6 +207,7 @@ class StateDir:
                 finally:
                     with holders.guard:
                         holders.threads.clear()
+                    os.ftruncate(fd, 0)  # released, not abandoned
                     fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)

@@ -61,3 +61,24 @@ def test_lent_threads_act_under_the_holders_lock(tmp_path: Path) -> None:
         assert list(pool.map(state.lend(step), range(8))) == [n * 2 for n in range(8)]
     with pytest.raises(StateError, match="needs the state lock held"):
         state.lend(step)
+
+
+def test_a_holder_killed_holding_the_lock_is_known_to_the_next_one(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    with state.lock():
+        assert state.interrupted() is False  # a fresh state directory
+    with state.lock():
+        assert state.interrupted() is False  # released normally
+    script = (
+        "import os, signal, sys; from pathlib import Path; from procurator.state import StateDir\n"
+        "with StateDir(Path(sys.argv[1])).lock(): os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=30, check=False)
+    assert killed.returncode == -9
+    with state.lock():
+        assert state.interrupted() is True
+        with state.lock():  # re-entered: still the same holding
+            assert state.interrupted() is True
+    with state.lock():
+        assert state.interrupted() is False  # this holder released it
+    assert state.interrupted() is False  # not held
