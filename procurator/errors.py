@@ -70,6 +70,16 @@ class StateError(ProcuratorError):
     """The state directory cannot be read or written."""
 
 
+class DamagedStateError(StateError):
+    """A state file is there but cannot be parsed: the message names it, what is wrong and the fix."""
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: damaged state file: {problem}; {fix}")
+        self.path = path
+        self.problem = problem
+        self.fix = fix
+
+
 class LockBusyError(StateError):
     """Another mutating command holds the state lock."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import pwd
 import threading
@@ -21,15 +22,24 @@ from typing import Any
 
 from procurator import network, process, sweep
 from procurator.config import WorkerConfig
-from procurator.errors import ConfigError, ConflictError, HypervisorError, NotFoundError, ProcuratorError
+from procurator.errors import (
+    ConfigError,
+    ConflictError,
+    DamagedStateError,
+    HypervisorError,
+    NotFoundError,
+    ProcuratorError,
+)
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
 from procurator.models import Bundle
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
-from procurator.state import StateDir, VmRecord, atomic_write_json
+from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json
 from procurator.volumes import ensure_volumes, purge_volumes
 
 HypervisorFactory = Callable[[str], Hypervisor]
+DAMAGED = "damaged"  # the state `ps` shows for a VM whose record cannot be read
+log = logging.getLogger(__name__)
 
 
 class WaitFor(StrEnum):
@@ -89,7 +99,13 @@ class Host:
         return self.config.network
 
     def leases(self) -> network.Leases:
-        return network.Leases(self.state.leases_path, self.net)
+        """The lease table; when its file is gone, rebuilt first from the VM records' addresses, so no
+        address a VM holds is handed to another (a live TAP without a record is the sweep's to remove)."""
+        return network.Leases(self.state.leases_path, self.net, recorded=self._recorded_leases)
+
+    def _recorded_leases(self) -> dict[str, str]:
+        records, _ = self.state.scan()
+        return {r.name: r.ip for r in records if r.ip}
 
     def owner(self) -> tuple[int, int] | None:
         """(uid, gid) of the user hypervisors run as; None when they run as ourselves."""
@@ -123,6 +139,12 @@ def _forget(host: Host, name: str, record: VmRecord | None = None) -> None:
     host.state.remove_vm_dir(name)
 
 
+def _end_strays(host: Host, name: str) -> list[int]:
+    """Kill hypervisors still running in VM `name`'s directory though its record says it is not running
+    (a record damaged or written by hand): one hypervisor per VM, and no TAP removed under a live guest."""
+    return sweep.kill_strays(host.state, name)
+
+
 def _detach(host: Host, name: str, record: VmRecord | None) -> None:
     """Remove the VM's TAPs: those its record names, or (no record of them) any carrying its alias."""
     network.detach_vm(host.net, name, record.taps if record is not None and record.taps else None)
@@ -146,6 +168,7 @@ def up(
                 f"run `procurator down {name}` first"
             )
         if existing is not None:
+            _end_strays(host, name)
             _forget(host, name, existing)
         return _start(host, bundle, backend or host.config.hypervisor.backend, wait, restarts)
 
@@ -253,15 +276,30 @@ def _shutdown(host: Host, record: VmRecord) -> StopResult | None:
 def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
     """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes and lease."""
     with sweep.locked(host.state, host.net):
-        record = host.state.load_record(name)
-        if record is None and not purge:
-            raise NotFoundError(f"no VM named {name!r} on this host; see `procurator ps`")
-        result = _shutdown(host, record) if record is not None else None
+        try:
+            record = host.state.load_record(name)
+        except DamagedStateError:
+            result = _down_damaged(host, name)
+            record = None
+        else:
+            if record is None and not purge:
+                raise NotFoundError(f"no VM named {name!r} on this host; see `procurator ps`")
+            result = _shutdown(host, record) if record is not None else None
+            if record is not None and result is None:
+                _end_strays(host, name)
         _forget(host, name, record)
         if purge:
             purge_volumes(host.state, name)
             _release_lease(host, name)
         return result
+
+
+def _down_damaged(host: Host, name: str) -> StopResult | None:
+    """Stop what runs in the directory of a VM whose record is damaged, and move the record aside."""
+    killed = _end_strays(host, name)
+    aside = host.state.set_aside(name)
+    log.warning("%s: the damaged record is kept as %s", name, aside)
+    return StopResult(graceful=False, steps=("damaged record", "SIGKILL")) if killed else None
 
 
 def _release_lease(host: Host, name: str) -> None:
@@ -293,6 +331,7 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
         if _running(record):
             raise ConflictError(f"VM {name!r} is already running; nothing to start")
         bundle = Bundle.load(Path(record.bundle))
+        _end_strays(host, name)
         network.detach_vm(host.net, name)
         try:
             return _start(host, bundle, record.backend, wait, record.restarts)
@@ -313,7 +352,10 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
     boots them again when the host comes back. Each stop is bounded by its VM's shutdown timeout.
     """
     with sweep.locked(host.state, host.net):
-        running = [r for r in host.state.records() if _running(r)]
+        records, damaged = host.state.scan()
+        for bad in damaged:  # its process is unknown: left to run, the guest's own shutdown ends it
+            log.warning("%s: not stopped: %s", bad.name, bad.error)
+        running = [r for r in records if _running(r)]
         results: dict[str, StopResult | None] = {}
         errors: dict[str, ProcuratorError] = {}
 
@@ -343,9 +385,38 @@ def _require(host: Host, name: str) -> VmRecord:
 
 
 def status(host: Host) -> list[VmStatus]:
-    """Every recorded VM with its state, from the process table alone (no hypervisor calls)."""
+    """Every recorded VM with its state, from the process table alone (no hypervisor calls).
+
+    A damaged record stops it (DamagedStateError): for callers that act on every VM. `listing` reports
+    the damaged ones apart instead.
+    """
+    statuses, damaged = listing(host)
+    if damaged:
+        raise damaged[0].error
+    return statuses
+
+
+def listing(host: Host) -> tuple[list[VmStatus], list[Damaged]]:
+    """`status` of every readable record, and apart the VMs whose record is damaged."""
     now = host.clock()
-    return [classify(record, _running(record), now) for record in host.state.records()]
+    records, damaged = host.state.scan()
+    return [classify(record, _running(record), now) for record in records], damaged
+
+
+def damaged_json(bad: Damaged) -> dict[str, Any]:
+    """A damaged VM as `ps --json` lists it: the keys of `VmStatus.to_json`, unknown ones null."""
+    return {
+        "name": bad.name,
+        "state": DAMAGED,
+        "generation": None,
+        "bundle": None,
+        "backend": None,
+        "ip": None,
+        "pid": None,
+        "uptime": None,
+        "restarts": None,
+        "problem": bad.error.message,
+    }
 
 
 def classify(record: VmRecord, running: bool, now: float) -> VmStatus:
@@ -360,7 +431,9 @@ def classify(record: VmRecord, running: bool, now: float) -> VmStatus:
 
 
 def serial_log(host: Host, name: str) -> Path:
-    _require(host, name)
+    """The VM's serial log; also of a VM whose record is damaged (the log may say what happened)."""
+    if not host.state.record_path(name).exists():
+        _require(host, name)
     return host.state.vm_dir(name) / "serial.log"
 
 

@@ -49,7 +49,7 @@ from procurator import history, lifecycle, process, sweep
 from procurator.errors import NotFoundError, ProcuratorError, StateError, UsageError, ValidationError
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment, store_hash
-from procurator.state import LOCK_TIMEOUT, VmRecord
+from procurator.state import LOCK_TIMEOUT, VmRecord, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +276,10 @@ def _read_file(path: str) -> bytes:
 
 def _read_record(host: Host, path: str, name: str) -> VmRecord | None:
     try:
-        return VmRecord.parse(path, json.loads(_read_file(path)))
+        return parse_record(path, json.loads(_read_file(path)), name)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the slow reader says what is wrong
         return host.state.load_record(name)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,8 +21,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from procurator.errors import LockBusyError, StateError, ValidationError
+from procurator.errors import DamagedStateError, LockBusyError, StateError, ValidationError
 from procurator.hypervisor.base import Handle
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/procurator")
 LOCK_TIMEOUT = 30.0
@@ -56,16 +59,34 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    """Read a state file; a damaged one is a StateError that names it and says what to do."""
+MAX_STATE_FILE = 16 * 1024 * 1024  # bytes; a state file larger than this is damage, not state
+_MOVE_ASIDE = "move it aside and run the command again"
+
+
+def read_json(path: Path, *, fix: str = _MOVE_ASIDE) -> Any:
+    """Read a state file. A missing one is FileNotFoundError; one that is there but is no JSON (torn,
+    not UTF-8, nested too deep, a directory, too large) is a DamagedStateError naming it and `fix`."""
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATE_FILE + 1)
     except FileNotFoundError:
         raise
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StateError(
-            f"{path}: damaged state file ({exc}); move it aside and run the command again"
+    except IsADirectoryError as exc:
+        raise DamagedStateError(path, "a directory, not a file", fix) from exc
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_STATE_FILE:
+        raise DamagedStateError(path, f"larger than {MAX_STATE_FILE} bytes", fix)
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise DamagedStateError(path, f"not UTF-8 (byte {exc.start})", fix) from exc
+    except json.JSONDecodeError as exc:
+        raise DamagedStateError(
+            path, f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", fix
         ) from exc
+    except (ValueError, RecursionError) as exc:  # an integer of >4300 digits, nesting past the stack
+        raise DamagedStateError(path, f"not JSON that can be read ({type(exc).__name__})", fix) from exc
 
 
 @dataclass(frozen=True)
@@ -102,18 +123,88 @@ class VmRecord:
         return data
 
     @classmethod
-    def parse(cls, source: str, data: Any) -> VmRecord:
+    def parse(cls, source: str, data: Any, *, directory: str | None = None) -> VmRecord:
+        """The record in `data` (read from `source`), every field checked; a damaged one is refused.
+
+        `directory` is the name of the VM directory it was read from: the record's `name` must be it (a
+        record is found by its directory, and a name that says otherwise is damage, never a rename).
+        """
         if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
             raise ValidationError(source, "schema", f"expected a VM record of schema {RECORD_SCHEMA}")
-        fields = {k: v for k, v in data.items() if k != "schema"}
-        fields["taps"] = tuple(fields.get("taps", ()))
-        try:
-            return cls(**fields)
-        except TypeError as exc:
-            raise ValidationError(source, "", f"not a VM record: {exc}") from exc
+        fields: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "schema":
+                continue
+            kind = _RECORD_FIELDS.get(key)
+            if kind is None:
+                raise ValidationError(source, key, "unknown field of a VM record")
+            fields[key] = _checked(source, key, kind, value)
+        missing = [k for k in _RECORD_REQUIRED if k not in fields]
+        if missing:
+            raise ValidationError(source, missing[0], "missing from the VM record")
+        if fields.get("desired", "running") not in RECORD_DESIRED:
+            raise ValidationError(
+                source, "desired", f"{fields['desired']!r} is not one of {', '.join(RECORD_DESIRED)}"
+            )
+        if directory is not None and fields["name"] != directory:
+            raise ValidationError(
+                source, "name", f"{fields['name']!r} is not the name of its directory {directory!r}"
+            )
+        return cls(**fields)
 
     def with_(self, **changes: Any) -> VmRecord:
         return replace(self, **changes)
+
+
+RECORD_DESIRED = ("running", "stopped", "failed")
+_RECORD_FIELDS: dict[str, str] = {
+    "name": "str",
+    "bundle": "str",
+    "generation": "str",
+    "backend": "str",
+    "pid": "count",
+    "start_time": "count",
+    "api_socket": "str",
+    "vm_dir": "str",
+    "taps": "strs",
+    "ip": "str",
+    "mac": "str",
+    "netns": "str?",
+    "created_at": "seconds",
+    "started_at": "seconds",
+    "restarts": "count",
+    "shutdown_timeout": "seconds",
+    "desired": "str",
+    "last_exit": "str",
+}
+_RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
+_MAX_COUNT = 2**63 - 1
+
+
+def _checked(source: str, key: str, kind: str, value: Any) -> Any:
+    """`value` of record field `key` if it has the field's kind (see _RECORD_FIELDS); else refused."""
+    if kind == "str" or (kind == "str?" and value is not None):
+        if isinstance(value, str):
+            return value
+        raise ValidationError(source, key, f"expected a string, not {_shown(value)}")
+    if kind == "str?":
+        return None
+    if kind == "strs":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValidationError(source, key, f"expected a list of strings, not {_shown(value)}")
+    if kind == "count":
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
+            return value
+        raise ValidationError(source, key, f"expected a whole number from 0, not {_shown(value)}")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf"):
+        return float(value)
+    raise ValidationError(source, key, f"expected a number of seconds from 0, not {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 class _Holders:
@@ -194,12 +285,10 @@ class StateDir:
             )
         try:
             self.ensure()
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open_lock()
             try:
                 self._flock(fd, deadline, timeout)
-                holders.interrupted = bool(os.pread(fd, 32, 0).strip())
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                holders.interrupted = self._mark_held(fd)
                 with holders.guard:
                     holders.threads.add(threading.get_ident())
                 try:
@@ -207,12 +296,42 @@ class StateDir:
                 finally:
                     with holders.guard:
                         holders.threads.clear()
-                    os.ftruncate(fd, 0)  # released, not abandoned
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, 0)  # released, not abandoned
                     fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
         finally:
             holders.mutex.release()
+
+    def _open_lock(self) -> int:
+        path = self.lock_path
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except IsADirectoryError as exc:
+            raise StateError(f"{path}: a directory, not the lock file; remove it (rmdir) and retry") from exc
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                fix = "the state directory is on a read-only file system; remount it read-write"
+            elif exc.errno in (errno.EACCES, errno.EPERM):
+                fix = "run as root (or as the owner of the state directory)"
+            elif exc.errno == errno.ELOOP:
+                fix = "it is a symlink; remove it and retry"
+            else:
+                fix = "check the state directory"
+            raise StateError(f"{path}: cannot open the state lock: {exc.strerror}; {fix}") from exc
+
+    @staticmethod
+    def _mark_held(fd: int) -> bool:
+        """Write our pid into the lock file; whether a previous holder's pid was still there."""
+        try:
+            interrupted = bool(os.pread(fd, 32, 0).strip())
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk: the lock holds all the same, only the mark is lost
+            log.warning("cannot mark the state lock as held: %s", exc.strerror or exc)
+            return False
+        return interrupted
 
     def _flock(self, fd: int, deadline: float, timeout: float) -> None:
         while True:
@@ -250,12 +369,14 @@ class StateDir:
 
     # --- records -----------------------------------------------------------------------------------
     def load_record(self, name: str) -> VmRecord | None:
+        """The record of VM `name`; None when it has none. A damaged one is a DamagedStateError."""
         path = self.record_path(name)
+        fix = record_fix(name)
         try:
-            data = read_json(path)
+            data = read_json(path, fix=fix)
         except FileNotFoundError:
             return None
-        return VmRecord.parse(str(path), data)
+        return parse_record(path, data, name)
 
     def save_record(self, record: VmRecord) -> None:
         atomic_write_json(self.record_path(record.name), record.to_json())
@@ -263,12 +384,62 @@ class StateDir:
     def remove_vm_dir(self, name: str) -> None:
         shutil.rmtree(self.vm_dir(name), ignore_errors=True)
 
-    def records(self) -> list[VmRecord]:
+    def scan(self) -> tuple[list[VmRecord], list[Damaged]]:
+        """Every VM directory's record, and apart the VMs whose record is damaged (by name)."""
         if not self.vms_dir.is_dir():
-            return []
-        out = []
+            return [], []
+        out: list[VmRecord] = []
+        damaged: list[Damaged] = []
         for child in sorted(self.vms_dir.iterdir()):
-            record = self.load_record(child.name)
+            try:
+                record = self.load_record(child.name)
+            except DamagedStateError as exc:
+                damaged.append(Damaged(child.name, exc))
+                continue
             if record is not None:
                 out.append(record)
-        return out
+        return out, damaged
+
+    def records(self) -> list[VmRecord]:
+        """Every record; a damaged one stops the caller (a command that needs them all)."""
+        records, damaged = self.scan()
+        if damaged:
+            raise damaged[0].error
+        return records
+
+    def set_aside(self, name: str) -> Path | None:
+        """Move VM `name`'s record out of the way (to `damaged/`), kept for reading; where it went."""
+        path = self.record_path(name)
+        if not path.exists() and not path.is_symlink():
+            return None
+        aside = self.root / "damaged" / f"{name}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.record"
+        try:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, aside)
+        except OSError as exc:
+            raise StateError(f"{path}: cannot move the damaged record aside: {exc.strerror or exc}") from exc
+        return aside
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A VM directory whose record cannot be read: `error` says why and what to do."""
+
+    name: str
+    error: DamagedStateError
+
+
+def record_fix(name: str) -> str:
+    return (
+        f"run `procurator down {name}` (it stops what runs in that VM's directory and moves the record "
+        "aside; volumes and lease are kept), then apply again"
+    )
+
+
+def parse_record(path: Path | str, data: Any, name: str) -> VmRecord:
+    """`VmRecord.parse` of the record read from VM directory `name`; refused as damaged state."""
+    try:
+        return VmRecord.parse(str(path), data, directory=name)
+    except ValidationError as exc:
+        problem = f"{exc.field}: {exc.problem}" if exc.field else exc.problem
+        raise DamagedStateError(path, problem, record_fix(name)) from exc

@@ -43,20 +43,25 @@ def sweep(state: StateDir, net: NetworkConfig) -> list[str]:
     """Kill unrecorded hypervisors, remove VM directories and TAPs without a record; what was done."""
     done: list[str] = []
     with state.lock():
-        records = {r.name: r for r in state.records()}
+        readable, damaged = state.scan()
+        records = {r.name: r for r in readable}
+        # A VM whose record is damaged is left as it is (its hypervisor, directory and TAPs) until
+        # `procurator down NAME` decides: what runs there may be the VM, and a sweep must not guess.
+        aside = {d.name for d in damaged}
+        kept = set(records) | aside
+        for bad in damaged:
+            log.warning("sweep: leaving %s alone: %s", bad.name, bad.error)
         vms_dir = state.vms_dir
         dirs = sorted(p.name for p in vms_dir.iterdir() if p.is_dir()) if vms_dir.is_dir() else []
         keep = {r.pid for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
-        for pid, name in hypervisors_in(vms_dir, dirs):
+        for pid, name in hypervisors_in(vms_dir, [d for d in dirs if d not in aside]):
             if pid in keep:
                 continue
             log.warning("killing hypervisor pid %d of %s, which no record names", pid, name)
-            process.signal_process(pid, signal.SIGKILL)
-            if not process.wait_gone(pid, None, KILL_WAIT):
-                log.error("pid %d still runs %.0fs after SIGKILL", pid, KILL_WAIT)
+            _kill(pid)
             done.append(f"killed pid {pid} ({name})")
         for name in dirs:
-            if name not in records:
+            if name not in kept:
                 with contextlib.suppress(ProcuratorError):
                     network.detach_vm(net, name)
                 state.remove_vm_dir(name)
@@ -66,12 +71,27 @@ def sweep(state: StateDir, net: NetworkConfig) -> list[str]:
         except ProcuratorError as exc:
             log.info("cannot list TAPs: %s", exc)
             taps = []
-        for vm in sorted({t.vm for t in taps} - set(records)):
+        for vm in sorted({t.vm for t in taps} - kept):
             network.detach_vm(net, vm)
             done.append(f"removed the TAPs of {vm}, which has no record")
     for line in done:
         log.info("sweep: %s", line)
     return done
+
+
+def kill_strays(state: StateDir, name: str) -> list[int]:
+    """Kill every hypervisor running in VM `name`'s directory (its record says none should); their pids."""
+    found = [pid for pid, _ in hypervisors_in(state.vms_dir, [name])]
+    for pid in found:
+        log.warning("%s: killing hypervisor pid %d, which its record does not name", name, pid)
+        _kill(pid)
+    return found
+
+
+def _kill(pid: int) -> None:
+    process.signal_process(pid, signal.SIGKILL)
+    if not process.wait_gone(pid, None, KILL_WAIT):
+        log.error("pid %d still runs %.0fs after SIGKILL", pid, KILL_WAIT)
 
 
 def hypervisors_in(vms_dir: Path, names: Sequence[str]) -> list[tuple[int, str]]:

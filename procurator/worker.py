@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from procurator import history, lifecycle, metrics, network, process, reconcile, sweep, worker_api
-from procurator.errors import NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
+from procurator.errors import DamagedStateError, NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
 from procurator.hypervisor.cloud_hypervisor import EventReader
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
-from procurator.state import StateDir, VmRecord
+from procurator.state import Damaged, StateDir, VmRecord
 from procurator.supervision import (
     DEFAULT_INTERVAL,
     DEFAULT_POLL,
@@ -225,8 +225,10 @@ class RecordCache:
     def __init__(self, state: StateDir) -> None:
         self.state = state
         self._seen: dict[str, tuple[tuple[int, int, int], VmRecord]] = {}
+        self.damaged: dict[str, Damaged] = {}  # VMs set aside: their record cannot be read
 
     def records(self) -> list[VmRecord]:
+        """The readable records; a damaged one is set aside in `damaged` (logged once) and skipped."""
         try:
             entries = sorted(e.name for e in os.scandir(self.state.vms_dir) if e.is_dir())
         except FileNotFoundError:
@@ -244,14 +246,28 @@ class RecordCache:
             if cached is not None and cached[0] == key:
                 out.append(cached[1])
                 continue
-            record = self.state.load_record(name)
+            try:
+                record = self.state.load_record(name)
+            except DamagedStateError as exc:
+                self._seen.pop(name, None)
+                self._set_aside(Damaged(name, exc))
+                continue
+            self.damaged.pop(name, None)
             if record is None:
                 continue
             self._seen[name] = (key, record)
             out.append(record)
         for name in set(self._seen) - set(entries):
             del self._seen[name]
+        for name in set(self.damaged) - set(entries):
+            del self.damaged[name]
         return out
+
+    def _set_aside(self, bad: Damaged) -> None:
+        known = self.damaged.get(bad.name)
+        if known is None or known.error.message != bad.error.message:  # once per damage, not every pass
+            log.error("%s: not supervised: %s", bad.name, bad.error)
+        self.damaged[bad.name] = bad
 
 
 def observe_exit(record: VmRecord, events: EventsWatch, *, alive: bool | None = None) -> Exit | None:
@@ -457,7 +473,7 @@ class Worker:
         """Adopt the recorded VMs still running: alive (pid and start time) and answering their backend."""
         alive = [
             r
-            for r in self.host.state.records()
+            for r in self._records.records()
             if r.desired == "running" and process.alive(r.pid, r.start_time)
         ]
         adopted = []
@@ -524,7 +540,7 @@ class Worker:
                     return None
                 # VMs the host's shutdown stopped (`procurator shutdown`) come back with the host,
                 # whatever their restart policy says about exits.
-                held = {r.name for r in self.host.state.records() if r.last_exit == lifecycle.HOST_SHUTDOWN}
+                held = {r.name for r in self._records.records() if r.last_exit == lifecycle.HOST_SHUTDOWN}
                 drift = [
                     a
                     for a in the_plan.actions
@@ -783,16 +799,21 @@ class Worker:
                 "reconciles": sum(self._reconciles.values()),
                 "restarts": self._restarted_total,
             },
-            "vms": [s.to_json() for s in lifecycle.status(self.host)],
+            "vms": self._vms_json(),
             "supervision": self.supervision_json(),
         }
 
+    def _vms_json(self) -> list[dict[str, Any]]:
+        statuses, damaged = lifecycle.listing(self.host)
+        rows = [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged]
+        return sorted(rows, key=lambda row: str(row["name"]))
+
     def metrics_text(self) -> str:
         """The Prometheus exposition: one API call per VM at most (device counters, cached)."""
-        statuses = lifecycle.status(self.host)
+        statuses, damaged = lifecycle.listing(self.host)
         running = [s.record for s in statuses if s.status is lifecycle.Status.RUNNING]
         counters = self.counters.get(running)
-        families = _vm_families(statuses)
+        families = _vm_families(statuses, damaged)
         families += metrics.device_families(counters)
         families += self._worker_families()
         return metrics.render(families)
@@ -834,7 +855,9 @@ class Worker:
         return [total, duration, success, stamp, restarts, up]
 
 
-def _vm_families(statuses: Sequence[lifecycle.VmStatus]) -> list[metrics.Family]:
+def _vm_families(
+    statuses: Sequence[lifecycle.VmStatus], damaged: Sequence[Damaged] = ()
+) -> list[metrics.Family]:
     p, kind = metrics.PREFIX, metrics.MetricType
     up = metrics.Family(p + "vm_up", "Whether the VM's hypervisor runs (1) or not (0).", kind.GAUGE)
     state = metrics.Family(p + "vm_state", "The VM's state (1 for its current one).", kind.GAUGE)
@@ -865,6 +888,8 @@ def _vm_families(statuses: Sequence[lifecycle.VmStatus]) -> list[metrics.Family]
         if figures is not None:
             cpu.add(figures.cpu_seconds, vm)
             rss.add(figures.rss_bytes, vm)
+    for bad in damaged:  # set aside: not supervised until `procurator down NAME`
+        state.add(1, {"vm": bad.name, "state": lifecycle.DAMAGED})
     return [up, state, uptime, restarts, cpu, rss]
 
 

@@ -111,9 +111,15 @@ def start(ctx: click.Context, names: tuple[str, ...], wait: str) -> None:
 @click.pass_context
 def ps(ctx: click.Context, as_json: bool) -> None:
     """List the VMs on this host."""
-    rows = lifecycle.status(host(ctx))
+    statuses, damaged = lifecycle.listing(host(ctx))
+    rows = sorted(
+        [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged],
+        key=lambda row: str(row["name"]),
+    )
+    for bad in damaged:
+        note(f"{bad.name}: {bad.error}")
     if as_json:
-        emit_json([r.to_json() for r in rows])
+        emit_json(rows)
         return
     emit_table(
         ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS"],
@@ -121,14 +127,14 @@ def ps(ctx: click.Context, as_json: bool) -> None:
             [
                 j["name"],
                 j["state"],
-                j["generation"][:12],
-                j["backend"],
+                (j["generation"] or "-")[:12],
+                j["backend"] or "-",
                 j["ip"],
                 j["pid"],
                 _fmt_uptime(j["uptime"]),
-                j["restarts"],
+                "-" if j["restarts"] is None else j["restarts"],
             ]
-            for j in (r.to_json() for r in rows)
+            for j in rows
         ],
     )
 

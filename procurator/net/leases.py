@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 from pathlib import Path
 
-from procurator.errors import LeaseExhaustedError, StateError, ValidationError
+from procurator.errors import DamagedStateError, LeaseExhaustedError, StateError, ValidationError
 from procurator.net.config import NetworkConfig
 from procurator.net.names import check_id, mac_address
 from procurator.state import atomic_write, read_json
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 LEASES_SCHEMA = 1
 DEFAULT_INTERFACE = "net0"  # interface id whose derived MAC a lease records when none is given
+REBUILD_FIX = "move it aside: it is rebuilt from the VM records at the next command"
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -44,7 +45,9 @@ class Lease:
 class Leases:
     """The lease table of one host for the subnet of `config`; loaded on construction."""
 
-    def __init__(self, path: Path, config: NetworkConfig) -> None:
+    def __init__(
+        self, path: Path, config: NetworkConfig, *, recorded: Callable[[], Mapping[str, str]] | None = None
+    ) -> None:
         self.path = path
         self.subnet = config.network
         self.gateway = config.gateway_address
@@ -54,15 +57,19 @@ class Leases:
         self._rows: dict[str, tuple[Lease, str]] = {}  # rendered file lines, so a save is O(n) joins only
         self._used: set[int] = {int(self.gateway)}
         self._hint = self._first  # no free address below this one
-        self._load()
+        try:
+            self._load()
+        except FileNotFoundError:
+            if recorded is not None:
+                self._rebuild(recorded())
+        except ValidationError as exc:
+            problem = f"{exc.field}: {exc.problem}" if exc.field else exc.problem
+            raise DamagedStateError(path, problem, REBUILD_FIX) from exc
 
     # -- reading -------------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        try:
-            data = read_json(self.path)
-        except FileNotFoundError:
-            return
+        data = read_json(self.path, fix=REBUILD_FIX)
         source = str(self.path)
         if not isinstance(data, dict) or data.get("schema") != LEASES_SCHEMA:
             raise ValidationError(source, "schema", f"expected a lease file of schema {LEASES_SCHEMA}")
@@ -94,6 +101,22 @@ class Leases:
                 continue
             self._leases[name] = Lease(str(ip), mac)
             self._used.add(value)
+
+    def _rebuild(self, recorded: Mapping[str, str]) -> None:
+        """The table of a missing lease file, from the addresses (VM name -> IP) the VM records hold, each
+        with the MAC `acquire` gives; written at once."""
+        for name, ip in sorted(recorded.items()):
+            try:
+                value = int(IPv4Address(ip))
+            except (AddressValueError, ValueError):
+                continue
+            if not self._usable(value) or value in self._used:
+                continue
+            self._leases[name] = Lease(str(IPv4Address(value)), mac_address(name, DEFAULT_INTERFACE))
+            self._used.add(value)
+        if self._leases:
+            log.warning("%s was missing: rebuilt from %d VM record(s)", self.path, len(self._leases))
+            self._save()
 
     def _usable(self, value: int) -> bool:
         return self._first <= value <= self._last and value != int(self.gateway)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from procurator import process
+from procurator.state import record_fix
 from tests.integration.conftest import ExampleBuild, NixBuild
 from tests.support.bundles import write_deployment
 from tests.support.host import PROCURATOR, REPO, VmHost
@@ -336,7 +337,7 @@ def test_a_damaged_record_is_named_and_nothing_changes(vm_host: VmHost, example_
     record.write_text(text[: len(text) // 2])
     done = host.run("apply", str(example_build.deployment))
     assert done.returncode == 1
-    assert done.stderr.startswith(f"error: {record}: damaged state file (")
-    assert done.stderr.strip().endswith("move it aside and run the command again")
+    assert done.stderr.startswith(f"error: {record}: damaged state file: not JSON (")
+    assert done.stderr.strip().endswith(record_fix("web"))
     assert sorted(host.processes()) == processes
     record.write_text(text)  # repaired: the fixture's teardown stops both VMs

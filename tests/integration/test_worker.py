@@ -345,6 +345,41 @@ def test_kill_9_mid_apply_then_restart_adopts_and_converges(
     assert_converged(vm_host, release2.bundles)
 
 
+def test_a_damaged_record_is_set_aside_and_the_rest_supervised(
+    vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon()
+    assert daemon.apply(example_build.deployment)["success"]
+    kill9(daemon.proc.pid)
+    web = record(vm_host, "web")
+    path = vm_host.state / "vms" / "web" / "record.json"
+    path.write_text(json.dumps({**web, "name": "api"}))  # a name that is not its directory's
+
+    daemon = start_daemon()  # starts all the same
+    wait_for("adoption", lambda: "adopted" in daemon.output())
+    vms = daemon.vms()
+    assert vms["web"]["state"] == "damaged"
+    assert "'api' is not the name of its directory 'web'" in vms["web"]["problem"]
+    assert vms["api"]["state"] == "running"
+    assert process.alive(web["pid"], web["start_time"])  # the damaged VM's guest is left running
+    parsed = parse_exposition(daemon.metrics())
+    assert parsed.one("procurator_vm_state", vm="web", state="damaged") == 1
+    assert parsed.one("procurator_vm_state", vm="api", state="running") == 1
+    assert f"web: not supervised: {path}: damaged state file: name:" in daemon.output()
+
+    api = vms["api"]
+    kill9(api["pid"])  # the rest is supervised: api comes back
+    wait_for("api to be restarted", lambda: restarted(daemon, "api", api["pid"], 1))
+    assert daemon.output().count("web: not supervised") == 1  # logged once, not at every pass
+
+    done = vm_host.run("down", "web")  # the documented fix, while the worker runs
+    assert done.returncode == 0, done.stderr
+    assert not process.alive(web["pid"], web["start_time"])
+    assert "web" not in daemon.vms()
+    assert daemon.apply(example_build.deployment)["success"]
+    assert_converged(vm_host, example_build.bundles)
+
+
 def test_a_guest_power_off_follows_the_restart_policy(
     vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
 ) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from procurator.errors import LeaseExhaustedError, StateError, ValidationError
+from procurator.errors import DamagedStateError, LeaseExhaustedError, StateError, ValidationError
+from procurator.net.leases import REBUILD_FIX
 from procurator.network import Lease, Leases, NetworkConfig, mac_address
 
 
@@ -110,6 +111,30 @@ def test_leases_outside_a_changed_subnet_are_reallocated(path: Path) -> None:
     assert moved.acquire("web").ip == "172.30.0.2"
 
 
+def test_a_missing_file_is_rebuilt_from_the_records_before_a_new_lease(path: Path) -> None:
+    held = {"web": "10.100.0.2", "api": "10.100.0.3", "far": "192.168.9.9", "bad": "10.100.0"}
+    leases = Leases(path, NetworkConfig(), recorded=lambda: held)
+
+    assert set(leases.all()) == {"api", "web"}
+    assert leases.acquire("new").ip == "10.100.0.4"  # neither web's nor api's
+    on_disk = json.loads(path.read_text())["leases"]
+    assert on_disk["api"] == {"ip": "10.100.0.3", "mac": mac_address("api", "net0")}  # as acquire gives
+    assert Leases(path, NetworkConfig(), recorded=dict).get("new") == leases.get("new")
+
+
+def test_an_existing_file_is_not_rebuilt(path: Path) -> None:
+    Leases(path, NetworkConfig()).acquire("web")
+    calls: list[int] = []
+
+    def recorded() -> dict[str, str]:
+        calls.append(1)
+        return {}
+
+    Leases(path, NetworkConfig(), recorded=recorded)
+
+    assert calls == []
+
+
 def test_damaged_file_is_a_state_error(path: Path) -> None:
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
@@ -144,9 +169,11 @@ def test_invalid_file_names_the_field(path: Path, content: object, field: str) -
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(content))
 
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(DamagedStateError) as info:
         Leases(path, NetworkConfig())
-    assert (info.value.source, info.value.field) == (str(path), field)
+    assert info.value.path == path
+    assert info.value.problem.startswith(f"{field}: ")
+    assert info.value.fix == REBUILD_FIX
 
 
 def test_unwritable_directory_is_a_state_error(tmp_path: Path) -> None:

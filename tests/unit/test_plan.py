@@ -28,7 +28,7 @@ from procurator.hypervisor.base import Hypervisor
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome, bundle_diff, plan
-from procurator.state import StateDir, VmRecord
+from procurator.state import StateDir, VmRecord, record_fix
 from tests.support.bundles import meta, vm_config, write_bundle
 
 HASHES = {
@@ -466,8 +466,8 @@ def test_a_damaged_record_is_reported_by_the_state_module(tmp_path: Path) -> Non
     path.write_text(path.read_text()[:40])
     with pytest.raises(StateError) as caught:
         reconcile.observe(host)
-    assert str(caught.value).startswith(f"{path}: damaged state file (")
-    assert str(caught.value).endswith("move it aside and run the command again")
+    assert str(caught.value).startswith(f"{path}: damaged state file: not JSON (")
+    assert str(caught.value).endswith(record_fix("web"))
 
 
 def test_a_busy_state_lock_fails_after_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
