@@ -26,8 +26,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from procurator import lifecycle, network, process
-from procurator.errors import ProcuratorError
+from procurator import history, lifecycle, network, process
+from procurator.errors import DamagedStateError, ProcuratorError, StateError
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle
 
@@ -146,11 +146,31 @@ def _state_dir(host: Host) -> _Outcome:
             f"{root}: not writable: {getattr(exc, 'strerror', None) or exc}",
             "point stateDir (or --state-dir) at a writable local directory",
         ) from exc
+    problems = _state_files(host)
+    if problems:
+        more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
+        raise _CheckFailedError(f"{problems[0][0]}{more}", problems[0][1])
     free = shutil.disk_usage(root).free
-    detail = f"{root} writable, {free / (1 << 30):.1f} GiB free"
+    detail = f"{root} writable, its files readable, {free / (1 << 30):.1f} GiB free"
     if free < LOW_DISK_BYTES:
         return _Outcome(Status.WARN, detail, "free space there: volumes and serial logs live in it")
     return _Outcome(Status.OK, detail)
+
+
+def _state_files(host: Host) -> list[tuple[str, str]]:
+    """(problem, fix) of each state file the strict readers refuse: records, leases, the deployment
+    profile. Only read: no lease file is rebuilt, nothing is written."""
+    _, damaged = host.state.scan()
+    found = [(f"{d.error.path}: {d.error.problem}", d.error.fix) for d in damaged]
+    try:
+        network.Leases(host.state.leases_path, host.net)
+    except DamagedStateError as exc:
+        found.append((f"{exc.path}: {exc.problem}", exc.fix))
+    try:
+        history.current(host.state)
+    except StateError as exc:
+        found.append((exc.message, "see the problem"))
+    return found
 
 
 def _user_may(path: Path, user: str | None, mode: int) -> bool:

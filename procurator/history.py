@@ -65,7 +65,6 @@ def current(state: StateDir) -> tuple[int, Path] | None:
     profile = profile_path(state)
     try:
         link = os.readlink(profile)
-        target = os.readlink(profile.parent / link)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -76,7 +75,19 @@ def current(state: StateDir) -> tuple[int, Path] | None:
             f"{profile}: points at {link!r}, not at a generation link; it was changed by hand: "
             "restore it or move the profiles directory aside"
         )
+    try:
+        target = os.readlink(profile.parent / link)
+    except OSError as exc:  # gone (deleted by hand) or not a link: a damaged profile, not "no history"
+        raise StateError(
+            f"{profile}: points at generation link {link!r}, which is {_why(exc)}; switch to a generation "
+            f"that exists (`nix-env --profile {profile} --switch-generation N`) or move the profiles "
+            "directory aside"
+        ) from exc
     return int(m.group(1)), Path(target)
+
+
+def _why(exc: OSError) -> str:
+    return "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc.strerror})"
 
 
 def record(state: StateDir, deployment: Path) -> int:

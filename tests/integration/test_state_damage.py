@@ -233,3 +233,35 @@ def test_kill9_leaves_no_stray_after_the_fix(vm_host: VmHost, example_build: Exa
     assert done.stderr.strip().splitlines()[-1] == "web: down (was not running)"
     host.ok("apply", str(example_build.deployment), *BOOTED)
     assert_converged(host, example_build.bundles)
+
+
+def test_doctor_names_a_damaged_state_file(vm_host: VmHost, example_build: ExampleBuild) -> None:
+    host = vm_host
+    host.ok("up", str(example_build.web))
+    path = host.state / "vms" / "web" / "record.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "restarts": "3"}))
+    done = host.run("doctor", "--json")
+    assert done.returncode == 1
+    state = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["state"]
+    assert state["status"] == "fail"
+    assert state["detail"] == f'{path}: restarts: expected a whole number from 0, not "3"'
+    assert state["fix"] == record_fix("web")
+    assert len(hypervisors(host)) == 1  # doctor changed nothing
+
+
+def test_a_dangling_profile_link_is_reported_not_read_as_no_history(
+    vm_host: VmHost, example_build: ExampleBuild
+) -> None:
+    host = vm_host
+    host.ok("apply", str(example_build.deployment), *BOOTED)
+    profiles = host.state / "profiles"
+    assert (profiles / "deployment").readlink().name == "deployment-1-link"
+    (profiles / "deployment-1-link").unlink()
+    done = host.run("apply", str(example_build.deployment), *BOOTED)
+    assert done.returncode == 1
+    assert (
+        f"{profiles / 'deployment'}: points at generation link 'deployment-1-link', which is missing; "
+        "switch to a generation that exists" in done.stderr
+    )
+    assert "Traceback" not in done.stderr
+    assert_converged(host, example_build.bundles)  # the VMs were already as desired: nothing changed
