@@ -32,10 +32,10 @@ from procurator.errors import (
 )
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
-from procurator.models import Bundle
+from procurator.models import Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
 from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json
-from procurator.volumes import ensure_volumes, purge_volumes
+from procurator.volumes import ensure_volumes, purge_volumes, volume_path
 
 HypervisorFactory = Callable[[str], Hypervisor]
 DAMAGED = "damaged"  # the state `ps` shows for a VM whose record cannot be read
@@ -187,8 +187,8 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             lease = leases.acquire(name)
             if not had_lease:
                 undo.callback(_release_lease, host, name)
-            if bundle.meta.interfaces and not host.network_ready:
-                network.net_up(host.net)
+            if bundle.meta.interfaces and not host.network_ready and network.net_up(host.net).created:
+                undo.callback(_drop_network_if_unused, host, name)
 
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
@@ -199,6 +199,8 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
                 nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
 
+        fresh = [v for v in bundle.meta.volumes if not volume_path(host.state, name, v).exists()]
+        undo.callback(_remove_volumes, host, name, fresh)  # only those this start made: never data
         volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
         owner = host.owner()
         if owner is not None:  # the hypervisor, running as the VM user, writes here and opens these
@@ -254,16 +256,37 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
 
 @contextlib.contextmanager
 def network_once(host: Host) -> Iterator[None]:
-    """Bring the host network up once for a batch of starts (an apply), not again at each start."""
+    """Bring the host network up once for a batch of starts (an apply), not again at each start; a
+    bridge it had to make is taken down again when, after the batch, no VM is left to use it."""
     if host.network_ready:
         yield
         return
-    network.net_up(host.net)
+    created = network.net_up(host.net).created
     host.network_ready = True
     try:
         yield
     finally:
         host.network_ready = False
+        if created:
+            _drop_network_if_unused(host)
+
+
+def _drop_network_if_unused(host: Host, starting: str = "") -> None:
+    """Take down the bridge (and NAT) a failed start had just made, when no other VM is recorded."""
+    records, damaged = host.state.scan()
+    if any(r.name != starting for r in records) or damaged:
+        return
+    try:
+        network.net_down(host.net)
+    except ProcuratorError as exc:
+        log.warning("cannot take down the bridge this start made: %s", exc)
+
+
+def _remove_volumes(host: Host, name: str, volumes: list[Volume]) -> None:
+    for volume in volumes:
+        volume_path(host.state, name, volume).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the VM's volume directory, when this start made it and it is empty
+        host.state.volume_dir(name).rmdir()
 
 
 def _shutdown(host: Host, record: VmRecord) -> StopResult | None:

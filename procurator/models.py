@@ -7,6 +7,7 @@ works with these types, never with raw JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -18,6 +19,19 @@ from procurator.errors import ValidationError
 
 SCHEMA_VERSION = 1
 VM_NAME_MAX = 20
+
+# Limits on what a bundle or deployment may say, each refused at load (so at `plan`, before anything is
+# changed) with the field named. The hypervisor's own limits are cloud-hypervisor's (v40.0-v53.0):
+MAX_INPUT_BYTES = 4 * 1024 * 1024  # procurator.json, vm-config.json, deployment.json
+MAX_VCPUS = 254  # v40-v47 parse vCPU counts as u8; on x86_64 the legacy APIC/mptable allow 254 (config.rs)
+PAGE_SIZE = 4096  # guest memory is mapped in pages: a size that is not a multiple is MisalignedMemorySize
+MIN_MEMORY = 1024 * 1024
+MAX_MEMORY = 1 << 45  # half the 46-bit guest physical space (DEFAULT_MAX_PHYS_BITS), the rest for devices
+# Ours: a volume is a file in the state directory (ext4 files end at 16 TiB); every wait is bounded.
+MAX_VOLUME_MIB = 1 << 24
+MAX_SECONDS = 3600  # health intervals and timeouts, restart backoff, shutdown timeout
+MAX_HEALTH_RETRIES = 1000
+MAX_RESTARTS = 1000
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _IFACE_ID = re.compile(r"^[a-z0-9]{1,8}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -73,10 +87,14 @@ class _Reader:
         value: str | None = self._get(key, str, None, False)
         return value
 
-    def integer(self, key: str, default: int | None = None, *, minimum: int | None = 1) -> int:
+    def integer(
+        self, key: str, default: int | None = None, *, minimum: int | None = 1, maximum: int | None = None
+    ) -> int:
         value: int = self._get(key, int, default, default is None)
         if minimum is not None and value < minimum:
             raise self.fail(key, f"must be at least {minimum}, found {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, found {value}")
         return value
 
     def array(self, key: str, *, required: bool = False) -> list[Any]:
@@ -107,20 +125,32 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _load_json(path: Path) -> Any:
+    source = str(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
     except FileNotFoundError as exc:
-        raise ValidationError(str(path), "", "missing; is this a Procurator bundle/deployment?") from exc
+        raise ValidationError(source, "", "missing; is this a Procurator bundle/deployment?") from exc
     except OSError as exc:
-        raise ValidationError(str(path), "", f"cannot read: {exc.strerror}") from exc
+        raise ValidationError(source, "", f"cannot read: {exc.strerror}") from exc
+    if len(data) > MAX_INPUT_BYTES:
+        raise ValidationError(source, "", f"larger than {MAX_INPUT_BYTES} bytes; not a file Nix wrote")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(source, "", f"not UTF-8 (byte {exc.start})") from exc
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKeyError as exc:
-        raise ValidationError(str(path), exc.key, "appears twice; every name must be unique") from exc
+        raise ValidationError(source, exc.key, "appears twice; every name must be unique") from exc
     except json.JSONDecodeError as exc:
         raise ValidationError(
-            str(path), "", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            source, "", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from exc
+    except RecursionError as exc:
+        raise ValidationError(source, "", "nested too deeply to be a bundle or deployment") from exc
+    except ValueError as exc:  # an integer literal longer than Python converts (sys.int_info)
+        raise ValidationError(source, "", f"not readable JSON: {exc}") from exc
 
 
 def _check_schema(r: _Reader) -> None:
@@ -204,7 +234,7 @@ class VmMeta:
         for item in r.items("volumes"):
             vol = Volume(
                 name=item.text("name"),
-                size_mib=item.integer("sizeMiB"),
+                size_mib=item.integer("sizeMiB", maximum=MAX_VOLUME_MIB),
                 fs_type=item.text("fsType", "ext4"),
                 mount_point=item.text("mountPoint", ""),
             )
@@ -222,25 +252,25 @@ class VmMeta:
         except ValueError as exc:
             raise rr.fail("policy", "must be one of always, on-failure, never") from exc
         restart = Restart(
-            policy, rr.integer("maxRestarts", 5, minimum=0), float(rr.integer("backoffSeconds", 1, minimum=0))
+            policy,
+            rr.integer("maxRestarts", 5, minimum=0, maximum=MAX_RESTARTS),
+            float(rr.integer("backoffSeconds", 1, minimum=0, maximum=MAX_SECONDS)),
         )
         health = []
         for item in r.items("health"):
             kind = item.text("type")
             if kind not in {"tcp", "http"}:
                 raise item.fail("type", f"{kind!r} must be tcp or http")
-            port = item.integer("port")
-            if port > 65535:
-                raise item.fail("port", f"{port} is not a TCP port")
+            port = item.integer("port", maximum=65535)
             health.append(
                 HealthCheck(
                     type=kind,
                     port=port,
                     path=item.text("path", "/"),
-                    expect_status=item.integer("expectStatus", 200),
-                    interval_seconds=float(item.integer("intervalSeconds", 2)),
-                    timeout_seconds=float(item.integer("timeoutSeconds", 2)),
-                    retries=item.integer("retries", 30),
+                    expect_status=item.integer("expectStatus", 200, minimum=100, maximum=599),
+                    interval_seconds=float(item.integer("intervalSeconds", 2, maximum=MAX_SECONDS)),
+                    timeout_seconds=float(item.integer("timeoutSeconds", 2, maximum=MAX_SECONDS)),
+                    retries=item.integer("retries", 30, maximum=MAX_HEALTH_RETRIES),
                 )
             )
         return cls(
@@ -249,7 +279,7 @@ class VmMeta:
             volumes=tuple(volumes),
             restart=restart,
             health=tuple(health),
-            shutdown_timeout=r.integer("shutdownTimeout", 30),
+            shutdown_timeout=r.integer("shutdownTimeout", 30, maximum=MAX_SECONDS),
         )
 
 
@@ -262,21 +292,78 @@ def _check_vm_config(source: str, data: Any, meta: VmMeta) -> dict[str, Any]:
         if value is not None and not Path(value).is_absolute():
             raise payload.fail(key, f"{value!r} must be an absolute store path")
     payload.text("kernel")
-    r.obj("cpus", required=True).integer("boot_vcpus")
-    r.obj("memory", required=True).integer("size")
+    unknown = _unknown_field(data)
+    if unknown:
+        raise ValidationError(
+            source, unknown, "not a cloud-hypervisor setting Procurator passes on (a typo?); remove it"
+        )
+    cpus = r.obj("cpus", required=True)
+    boot = cpus.integer("boot_vcpus", maximum=MAX_VCPUS)
+    cpus.integer("max_vcpus", boot, minimum=boot, maximum=MAX_VCPUS)
+    memory = r.obj("memory", required=True)
+    size = memory.integer("size", minimum=MIN_MEMORY, maximum=MAX_MEMORY)
+    if size % PAGE_SIZE:
+        raise memory.fail("size", f"{size} bytes is not a multiple of the {PAGE_SIZE}-byte page")
+    ids = [f"vol-{v.name}" for v in meta.volumes]  # the ids the host gives the volumes' disks
     for item in r.items("disks"):
-        item.text("id")
+        ids.append(_device_id(item))
         if not item.data.get("readonly", False):
             raise item.fail("readonly", "bundle disks must be read-only (writable disks are volumes)")
     net_ids = []
     for item in r.items("net"):
-        net_ids.append(item.text("id"))
+        net_ids.append(_device_id(item))
         for host_field in ("tap", "ip", "mask", "host_mac"):
             if host_field in item.data:
                 raise item.fail(host_field, "belongs to the host, not the bundle; remove it")
+    ids += net_ids
+    if len(set(ids)) != len(ids):
+        raise r.fail("disks", f"device ids must be unique (cloud-hypervisor's IdentifierNotUnique): {ids}")
     if net_ids != [i.id for i in meta.interfaces]:
         raise r.fail("net", f"ids {net_ids} do not match procurator.json interfaces")
     return r.data
+
+
+def _device_id(item: _Reader) -> str:
+    value = item.text("id")
+    if value.startswith("__"):  # reserved for cloud-hypervisor's own devices (InvalidIdentifier)
+        raise item.fail("id", f"{value!r} must not start with '__'")
+    return value
+
+
+@functools.cache
+def _schema_defs() -> dict[str, Any]:
+    """`$defs` of Procurator's schema of cloud-hypervisor's API (shipped beside its client)."""
+    path = Path(__file__).parent / "hypervisor" / "ch-api.schema.json"
+    defs: dict[str, Any] = json.loads(path.read_text())["$defs"]
+    return defs
+
+
+def _unknown_field(config: Any) -> str:
+    """The dotted path of the first field of `config` our VmConfig schema does not know; '' if none."""
+    defs = _schema_defs()
+
+    def walk(node: dict[str, Any], value: Any, where: str) -> str:
+        while "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[1]]
+        if isinstance(value, dict) and "properties" in node:
+            known: dict[str, Any] = node["properties"]
+            for key, inner in value.items():
+                path = f"{where}.{key}" if where else key
+                if key not in known:
+                    if node.get("additionalProperties") is False:
+                        return path
+                    continue
+                found = walk(known[key], inner, path)
+                if found:
+                    return found
+        elif isinstance(value, list) and isinstance(node.get("items"), dict):
+            for i, inner in enumerate(value):
+                found = walk(node["items"], inner, f"{where}[{i}]")
+                if found:
+                    return found
+        return ""
+
+    return walk(defs["VmConfig"], config, "")
 
 
 @dataclass(frozen=True)
@@ -344,7 +431,10 @@ class Deployment:
         for name in vms_r.data:
             if not is_dns_label(name, VM_NAME_MAX):
                 raise vms_r.fail(name, "VM names must be DNS labels of at most 20 characters")
-            vms[name] = Path(vms_r.text(name))
+            target = vms_r.text(name)
+            if not target.startswith("/") or "\0" in target or len(target) > 4096:
+                raise vms_r.fail(name, f"{target[:80]!r} is not an absolute store path of a bundle")
+            vms[name] = Path(target)
         return cls(path=path, host=host, vms=vms)
 
     def bundles(self) -> list[Bundle]:

@@ -17,6 +17,7 @@ crash is survived (nothing to reconcile with a file of ours) and how `net_down` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -160,6 +161,7 @@ class NetStatus:
     bridge: BridgeStatus
     taps: tuple[TapInfo, ...]
     nat: NatStatus
+    created: bool = False  # net_up made the bridge (it was not there): the caller may undo that
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -602,6 +604,7 @@ def net_up(cfg: NetworkConfig) -> NetStatus:
     off again (other things on the host may rely on it).
     """
     with session(cfg.netns) as nl:
+        created = nl.link(cfg.bridge) is None
         bridge = _ensure_bridge(nl, cfg)
         _converge_isolation(nl, cfg, bridge)
         if cfg.uplink is not None:
@@ -609,7 +612,7 @@ def net_up(cfg: NetworkConfig) -> NetStatus:
         elif nft.table_present(cfg.netns):
             log.info("removing nftables table inet procurator (no uplink configured)")
             nft.delete_table(cfg.netns)
-        return _status(nl, cfg)
+        return dataclasses.replace(_status(nl, cfg), created=created)
 
 
 def net_down(cfg: NetworkConfig) -> NetStatus:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import ExampleBuild
+from tests.support.bundles import write_bundle, write_deployment
 from tests.support.host import PROCURATOR, REPO, VmHost
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
@@ -27,8 +28,13 @@ def leases(host: VmHost) -> dict[str, Any]:
 
 
 def assert_nothing_left(host: VmHost) -> None:
+    """No process, TAP, VM directory, socket or lease; no bridge (the start made it) and no volume file."""
     assert host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
     assert leases(host) == {}
+    assert host.ns.link_names() == {"lo"}
+    volumes = host.state / "volumes"
+    found = sorted(p.relative_to(volumes).as_posix() for p in volumes.rglob("*")) if volumes.exists() else []
+    assert found == []
 
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -85,6 +91,47 @@ def test_invalid_bundle_writes_nothing(vm_host: VmHost, tmp_path: Path) -> None:
     line = one_line_error(vm_host.run("up", str(bundle)))
     assert "procurator.json: name: 'Bad' is not a DNS label" in line
     assert not vm_host.state.exists()
+
+
+def test_absurd_bundles_are_refused_before_anything_changes(
+    vm_host: VmHost, example_build: ExampleBuild, tmp_path: Path
+) -> None:
+    """What the hypervisor would refuse at boot (or a disk could never hold) is refused at load, by
+    `up` and by `apply` (its plan), before the bridge, a lease or a volume exists."""
+    config = json.loads((example_build.web / "vm-config.json").read_text())
+    good = json.loads((example_build.web / "procurator.json").read_text())
+    volume = {**good["volumes"][0], "sizeMiB": 10**13}
+    cases = {
+        "memory.size: must be at least 1048576, found 1": ({**config, "memory": {"size": 1}}, good),
+        "memory.size: must be at most 35184372088832, found 1125899906842624": (
+            {**config, "memory": {"size": 1 << 50}},
+            good,
+        ),
+        "cpus.boot_vcpus: must be at most 254, found 1000000": (
+            {**config, "cpus": {"boot_vcpus": 10**6, "max_vcpus": 10**6}},
+            good,
+        ),
+        "volumes[0].sizeMiB: must be at most 16777216, found 10000000000000": (
+            config,
+            {**good, "volumes": [volume]},
+        ),
+        "rng.x: not a cloud-hypervisor setting Procurator passes on": (
+            {**config, "rng": {"src": "/dev/urandom", "x": 1}},
+            good,
+        ),
+    }
+    for i, (expected, (vm_config, meta_data)) in enumerate(cases.items()):
+        bundle = write_bundle(tmp_path / f"b{i}", "web", config=vm_config, meta_data=meta_data)
+        deployment = write_deployment(tmp_path / f"d{i}", "local", {"web": bundle})
+        for argv in (("up", str(bundle)), ("apply", str(deployment), "--wait", "booted")):
+            line = one_line_error(vm_host.run(*argv))
+            assert expected in line, (argv, line)
+        assert_nothing_left(vm_host)
+        assert not (vm_host.state / "leases.json").exists()
+    bad = write_bundle(tmp_path / "utf8", "web", config=config, meta_data=good)
+    (bad / "procurator.json").write_bytes(b'{"schema": 1, "name": "w\xffb"}')
+    assert "procurator.json: not UTF-8 (byte 24)" in one_line_error(vm_host.run("up", str(bad)))
+    assert_nothing_left(vm_host)
 
 
 def test_racing_ups_start_one_vm(vm_host: VmHost, example_build: ExampleBuild) -> None:
