@@ -32,6 +32,16 @@ rec {
     "btrfs"
   ];
   labelMaxLength = fsType: if fsType == "xfs" then 12 else volumeNameMaxLength;
+  # Upper bounds, the same as procurator/models.py states (refused here at build, there at load):
+  # vCPUs as every supported cloud-hypervisor parses them (u8 before v48; 254 on x86_64), guest memory
+  # within half the default 46-bit guest physical space, a volume within ext4's largest file, and every
+  # wait bounded.
+  maxVcpus = 254;
+  maxMemoryMiB = 33554432; # 32 TiB
+  maxVolumeMiB = 16777216; # 16 TiB
+  maxSeconds = 3600;
+  maxHealthRetries = 1000;
+  maxRestarts = 1000;
   restartPolicies = [
     "always"
     "on-failure"

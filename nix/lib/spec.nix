@@ -87,6 +87,13 @@ let
 
   positive =
     field: unit: v: expect (c.isPositiveInt v) "${field} must be a positive integer${unit}, got ${c.show v}";
+  # `positive`, and at most `max`.
+  bounded =
+    field: unit: max: v:
+    if c.isPositiveInt v && v > max then
+      [ "${field} must be at most ${toString max}${unit}, got ${c.show v}" ]
+    else
+      positive field unit v;
 
   # The errors of a list field whose elements are attribute sets checked by `item where attrs`.
   eachItem =
@@ -158,7 +165,9 @@ let
         ("${where}.name must be a DNS label of at most ${toString maxLength} characters "
           + "(it is the ${fsType} filesystem label), got ${c.show v.name}")
     )
-    ++ ifPresent "${where}." v "sizeMiB" "a positive integer" (positive "${where}.sizeMiB" " (MiB)" v.sizeMiB)
+    ++ ifPresent "${where}." v "sizeMiB" "a positive integer" (
+      bounded "${where}.sizeMiB" " (MiB)" c.maxVolumeMiB v.sizeMiB
+    )
     ++ expect (elem fsType c.volumeFsTypes)
       "${where}.fsType must be one of ${list c.volumeFsTypes}, got ${c.show fsType}"
     ++ expect (!(v ? mountPoint) || c.matches "/[^[:space:]]*[^/[:space:]]" v.mountPoint)
@@ -175,9 +184,9 @@ let
       unknownKeys "restart has " (attrNames restartDefaults) r
       ++ expect (elem v.policy c.restartPolicies)
         "restart.policy must be one of ${list c.restartPolicies}, got ${c.show v.policy}"
-      ++ expect (c.isNonNegativeInt v.maxRestarts)
-        "restart.maxRestarts must be a non-negative integer, got ${c.show v.maxRestarts}"
-      ++ positive "restart.backoffSeconds" " (seconds)" v.backoffSeconds;
+      ++ expect (c.isNonNegativeInt v.maxRestarts && v.maxRestarts <= c.maxRestarts)
+        "restart.maxRestarts must be an integer from 0 to ${toString c.maxRestarts}, got ${c.show v.maxRestarts}"
+      ++ bounded "restart.backoffSeconds" " (seconds)" c.maxSeconds v.backoffSeconds;
 
   checkHealth =
     where: h:
@@ -197,9 +206,9 @@ let
         "${where}.path must start with / and have no spaces, got ${c.show v.path}"
       ++ expect (isInt status && status >= 100 && status <= 599)
         "${where}.expectStatus must be an HTTP status (100-599), got ${c.show status}"
-      ++ positive "${where}.intervalSeconds" " (seconds)" v.intervalSeconds
-      ++ positive "${where}.timeoutSeconds" " (seconds)" v.timeoutSeconds
-      ++ positive "${where}.retries" "" v.retries;
+      ++ bounded "${where}.intervalSeconds" " (seconds)" c.maxSeconds v.intervalSeconds
+      ++ bounded "${where}.timeoutSeconds" " (seconds)" c.maxSeconds v.timeoutSeconds
+      ++ bounded "${where}.retries" "" c.maxHealthRetries v.retries;
 
   # The whitespace-separated words of a string.
   words = s: filter (w: isString w && w != "") (split "[[:space:]]+" s);
@@ -234,9 +243,9 @@ let
     )
     ++ ifPresent "" a "kernel" storeWhat (storePath "kernel" a.kernel)
     ++ (if v.initrd == null then [ ] else storePath "initrd" v.initrd)
-    ++ positive "vcpus" "" v.vcpus
-    ++ positive "memoryMiB" " (MiB)" v.memoryMiB
-    ++ positive "shutdownTimeout" " (seconds)" v.shutdownTimeout
+    ++ bounded "vcpus" "" c.maxVcpus v.vcpus
+    ++ bounded "memoryMiB" " (MiB)" c.maxMemoryMiB v.memoryMiB
+    ++ bounded "shutdownTimeout" " (seconds)" c.maxSeconds v.shutdownTimeout
     ++ checkCmdline v.cmdline
     ++ eachItem "disks" v.disks checkDisk
     ++ unique "disks" "id" diskIds

@@ -241,6 +241,25 @@ ERRORS = [
     ('name = "web-";', "web-", "name must be a DNS label"),
     ("memoryMb = 256;", "web", "unknown attribute 'memoryMb' (known: name, kernel, "),
     ("vcpus = 0;", "web", "vcpus must be a positive integer, got 0"),
+    # The upper bounds of nix/lib/checks.nix, the same numbers as procurator/models.py refuses at load.
+    ("vcpus = 1000000;", "web", "vcpus must be at most 254, got 1000000"),
+    ("memoryMiB = 1073741824;", "web", "memoryMiB must be at most 33554432 (MiB), got 1073741824"),
+    ("shutdownTimeout = 86400;", "web", "shutdownTimeout must be at most 3600 (seconds), got 86400"),
+    (
+        'volumes = [ { name = "data"; sizeMiB = 10000000000000; } ];',
+        "web",
+        "volumes[0].sizeMiB must be at most 16777216 (MiB), got 10000000000000",
+    ),
+    (
+        'health = [ { type = "tcp"; port = 80; retries = 1000000000; } ];',
+        "web",
+        "health[0].retries must be at most 1000, got 1000000000",
+    ),
+    (
+        "restart = { maxRestarts = 5000; };",
+        "web",
+        "restart.maxRestarts must be an integer from 0 to 1000, got 5000",
+    ),
     ('memoryMiB = "256";', "web", 'memoryMiB must be a positive integer (MiB), got "256"'),
     ("shutdownTimeout = -1;", "web", "shutdownTimeout must be a positive integer (seconds), got -1"),
     (
@@ -340,7 +359,7 @@ ERRORS = [
         "web",
         'restart.policy must be one of always, on-failure, never, got "sometimes"',
     ),
-    ("restart = { maxRestarts = -1; };", "web", "restart.maxRestarts must be a non-negative integer, got -1"),
+    ("restart = { maxRestarts = -1; };", "web", "restart.maxRestarts must be an integer from 0 to 1000, got -1"),
     (
         "restart = { backoffSeconds = 0; };",
         "web",
