@@ -6,9 +6,12 @@
  "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": "10.100.0.1",
              "uplink": null, "nat": false, "isolate": false, "netns": null},
  "apiSocket": "/run/procurator/api.sock",
- "metricsListen": null}
+ "metricsListen": null,
+ "healthTimeout": 600}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
+`healthTimeout` caps, in seconds, how long one start waits for its health checks, whatever a bundle's
+checks allow (their intervals times their retries).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from procurator.net.config import NetworkConfig
 
 BACKENDS = ("cloud-hypervisor", "qemu")
 DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
+DEFAULT_HEALTH_TIMEOUT = 600.0
+MAX_HEALTH_TIMEOUT = 86400.0
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,22 @@ class WorkerConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     api_socket: Path = DEFAULT_API_SOCKET
     metrics_listen: str | None = None  # host:port for the worker's /metrics over TCP
+    health_timeout: float = DEFAULT_HEALTH_TIMEOUT  # seconds: the cap on one start's health wait
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
         if not isinstance(data, dict):
             raise ValidationError(source, "", "expected a JSON object")
-        known = {"stateDir", "hypervisor", "user", "network", "apiSocket", "metricsListen", "schema"}
+        known = {
+            "stateDir",
+            "hypervisor",
+            "user",
+            "network",
+            "apiSocket",
+            "metricsListen",
+            "healthTimeout",
+            "schema",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValidationError(source, unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
@@ -64,6 +79,22 @@ class WorkerConfig:
             network = NetworkConfig.parse(data.get("network") or {}, source=source)
         except TypeError as exc:  # pragma: no cover - defensive
             raise ValidationError(source, "network", str(exc)) from exc
+        for key in ("stateDir", "user", "apiSocket"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValidationError(source, key, f"expected a string, not {json.dumps(data[key])[:40]}")
+        if hv.get("binary") is not None and not isinstance(hv["binary"], str):
+            raise ValidationError(source, "hypervisor.binary", "expected a path as a string")
+        health_timeout = data.get("healthTimeout", DEFAULT_HEALTH_TIMEOUT)
+        if (
+            not isinstance(health_timeout, int | float)
+            or isinstance(health_timeout, bool)
+            or not 1 <= health_timeout <= MAX_HEALTH_TIMEOUT
+        ):
+            raise ValidationError(
+                source,
+                "healthTimeout",
+                f"expected seconds from 1 to {MAX_HEALTH_TIMEOUT:.0f}, not {health_timeout!r}",
+            )
         state_dir = data.get("stateDir")
         api_socket = data.get("apiSocket")
         metrics_listen = data.get("metricsListen")
@@ -76,6 +107,7 @@ class WorkerConfig:
             network=network,
             api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,
             metrics_listen=metrics_listen,
+            health_timeout=float(health_timeout),
         )
 
     @classmethod

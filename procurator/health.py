@@ -40,14 +40,20 @@ def wait_healthy(
     netns: str | None,
     *,
     timeout: float | None = None,
+    cap: float | None = None,
     still_running: Callable[[], bool] = lambda: True,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Wait until every check passes once. Bounded by `timeout` (default: the checks' own budget)."""
+    """Wait until every check passes once. Bounded by `timeout` (default: the checks' own budget, their
+    intervals times their retries), and never longer than `cap` (the worker configuration's
+    healthTimeout); a wait cut short by the cap says so."""
     if not checks:
         return
     budget = timeout if timeout is not None else max(c.interval_seconds * c.retries for c in checks)
+    capped = cap is not None and budget > cap
+    if cap is not None:
+        budget = min(budget, cap)
     deadline = clock() + budget
     pending = list(checks)
     last = ""
@@ -66,5 +72,8 @@ def wait_healthy(
                 f"health checks of {ip} (the VM stopped)", budget - (deadline - clock()), last
             )
         if clock() >= deadline:
-            raise WaitTimeoutError(f"health checks of {ip}", budget, last)
+            what = f"health checks of {ip}" + (
+                " (capped by the worker configuration's healthTimeout)" if capped else ""
+            )
+            raise WaitTimeoutError(what, budget, last)
         sleep(min(c.interval_seconds for c in pending))

@@ -248,7 +248,13 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
         )
         host.state.save_record(record)
         if wait is WaitFor.HEALTHY and nics:
-            wait_healthy(bundle.meta.health, lease.ip, host.net.netns, still_running=lambda: _running(record))
+            wait_healthy(
+                bundle.meta.health,
+                lease.ip,
+                host.net.netns,
+                cap=host.config.health_timeout,
+                still_running=lambda: _running(record),
+            )
         undo.pop_all()
         return record
     raise AssertionError("unreachable")  # pragma: no cover

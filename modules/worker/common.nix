@@ -23,7 +23,7 @@ let
       "${cfg.hypervisor.package}/bin/cloud-hypervisor";
   settings = {
     schema = 1;
-    inherit (cfg) stateDir user;
+    inherit (cfg) stateDir user healthTimeout;
     hypervisor = {
       inherit (cfg.hypervisor) backend accel;
       binary = hypervisorBinary;

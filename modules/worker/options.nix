@@ -182,6 +182,15 @@ in
       };
     };
 
+    healthTimeout = mkOption {
+      type = types.ints.between 1 86400;
+      default = 600;
+      description = ''
+        The longest, in seconds, one VM start waits for its health checks to pass, whatever the
+        bundle's checks allow (intervalSeconds × retries). A start that reaches it fails and says so.
+      '';
+    };
+
     metrics.listen = mkOption {
       type = types.nullOr types.str;
       default = null;

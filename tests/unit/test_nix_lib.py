@@ -359,7 +359,11 @@ ERRORS = [
         "web",
         'restart.policy must be one of always, on-failure, never, got "sometimes"',
     ),
-    ("restart = { maxRestarts = -1; };", "web", "restart.maxRestarts must be an integer from 0 to 1000, got -1"),
+    (
+        "restart = { maxRestarts = -1; };",
+        "web",
+        "restart.maxRestarts must be an integer from 0 to 1000, got -1",
+    ),
     (
         "restart = { backoffSeconds = 0; };",
         "web",
