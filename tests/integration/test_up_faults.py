@@ -216,3 +216,20 @@ def test_kill_9_of_apply_mid_start_then_one_rerun_converges(
 
 def process_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
+
+
+def test_a_health_wait_stops_at_the_configured_cap(
+    vm_host: VmHost, example_build: ExampleBuild, tmp_path: Path
+) -> None:
+    """The double runs no guest, so no check can pass: retries 1000 at 5 s would wait 83 minutes."""
+    config = json.loads((example_build.web / "vm-config.json").read_text())
+    good = json.loads((example_build.web / "procurator.json").read_text())
+    checks = [{"type": "tcp", "port": 80, "intervalSeconds": 5, "timeoutSeconds": 1, "retries": 1000}]
+    bundle = write_bundle(tmp_path, "web", config=config, meta_data={**good, "health": checks})
+    capped = tmp_path / "worker.json"
+    capped.write_text(json.dumps({**vm_host.config, "healthTimeout": 2}))
+    started = time.monotonic()
+    line = one_line_error(vm_host.run("up", str(bundle), "--wait", "healthy", PROCURATOR_CONFIG=str(capped)))
+    assert time.monotonic() - started < 60
+    assert "timed out after 2.0s waiting for health checks of 10.124.0.2 (capped by the worker " in line
+    assert_nothing_left(vm_host)
