@@ -133,6 +133,8 @@ def _load_json(path: Path) -> Any:
         raise ValidationError(source, "", "missing; is this a Procurator bundle/deployment?") from exc
     except OSError as exc:
         raise ValidationError(source, "", f"cannot read: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise ValidationError(source[:200], "", f"not a path that can be opened: {exc}") from exc
     if len(data) > MAX_INPUT_BYTES:
         raise ValidationError(source, "", f"larger than {MAX_INPUT_BYTES} bytes; not a file Nix wrote")
     try:
@@ -388,7 +390,10 @@ class Bundle:
 
     @classmethod
     def is_bundle(cls, path: Path) -> bool:
-        return (path / "procurator.json").is_file() and (path / "vm-config.json").is_file()
+        try:
+            return (path / "procurator.json").is_file() and (path / "vm-config.json").is_file()
+        except (OSError, ValueError):  # a name too long, a NUL byte: not a bundle
+            return False
 
     @classmethod
     def load(cls, path: Path) -> Bundle:
@@ -416,7 +421,10 @@ class Deployment:
 
     @classmethod
     def is_deployment(cls, path: Path) -> bool:
-        return (path / "deployment.json").is_file()
+        try:
+            return (path / "deployment.json").is_file()
+        except (OSError, ValueError):  # a name too long, a NUL byte: not a deployment
+            return False
 
     @classmethod
     def load(cls, path: Path) -> Deployment:

@@ -910,5 +910,7 @@ def _raise_open_files_limit() -> None:
 
 def _load_deployment(path: Path) -> Deployment:
     if not Deployment.is_deployment(path):
-        raise UsageError(f"{path}: not a deployment (no deployment.json); build one with lib.mkDeployment")
+        text = str(path)
+        shown = text if len(text) <= 120 else f"{text[:60]}...{text[-40:]}"
+        raise UsageError(f"{shown}: not a deployment (no deployment.json); build one with lib.mkDeployment")
     return Deployment.load(path)

@@ -77,6 +77,17 @@ def _status_of(exc: ProcuratorError) -> int:
     return 500
 
 
+MAX_PATH = 4096  # PATH_MAX
+
+
+def _path_arg(value: str) -> Path:
+    """A deployment path from a request: absolute, without NUL, at most PATH_MAX bytes (else 400)."""
+    if not value.startswith("/") or "\0" in value or len(value.encode()) > MAX_PATH:
+        shown = value if len(value) <= 80 else f"{value[:77]}..."
+        raise UsageError(f"deployment: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
+    return Path(value)
+
+
 # --- the server --------------------------------------------------------------------------------------
 
 
@@ -135,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(_status_of(exc), type(exc).__name__, str(exc))
         except Exception as exc:  # an answer, not a dropped connection, and the daemon carries on
             log.exception("api: %s %s failed", method, url.path)
-            self._error(500, type(exc).__name__, f"internal error: {exc}")
+            self._error(500, "InternalError", f"internal error ({type(exc).__name__}); see the worker's log")
 
     # --- endpoints ---
 
@@ -144,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def get_plan(self, worker: Worker) -> None:
         values = self.query.get("deployment", [])
-        self._json(200, worker.plan(Path(values[-1]) if values else None))
+        self._json(200, worker.plan(_path_arg(values[-1]) if values else None))
 
     def post_apply(self, worker: Worker) -> None:
         body = self._body()
@@ -153,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         wait = body.get("wait")
         if wait is not None and wait not in {w.value for w in WaitFor}:
             raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
-        report = worker.apply(Path(body["deployment"]), wait=WaitFor(wait) if wait else None)
+        report = worker.apply(_path_arg(body["deployment"]), wait=WaitFor(wait) if wait else None)
         self._json(200, report.to_json())
 
     def get_history(self, worker: Worker) -> None:

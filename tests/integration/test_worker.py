@@ -464,10 +464,16 @@ def test_api_errors_and_a_second_daemon(
             json.dumps({"deployment": str(example_build.deployment), "wait": "x"}).encode(),
             400,
         ),
+        ("POST", "/apply", json.dumps({"deployment": "/" + "a" * 100_000}).encode(), 400),  # too long
+        ("POST", "/apply", json.dumps({"deployment": "/" + "a/" * 2000}).encode(), 400),  # a name too long
+        ("POST", "/apply", json.dumps({"deployment": "/nix/store/x\u0000y"}).encode(), 400),
+        ("POST", "/apply", json.dumps({"deployment": "relative/path"}).encode(), 400),
+        ("GET", "/plan?deployment=" + "a" * 5000, None, 400),
     ]:
         response = transport.request(method, path, content=body)
-        assert response.status_code == status, (method, path, response.text)
+        assert response.status_code == status, (method, path[:80], response.text[:200])
         assert set(response.json()) == {"error", "type"}
+        assert len(response.json()["error"]) < 300, response.text[:300]  # a reason, not the input back
     assert transport.get("/apply").headers["allow"] == "POST"
     transport.close()
 
