@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,12 +30,13 @@ from procurator.errors import (
     HypervisorError,
     NotFoundError,
     ProcuratorError,
+    StateError,
 )
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
 from procurator.models import Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
-from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json
+from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json, write_problem
 from procurator.volumes import ensure_volumes, purge_volumes, volume_path
 
 HypervisorFactory = Callable[[str], Hypervisor]
@@ -178,8 +180,14 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
     hv = host.hypervisors(backend)
     vm_dir = host.state.vm_dir(name)
     with contextlib.ExitStack() as undo:
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        undo.callback(host.state.remove_vm_dir, name)
+        try:
+            vm_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"{vm_dir}: cannot create the VM's directory: {write_problem(exc)}") from exc
+        if host.state.record_path(name).exists():  # a start of a recorded VM: its record stays
+            undo.callback(_clear_vm_dir, host, name)
+        else:
+            undo.callback(host.state.remove_vm_dir, name)
 
         with host.shared:
             leases = host.leases()
@@ -277,6 +285,18 @@ def network_once(host: Host) -> Iterator[None]:
             _drop_network_if_unused(host)
 
 
+def _clear_vm_dir(host: Host, name: str) -> None:
+    """What a failed start of a recorded VM made in its directory, the record and serial log aside."""
+    for entry in host.state.vm_dir(name).iterdir():
+        if entry.name in ("record.json", "serial.log"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
 def _drop_network_if_unused(host: Host, starting: str = "") -> None:
     """Take down the bridge (and NAT) a failed start had just made, when no other VM is recorded."""
     records, damaged = host.state.scan()
@@ -341,6 +361,9 @@ def stop(host: Host, name: str) -> StopResult | None:
     """Stop the VM but keep its record, lease and volumes, so `start` boots the same generation again."""
     with sweep.locked(host.state, host.net):
         record = _require(host, name)
+        # The intent is written first: if it cannot be (a full disk), the VM is left running and the
+        # record as it was; once written, nothing (the worker) starts the VM again behind the user's back.
+        host.state.save_record(record.with_(desired="stopped", last_exit="stopped by user"))
         result = _shutdown(host, record)
         _detach(host, name, record)
         host.state.save_record(

@@ -34,7 +34,29 @@ R = TypeVar("R")
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically and durably."""
+    """Replace `path` with `data` atomically and durably.
+
+    A failure (a full or read-only file system, no permission) is a StateError that says which; the old
+    file is then left whole, as it was.
+    """
+    try:
+        _atomic_write(path, data, mode)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot write: {write_problem(exc)}") from exc
+
+
+def write_problem(exc: OSError) -> str:
+    """What an OSError from a write means to an operator, with what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the file system is full (or over quota); free space there and retry"
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only; remount it read-write and retry"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; run as root (or as the owner of the state directory)"
+    return str(exc.strerror or exc)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -329,7 +351,7 @@ class StateDir:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # a full disk: the lock holds all the same, only the mark is lost
-            log.warning("cannot mark the state lock as held: %s", exc.strerror or exc)
+            log.info("cannot mark the state lock as held: %s", exc.strerror or exc)
             return False
         return interrupted
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 from pathlib import Path
 
-from procurator.errors import DamagedStateError, LeaseExhaustedError, StateError, ValidationError
+from procurator.errors import DamagedStateError, LeaseExhaustedError, ValidationError
 from procurator.net.config import NetworkConfig
 from procurator.net.names import check_id, mac_address
 from procurator.state import atomic_write, read_json
@@ -216,7 +216,4 @@ class Leases:
         rows = ",\n".join(self._row(name, lease) for name, lease in sorted(self._leases.items()))
         head = f'{{"schema": {LEASES_SCHEMA}, "subnet": {json.dumps(str(self.subnet))}, "leases": {{'
         text = f"{head}\n{rows}\n}}}}\n" if rows else f"{head}}}}}\n"
-        try:
-            atomic_write(self.path, text.encode())
-        except OSError as exc:
-            raise StateError(f"{self.path}: cannot write the leases: {exc.strerror or exc}") from exc
+        atomic_write(self.path, text.encode())  # a failure is a StateError saying why
