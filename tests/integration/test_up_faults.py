@@ -233,3 +233,42 @@ def test_a_health_wait_stops_at_the_configured_cap(
     assert time.monotonic() - started < 60
     assert "timed out after 2.0s waiting for health checks of 10.124.0.2 (capped by the worker " in line
     assert_nothing_left(vm_host)
+
+
+def kill_mid_stop(host: VmHost, name: str, *args: str) -> None:
+    """Run `procurator ARGS` (a down or stop of `name`) and kill -9 it while the guest powers off."""
+    cli = subprocess.Popen([str(PROCURATOR), *args], env=host.env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    try:
+        log = host.state / "vms" / name / "hypervisor.log"
+        while "VmPowerButton" not in (log.read_text(errors="replace") if log.exists() else ""):
+            assert cli.poll() is None, f"procurator {' '.join(args)} ended before {name} was powering off"
+            assert time.monotonic() < deadline, f"{name} never got the power button"
+            time.sleep(0.02)
+    finally:
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=10)
+
+
+@pytest.mark.parametrize("command", ["down", "stop"])
+def test_kill_9_mid_shutdown_then_one_rerun_converges(
+    vm_host: VmHost, example_build: ExampleBuild, command: str
+) -> None:
+    up = vm_host.run("up", str(example_build.web), CHDOUBLE_POWEROFF_DELAY="2")  # the guest takes 2 s
+    assert up.returncode == 0, up.stderr
+    lease = leases(vm_host)["web"]
+    kill_mid_stop(vm_host, "web", command, "web")
+    assert set(vm_host.ps()) == {"web"}  # still listed: the record was not removed yet
+
+    done = vm_host.run(command, "web")
+    assert done.returncode == 0, done.stderr
+    assert hypervisors_of(vm_host, "web") == []
+    assert vm_host.taps() == set()
+    assert leases(vm_host) == {"web": lease}  # neither down nor stop gives up the lease
+    if command == "down":
+        assert vm_host.ps() == {}
+    else:
+        assert vm_host.ps()["web"]["state"] == "stopped"
+        vm_host.ok("start", "web")
+        assert_converged(vm_host, {"web"})
