@@ -27,6 +27,7 @@ from procurator.net.config import NetworkConfig
 BACKENDS = ("cloud-hypervisor", "qemu")
 DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
 DEFAULT_HEALTH_TIMEOUT = 600.0
+MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEALTH_TIMEOUT = 86400.0
 
 
@@ -115,11 +116,11 @@ class WorkerConfig:
         if path is None:
             return cls()
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes()[: MAX_CONFIG_BYTES + 1].decode())
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"{path}: no such worker configuration; fix --config/PROCURATOR_CONFIG"
             ) from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
             raise ConfigError(f"{path}: cannot read the worker configuration: {exc}") from exc
         return cls.parse(str(path), data)

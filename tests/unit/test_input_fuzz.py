@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from procurator import models
-from procurator.errors import ValidationError
+from procurator.config import WorkerConfig
+from procurator.errors import ConfigError, ProcuratorError, ValidationError
 from procurator.models import Bundle, Deployment
 from tests.support.bundles import meta, vm_config, write_bundle, write_deployment
 
@@ -176,3 +177,30 @@ def test_the_stated_limits(tmp_path: Path) -> None:
         assert refused(tmp_path, **kwargs).startswith(f"procurator.json: {expected}"), expected
     for expected, config in config_cases:
         assert refused(tmp_path, config=config).startswith(f"vm-config.json: {expected}"), expected
+
+
+def test_fuzzed_worker_configurations_are_refused_in_one_line(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 2)  # noqa: S311
+    good = {
+        "schema": 1,
+        "stateDir": "/var/lib/procurator",
+        "user": "procurator-vm",
+        "hypervisor": {"backend": "cloud-hypervisor", "binary": "/bin/true", "accel": "auto"},
+        "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": None, "uplink": None,
+                    "nat": False, "isolate": False},
+        "apiSocket": "/run/procurator/api.sock",
+        "metricsListen": None,
+        "healthTimeout": 600,
+    }  # fmt: skip
+    path = tmp_path / "worker.json"
+    for case in range(CASES // 3):
+        text = json.dumps(mutate(good, rng)).encode()
+        path.write_bytes(damage(text, rng) if case % 4 == 0 else text)
+        try:
+            WorkerConfig.load(path)
+        except (ConfigError, ValidationError) as exc:
+            problem: ProcuratorError = exc
+        else:
+            continue
+        assert "\n" not in problem.message
+        assert problem.message.startswith(str(path)), problem.message
