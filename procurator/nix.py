@@ -30,16 +30,42 @@ def _nix(args: list[str], *, timeout: float, env: Mapping[str, str] | None = Non
         raise NixError(f"nix {args[0]} failed: {detail}") from exc
 
 
+MAX_ERROR_LINES = 20  # of one nix error quoted in a message; the rest is counted
+_POSITION = re.compile(r"^at (.+:\d+:\d+):?$")
+
+
 def _last_error(stderr: str) -> str:
-    """nix prints 'error: ...' possibly followed by trace lines; keep the first error line and its cause."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("error:"):
-            rest = line.removeprefix("error:").strip()
-            if not rest and i + 1 < len(lines):
-                rest = lines[i + 1]
-            return rest
-    return lines[-1] if lines else ""
+    """nix's error, on one line: its first line, every problem line after it (`Failed assertions:` and
+    each assertion, mkSpec's "N problems:" and each, a builder's last log lines) joined with "; ", and
+    the position (file:line:column) of a syntax or evaluation error. Trace lines (`…`), the source
+    excerpt and the `--show-trace` hint are left out; past MAX_ERROR_LINES lines are counted, not shown."""
+    lines = stderr.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("error:")), None)
+    if start is None:
+        rest = [line.strip() for line in lines if line.strip()]
+        return rest[-1] if rest else ""
+    parts: list[str] = []
+    first = lines[start].strip().removeprefix("error:").strip()
+    if first:
+        parts.append(first)
+    position = ""
+    for line in lines[start + 1 :]:
+        text = line.strip()
+        if not text or text.startswith("…"):
+            continue
+        if text.startswith("(use '--show-trace'"):
+            break
+        found = _POSITION.match(text)
+        if found:  # the excerpt of the source follows: the position says it all
+            position = found.group(1)
+            break
+        parts.append(text.removeprefix("error:").strip().removeprefix("- "))
+    shown = parts[:MAX_ERROR_LINES]
+    if len(parts) > len(shown):
+        shown.append(f"({len(parts) - len(shown)} more lines)")
+    message = "; ".join(p.rstrip(";") for p in shown)
+    message = message.replace(":;", ":")  # "3 problems:; name ..." reads "3 problems: name ..."
+    return f"{message} (at {position})" if position else message
 
 
 def _outputs(stdout: str) -> list[Path]:

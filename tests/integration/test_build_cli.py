@@ -154,3 +154,41 @@ def test_malformed_json_and_not_a_bundle(tmp_path: Path) -> None:
     done = run("build", str(empty))
     assert done.returncode == 1
     assert "not a Procurator bundle" in done.stderr
+
+
+NIX_ERRORS = {
+    "syntax": (
+        "let x = 1;\nin { a = x + ; }\n",
+        "error: nix build failed: syntax error, unexpected ';' (at {file}:2:14)",
+    ),
+    "undefined": (
+        "let a = 1; in a + y\n",
+        "error: nix build failed: undefined variable 'y' (at {file}:1:19)",
+    ),
+    "every problem": (
+        f"(import {REPO}/nix/lib).mkSpec "
+        '{ name = "Web_1"; kernel = "/nix/store/0-k"; vcpus = 0; memoryMiB = "x"; }',
+        "error: nix build failed: procurator VM 'Web_1': 3 problems: name must be a DNS label",
+    ),
+    "failed assertions": (
+        "throw \"\\nFailed assertions:\\n- procurator VM 'web': one\\n- procurator VM 'web': two\\n\"",
+        "error: nix build failed: Failed assertions: procurator VM 'web': one; procurator VM 'web': two",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NIX_ERRORS))
+def test_nix_errors_keep_every_problem_and_the_position(case: str, tmp_path: Path) -> None:
+    source, expected = NIX_ERRORS[case]
+    file = tmp_path / "vm.nix"
+    file.write_text(source)
+    done = run("build", str(file))
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(expected.format(file=file)), line
+    if case == "every problem":
+        for problem in (
+            "vcpus must be a positive integer, got 0",
+            'memoryMiB must be a positive integer (MiB), got "x"',
+        ):
+            assert problem in line
