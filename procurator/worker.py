@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procurator import history, lifecycle, metrics, network, process, reconcile, sweep, worker_api
+from procurator import history, lifecycle, metrics, network, notify, process, reconcile, sweep, worker_api
 from procurator.errors import DamagedStateError, NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
 from procurator.hypervisor.cloud_hypervisor import EventReader
 from procurator.lifecycle import Host, WaitFor
@@ -402,7 +402,10 @@ class Worker:
             log.info("worker: serving on %s", self.settings.api_socket)
             with self._working():
                 self.sweep()
-                self.adopt()
+                adopted = self.adopt()
+            notify.notify(
+                "READY=1", f"STATUS=serving on {self.settings.api_socket}; {len(adopted)} VM(s) adopted"
+            )
             self._profile_seen = self._profile_target()
             self._reconcile_profile("start")
             next_reconcile = self.clock() + self.settings.interval
@@ -427,6 +430,7 @@ class Worker:
                     pause = min(pause, max(0.0, due - self.clock()))
                 self._stopping.wait(max(pause, 0.01))
         finally:
+            notify.notify("STOPPING=1")
             for server in self._servers:
                 server.close()
             self._servers = []

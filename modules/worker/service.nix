@@ -42,7 +42,10 @@ in
         # The file in /etc keeps its name; its content is what changes.
         restartTriggers = [ common.configFile ];
         serviceConfig = common.workerSandbox // {
-          Type = "exec";
+          # Ready (sd_notify READY=1) once the API socket is bound and the running VMs are adopted,
+          # so procurator-apply and the pull service, ordered after this unit, find a worker answering.
+          Type = "notify";
+          NotifyAccess = "main";
           ExecStart = common.command ([ "worker" ] ++ common.metricsArgs);
           Restart = "always";
           RestartSec = "2s";

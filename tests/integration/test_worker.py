@@ -345,6 +345,26 @@ def test_kill_9_mid_apply_then_restart_adopts_and_converges(
     assert_converged(vm_host, release2.bundles)
 
 
+def test_ready_is_notified_after_the_socket_is_bound_and_the_vms_adopted(
+    vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon()
+    assert daemon.apply(example_build.deployment)["success"]
+    kill9(daemon.proc.pid)
+    notify_path = vm_host.root / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:  # what systemd listens on
+        systemd.bind(str(notify_path))
+        systemd.settimeout(30)
+        daemon = start_daemon(NOTIFY_SOCKET=str(notify_path))
+        ready = systemd.recv(4096).decode().splitlines()
+        assert ready[0] == "READY=1"
+        assert ready[1] == f"STATUS=serving on {daemon.socket}; 2 VM(s) adopted"
+        assert "adopted 2 running VM(s): api, web" in daemon.output()  # adoption came first
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert systemd.recv(4096) == b"STOPPING=1"
+        assert daemon.proc.wait(timeout=30) == 0
+
+
 def test_a_damaged_record_is_set_aside_and_the_rest_supervised(
     vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
 ) -> None:
