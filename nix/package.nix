@@ -3,7 +3,11 @@
 #   pkgs.callPackage ./nix/package.nix { }
 #
 # The tests are not run here: they need root, network namespaces, QEMU and Nix (see .ci/run).
-{ lib, python3Packages }:
+{
+  lib,
+  python3Packages,
+  installShellFiles,
+}:
 let
   pyproject = lib.importTOML ../pyproject.toml;
 in
@@ -23,6 +27,8 @@ python3Packages.buildPythonApplication {
         rel = lib.removePrefix "${toString ../.}/" (toString path);
       in
       rel == "pyproject.toml"
+      || rel == "share"
+      || lib.hasPrefix "share/completions" rel
       || (
         (rel == "procurator" || lib.hasPrefix "procurator/" rel)
         && baseNameOf rel != "__pycache__"
@@ -31,12 +37,22 @@ python3Packages.buildPythonApplication {
   };
 
   build-system = [ python3Packages.setuptools ];
+  nativeBuildInputs = [ installShellFiles ];
   dependencies = with python3Packages; [
     click
     httpx
     pyroute2
     jinja2
   ];
+
+  # Click's completion scripts, generated once and kept in the repository (tests/unit/test_cli_conventions.py
+  # checks they are current): the build need not run the program. VM names complete from the state dir.
+  postInstall = ''
+    installShellCompletion --cmd procurator \
+      --bash share/completions/procurator.bash \
+      --zsh share/completions/procurator.zsh \
+      --fish share/completions/procurator.fish
+  '';
 
   pythonImportsCheck = [ "procurator" ];
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,8 +57,54 @@ class LazyGroup(click.Group):
             command = getattr(importlib.import_module(module), attr)
             if not isinstance(command, click.Command):
                 raise TypeError(f"{COMMANDS[cmd_name]} is not a click command")
+            _accept_globals(command)
             self.add_command(command, cmd_name)
         return super().get_command(ctx, cmd_name)
+
+
+def _accept_globals(command: click.Command) -> None:
+    """Let `procurator ps --state-dir X` mean `procurator --state-dir X ps`: the global options are
+    accepted after the (sub)command too, where it has no option of that name itself."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_globals(sub)
+        return
+    taken = {opt for param in command.params for opt in getattr(param, "opts", [])}
+    for option in _global_options():
+        if not set(option.opts) & taken:
+            command.params.append(option)
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is None or value is False:
+        return
+    root = ctx.find_root()
+    g: Globals = root.obj
+    if param.name == "late_state_dir":
+        root.obj = dataclasses.replace(g, state_dir=value, state_dir_given=True)
+    elif param.name == "late_config":
+        root.obj = dataclasses.replace(g, config=value)
+    else:
+        root.obj = dataclasses.replace(g, debug=True)
+
+
+def _global_options() -> list[click.Option]:
+    common: dict[str, Any] = {"expose_value": False, "callback": _set_global, "is_eager": True}
+    return [
+        click.Option(
+            ["--state-dir", "late_state_dir"],
+            type=click.Path(path_type=Path, file_okay=False),
+            help="State directory (as the global option).",
+            **common,
+        ),
+        click.Option(
+            ["--config", "late_config"],
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Worker configuration JSON (as the global option).",
+            **common,
+        ),
+        click.Option(["--debug", "late_debug"], is_flag=True, help="As the global option.", **common),
+    ]
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,6 +121,7 @@ class LazyGroup(click.Group):
     help="Worker configuration JSON [env PROCURATOR_CONFIG].",
 )
 @click.option("--debug", is_flag=True, help="Log every command run and show tracebacks.")
+@click.version_option(package_name="procurator", prog_name="procurator", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, state_dir: Path | None, config: Path | None, debug: bool) -> None:
     """Build microVMs with Nix and run them on this host."""

@@ -1,14 +1,19 @@
-"""Build the core's Host from the global options, once per command."""
+"""Build the core's Host from the global options, once per command; complete VM names."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
+from click.shell_completion import CompletionItem
 
 from procurator.cli.app import Globals
 from procurator.config import WorkerConfig
+from procurator.errors import ProcuratorError
 from procurator.hypervisor.registry import factory
 from procurator.lifecycle import Host
-from procurator.state import StateDir
+from procurator.state import DEFAULT_STATE_DIR, StateDir
 
 
 def host(ctx: click.Context) -> Host:
@@ -16,3 +21,25 @@ def host(ctx: click.Context) -> Host:
     config = WorkerConfig.load(g.config)
     state_dir = g.state_dir if g.state_dir_given or config.state_dir is None else config.state_dir
     return Host(state=StateDir(state_dir), config=config, hypervisors=factory(config.hypervisor))
+
+
+def vm_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Shell completion of a VM name: the VM directories of this host's state directory.
+
+    At completion time no command runs (Click parses resiliently), so the state directory is found
+    from the parsed global options, the environment and the worker configuration here.
+    """
+    del param
+    root = ctx.find_root()
+    env_state = os.environ.get("PROCURATOR_STATE_DIR")
+    env_config = os.environ.get("PROCURATOR_CONFIG")
+    given = root.params.get("state_dir") or (Path(env_state) if env_state else None)
+    try:
+        if given is None:
+            config_path = root.params.get("config") or (Path(env_config) if env_config else None)
+            given = WorkerConfig.load(config_path).state_dir
+        vms = StateDir(given or DEFAULT_STATE_DIR).vms_dir
+        names = sorted(entry.name for entry in vms.iterdir() if entry.is_dir())
+    except (OSError, ProcuratorError):
+        return []
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)]

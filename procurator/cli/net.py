@@ -36,7 +36,7 @@ def net() -> None:
 
 
 @net.command("up")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the network status as JSON.")
 @click.pass_context
 def net_up(ctx: click.Context, as_json: bool) -> None:
     """Create the bridge (and NAT when an uplink is configured); idempotent."""
@@ -47,7 +47,7 @@ def net_up(ctx: click.Context, as_json: bool) -> None:
 
 @net.command("down")
 @click.option("--force", is_flag=True, help="Tear down even while VMs are running (they lose their network).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the network status as JSON.")
 @click.pass_context
 def net_down(ctx: click.Context, force: bool, as_json: bool) -> None:
     """Remove the bridge, the NAT table and every Procurator TAP."""
@@ -65,7 +65,7 @@ def net_down(ctx: click.Context, force: bool, as_json: bool) -> None:
 
 
 @net.command("status")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the network status as JSON.")
 @click.pass_context
 def net_status(ctx: click.Context, as_json: bool) -> None:
     """Show the bridge, NAT and TAPs."""

@@ -8,7 +8,7 @@ import click
 
 from procurator import console as consoles
 from procurator import lifecycle
-from procurator.cli.context import host
+from procurator.cli.context import host, vm_names
 from procurator.cli.render import emit_json, emit_table, note
 from procurator.config import BACKENDS
 from procurator.errors import UsageError
@@ -24,6 +24,16 @@ def _how(result: StopResult | None) -> str:
     if result is None:
         return "was not running"
     return "graceful" if result.graceful else " -> ".join(result.steps)
+
+
+def _stopped_json(name: str, result: StopResult | None) -> dict[str, object]:
+    """How a VM went down, for `down --json` and `stop --json`."""
+    return {
+        "name": name,
+        "was_running": result is not None,
+        "graceful": None if result is None else result.graceful,
+        "steps": [] if result is None else list(result.steps),
+    }
 
 
 def _fmt_uptime(seconds: float | None) -> str:
@@ -72,38 +82,60 @@ def up(ctx: click.Context, refs: tuple[str, ...], backend: str | None, wait: str
 
 
 @click.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
 @click.option("--purge", is_flag=True, help="Also delete the VM's volumes and release its IP lease.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done to each VM as a JSON array.")
 @click.pass_context
-def down(ctx: click.Context, names: tuple[str, ...], purge: bool) -> None:
+def down(ctx: click.Context, names: tuple[str, ...], purge: bool, as_json: bool) -> None:
     """Stop VMs gracefully and remove them from this host."""
     h = host(ctx)
+    done = []
     for name in names:
         result = lifecycle.down(h, name, purge=purge)
-        note(f"{name}: down ({_how(result)}){' and purged' if purge else ''}")
+        done.append({**_stopped_json(name, result), "purged": purge})
+        if not as_json:
+            note(f"{name}: down ({_how(result)}){' and purged' if purge else ''}")
+    if as_json:
+        emit_json(done)
 
 
 @click.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
+@click.option("--json", "as_json", is_flag=True, help="Print what was done to each VM as a JSON array.")
 @click.pass_context
-def stop(ctx: click.Context, names: tuple[str, ...]) -> None:
+def stop(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
     """Stop VMs but keep them (record, lease, volumes) for `start`."""
     h = host(ctx)
+    done = []
     for name in names:
         result = lifecycle.stop(h, name)
-        note(f"{name}: stopped ({'graceful' if result is None or result.graceful else 'forced'})")
+        done.append(_stopped_json(name, result))
+        if not as_json:
+            note(f"{name}: stopped ({'graceful' if result is None or result.graceful else 'forced'})")
+    if as_json:
+        emit_json(done)
 
 
 @click.command()
-@click.argument("names", nargs=-1, required=True)
-@click.option("--wait", type=click.Choice([w.value for w in WaitFor]), default=WaitFor.BOOTED.value)
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
+@click.option(
+    "--wait",
+    type=click.Choice([w.value for w in WaitFor]),
+    default=WaitFor.BOOTED.value,
+    show_default=True,
+    help="Return once each VM is booted, or healthy (its health checks pass), or at once (none).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the started VMs as JSON (as `ps --json`).")
 @click.pass_context
-def start(ctx: click.Context, names: tuple[str, ...], wait: str) -> None:
+def start(ctx: click.Context, names: tuple[str, ...], wait: str, as_json: bool) -> None:
     """Boot stopped VMs again (same generation, lease and volumes)."""
     h = host(ctx)
     for name in names:
         record = lifecycle.start(h, name, wait=WaitFor(wait))
-        note(f"{name}: started (pid {record.pid})")
+        if not as_json:
+            note(f"{name}: started (pid {record.pid})")
+    if as_json:
+        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
 
 
 @click.command()
@@ -140,7 +172,7 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("-n", "lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines to show.")
 @click.option("-f", "follow", is_flag=True, help="Keep printing new output until interrupted (Ctrl-C).")
 @click.pass_context
@@ -170,7 +202,7 @@ def logs(ctx: click.Context, name: str, lines: int, follow: bool) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option(
     "--quiet-after",
     type=float,
@@ -195,7 +227,9 @@ def console(ctx: click.Context, name: str, quiet_after: float, limit: float) -> 
 
 
 @click.command()
-@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--parallel", type=click.IntRange(min=1), default=8, show_default=True, help="VMs stopped at once."
+)
 @click.pass_context
 def shutdown(ctx: click.Context, parallel: int) -> None:
     """Stop every running VM gracefully for a host shutdown; the worker boots them again at start."""

@@ -53,6 +53,12 @@ def test_lifecycle_through_the_double(vm_host: VmHost, example_build: ExampleBui
     runtime = json.loads((vm_host.state / "vms" / "web" / "vm-config.runtime.json").read_text())
     assert runtime["net"][0]["tap"] in vm_host.taps()
     assert runtime["serial"] == {"mode": "File", "file": str(vm_host.state / "vms" / "web" / "serial.log")}
+    stopped = json.loads(vm_host.ok("stop", "--json", "api"))
+    assert stopped == [
+        {"name": "api", "was_running": True, "graceful": True, "steps": ["power-button", "vmm.shutdown"]}
+    ]
+    started = json.loads(vm_host.ok("start", "--json", "api"))
+    assert [(vm["name"], vm["state"]) for vm in started] == [("api", "running")]
     down = vm_host.run("down", "web", "api")
     assert down.stderr.splitlines() == ["web: down (graceful)", "api: down (graceful)"]
     assert vm_host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
