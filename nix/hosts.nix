@@ -1,4 +1,4 @@
-# lib.mkHosts: the worker hosts of a fleet and what each runs, for `procurator deploy` (DESIGN.md §7).
+# lib.mkHosts: the worker hosts of a fleet and what each runs, for `procurator deploy` (docs/deploy.md).
 # Builtins only, so a fleet without nixpkgs (nix/minimal, the tests) uses it too:
 #
 #   import ./nix/hosts.nix {

@@ -1,4 +1,4 @@
-# The deployment of one worker host (DESIGN.md §2), built with nixpkgs: the same output as the
+# The deployment of one worker host (docs/bundle.md), built with nixpkgs: the same output as the
 # builtins-only ./make-deployment.nix (procurator-deployment-<host> holding deployment.json), built by
 # nixpkgs' stdenv so it works in a sandbox and from a flake (lib.mkDeployment).
 #

@@ -1,4 +1,4 @@
-# The deployment of one worker host (DESIGN.md §2), builtins only:
+# The deployment of one worker host (docs/bundle.md), builtins only:
 #
 #   import ./nix/make-deployment.nix { host = "worker1"; vms = { web = <bundle>; api = <bundle>; }; }
 #

@@ -1,4 +1,4 @@
-# The bundle of one NixOS microVM (DESIGN.md §1), built with nixpkgs:
+# The bundle of one NixOS microVM (docs/bundle.md), built with nixpkgs:
 #
 #   import ./nix/make-vm.nix { pkgs = import <nixpkgs> { system = "x86_64-linux"; }; modules = [ ./web.nix ]; }
 #   import ./nix/make-vm.nix { nixpkgs = <nixpkgs>; system = "aarch64-linux"; modules = [ ./web.nix ]; }

@@ -1,4 +1,4 @@
-"""The worker configuration (DESIGN.md §3): JSON written by the NixOS worker module, or defaults.
+"""The worker configuration (docs/worker.md): JSON written by the NixOS worker module, or defaults.
 
 {"stateDir": "/var/lib/procurator",
  "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto"},

@@ -1,4 +1,4 @@
-"""Deploying to many hosts (DESIGN.md §7): `procurator deploy` / `nix run .#deploy`.
+"""Deploying to many hosts (docs/deploy.md): `procurator deploy` / `nix run .#deploy`.
 
 A fleet is what `lib.mkHosts` (nix/hosts.nix) makes: per host an SSH target, tags, the command that runs
 procurator there, and a deployment. `Fleet.load(REF)` reads the settings of every host with one

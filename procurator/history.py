@@ -1,4 +1,4 @@
-"""Deployment history (DESIGN.md §2): the deployments applied on this host, as a Nix profile.
+"""Deployment history (docs/bundle.md): the deployments applied on this host, as a Nix profile.
 
 The profile lives at `<state>/profiles/deployment`. Each successful `apply` of a deployment that is not
 already the current one makes it a new generation (`nix-env --set`); `rollback` switches back to an

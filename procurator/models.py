@@ -1,4 +1,4 @@
-"""Frozen dataclasses parsed once, at the edge (DESIGN.md §1, §2).
+"""Frozen dataclasses parsed once, at the edge (docs/bundle.md).
 
 `Bundle.load(path)` and `Deployment.load(path)` read a store path, parse and check both JSON contracts and
 raise `ValidationError` naming the file and the field when anything is off. Everything past this module

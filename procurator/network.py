@@ -1,4 +1,4 @@
-"""Host networking (DESIGN.md §5): the bridge, a TAP per VM interface, IP leases, NAT and forwarding.
+"""Host networking (docs/worker.md): the bridge, a TAP per VM interface, IP leases, NAT and forwarding.
 
 The public API of this module is what the CLI (`procurator net up|down|status`) and the VM lifecycle
 use. Every function takes a `NetworkConfig` (its `netns` is the namespace everything happens in; None is

@@ -1,4 +1,4 @@
-"""Reconciling (DESIGN.md §6): a pure plan from desired and observed state, and an apply that runs it.
+"""Reconciling (docs/architecture.md): a pure plan from desired and observed state, and an apply that runs it.
 
 `plan(desired, observed)` compares, VM by VM, the deployment (name -> bundle store path) with what this
 host has (records and the process table, as `lifecycle.status` reports them). It does no I/O of its own:

@@ -1,4 +1,4 @@
-"""The runtime copy of a bundle's VmConfig: the bundle's config plus the host's fields (DESIGN.md §1).
+"""The runtime copy of a bundle's VmConfig: the bundle's config plus the host's fields (docs/bundle.md).
 
 Pure: takes the bundle and what the host allocated, returns the body of `vm.create`. Both backends start
 from this one dict, so cloud-hypervisor and QEMU boot the same machine.

@@ -1,4 +1,4 @@
-"""The state directory (DESIGN.md §3): records, runtime files, volumes, leases and the lock.
+"""The state directory (docs/worker.md): records, runtime files, volumes, leases and the lock.
 
 Every write is atomic (temp file in the same directory, fsync, rename, fsync of the directory), so a crash
 at any instant leaves either the old or the new file, never a torn one.

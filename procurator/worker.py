@@ -1,4 +1,4 @@
-"""The worker daemon (DESIGN.md §6): `procurator worker`.
+"""The worker daemon (docs/architecture.md): `procurator worker`.
 
 It reconciles this host with its desired deployment (the current generation of the deployment profile
 `<state>/profiles/deployment`) on start, whenever that generation changes or a `POST /apply` arrives,

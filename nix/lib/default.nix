@@ -1,4 +1,4 @@
-# Procurator's pure Nix library (DESIGN.md §1, §2): no nixpkgs, builtins only, no impure builtins.
+# Procurator's pure Nix library (docs/bundle.md): no nixpkgs, builtins only, no impure builtins.
 #
 #   mkSpec attrs                 -> the normalised, checked spec of one VM
 #                                   (throws "procurator VM '<name>': ..." naming every field to fix)

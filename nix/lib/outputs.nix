@@ -1,4 +1,4 @@
-# What a spec turns into: the bundle's two JSON documents and the deployment's (DESIGN.md §1, §2).
+# What a spec turns into: the bundle's two JSON documents and the deployment's (docs/bundle.md).
 # Builtins only. Each function accepts raw attributes or a spec from mkSpec.
 let
   c = import ./checks.nix;

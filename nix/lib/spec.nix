@@ -1,4 +1,4 @@
-# mkSpec: check and normalise one VM's attributes (DESIGN.md §1, docs/bundle.md). Builtins only.
+# mkSpec: check and normalise one VM's attributes (docs/bundle.md). Builtins only.
 #
 # Every error is a `throw` whose message starts with "procurator VM '<name>': " and names each field to
 # fix (all problems at once). mkSpec is idempotent (mkSpec (mkSpec a) == mkSpec a), so the functions of

@@ -1,4 +1,4 @@
-# A nixpkgs-free bundle builder (DESIGN.md §1, §8): the host's kernel and busybox, Nix builtins and
+# A nixpkgs-free bundle builder (docs/bundle.md): the host's kernel and busybox, Nix builtins and
 # host tools (/bin/sh, cp, cpio, gzip) only. This is what CI, the demo and the tests build.
 #
 #   minimal = import ./nix/minimal { hostCache = /var/cache/procurator; };

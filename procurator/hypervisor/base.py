@@ -1,4 +1,4 @@
-"""The contract every hypervisor backend implements (DESIGN.md §4).
+"""The contract every hypervisor backend implements (docs/architecture.md).
 
 A backend receives a `LaunchSpec`: the runtime VmConfig (cloud-hypervisor's `vm.create` body with the host
 fields filled in: TAP names, writable disk paths, serial file) plus where the VM's files live. It returns a

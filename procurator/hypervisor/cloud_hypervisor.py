@@ -1,4 +1,4 @@
-"""The cloud-hypervisor backend (DESIGN.md §4): one `cloud-hypervisor` process per VM, driven over its API.
+"""The cloud-hypervisor backend: one `cloud-hypervisor` process per VM, driven over its API.
 
 Start-up is a list of steps, each with its undo, run in reverse on any failure so that nothing is left
 behind (no process, no socket):

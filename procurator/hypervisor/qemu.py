@@ -1,4 +1,4 @@
-"""The qemu backend (DESIGN.md §4): the runtime VmConfig translated to a QEMU command line, driven over QMP.
+"""The qemu backend: the runtime VmConfig translated to a QEMU command line, driven over QMP.
 
 `build_argv` is the pure translation of cloud-hypervisor's `vm.create` body; whatever it cannot express
 faithfully is refused with a HypervisorError naming the field, never silently dropped. `probe_accel`
@@ -701,7 +701,7 @@ class Qemu:
 
 def _require_taps(spec: LaunchSpec, taps: Iterable[str]) -> None:
     """Refuse to start unless every TAP exists where QEMU will run: as root, QEMU would silently create a
-    missing one, attached to nothing, instead of failing (Procurator creates TAPs, DESIGN.md §5)."""
+    missing one, attached to nothing, instead of failing (Procurator creates TAPs, docs/worker.md)."""
     for tap in taps:
         if spec.netns is None:
             exists = Path("/sys/class/net", tap).exists()

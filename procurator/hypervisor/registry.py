@@ -1,4 +1,4 @@
-"""Pick a backend by name. The backend is a host setting, never part of the bundle (DESIGN.md §4)."""
+"""Pick a backend by name. The backend is a host setting, never part of the bundle (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`NetworkConfig`: the ``network`` section of the worker configuration (DESIGN.md §3, §5)."""
+"""`NetworkConfig`: the ``network`` section of the worker configuration (docs/worker.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Real nix-build of examples/minimal.nix: the bundles and the deployment hold the contract of
-docs/bundle.md (DESIGN.md §1, §2), share one kernel and one initrd, and change only where the spec does."""
+docs/bundle.md (docs/bundle.md), share one kernel and one initrd, and change only where the spec does."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hypervisors run as the worker's unprivileged user, on TAPs owned by that user (DESIGN.md §4)."""
+"""Hypervisors run as the worker's unprivileged user, on TAPs owned by that user (docs/architecture.md)."""
 
 from __future__ import annotations
 
