@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -402,6 +403,25 @@ class Bundle:
         config_file = path / "vm-config.json"
         config = _check_vm_config(str(config_file), _load_json(config_file), meta)
         return cls(path=path, meta=meta, vm_config=config)
+
+    def check_links(self) -> None:
+        """A built bundle links what its payload boots (`kernel`, and `initrd` with an initramfs): the
+        links keep them in the bundle's closure. Refused (naming the link) when one is missing or points
+        elsewhere."""
+        payload = self.vm_config["payload"]
+        for link, key in (("kernel", "kernel"), ("initrd", "initramfs")):
+            target = payload.get(key)
+            if target is None:
+                continue
+            path = self.path / link
+            try:
+                found = os.readlink(path)
+            except OSError as exc:
+                raise ValidationError(
+                    str(path), "", f"missing (a bundle links its {key}, {target}); rebuild the bundle"
+                ) from exc
+            if found != target:
+                raise ValidationError(str(path), "", f"points at {found}, not at payload.{key} {target}")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "bundle", "name": self.name, "path": str(self.path), "generation": self.generation}

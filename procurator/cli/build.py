@@ -16,6 +16,7 @@ def build(ref: str, as_json: bool) -> None:
     resolved = resolve(ref)
     if resolved.bundle is not None:
         b = resolved.bundle
+        b.check_links()
         if as_json:
             emit_json(b.to_json())
         else:
@@ -27,6 +28,8 @@ def build(ref: str, as_json: bool) -> None:
     if d is None:  # pragma: no cover - resolve() returns one or the other
         raise RuntimeError("resolve returned neither a bundle nor a deployment")
     bundles = d.bundles()
+    for bundle in bundles:
+        bundle.check_links()
     if as_json:
         emit_json({**d.to_json(), "bundles": [b.to_json() for b in bundles]})
         return

@@ -83,6 +83,7 @@ FLAKE = """
           mkdir $out
           printf %s "$vmConfig" > $out/vm-config.json
           printf %s "$meta" > $out/procurator.json
+          ln -s ${spec.kernel} $out/kernel
         '' ];
       };
     };
@@ -192,3 +193,30 @@ def test_nix_errors_keep_every_problem_and_the_position(case: str, tmp_path: Pat
             'memoryMiB must be a positive integer (MiB), got "x"',
         ):
             assert problem in line
+
+
+def test_a_bundle_without_its_kernel_link_is_refused(example_build: ExampleBuild, tmp_path: Path) -> None:
+    copy = tmp_path / example_build.web.name
+    copy.mkdir()
+    for name in ("procurator.json", "vm-config.json", "initrd"):
+        source = example_build.web / name
+        if source.is_symlink():
+            (copy / name).symlink_to(source.readlink())
+        else:
+            (copy / name).write_bytes(source.read_bytes())
+    done = run("build", str(copy))
+    assert done.returncode == 1
+    kernel = json.loads((copy / "vm-config.json").read_text())["payload"]["kernel"]
+    assert (
+        done.stderr
+        == f"error: {copy}/kernel: missing (a bundle links its kernel, {kernel}); rebuild the bundle\n"
+    )
+    (copy / "kernel").symlink_to("/nix/store/elsewhere")
+    done = run("build", str(copy))
+    assert (
+        done.stderr
+        == f"error: {copy}/kernel: points at /nix/store/elsewhere, not at payload.kernel {kernel}\n"
+    )
+    (copy / "kernel").unlink()
+    (copy / "kernel").symlink_to(kernel)
+    assert run("build", str(copy)).returncode == 0
