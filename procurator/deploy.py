@@ -617,7 +617,13 @@ class _HostRun:
             )
         except ProcuratorError as exc:
             result = Result.INTERRUPTED if self.failed_by_interrupt() else Result.FAILED
-            raise _HostFailedError(result, Stage.COPY, f"{exc.message}; host unchanged") from exc
+            hint = ""
+            if "lacks a signature by a trusted key" in exc.message:
+                hint = (
+                    f"; the target's nix-daemon does not trust what {self.host.target} sends: make that user "
+                    "a trusted-user there (nix.settings.trusted-users) or sign the paths (docs/deploy.md)"
+                )
+            raise _HostFailedError(result, Stage.COPY, f"{exc.message}{hint}; host unchanged") from exc
 
     def _plan(self, path: Path) -> HostResult:
         self.phase(Phase.PLANNING)
