@@ -48,7 +48,9 @@ from typing import Any, Generic, TypeVar
 
 from procurator import nix, process
 from procurator.errors import ProcuratorError, UsageError, ValidationError, WaitTimeoutError
+from procurator.history import History
 from procurator.models import SCHEMA_VERSION, Deployment, is_dns_label
+from procurator.reconcile import Action, ActionKind, ApplyResult, Outcome, PlanReport
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +331,9 @@ class HostResult:
     generation: int | None = None  # the deployment history generation it runs at the end, if known
     counts: dict[str, int] | None = None  # create / replace / start / remove
     duration: float = 0.0
-    plan: dict[str, Any] | None = None
-    apply: dict[str, Any] | None = None
-    rollback: dict[str, Any] | None = None
+    plan: PlanReport | None = None
+    apply: ApplyResult | None = None
+    rollback: ApplyResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -355,9 +357,9 @@ class HostResult:
             "started": self.count("start"),
             "removed": self.count("remove"),
             "duration": round(self.duration, 3),
-            "plan": self.plan,
-            "apply": self.apply,
-            "rollback": self.rollback,
+            "plan": None if self.plan is None else self.plan.to_json(),
+            "apply": None if self.apply is None else self.apply.to_json(),
+            "rollback": None if self.rollback is None else self.rollback.to_json(),
         }
 
 
@@ -494,15 +496,21 @@ def _remote_failure(host: HostSpec, done: process.Completed, what: str) -> str:
     return f"{what} on {host.target} failed: {_error_line(done)}"
 
 
-def _counts(actions: Iterable[Any], *, outcome: str | None) -> dict[str, int]:
+def _counts(actions: Iterable[Action]) -> dict[str, int]:
     counts = dict.fromkeys(_COUNTED, 0)
     for action in actions:
-        if not isinstance(action, dict):
-            continue
-        kind = action.get("kind")
-        if kind in counts and (outcome is None or action.get("outcome") == outcome):
-            counts[kind] += 1
+        if action.kind.value in counts:
+            counts[action.kind.value] += 1
     return counts
+
+
+def _typed(host: HostSpec, done: process.Completed, what: str, read: Callable[[Any, str], T]) -> T | None:
+    """What a remote `procurator WHAT --json` printed, read by its typed reader; None when it printed
+    no JSON. JSON of the wrong shape (another procurator release there) is an error naming the host."""
+    data = _json_out(done)
+    if data is None:
+        return None
+    return read(data, f"{what} --json on {host.target}")
 
 
 def preflight(
@@ -628,11 +636,15 @@ class _HostRun:
     def _plan(self, path: Path) -> HostResult:
         self.phase(Phase.PLANNING)
         done = self._remote(["plan", str(path), "--json"], Stage.PLAN, REMOTE_TIMEOUT)
-        plan = _json_out(done)
-        if done.returncode != 0 or not isinstance(plan, dict):
+        if done.returncode != 0:
             raise _HostFailedError(Result.FAILED, Stage.PLAN, _remote_failure(self.host, done, "plan"))
-        counts = _counts(plan.get("actions", []), outcome=None)
-        return self.result(Result.PLANNED, counts=counts, plan=plan)
+        try:
+            plan = _typed(self.host, done, "plan", PlanReport.from_json)
+        except ValidationError as exc:
+            raise _HostFailedError(Result.FAILED, Stage.PLAN, exc.message) from exc
+        if plan is None:
+            raise _HostFailedError(Result.FAILED, Stage.PLAN, _remote_failure(self.host, done, "plan"))
+        return self.result(Result.PLANNED, counts=_counts(plan.plan.actions), plan=plan)
 
     def _remote(
         self, args: list[str], stage: Stage, timeout: float, *, own_session: bool = False
@@ -653,51 +665,56 @@ class _HostRun:
             ) from exc
         except ProcuratorError as exc:  # ssh could not even start: nothing ran
             raise _HostFailedError(Result.FAILED, Stage.APPLY, f"{exc.message}; nothing changed") from exc
-        applied = _json_out(done)
-        if done.returncode == 0 and isinstance(applied, dict) and applied.get("failed") is False:
-            actions = applied.get("actions", [])
-            counts = _counts(actions, outcome="ok")
-            changed = any(counts.values())
-            history = applied.get("history")
+        try:
+            applied = _typed(self.host, done, "apply", ApplyResult.from_json)
+        except ValidationError as exc:  # it ran, with an outcome we cannot read: do not guess
+            raise _HostFailedError(
+                Result.FAILED, Stage.APPLY, f"{exc.message}; its outcome is unknown: look at the host"
+            ) from exc
+        if done.returncode == 0 and applied is not None and not applied.failed:
+            counts = _counts(r.action for r in applied.actions if r.outcome is Outcome.OK)
             return self.result(
-                Result.DEPLOYED if changed else Result.UNCHANGED,
+                Result.DEPLOYED if any(counts.values()) else Result.UNCHANGED,
                 counts=counts,
                 apply=applied,
-                generation=history if isinstance(history, int) else None,
+                generation=applied.history,
             )
         why = _remote_failure(self.host, done, "apply")
-        if isinstance(applied, dict):
+        if applied is not None:
             failures = [
-                f"{a.get('name')} {a.get('outcome')}: {a.get('error')}"
-                for a in applied.get("actions", [])
-                if isinstance(a, dict) and a.get("outcome") not in (None, "ok")
+                f"{r.action.name} {r.outcome.value}: {r.error}"
+                for r in applied.actions
+                if r.outcome is not Outcome.OK
             ]
-            why = "; ".join(failures) or str(applied.get("error") or why)
-            if not applied.get("changed"):
+            why = "; ".join(failures) or applied.error or why
+            if not applied.changed:
                 raise _HostFailedError(Result.FAILED, Stage.APPLY, f"apply failed, nothing changed: {why}")
         elif done.returncode != SSH_FAILED:
             # The apply refused before acting (procurator missing, a bundle missing, the lock busy, ...).
             raise _HostFailedError(Result.FAILED, Stage.APPLY, f"{why}; nothing changed")
-        return self._roll_back(applied if isinstance(applied, dict) else None, f"apply failed: {why}")
+        return self._roll_back(applied, f"apply failed: {why}")
 
     def _current_generation(self) -> tuple[int, str] | None:
         """The host's current deployment generation and its deployment. After a failed apply that is
         the one it ran before: an apply records its deployment only when it succeeds."""
         done = self._remote(["history", "--json"], Stage.ROLLBACK, REMOTE_TIMEOUT)
-        generations = _json_out(done)
-        if done.returncode != 0 or not isinstance(generations, list):
+        try:
+            read = _typed(self.host, done, "history", History.from_json) if done.returncode == 0 else None
+        except ValidationError as exc:
+            raise _HostFailedError(
+                Result.ROLLBACK_FAILED, Stage.ROLLBACK, f"cannot read the deployment history: {exc.message}"
+            ) from exc
+        if read is None:
             raise _HostFailedError(
                 Result.ROLLBACK_FAILED,
                 Stage.ROLLBACK,
                 "cannot read the deployment history to roll back: "
                 + _remote_failure(self.host, done, "history"),
             )
-        current = next((g for g in generations if isinstance(g, dict) and g.get("current") is True), None)
-        if current is None or not isinstance(current.get("number"), int):
-            return None
-        return current["number"], str(current.get("deployment"))
+        current = read.current
+        return None if current is None else (current.number, current.deployment)
 
-    def _roll_back(self, applied: dict[str, Any] | None, why: str) -> HostResult:
+    def _roll_back(self, applied: ApplyResult | None, why: str) -> HostResult:
         """Put the host back as it was before this deploy (the apply failed having changed something)."""
         now = self._current_generation()
         if applied is None and now is not None and now[1] == self.deployment:
@@ -708,8 +725,11 @@ class _HostRun:
             self.phase(Phase.ROLLING_BACK, f"to generation {previous}")
             args = ["rollback", "--to", str(previous), "--json", "--wait", "booted"]
             done = self._remote(args, Stage.ROLLBACK, APPLY_TIMEOUT, own_session=True)
-            rolled = _json_out(done)
-            rolled_doc = rolled if isinstance(rolled, dict) else None
+            try:
+                rolled_doc = _typed(self.host, done, "rollback", ApplyResult.from_json)
+            except ValidationError as exc:
+                log.warning("%s", exc.message)
+                rolled_doc = None
             if done.returncode == 0:
                 return self.result(
                     Result.ROLLED_BACK,
@@ -729,9 +749,9 @@ class _HostRun:
             )
         # No history: what ran before was no deployment. Take down what the failed apply created.
         created = sorted(
-            str(a["name"])
-            for a in (applied or {}).get("actions", [])
-            if isinstance(a, dict) and a.get("kind") == "create" and a.get("outcome") == "ok"
+            r.action.name
+            for r in (applied.actions if applied is not None else ())
+            if r.action.kind is ActionKind.CREATE and r.outcome is Outcome.OK
         )
         if applied is None:
             return self.result(

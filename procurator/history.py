@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from procurator import nix
-from procurator.errors import NotFoundError, StateError
+from procurator.errors import NotFoundError, StateError, ValidationError
 from procurator.state import StateDir
 
 PROFILE_NAME = "deployment"
@@ -42,6 +42,61 @@ class Generation:
             "deployment": self.deployment,
             "current": self.current,
         }
+
+
+HISTORY_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class History:
+    """The deployment history as `history --json` and the worker's GET /history send it."""
+
+    profile: str
+    generations: tuple[Generation, ...]
+
+    @property
+    def current(self) -> Generation | None:
+        return next((g for g in self.generations if g.current), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": HISTORY_SCHEMA,
+            "profile": self.profile,
+            "generations": [g.to_json() for g in self.generations],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "history --json") -> History:
+        if not isinstance(data, dict) or data.get("schema") != HISTORY_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValidationError(
+                source,
+                "schema",
+                f"{found!r}, not {HISTORY_SCHEMA}: install the same procurator release on both",
+            )
+        profile, items = data.get("profile"), data.get("generations")
+        if not isinstance(profile, str) or not isinstance(items, list):
+            raise ValidationError(source, "", "expected {schema, profile, generations: [...]}")
+        generations = []
+        for i, item in enumerate(items):
+            if not (
+                isinstance(item, dict)
+                and isinstance(item.get("number"), int)
+                and not isinstance(item.get("number"), bool)
+                and isinstance(item.get("date"), str)
+                and isinstance(item.get("deployment"), str)
+                and isinstance(item.get("current"), bool)
+            ):
+                raise ValidationError(
+                    source, f"generations[{i}]", "expected {number, date, deployment, current}"
+                )
+            generations.append(Generation(item["number"], item["date"], item["deployment"], item["current"]))
+        return cls(profile, tuple(generations))
+
+
+def read(state: StateDir) -> History:
+    """The history of this host's deployment profile."""
+    return History(str(profile_path(state)), tuple(generations(state)))
 
 
 def profile_path(state: StateDir) -> Path:
@@ -157,8 +212,3 @@ def switch(state: StateDir, to: int | Path) -> int:
     if after is None or after[0] != to:
         raise StateError(f"{profile}: is not at generation {to} after nix-env --switch-generation")
     return to
-
-
-def to_json(state: StateDir) -> list[dict[str, Any]]:
-    """The history as `procurator history --json` prints it."""
-    return [g.to_json() for g in generations(state)]

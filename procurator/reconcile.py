@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from procurator import history, lifecycle, process, sweep
 from procurator.errors import NotFoundError, ProcuratorError, StateError, UsageError, ValidationError
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FILES = ("vm-config.json", "procurator.json")
 SHORT = 12  # characters of a store hash shown to people
+
+
+E = TypeVar("E", bound=StrEnum)
 
 
 class ActionKind(StrEnum):
@@ -103,6 +106,79 @@ class Action:
             "diff": self.diff,
         }
 
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> Action:
+        r = _Wire(source, data, where)
+        return cls(
+            kind=r.enum("kind", ActionKind),
+            name=r.text("name"),
+            old=r.opt_text("old"),
+            new=r.opt_text("new"),
+            reason=r.text("reason"),
+            diff=r.opt_text("diff") or "",
+        )
+
+
+WIRE_SCHEMA = 1  # of the plan, apply/rollback and history documents that cross processes and hosts
+
+
+class _Wire:
+    """Typed reads of one JSON object another process or host sent; a wrong one names source and field."""
+
+    def __init__(self, source: str, data: Any, where: str = "") -> None:
+        if not isinstance(data, dict):
+            raise ValidationError(source, where, f"expected an object, found {type(data).__name__}")
+        self.source, self.data, self.where = source, data, where
+
+    def fail(self, key: str, problem: str) -> ValidationError:
+        return ValidationError(self.source, f"{self.where}.{key}" if self.where else key, problem)
+
+    def get(self, key: str, kinds: type | tuple[type, ...], what: str) -> Any:
+        value = self.data.get(key)
+        if key not in self.data or isinstance(value, bool) != (kinds is bool) or not isinstance(value, kinds):
+            raise self.fail(key, f"expected {what}, found {json.dumps(value)[:40]}")
+        return value
+
+    def text(self, key: str) -> str:
+        value: str = self.get(key, str, "a string")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        return None if self.data.get(key) is None else self.text(key)
+
+    def number(self, key: str) -> float:
+        return float(self.get(key, (int, float), "a number"))
+
+    def flag(self, key: str) -> bool:
+        value: bool = self.get(key, bool, "true or false")
+        return value
+
+    def opt_int(self, key: str) -> int | None:
+        if self.data.get(key) is None:
+            return None
+        value: int = self.get(key, int, "a whole number")
+        return value
+
+    def items(self, key: str) -> list[Any]:
+        value: list[Any] = self.get(key, list, "a list")
+        return value
+
+    def enum(self, key: str, kind: type[E]) -> E:
+        value = self.text(key)
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise self.fail(key, f"{value!r} is not one of {', '.join(k.value for k in kind)}") from exc
+
+    def schema(self) -> None:
+        version = self.data.get("schema")
+        if version != WIRE_SCHEMA:
+            raise self.fail(
+                "schema",
+                f"{version!r}, not {WIRE_SCHEMA}: the other side runs another procurator release; "
+                "install the same release on both",
+            )
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -121,6 +197,36 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {"changed": self.changed, "actions": [a.to_json() for a in self.actions]}
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """A plan of one deployment, as `plan --json` and the worker's GET /plan send it."""
+
+    deployment: str
+    generation: str
+    plan: Plan
+
+    @classmethod
+    def of(cls, deployment: Deployment, the_plan: Plan) -> PlanReport:
+        return cls(str(deployment.path), deployment.generation, the_plan)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": WIRE_SCHEMA,
+            "deployment": self.deployment,
+            "generation": self.generation,
+            **self.plan.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "plan --json") -> PlanReport:
+        r = _Wire(source, data)
+        r.schema()
+        actions = tuple(
+            Action.from_json(a, source, f"actions[{i}]") for i, a in enumerate(r.items("actions"))
+        )
+        return cls(r.text("deployment"), r.text("generation"), Plan(actions))
 
 
 BundleFiles = Mapping[str, Any]  # file name -> its parsed JSON
@@ -323,12 +429,6 @@ def make_plan(host: Host, deployment: Deployment, *, diffs: bool = True) -> Plan
     return the_plan
 
 
-def plan_json(host: Host, deployment: Deployment) -> dict[str, Any]:
-    """`make_plan` as `procurator plan --json` prints it."""
-    the_plan = make_plan(host, deployment)
-    return {"deployment": str(deployment.path), "generation": deployment.generation, **the_plan.to_json()}
-
-
 class Outcome(StrEnum):
     OK = "ok"
     FAILED = "failed"
@@ -358,6 +458,16 @@ class ActionResult:
             "seconds": round(self.seconds, 3),
         }
 
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> ActionResult:
+        r = _Wire(source, data, where)
+        return cls(
+            action=Action.from_json(data, source, where),
+            outcome=r.enum("outcome", Outcome),
+            error=r.opt_text("error") or "",
+            seconds=r.number("seconds"),
+        )
+
 
 @dataclass(frozen=True)
 class ApplyResult:
@@ -380,6 +490,7 @@ class ApplyResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "schema": WIRE_SCHEMA,
             "deployment": self.deployment,
             "generation": store_hash(Path(self.deployment)) or Path(self.deployment).name,
             "changed": self.changed,
@@ -391,34 +502,23 @@ class ApplyResult:
         }
 
     @classmethod
-    def from_json(cls, data: Any, source: str = "worker answer") -> ApplyResult:
-        """The inverse of `to_json`, for a result the worker daemon sent back over its API."""
-        try:
-            actions = tuple(
-                ActionResult(
-                    action=Action(
-                        kind=ActionKind(a["kind"]),
-                        name=a["name"],
-                        old=a["old"],
-                        new=a["new"],
-                        reason=a["reason"],
-                        diff=a.get("diff") or "",
-                    ),
-                    outcome=Outcome(a["outcome"]),
-                    error=a.get("error") or "",
-                    seconds=float(a.get("seconds") or 0.0),
-                )
-                for a in data["actions"]
-            )
-            return cls(
-                deployment=data["deployment"],
-                actions=actions,
-                duration=float(data["duration"]),
-                history=data.get("history"),
-                error=data.get("error") or "",
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValidationError(source, "", f"not an apply result: {exc}") from exc
+    def from_json(cls, data: Any, source: str = "apply --json") -> ApplyResult:
+        """The inverse of `to_json`, for a result another process (the worker, a remote host) sent."""
+        r = _Wire(source, data)
+        r.schema()
+        actions = tuple(
+            ActionResult.from_json(a, source, f"actions[{i}]") for i, a in enumerate(r.items("actions"))
+        )
+        result = cls(
+            deployment=r.text("deployment"),
+            actions=actions,
+            duration=r.number("duration"),
+            history=r.opt_int("history"),
+            error=r.opt_text("error") or "",
+        )
+        if r.flag("failed") != result.failed or r.flag("changed") != result.changed:
+            raise r.fail("failed", "does not agree with the actions' outcomes")
+        return result
 
 
 class _RolledBackError(ProcuratorError):

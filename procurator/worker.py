@@ -609,14 +609,11 @@ class Worker:
                 )
         else:
             deployment = _load_deployment(deployment_path)
-        return {"deployment": deployment.to_json(), **reconcile.make_plan(self.host, deployment).to_json()}
+        return reconcile.PlanReport.of(deployment, reconcile.make_plan(self.host, deployment)).to_json()
 
     def history(self) -> Any:
         """GET /history: the generations of the deployment profile, oldest first."""
-        return {
-            "profile": str(self.profile_path()),
-            "generations": [g.to_json() for g in history.generations(self.host.state)],
-        }
+        return history.read(self.host.state).to_json()
 
     # --- supervising -----------------------------------------------------------------------------
 

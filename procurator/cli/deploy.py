@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import Any, TextIO
+from typing import TextIO
 
 import click
 
@@ -24,7 +24,6 @@ from procurator.deploy import Event, HostResult, HostSpec, Phase, Result
 from procurator.errors import DeployError, DeployInterruptedError
 
 TICK = 0.5  # seconds between redraws of the live lines on a terminal
-_SYMBOLS = {"create": "+", "replace": "~", "start": ">", "remove": "-", "keep": "="}
 _GREEN, _RED, _YELLOW, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m"
 
 
@@ -147,13 +146,10 @@ class LiveStatus:
 
 
 def _plan_lines(r: HostResult) -> list[str]:
-    actions: list[Any] = (r.plan or {}).get("actions", [])
     lines = []
-    for a in actions:
-        if isinstance(a, dict):
-            kind = str(a.get("kind"))
-            lines.append(f"  {_SYMBOLS.get(kind, '?')} {kind} {a.get('name')} ({a.get('reason')})")
-            lines += [f"      {line}" for line in str(a.get("diff") or "").splitlines()]
+    for a in r.plan.plan.actions if r.plan is not None else ():
+        lines.append(f"  {a.line()}")
+        lines += [f"      {line}" for line in a.diff.splitlines()]
     return lines or ["  (no VMs)"]
 
 

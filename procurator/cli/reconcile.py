@@ -67,7 +67,7 @@ def plan(ctx: click.Context, deployment: str, as_json: bool, exit_code: bool) ->
     d = _deployment(deployment)
     the_plan = reconcile.make_plan(h, d)
     if as_json:
-        emit_json({"deployment": str(d.path), "generation": d.generation, **the_plan.to_json()})
+        emit_json(reconcile.PlanReport.of(d, the_plan).to_json())
     else:
         for action in the_plan.actions:
             click.echo(action.line())
@@ -156,9 +156,10 @@ def rollback(  # noqa: PLR0917 - click passes each option as a parameter
 @click.pass_context
 def history(ctx: click.Context, as_json: bool) -> None:
     """List the deployments applied on this host (generations of the deployment profile)."""
-    generations = deployment_history.generations(host(ctx).state)
+    read = deployment_history.read(host(ctx).state)
+    generations = list(read.generations)
     if as_json:
-        emit_json([g.to_json() for g in generations])
+        emit_json(read.to_json())
         return
     if not generations:
         note("no deployment history yet; `procurator apply` records one")

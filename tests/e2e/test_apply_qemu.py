@@ -130,7 +130,7 @@ def test_apply_replace_and_roll_back_real_guests(
     assert (rolled["web"]["state"], rolled["web"]["bundle"]) == ("running", str(web2))
     assert rolled["api"]["pid"] == vms["api"]["pid"]
     wait_for_page(host, rolled["web"]["ip"], f"bundle={web2}\n")
-    history = json.loads(host.ok("history", "--json"))
+    history = json.loads(host.ok("history", "--json"))["generations"]
     assert [(g["deployment"], g["current"]) for g in history] == [
         (str(example_build.deployment), False),
         (str(dep2), True),

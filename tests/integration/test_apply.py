@@ -81,8 +81,10 @@ def outcomes(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def history(host: VmHost) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = json.loads(host.ok("history", "--json"))
-    return result
+    result: dict[str, Any] = json.loads(host.ok("history", "--json"))
+    assert result["schema"] == 1
+    generations: list[dict[str, Any]] = result["generations"]
+    return generations
 
 
 def pids(host: VmHost) -> dict[str, int]:

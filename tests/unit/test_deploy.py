@@ -16,6 +16,8 @@ from procurator import deploy, nix, process
 from procurator.cli.deploy import LiveStatus, render
 from procurator.deploy import Event, Fleet, FleetRef, HostResult, HostSpec, Options, Phase, Result
 from procurator.errors import UsageError, ValidationError
+from procurator.history import Generation, History
+from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome
 
 
 def inventory(**hosts: dict[str, Any]) -> dict[str, Any]:
@@ -129,36 +131,39 @@ class FakeHosts:
 
 
 def apply_doc(*, failed: bool, history: int | None) -> dict[str, Any]:
-    return {
-        "failed": failed,
-        "changed": True,
-        "history": history,
-        "error": None,
-        "actions": [
-            {
-                "kind": "replace",
-                "name": "web",
-                "outcome": "rolled-back" if failed else "ok",
-                "error": "unhealthy",
-            },
-            {"kind": "create", "name": "db", "outcome": "ok", "error": None},
-        ],
-    }
+    """What a remote `procurator apply --json` prints: reconcile's own ApplyResult, serialised."""
+    replace = Action(ActionKind.REPLACE, "web", "/nix/store/a-web", "/nix/store/b-web", "bundle changed")
+    create = Action(ActionKind.CREATE, "db", None, "/nix/store/c-db", "not on this host")
+    result = ApplyResult(
+        "/nix/store/d-deployment",
+        (
+            ActionResult(replace, Outcome.ROLLED_BACK if failed else Outcome.OK, "unhealthy", 1.0),
+            ActionResult(create, Outcome.OK, "", 1.0),
+        ),
+        2.0,
+        history=history,
+    )
+    return result.to_json()
+
+
+def history_doc(*generations: Generation) -> dict[str, Any]:
+    return History("/var/lib/procurator/profiles/deployment", generations).to_json()
 
 
 def test_a_failed_apply_rolls_that_host_back_and_the_others_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fleet = fleet_of(tmp_path, a={}, b={"procurator": "/opt/procurator"}, c={}, d={})
-    hist = [{"number": 3, "current": True, "deployment": "/nix/store/x", "date": ""}]
+    hist = history_doc(Generation(3, "2026-12-01 10:00:00", "/nix/store/x", True))
+    rolled_back = ApplyResult("/nix/store/x", (), 1.0, history=3).to_json()
     fake = FakeHosts(
         {
             ("root@a", "apply"): (0, apply_doc(failed=False, history=4), ""),
             ("root@b", "apply"): (1, apply_doc(failed=True, history=None), "error: apply failed"),
             ("root@b", "history"): (0, hist, ""),
-            ("root@b", "rollback"): (0, {"history": 3}, ""),
+            ("root@b", "rollback"): (0, rolled_back, ""),
             ("root@c", "true"): (255, None, "ssh: connect to host c port 22: Connection refused"),
-            ("root@d", "history"): (0, [], ""),
+            ("root@d", "history"): (0, history_doc(), ""),
             ("root@d", "apply"): (1, apply_doc(failed=True, history=None), "error: apply failed"),
         }
     )

@@ -416,6 +416,7 @@ def test_apply_result_json_and_flags() -> None:
     assert ok.changed
     assert not ok.failed
     assert ok.to_json() == {
+        "schema": 1,
         "deployment": "/nix/store/cccccccccccccccccccccccccccccccc-procurator-deployment-local",
         "generation": HASHES["c"],
         "changed": True,
@@ -434,6 +435,26 @@ def test_apply_result_json_and_flags() -> None:
     assert failed.actions[0].line == "+ create web (not on this host: aaaaaaaaaaaa): failed in 0.0s: boom"
     assert ApplyResult("/d", (ActionResult(keep, Outcome.OK),), 0.1, error="not recorded").failed
     assert not ApplyResult("/d", (ActionResult(keep, Outcome.OK),), 0.1).changed
+
+
+def test_the_wire_documents_read_back_what_was_written_and_refuse_the_rest() -> None:
+    create = Action(ActionKind.CREATE, "web", None, store("a", "web"), "not on this host")
+    result = ApplyResult("/d", (ActionResult(create, Outcome.FAILED, "boom", 1.5),), 2.0, history=None)
+    assert ApplyResult.from_json(result.to_json()) == result
+    report = reconcile.PlanReport("/d", "d", reconcile.Plan((create,)))
+    assert reconcile.PlanReport.from_json(report.to_json()) == report
+    older = {k: v for k, v in result.to_json().items() if k != "schema"}  # a release before schemas
+    with pytest.raises(ValidationError, match=r"schema: None, not 1: the other side runs another procurator"):
+        ApplyResult.from_json(older, "apply --json on root@a")
+    renamed = {**result.to_json(), "failed": "no"}
+    with pytest.raises(ValidationError, match=r'failed: expected true or false, found "no"'):
+        ApplyResult.from_json(renamed)
+    lying = {**result.to_json(), "failed": False}  # says it succeeded while an action failed
+    with pytest.raises(ValidationError, match="does not agree with the actions' outcomes"):
+        ApplyResult.from_json(lying)
+    bad_action = {**result.to_json(), "actions": [{**result.to_json()["actions"][0], "outcome": "maybe"}]}
+    with pytest.raises(ValidationError, match=r"actions\[0\]\.outcome: 'maybe' is not one of ok, failed"):
+        ApplyResult.from_json(bad_action)
 
 
 def test_observe_reports_what_lifecycle_status_does(tmp_path: Path) -> None:
