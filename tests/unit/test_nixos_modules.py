@@ -155,6 +155,21 @@ def test_guest_network_unit() -> None:
     assert "resolvconf.service" in service["after"]
 
 
+def test_guest_hvc0_getty_is_a_drop_in_on_the_upstream_template() -> None:
+    # A whole unit serial-getty@hvc0.service would hide systemd's serial-getty@.service: no Restart=always
+    # (no new prompt after a logout), no BindsTo=dev-hvc0.device, none of its TTY settings. A drop-in
+    # (<name>.d/overrides.conf) only adds the instance to getty.target; NixOS's own drop-in on the
+    # template (agetty, services.getty.autologinUser) still applies.
+    service = unit("services", "serial-getty@hvc0")
+    assert service["overrideStrategy"] == "asDropin"
+    assert service["enable"] is True
+    assert service["wantedBy"] == ["getty.target"]
+    assert service["serviceConfig"] == {}
+    assert service["unitConfig"] == {}
+    for dependencies in ("wants", "requires", "bindsTo", "after", "before", "partOf"):
+        assert service[dependencies] == [], dependencies
+
+
 def test_guest_vm_kernel_params_cannot_set_init() -> None:
     failures = guest_failures('{ procurator.vm.kernelParams = [ "init=/bin/sh" ]; }')
     assert failures == [
