@@ -213,6 +213,21 @@ def test_worker_pull_unit_applies_the_flake_attribute() -> None:
     assert service["environment"]["NIX_CONFIG"] == "tarball-ttl = 0"
 
 
+def test_worker_pull_timer_counts_the_interval_from_the_end_of_a_pull() -> None:
+    # OnUnitInactiveSec counts from when procurator-pull.service last became inactive (or failed): a
+    # pull that takes longer than the interval is not followed at once by the next one, as it is with
+    # OnUnitActiveSec (counted from the start). The first pull comes OnBootSec after boot.
+    config = '{ services.procurator.pull = { enable = true; flake = "github:o/fleet"; interval = "1h"; }; }'
+    timer = unit("timers", "procurator-pull", config, module="worker")
+    assert timer["timerConfig"] == {
+        "OnBootSec": "2min",
+        "OnUnitInactiveSec": "1h",
+        "RandomizedDelaySec": "30s",
+    }
+    assert timer["wantedBy"] == ["timers.target"]
+    assert "1h after" in timer["description"]
+
+
 def test_worker_pull_and_deployment_exclude_each_other() -> None:
     failures = worker(
         '{ services.procurator.pull = { enable = true; flake = "github:o/fleet"; }; '
