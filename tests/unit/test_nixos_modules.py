@@ -178,6 +178,56 @@ def test_guest_vm_kernel_params_cannot_set_init() -> None:
     ]
 
 
+def test_guest_boot_kernel_params_cannot_set_init_or_procurator_parameters() -> None:
+    # boot.kernelParams reach the same command line as procurator.vm.kernelParams, after init=.
+    failures = guest_failures(
+        '{ boot.kernelParams = [ "init=/bin/sh" "quiet" "procurator.ip=10.0.0.9/24" ]; }'
+    )
+    assert failures == [
+        "procurator VM 'web': boot.kernelParams must not set init=/bin/sh, procurator.ip=10.0.0.9/24: "
+        "Procurator sets init= and the procurator.* parameters itself"
+    ]
+
+
+def test_guest_a_failed_assertion_stops_the_spec() -> None:
+    config = '[ { networking.hostName = "web"; boot.kernelParams = [ "init=/bin/sh" ]; } ]'
+    done = run("guest", config, "e.config.procurator.vm.spec")
+    assert done.returncode != 0
+    assert "boot.kernelParams must not set init=/bin/sh" in done.stderr
+
+
+def vm_kernel_params(*params: str) -> str:
+    """A configuration with these procurator.vm.kernelParams (JSON strings are Nix strings here)."""
+    return f"{{ procurator.vm.kernelParams = [ {' '.join(json.dumps(p) for p in params)} ]; }}"
+
+
+@pytest.mark.parametrize("param", ["two words", "tab\tseparated", "", 'a="unclosed', "trailing\n"])
+def test_guest_vm_kernel_params_are_single_parameters(param: str) -> None:
+    failures = guest_failures(vm_kernel_params("mitigations=off", param))
+    assert failures == [
+        f"procurator VM 'web': procurator.vm.kernelParams element {json.dumps(param)} is not one kernel "
+        "parameter: it must be non-empty, with whitespace only inside double quotes "
+        '(as in boot.kernelParams, e.g. dyndbg="file init.c +p")'
+    ]
+
+
+def test_guest_vm_kernel_params_may_quote_a_value_with_spaces() -> None:
+    config = vm_kernel_params('dyndbg="file init.c +p"')
+    assert guest_failures(config) == []
+    assert guest(config, "e.config.procurator.vm.spec.cmdline").endswith(' dyndbg="file init.c +p"')
+
+
+def test_guest_erofs_must_not_be_blacklisted() -> None:
+    # nixpkgs' profiles/hardened.nix blacklists erofs, the file system of the guest's /nix/store.
+    failures = guest_failures('{ boot.blacklistedKernelModules = [ "ax25" "erofs" ]; }')
+    assert failures == [
+        "procurator VM 'web': boot.blacklistedKernelModules contains \"erofs\" (nixpkgs' "
+        "profiles/hardened.nix puts it there), but the guest's /nix/store is the bundle's erofs disk: "
+        "with erofs blacklisted it may not mount and the VM not boot; set "
+        'boot.blacklistedKernelModules = lib.mkForce [ ... ] to the list without "erofs"'
+    ]
+
+
 # --- Worker ---------------------------------------------------------------------------------------
 
 
