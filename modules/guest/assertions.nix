@@ -41,8 +41,13 @@ let
     "/nix/store"
     "/boot"
   ];
+  # boot.kernelParams and procurator.vm.kernelParams both follow init= on the command line
+  # (bundle.nix): neither may set what Procurator sets.
   paramKey = p: head (match "([^=]*).*" p);
-  forbiddenParams = filter (p: builtins.elem (paramKey p) (spec.reservedCmdlineKeys ++ [ "init" ])) cfg.kernelParams;
+  forbiddenIn = params: filter (p: builtins.elem (paramKey p) (spec.reservedCmdlineKeys ++ [ "init" ])) params;
+  forbidden = option: params: check (forbiddenIn params == [ ]) "${option} must not set ${concatStringsSep ", " (forbiddenIn params)}: Procurator sets init= and the procurator.* parameters itself";
+  # One parameter per element, as NixOS's type of boot.kernelParams: whitespace only inside quotes.
+  isKernelParam = p: match ''([^"[:space:]]|"[^"]*")+'' p != null;
 in
 {
   config.assertions =
@@ -50,8 +55,17 @@ in
       (check (spec.isVmName cfg.name) "procurator.vm.name must be a DNS label of at most ${toString spec.vmNameMaxLength} characters (lowercase letters, digits, '-'), got ${quote cfg.name}; it defaults to networking.hostName")
       (check (platform.isx86_64 || platform.isAarch64) "cloud-hypervisor guests are x86_64-linux or aarch64-linux, this system is ${platform.system}")
       (check (!config.boot.isContainer) "a microVM boots its own kernel; boot.isContainer must be false")
-      (check (forbiddenParams == [ ]) "procurator.vm.kernelParams must not set ${concatStringsSep ", " forbiddenParams}: Procurator sets init= and the procurator.* parameters itself")
+      (forbidden "boot.kernelParams" config.boot.kernelParams)
+      (forbidden "procurator.vm.kernelParams" cfg.kernelParams)
+      # nixpkgs' profiles/hardened.nix blacklists erofs, the store disk's file system. Whether stage 1
+      # still loads it depends on how it asks: the scripted stage 1's `modprobe erofs` ignores a
+      # blacklist, systemd-modules-load (systemd stage 1) and the kernel's request for fs-erofs do not.
+      # Refused either way: the guest would boot or not by that accident.
+      (check (!builtins.elem "erofs" config.boot.blacklistedKernelModules) "boot.blacklistedKernelModules contains \"erofs\" (nixpkgs' profiles/hardened.nix puts it there), but the guest's /nix/store is the bundle's erofs disk: with erofs blacklisted it may not mount and the VM not boot; set boot.blacklistedKernelModules = lib.mkForce [ ... ] to the list without \"erofs\"")
     ]
+    ++ map (
+      p: check false "procurator.vm.kernelParams element ${quote p} is not one kernel parameter: it must be non-empty, with whitespace only inside double quotes (as in boot.kernelParams, e.g. dyndbg=\"file init.c +p\")"
+    ) (filter (p: !isKernelParam p) cfg.kernelParams)
     # Interfaces
     ++ map (
       i: check (spec.isInterfaceId i.id) "interface id ${quote i.id} must be 1-8 characters of a-z and 0-9 (it is part of the TAP name on the host)"

@@ -55,9 +55,13 @@ in
     systemd.enableEmergencyMode = mkDefault false;
 
     # `procurator console` attaches to the virtio console (hvc0, a socket on the host); the serial port
-    # stays the boot log the host keeps (`procurator logs`). A login prompt on hvc0:
+    # stays the boot log the host keeps (`procurator logs`). A login prompt on hvc0: the instance of
+    # systemd's serial-getty@.service, wanted by getty.target. As a drop-in (overrides.conf): a whole
+    # serial-getty@hvc0.service, NixOS's default for a name no package ships, would hide the template
+    # and its Restart=always (a new prompt after each logout), BindsTo=dev-hvc0.device and TTY settings.
+    # Who can log in there is the system's users (docs/nixos.md, "The console").
     systemd.services."serial-getty@hvc0" = {
-      enable = true;
+      overrideStrategy = "asDropin";
       wantedBy = [ "getty.target" ];
     };
 

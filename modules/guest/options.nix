@@ -184,8 +184,10 @@ in
       default = [ ];
       example = [ "mitigations=off" ];
       description = ''
-        Extra kernel parameters of this VM, appended after `boot.kernelParams`. The `procurator.*`
-        parameters and `init=` are set by Procurator and cannot be given here.
+        Extra kernel parameters of this VM, appended after `boot.kernelParams`: one parameter per
+        element, with whitespace only inside double quotes (as in `boot.kernelParams`). The
+        `procurator.*` parameters and `init=` are set by Procurator and can be given neither here
+        nor in `boot.kernelParams`.
       '';
     };
 

@@ -57,12 +57,17 @@ in
       };
     };
 
+    # pull.interval is the time between the end of one pull and the start of the next:
+    # OnUnitInactiveSec counts from when procurator-pull.service last became inactive or failed, so a
+    # pull that outlasts the interval is not followed at once by another (OnUnitActiveSec counts from
+    # the start). The first pull comes OnBootSec after boot (at once when the timer is added to a
+    # running host later); each one is delayed by up to RandomizedDelaySec more.
     systemd.timers.procurator-pull = {
-      description = "Procurator: pull this host's deployment every ${cfg.pull.interval}";
+      description = "Procurator: pull this host's deployment ${cfg.pull.interval} after the last pull";
       wantedBy = [ "timers.target" ];
       timerConfig = {
         OnBootSec = "2min";
-        OnUnitActiveSec = cfg.pull.interval;
+        OnUnitInactiveSec = cfg.pull.interval;
         RandomizedDelaySec = "30s";
       };
     };

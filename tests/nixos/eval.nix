@@ -1,0 +1,54 @@
+# Evaluates the project's NixOS modules with nixpkgs' real lib and the stand-ins of ./stubs for NixOS
+# (no nixpkgs tree, no package set, nothing built). Used by tests/unit/test_nixos_modules.py:
+#
+#   import tests/nixos/eval.nix { lib = <nixpkgs>/lib; module = "guest"; modules = [ { ... } ]; }
+#
+# -> { config; failedAssertions; warnings; } of that system. `module` is "guest" or "worker";
+# `modules` are more NixOS modules (attribute sets or functions): the test's configuration.
+{
+  lib,
+  module,
+  modules ? [ ],
+  system ? "x86_64-linux",
+}:
+let
+  nixpkgsLib = if builtins.isAttrs lib then lib else import lib;
+  stubs = import ./stubs {
+    lib = nixpkgsLib;
+    inherit system;
+  };
+
+  # What a real system supplies that the stubs cannot: its outputs, as placeholders, and the
+  # worker's package (the default builds the Python application with nixpkgs).
+  base = {
+    guest = {
+      system.build = {
+        toplevel = stubs.pkgs.writeText "nixos-system" "";
+        kernel = stubs.pkgs.writeText "linux" "";
+        initialRamdisk = stubs.pkgs.writeText "initrd" "";
+      };
+    };
+    worker = {
+      services.procurator.package = nixpkgsLib.mkDefault stubs.pkgs.procurator;
+    };
+  };
+
+  evaluated = nixpkgsLib.evalModules {
+    modules =
+      stubs.modules
+      ++ [
+        ../../modules/${module}
+        base.${module}
+      ]
+      ++ modules;
+    specialArgs = {
+      inherit (stubs) pkgs utils modulesPath;
+    };
+  };
+  cfg = evaluated.config;
+in
+{
+  config = cfg;
+  failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
+  inherit (cfg) warnings;
+}

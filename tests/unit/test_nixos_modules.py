@@ -1,0 +1,290 @@
+"""modules/guest and modules/worker evaluated with nixpkgs' real lib (`lib.evalModules`) and the
+stand-ins of tests/nixos/stubs for the NixOS options they set: the units, file systems and assertions
+the modules give NixOS, read from the evaluated configuration.
+
+nixpkgs' lib is not part of this repository and not on a machine without network, so these tests
+need PROCURATOR_NIXPKGS_LIB (a nixpkgs checkout's `lib` directory, or nixpkgs.lib's). `make test`
+runs them when it is set and says that it did not otherwise; `make nixos-eval` runs them with the lib
+of the pinned nixpkgs. Without the variable every test here fails: they are never silently skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.nixpkgs_lib
+
+REPO = Path(__file__).resolve().parents[2]
+EVAL = REPO / "tests" / "nixos" / "eval.nix"
+LIB_VARIABLE = "PROCURATOR_NIXPKGS_LIB"
+DEPLOYMENT = "/nix/store/00000000000000000000000000000000-procurator-deployment-worker1"
+
+
+def nixpkgs_lib() -> Path:
+    value = os.environ.get(LIB_VARIABLE)
+    if not value:
+        pytest.fail(f"{LIB_VARIABLE} is not set: give the path of nixpkgs' lib, or run `make nixos-eval`")
+    lib = Path(value)
+    if not (lib / "default.nix").is_file():
+        pytest.fail(f"{LIB_VARIABLE}={value} has no default.nix: it must be nixpkgs' lib directory")
+    return lib
+
+
+def run(
+    module: str, modules: str, select: str, system: str = "x86_64-linux"
+) -> subprocess.CompletedProcess[str]:
+    expr = (
+        f"let e = import {EVAL} {{ lib = {json.dumps(str(nixpkgs_lib()))}; module = {json.dumps(module)}; "
+        f"system = {json.dumps(system)}; modules = {modules}; }}; in {select}"
+    )
+    return subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def evaluate(module: str, modules: str, select: str, system: str = "x86_64-linux") -> Any:
+    done = run(module, modules, select, system)
+    assert done.returncode == 0, f"{module} {modules} -> {select}:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def guest(config: str = "{ }", select: str = "e", system: str = "x86_64-linux") -> Any:
+    return evaluate("guest", f'[ {{ networking.hostName = "web"; }} ({config}) ]', select, system)
+
+
+def guest_failures(config: str) -> list[str]:
+    failures: list[str] = guest(config, "e.failedAssertions")
+    return failures
+
+
+def worker(config: str, select: str) -> Any:
+    return evaluate(
+        "worker",
+        f'[ {{ networking.hostName = "worker1"; services.procurator.enable = true; }} ({config}) ]',
+        select,
+    )
+
+
+def unit(kind: str, name: str, config: str = "{ }", module: str = "guest") -> dict[str, Any]:
+    select = f'e.config.systemd.{kind}."{name}"'
+    got: dict[str, Any] = guest(config, select) if module == "guest" else worker(config, select)
+    return got
+
+
+# --- The harness itself ---------------------------------------------------------------------------
+
+
+def test_eval_takes_a_list_of_modules_and_lib_as_a_path() -> None:
+    assert guest(select="e.config.procurator.vm.name") == "web"
+
+
+def test_an_option_the_stubs_do_not_declare_is_an_error() -> None:
+    done = run("guest", "[ { services.nginx.enable = true; } ]", "e.config.procurator.vm.name")
+    assert done.returncode != 0
+    assert "services.nginx" in done.stderr
+    assert "does not exist" in done.stderr
+
+
+# --- Guest ----------------------------------------------------------------------------------------
+
+
+def test_guest_defaults_pass_every_assertion() -> None:
+    assert guest_failures("{ }") == []
+
+
+def test_guest_file_systems() -> None:
+    fs = guest(select="e.config.fileSystems")
+    assert fs["/"]["fsType"] == "tmpfs"
+    assert fs["/nix/store"] == {
+        "mountPoint": "/nix/store",
+        "device": "/dev/disk/by-label/nix-store",
+        "fsType": "erofs",
+        "options": ["ro"],
+        "neededForBoot": True,
+        "noCheck": True,
+    }
+
+
+def test_guest_volumes_are_mounted_by_label_without_blocking_boot() -> None:
+    fs = guest(
+        '{ procurator.vm.volumes.data = { sizeMiB = 8; mountPoint = "/var/lib/data"; }; }',
+        "e.config.fileSystems",
+    )
+    assert fs["/var/lib/data"]["device"] == "/dev/disk/by-label/data"
+    assert fs["/var/lib/data"]["options"] == ["nofail", "x-systemd.device-timeout=30s"]
+
+
+def test_guest_store_disk_drivers_are_in_the_initrd() -> None:
+    initrd = guest(select="e.config.boot.initrd")
+    assert {"virtio_pci", "virtio_blk", "erofs"} <= set(initrd["kernelModules"])
+    assert initrd["includeDefaultModules"] is False
+
+
+def test_guest_command_line_has_init_then_boot_then_vm_parameters() -> None:
+    cmdline = guest(
+        '{ boot.kernelParams = [ "loglevel=7" ]; procurator.vm.kernelParams = [ "mitigations=off" ]; }',
+        "e.config.procurator.vm.spec.cmdline",
+    )
+    words = cmdline.split()
+    assert words[0].startswith("/nix/store/") is False
+    assert words[0].startswith("init=/nix/store/")
+    assert words[0].endswith("-nixos-system/init")
+    assert words[1:] == ["boot.panic_on_fail", "loglevel=7", "mitigations=off"]
+
+
+def test_guest_aarch64_console_is_the_pl011() -> None:
+    params = guest(select="e.config.boot.kernelParams", system="aarch64-linux")
+    assert params == ["boot.panic_on_fail", "console=ttyAMA0"]
+
+
+def test_guest_network_unit() -> None:
+    service = unit("services", "procurator-network")
+    assert service["serviceConfig"]["Type"] == "oneshot"
+    assert service["serviceConfig"]["ExecStart"].endswith("/bin/procurator-network resolvconf")
+    assert service["before"] == ["network.target", "network-online.target"]
+    assert "resolvconf.service" in service["after"]
+
+
+def test_guest_hvc0_getty_is_a_drop_in_on_the_upstream_template() -> None:
+    # A whole unit serial-getty@hvc0.service would hide systemd's serial-getty@.service: no Restart=always
+    # (no new prompt after a logout), no BindsTo=dev-hvc0.device, none of its TTY settings. A drop-in
+    # (<name>.d/overrides.conf) only adds the instance to getty.target; NixOS's own drop-in on the
+    # template (agetty, services.getty.autologinUser) still applies.
+    service = unit("services", "serial-getty@hvc0")
+    assert service["overrideStrategy"] == "asDropin"
+    assert service["enable"] is True
+    assert service["wantedBy"] == ["getty.target"]
+    assert service["serviceConfig"] == {}
+    assert service["unitConfig"] == {}
+    for dependencies in ("wants", "requires", "bindsTo", "after", "before", "partOf"):
+        assert service[dependencies] == [], dependencies
+
+
+def test_guest_vm_kernel_params_cannot_set_init() -> None:
+    failures = guest_failures('{ procurator.vm.kernelParams = [ "init=/bin/sh" ]; }')
+    assert failures == [
+        "procurator VM 'web': procurator.vm.kernelParams must not set init=/bin/sh: Procurator sets init= "
+        "and the procurator.* parameters itself"
+    ]
+
+
+def test_guest_boot_kernel_params_cannot_set_init_or_procurator_parameters() -> None:
+    # boot.kernelParams reach the same command line as procurator.vm.kernelParams, after init=.
+    failures = guest_failures(
+        '{ boot.kernelParams = [ "init=/bin/sh" "quiet" "procurator.ip=10.0.0.9/24" ]; }'
+    )
+    assert failures == [
+        "procurator VM 'web': boot.kernelParams must not set init=/bin/sh, procurator.ip=10.0.0.9/24: "
+        "Procurator sets init= and the procurator.* parameters itself"
+    ]
+
+
+def test_guest_a_failed_assertion_stops_the_spec() -> None:
+    config = '[ { networking.hostName = "web"; boot.kernelParams = [ "init=/bin/sh" ]; } ]'
+    done = run("guest", config, "e.config.procurator.vm.spec")
+    assert done.returncode != 0
+    assert "boot.kernelParams must not set init=/bin/sh" in done.stderr
+
+
+def vm_kernel_params(*params: str) -> str:
+    """A configuration with these procurator.vm.kernelParams (JSON strings are Nix strings here)."""
+    return f"{{ procurator.vm.kernelParams = [ {' '.join(json.dumps(p) for p in params)} ]; }}"
+
+
+@pytest.mark.parametrize("param", ["two words", "tab\tseparated", "", 'a="unclosed', "trailing\n"])
+def test_guest_vm_kernel_params_are_single_parameters(param: str) -> None:
+    failures = guest_failures(vm_kernel_params("mitigations=off", param))
+    assert failures == [
+        f"procurator VM 'web': procurator.vm.kernelParams element {json.dumps(param)} is not one kernel "
+        "parameter: it must be non-empty, with whitespace only inside double quotes "
+        '(as in boot.kernelParams, e.g. dyndbg="file init.c +p")'
+    ]
+
+
+def test_guest_vm_kernel_params_may_quote_a_value_with_spaces() -> None:
+    config = vm_kernel_params('dyndbg="file init.c +p"')
+    assert guest_failures(config) == []
+    assert guest(config, "e.config.procurator.vm.spec.cmdline").endswith(' dyndbg="file init.c +p"')
+
+
+def test_guest_erofs_must_not_be_blacklisted() -> None:
+    # nixpkgs' profiles/hardened.nix blacklists erofs, the file system of the guest's /nix/store.
+    failures = guest_failures('{ boot.blacklistedKernelModules = [ "ax25" "erofs" ]; }')
+    assert failures == [
+        "procurator VM 'web': boot.blacklistedKernelModules contains \"erofs\" (nixpkgs' "
+        "profiles/hardened.nix puts it there), but the guest's /nix/store is the bundle's erofs disk: "
+        "with erofs blacklisted it may not mount and the VM not boot; set "
+        'boot.blacklistedKernelModules = lib.mkForce [ ... ] to the list without "erofs"'
+    ]
+
+
+# --- Worker ---------------------------------------------------------------------------------------
+
+
+def test_worker_defaults_pass_every_assertion() -> None:
+    assert worker("{ }", "e.failedAssertions") == []
+    assert worker("{ }", "e.warnings") == []
+
+
+def test_worker_configuration_file() -> None:
+    text = worker("{ }", 'e.config.environment.etc."procurator/worker.json".source.text')
+    settings = json.loads(text)
+    assert settings["schema"] == 1
+    assert settings["stateDir"] == "/var/lib/procurator"
+    assert settings["hypervisor"]["binary"].endswith("-cloud-hypervisor/bin/cloud-hypervisor")
+    assert settings["network"]["bridge"] == "procurator0"
+
+
+def test_worker_daemon_unit() -> None:
+    service = unit("services", "procurator-worker", module="worker")
+    config = service["serviceConfig"]
+    assert config["ExecStart"].endswith('/bin/procurator" "--config" "/etc/procurator/worker.json" "worker"')
+    assert config["KillMode"] == "process"
+    assert config["Restart"] == "always"
+    assert config["StateDirectory"] == "procurator"
+    assert "CAP_SYS_ADMIN" not in config["CapabilityBoundingSet"]
+    assert service["wantedBy"] == ["multi-user.target"]
+
+
+def test_worker_pull_unit_applies_the_flake_attribute() -> None:
+    config = '{ services.procurator.pull = { enable = true; flake = "github:o/fleet"; }; }'
+    service = unit("services", "procurator-pull", config, module="worker")
+    assert service["serviceConfig"]["ExecStart"].endswith('"apply" "github:o/fleet#deployments.worker1"')
+    assert service["environment"]["NIX_CONFIG"] == "tarball-ttl = 0"
+
+
+def test_worker_pull_timer_counts_the_interval_from_the_end_of_a_pull() -> None:
+    # OnUnitInactiveSec counts from when procurator-pull.service last became inactive (or failed): a
+    # pull that takes longer than the interval is not followed at once by the next one, as it is with
+    # OnUnitActiveSec (counted from the start). The first pull comes OnBootSec after boot.
+    config = '{ services.procurator.pull = { enable = true; flake = "github:o/fleet"; interval = "1h"; }; }'
+    timer = unit("timers", "procurator-pull", config, module="worker")
+    assert timer["timerConfig"] == {
+        "OnBootSec": "2min",
+        "OnUnitInactiveSec": "1h",
+        "RandomizedDelaySec": "30s",
+    }
+    assert timer["wantedBy"] == ["timers.target"]
+    assert "1h after" in timer["description"]
+
+
+def test_worker_pull_and_deployment_exclude_each_other() -> None:
+    failures = worker(
+        '{ services.procurator.pull = { enable = true; flake = "github:o/fleet"; }; '
+        f'services.procurator.deployment = "{DEPLOYMENT}"; }}',
+        "e.failedAssertions",
+    )
+    assert failures == [
+        "procurator worker: services.procurator.deployment and services.procurator.pull.enable both set "
+        "this host's deployment; choose one"
+    ]
