@@ -1,4 +1,4 @@
-# The bundle (DESIGN.md §1) built from this NixOS system: procurator.vm.bundle.
+# The bundle (docs/bundle.md) built from this NixOS system: procurator.vm.bundle.
 #
 #   procurator-vm-<name>/
 #     vm-config.json    nix/lib vmConfig: kernel, initrd and store disk by absolute store path

@@ -1,4 +1,4 @@
-# procurator.vm.*: what a NixOS guest declares about itself as a Procurator microVM (DESIGN.md §1).
+# procurator.vm.*: what a NixOS guest declares about itself as a Procurator microVM (docs/bundle.md).
 # Declarations only: the implementation lives beside this file, one file per concern. Nothing here
 # uses pkgs, so the options can be evaluated with nixpkgs' lib alone.
 #
@@ -243,7 +243,7 @@ in
       type = types.package;
       readOnly = true;
       description = ''
-        The bundle of this VM (DESIGN.md §1): the derivation `procurator-vm-<name>` holding
+        The bundle of this VM (docs/bundle.md): the derivation `procurator-vm-<name>` holding
         `vm-config.json`, `procurator.json` and symlinks to the kernel, the initrd and the read-only
         erofs image of the system closure. Its store path is the VM's generation.
       '';

@@ -1,4 +1,4 @@
-# procurator-network: give the guest's first virtio NIC the address the host chose (DESIGN.md §1).
+# procurator-network: give the guest's first virtio NIC the address the host chose (docs/bundle.md).
 #
 # The host appends to the kernel command line, at each start of the VM:
 #   procurator.ip=<addr>/<prefix>   the address of the first interface (required for anything to happen)

@@ -12,7 +12,7 @@ let
   cfg = config.services.procurator;
   inherit (lib) optionals;
 
-  # The worker configuration (DESIGN.md §3) in the format procurator/config.py parses; the network
+  # The worker configuration (docs/worker.md) in the format procurator/config.py parses; the network
   # object is procurator/net/config.py's NetworkConfig. The network namespace ("netns") is left out:
   # the worker runs in the host's.
   apiSocket = "/run/procurator/api.sock";

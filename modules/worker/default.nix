@@ -1,4 +1,4 @@
-# nixosModules.worker: a NixOS host that runs Procurator microVMs (services.procurator.*, DESIGN.md §3).
+# nixosModules.worker: a NixOS host that runs Procurator microVMs (services.procurator.*, docs/worker.md).
 # Options apart from implementation, one file a concern; see docs/worker.md.
 #
 #   options.nix      services.procurator.* (pkgs only in defaults)

@@ -1,4 +1,4 @@
-# The host side of VM networking (DESIGN.md §5) that belongs to NixOS: the firewall and forwarding.
+# The host side of VM networking (docs/worker.md) that belongs to NixOS: the firewall and forwarding.
 # The bridge, the TAPs and the NAT itself are the worker's: it creates them at run time and keeps them
 # in its own nftables table, `inet procurator`, with the `nft` command.
 #

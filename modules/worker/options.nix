@@ -1,4 +1,4 @@
-# services.procurator.*: a NixOS host as a Procurator worker (DESIGN.md §3). Declarations only: the
+# services.procurator.*: a NixOS host as a Procurator worker (docs/worker.md). Declarations only: the
 # implementation lives beside this file, one file per concern. pkgs appears only in defaults, so the
 # options evaluate with nixpkgs' lib alone as long as those defaults are not forced.
 {
@@ -142,7 +142,7 @@ in
       default = null;
       example = literalExpression "inputs.fleet.deployments.worker1";
       description = ''
-        A deployment (`lib.mkDeployment`, DESIGN.md §2) this host runs. It is applied after the
+        A deployment (`lib.mkDeployment`, docs/bundle.md) this host runs. It is applied after the
         worker starts and again whenever a switch changes it (unit `procurator-apply`); its
         closure, every VM included, is part of the system's. Leave it null to deliver deployments
         otherwise: pushed (`procurator apply` over SSH) or pulled (`pull`).
