@@ -92,14 +92,10 @@
 
       # Modules as attribute sets importing the files: error messages keep the file names, and a
       # configuration that imports the same file directly gets it once.
-      nixosModules =
-        {
-          guest.imports = [ ./modules/guest ];
-        }
-        # The worker module (services.procurator.*) once it exists in the tree.
-        // lib.optionalAttrs (builtins.pathExists ./modules/worker/default.nix) {
-          worker.imports = [ ./modules/worker ];
-        };
+      nixosModules = {
+        guest.imports = [ ./modules/guest ];
+        worker.imports = [ ./modules/worker ];
+      };
 
       packages = forAllSystems (
         system:
