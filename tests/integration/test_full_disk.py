@@ -146,3 +146,26 @@ def test_a_full_state_disk_loses_nothing_and_one_rerun_converges(
         vms = ns.ps()
         assert {n: v["state"] for n, v in vms.items()} == {"web": "running", "api": "running"}
         assert len(vm_host.taps()) == 2
+
+
+def test_a_read_only_state_disk_changes_nothing_and_says_so(
+    vm_host: VmHost, example_build: ExampleBuild
+) -> None:
+    with small_state_disk(vm_host, "24m") as ns:
+        ns.ok("up", str(example_build.web))
+        before = ns.record("web")
+        # A read-only bind mount over the state directory (the hypervisors keep their open files).
+        inside = ["nsenter", "-t", str(ns.pid), "-m", "--"]
+        state = str(vm_host.state)
+        subprocess.run([*inside, "mount", "--bind", state, state], check=True, timeout=30)
+        subprocess.run([*inside, "mount", "-o", "remount,bind,ro", state], check=True, timeout=30)
+        try:
+            for argv in (("stop", "web"), ("up", str(example_build.api)), ("down", "web")):
+                line = one_line(ns.run(*argv))
+                assert "read-only" in line, (argv, line)
+            assert ns.ps()["web"]["state"] == "running"
+            assert ns.record("web") == before
+        finally:
+            subprocess.run([*inside, "umount", state], check=True, timeout=30)
+        ns.ok("stop", "web")
+        assert ns.ps()["web"]["state"] == "stopped"

@@ -234,8 +234,9 @@ class SshHost:
         return {name: vm["pid"] for name, vm in self.ps().items()}
 
     def history(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = json.loads(self.ok("history", "--json"))
-        return result
+        result: dict[str, Any] = json.loads(self.ok("history", "--json"))
+        generations: list[dict[str, Any]] = result["generations"]
+        return generations
 
     def current(self) -> str | None:
         return next((g["deployment"] for g in self.history() if g["current"]), None)
