@@ -133,21 +133,6 @@ def copy_to(
     _nix([*args, *(str(p) for p in paths)], timeout=timeout, env=env)
 
 
-def is_valid_path(path: Path) -> bool:
-    """Whether `path` is a valid (registered, complete) store path."""
-    try:
-        _nix(["path-info", str(path)], timeout=QUERY_TIMEOUT)
-    except NixError:
-        return False
-    return True
-
-
-def closure(path: Path) -> list[Path]:
-    """The store paths of `path`'s closure (`nix path-info -r`)."""
-    out = _nix(["path-info", "--recursive", str(path)], timeout=QUERY_TIMEOUT)
-    return [Path(line) for line in out.splitlines() if line]
-
-
 # -- profiles (nix-env) ----------------------------------------------------------------------------------
 # A profile is a symlink `P -> P-<N>-link -> /nix/store/...`; each generation link is also a GC root.
 # nix-env needs P's directory to exist.

@@ -23,7 +23,6 @@ DEFAULT_POLL = 1.0
 class ExitKind(StrEnum):
     CRASHED = "crashed"  # killed by a signal, non-zero exit, vanished, guest panic
     POWERED_OFF = "powered-off"  # the guest shut itself down (or the hypervisor exited 0)
-    REQUESTED = "requested"  # a stop the user or the daemon asked for
 
 
 class Verdict(StrEnum):
@@ -76,8 +75,6 @@ def decide(
     `restarts` are the times the daemon restarted this VM before (any age; only those within the
     window count). Pure: same inputs, same decision.
     """
-    if kind is ExitKind.REQUESTED:
-        return Decision(Verdict.LEAVE, "stopped on request")
     if restart.policy.value == "never":
         return Decision(Verdict.LEAVE, "restart policy never")
     if restart.policy.value == "on-failure" and kind is not ExitKind.CRASHED:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 from pathlib import Path
@@ -130,11 +130,6 @@ class Leases:
     def __len__(self) -> int:
         return len(self._leases)
 
-    @property
-    def capacity(self) -> int:
-        """How many VM addresses the subnet has in all (hosts minus the gateway)."""
-        return self._last - self._first  # (last - first + 1) hosts, one of them the gateway
-
     # -- changing ------------------------------------------------------------------------------------
 
     def acquire(self, name: str, mac: str | None = None) -> Lease:
@@ -147,19 +142,6 @@ class Leases:
         if changed:
             self._save()
         return lease
-
-    def acquire_many(self, names: Iterable[str]) -> dict[str, Lease]:
-        """`acquire` for several VMs, written once."""
-        out: dict[str, Lease] = {}
-        dirty = False
-        try:
-            for name in names:
-                out[name], changed = self._acquire(name, None)
-                dirty = dirty or changed
-        finally:
-            if dirty:
-                self._save()
-        return out
 
     def release(self, name: str) -> bool:
         """Give up the lease of `name`; False if it had none (nothing written)."""

@@ -46,13 +46,10 @@ def at(
     [
         (ALWAYS, ExitKind.CRASHED, Verdict.RESTART),
         (ALWAYS, ExitKind.POWERED_OFF, Verdict.RESTART),
-        (ALWAYS, ExitKind.REQUESTED, Verdict.LEAVE),
         (ON_FAILURE, ExitKind.CRASHED, Verdict.RESTART),
         (ON_FAILURE, ExitKind.POWERED_OFF, Verdict.LEAVE),
-        (ON_FAILURE, ExitKind.REQUESTED, Verdict.LEAVE),
         (NEVER, ExitKind.CRASHED, Verdict.LEAVE),
         (NEVER, ExitKind.POWERED_OFF, Verdict.LEAVE),
-        (NEVER, ExitKind.REQUESTED, Verdict.LEAVE),
     ],
 )
 def test_policy_decides_by_exit_kind(restart: Restart, kind: ExitKind, verdict: Verdict) -> None:
