@@ -33,7 +33,7 @@ from procurator.errors import (
     StateError,
 )
 from procurator.health import wait_healthy
-from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult
+from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult, VmState
 from procurator.models import Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
 from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json, write_problem
@@ -57,17 +57,25 @@ class Status(StrEnum):
     FAILED = "failed"  # the worker gave up restarting it (crash loop); `start` boots it again
 
 
+PAUSED = "paused"  # the state `ps` shows for a running VM whose guest is paused
+
+
 @dataclass(frozen=True)
 class VmStatus:
     record: VmRecord
-    status: Status
+    status: Status  # of the process: RUNNING while it runs, paused guest or not
     uptime: float | None
+
+    @property
+    def state(self) -> str:
+        """What `ps` shows: the status, or `paused` for a running VM whose guest is paused."""
+        return PAUSED if self.status is Status.RUNNING and self.record.paused else self.status.value
 
     def to_json(self) -> dict[str, Any]:
         r = self.record
         return {
             "name": r.name,
-            "state": self.status.value,
+            "state": self.state,
             "generation": r.generation,
             "bundle": r.bundle,
             "backend": r.backend,
@@ -319,7 +327,52 @@ def _shutdown(host: Host, record: VmRecord) -> StopResult | None:
     if not _running(record):
         return None
     hv = host.hypervisors(record.backend)
+    if record.paused:  # a paused guest cannot answer the power button: it runs again first
+        try:
+            hv.resume(record.handle)
+        except ProcuratorError as exc:
+            log.warning("%s: cannot resume before stopping (%s); the stop will be forced", record.name, exc)
     return hv.shutdown(record.handle, record.shutdown_timeout)
+
+
+def pause(host: Host, name: str) -> bool:
+    """Pause a running VM's guest; False when it was paused already (nothing done).
+
+    The record says so (`ps` shows `paused`, a worker restarted meanwhile keeps it paused), and the
+    hypervisor is asked back for its state afterwards (measure, act, verify).
+    """
+    with sweep.locked(host.state, host.net):
+        record = _require(host, name)
+        if not _running(record):
+            raise ConflictError(f"VM {name!r} is not running; only a running VM can be paused")
+        if record.paused:
+            return False
+        hv = host.hypervisors(record.backend)
+        hv.pause(record.handle)
+        _expect_state(hv, record, VmState.PAUSED, "pause")
+        host.state.save_record(record.with_(paused=True))
+        return True
+
+
+def resume(host: Host, name: str) -> bool:
+    """Run a paused VM's guest again; False when it was not paused (nothing done)."""
+    with sweep.locked(host.state, host.net):
+        record = _require(host, name)
+        if not _running(record):
+            raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
+        if not record.paused:
+            return False
+        hv = host.hypervisors(record.backend)
+        hv.resume(record.handle)
+        _expect_state(hv, record, VmState.RUNNING, "resume")
+        host.state.save_record(record.with_(paused=False))
+        return True
+
+
+def _expect_state(hv: Hypervisor, record: VmRecord, want: VmState, what: str) -> None:
+    found = hv.info(record.handle).state
+    if found is not want:
+        raise HypervisorError(f"VM {record.name!r}: {found.value} after {what}, not {want.value}")
 
 
 def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
@@ -367,7 +420,9 @@ def stop(host: Host, name: str) -> StopResult | None:
         result = _shutdown(host, record)
         _detach(host, name, record)
         host.state.save_record(
-            record.with_(pid=0, start_time=0, taps=(), desired="stopped", last_exit="stopped by user")
+            record.with_(
+                pid=0, start_time=0, taps=(), desired="stopped", last_exit="stopped by user", paused=False
+            )
         )
         return result
 
@@ -422,7 +477,9 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
         for record in running:
             network.detach_vm(host.net, record.name)
             if record.name not in errors:
-                host.state.save_record(record.with_(pid=0, start_time=0, taps=(), last_exit=HOST_SHUTDOWN))
+                host.state.save_record(
+                    record.with_(pid=0, start_time=0, taps=(), last_exit=HOST_SHUTDOWN, paused=False)
+                )
         if errors:
             detail = "; ".join(f"{name}: {exc}" for name, exc in sorted(errors.items()))
             raise HypervisorError(f"some VMs did not stop: {detail}")

@@ -131,8 +131,9 @@ class VmRecord:
     started_at: float = 0.0
     restarts: int = 0
     shutdown_timeout: float = 30.0
-    desired: str = "running"  # running | stopped
+    desired: str = "running"  # running | stopped | failed (the worker gave up: a crash loop)
     last_exit: str = ""
+    paused: bool = False  # the guest is paused (`procurator pause`); its process runs
 
     @property
     def handle(self) -> Handle:
@@ -198,6 +199,7 @@ _RECORD_FIELDS: dict[str, str] = {
     "shutdown_timeout": "seconds",
     "desired": "str",
     "last_exit": "str",
+    "paused": "bool",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1
@@ -211,6 +213,10 @@ def _checked(source: str, key: str, kind: str, value: Any) -> Any:
         raise ValidationError(source, key, f"expected a string, not {_shown(value)}")
     if kind == "str?":
         return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValidationError(source, key, f"expected true or false, not {_shown(value)}")
     if kind == "strs":
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)

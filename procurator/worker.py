@@ -564,6 +564,12 @@ class Worker:
             self._profile_seen = self._profile_target()  # our own switch is no change to react to
             return report
 
+    def pause(self, name: str, *, pause: bool) -> dict[str, Any]:
+        """POST /pause, /resume: pause or resume one VM's guest; the VM as `ps --json` shows it after."""
+        with self._working(timeout=WORK_WAIT):
+            (lifecycle.pause if pause else lifecycle.resume)(self.host, name)
+        return next(s.to_json() for s in lifecycle.status(self.host) if s.record.name == name)
+
     def _reconcile(self, trigger: str, deployment: Deployment, wait: WaitFor) -> ApplyReport:
         started, began = self.wall(), self.clock()
         result: dict[str, Any] | None = None
@@ -879,7 +885,7 @@ def _vm_families(
             1 if status.status is lifecycle.Status.RUNNING else 0,
             {**vm, "generation": r.generation, "backend": r.backend},
         )
-        state.add(1, {**vm, "state": status.status.value})
+        state.add(1, {**vm, "state": status.state})
         restarts.add(r.restarts, vm)
         if status.status is not lifecycle.Status.RUNNING:
             continue

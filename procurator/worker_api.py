@@ -8,6 +8,7 @@ listener serves `/metrics` only. Requests are parsed by `http.server`; this modu
     GET  /plan[?deployment=PATH]    the plan to PATH (default: the desired deployment)
     POST /apply                     {"deployment": PATH, "wait"?: "none"|"booted"|"healthy"} -> the report
     GET  /history                   the deployment profile's generations
+    POST /pause, /resume            {"vm": NAME} -> the VM as `ps --json` shows it (paused or running)
     GET  /metrics                   Prometheus text exposition
 
 Errors answer `{"error": message, "type": error class}` with 400 (bad request, invalid input), 404
@@ -105,6 +106,8 @@ class _Handler(BaseHTTPRequestHandler):
         "/plan": {"GET": "get_plan"},
         "/apply": {"POST": "post_apply"},
         "/history": {"GET": "get_history"},
+        "/pause": {"POST": "post_pause"},
+        "/resume": {"POST": "post_resume"},
         "/metrics": {"GET": "get_metrics"},
     }
     METRICS_ONLY = frozenset({"/metrics"})
@@ -166,6 +169,19 @@ class _Handler(BaseHTTPRequestHandler):
             raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
         report = worker.apply(_path_arg(body["deployment"]), wait=WaitFor(wait) if wait else None)
         self._json(200, report.to_json())
+
+    def post_pause(self, worker: Worker) -> None:
+        self._json(200, worker.pause(self._vm_name(), pause=True))
+
+    def post_resume(self, worker: Worker) -> None:
+        self._json(200, worker.pause(self._vm_name(), pause=False))
+
+    def _vm_name(self) -> str:
+        body = self._body()
+        if not isinstance(body, dict) or not isinstance(body.get("vm"), str) or not body["vm"]:
+            raise UsageError('POST /pause and /resume expect {"vm": "<name>"}')
+        name: str = body["vm"]
+        return name
 
     def get_history(self, worker: Worker) -> None:
         self._json(200, worker.history())
@@ -345,6 +361,12 @@ class WorkerClient:
         if wait is not None:
             body["wait"] = wait.value
         return self._request("POST", "/apply", json=body, timeout=timeout).json()
+
+    def pause(self, name: str) -> Any:
+        return self._request("POST", "/pause", json={"vm": name}).json()
+
+    def resume(self, name: str) -> Any:
+        return self._request("POST", "/resume", json={"vm": name}).json()
 
     def history(self) -> Any:
         return self._request("GET", "/history").json()

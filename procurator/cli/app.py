@@ -34,6 +34,8 @@ COMMANDS = {
     "down": "procurator.cli.vms:down",
     "stop": "procurator.cli.vms:stop",
     "start": "procurator.cli.vms:start",
+    "pause": "procurator.cli.vms:pause",
+    "resume": "procurator.cli.vms:resume",
     "ps": "procurator.cli.vms:ps",
     "logs": "procurator.cli.vms:logs",
     "console": "procurator.cli.vms:console",

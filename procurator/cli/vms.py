@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import click
 
@@ -134,6 +135,40 @@ def start(ctx: click.Context, names: tuple[str, ...], wait: str, as_json: bool) 
         record = lifecycle.start(h, name, wait=WaitFor(wait))
         if not as_json:
             note(f"{name}: started (pid {record.pid})")
+    if as_json:
+        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
+@click.option("--json", "as_json", is_flag=True, help="Print the VMs afterwards as JSON (as `ps --json`).")
+@click.pass_context
+def pause(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Pause running VMs' guests (their vCPUs stop; memory, devices and network stay)."""
+    _pause_or_resume(ctx, names, as_json, lifecycle.pause, "paused")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
+@click.option("--json", "as_json", is_flag=True, help="Print the VMs afterwards as JSON (as `ps --json`).")
+@click.pass_context
+def resume(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Run paused VMs' guests again."""
+    _pause_or_resume(ctx, names, as_json, lifecycle.resume, "resumed")
+
+
+def _pause_or_resume(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    as_json: bool,
+    act: Callable[[lifecycle.Host, str], bool],
+    done: str,
+) -> None:
+    h = host(ctx)
+    for name in names:
+        changed = act(h, name)
+        if not as_json:
+            note(f"{name}: {done}" if changed else f"{name}: already {done}; nothing to do")
     if as_json:
         emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
 

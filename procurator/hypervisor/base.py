@@ -92,6 +92,14 @@ class Hypervisor(Protocol):
         """Stop the process at once (SIGKILL) and remove its sockets."""
         ...
 
+    def pause(self, handle: Handle) -> None:
+        """Pause the guest's vCPUs; the process, its memory and devices stay."""
+        ...
+
+    def resume(self, handle: Handle) -> None:
+        """Run a paused guest again."""
+        ...
+
     def adopt(self, handle: Handle) -> bool:
         """Whether the process in `handle` is still ours and answering (after our own restart)."""
         ...

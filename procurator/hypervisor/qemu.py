@@ -666,6 +666,16 @@ class Qemu:
         finally:
             handle.api_socket.unlink(missing_ok=True)
 
+    def pause(self, handle: Handle) -> None:
+        """QMP `stop`: the vCPUs stop (QEMU's "paused" run state)."""
+        with self._session(handle) as client:
+            client.execute("stop")
+
+    def resume(self, handle: Handle) -> None:
+        """QMP `cont`."""
+        with self._session(handle) as client:
+            client.execute("cont")
+
     def console_path(self, handle: Handle) -> Path:
         """The virtio console's socket: a `Pty` console is served as this socket (see `_console`)."""
         return handle.vm_dir / CONSOLE_SOCKET

@@ -365,6 +365,39 @@ def test_ready_is_notified_after_the_socket_is_bound_and_the_vms_adopted(
         assert daemon.proc.wait(timeout=30) == 0
 
 
+def test_pause_and_resume_through_the_worker_survive_its_restart(
+    vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon()
+    assert daemon.apply(example_build.deployment)["success"]
+    with daemon.client() as client:
+        web = client.pause("web")
+    assert web["state"] == "paused"
+    api = ApiClient(vm_host.state / "vms" / "web" / "api.sock", timeout=10)
+    with api:
+        assert api.get("vm.info")["state"] == "Paused"  # the double, as the real one, says so
+    parsed = parse_exposition(daemon.metrics())
+    assert parsed.one("procurator_vm_state", vm="web", state="paused") == 1
+    assert parsed.one("procurator_vm_up", vm="web", backend="cloud-hypervisor") == 1
+
+    kill9(daemon.proc.pid)  # a paused VM survives a worker restart as paused, not restarted
+    daemon = start_daemon()
+    wait_for("adoption", lambda: "adopted" in daemon.output())
+    assert daemon.vms()["web"]["state"] == "paused"
+    assert daemon.vms()["web"]["pid"] == web["pid"]
+    with daemon.client() as client:
+        assert client.resume("web")["state"] == "running"
+        with pytest.raises(WorkerApiError, match="expect") as caught:
+            client._request("POST", "/pause", json={"vm": 3})
+        assert caught.value.status == 400
+        with pytest.raises(WorkerApiError, match="no VM named 'ghost'") as caught:
+            client.pause("ghost")
+        assert caught.value.status == 404
+    with api:
+        assert api.get("vm.info")["state"] == "Running"
+    assert_converged(vm_host, example_build.bundles)
+
+
 def test_a_damaged_record_is_set_aside_and_the_rest_supervised(
     vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
 ) -> None:

@@ -291,6 +291,12 @@ class FakeHypervisor:
     def kill(self, handle: Handle) -> None:
         raise NotImplementedError
 
+    def pause(self, handle: Handle) -> None:
+        raise NotImplementedError
+
+    def resume(self, handle: Handle) -> None:
+        raise NotImplementedError
+
     def console_path(self, handle: Handle) -> Path:
         return handle.vm_dir / "console.sock"
 
