@@ -20,6 +20,8 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
   anew. The power button makes the guest power off after a delay: with `--no-shutdown` the VM shuts down
   and the process stays; without it the VMM shuts down and the process exits 0. SIGTERM/SIGINT shut the
   VMM down and exit 0.
+- TAPs: vm.boot opens each net entry's TAP queues for real, as net_util's open_tap does, and keeps them
+  open while the VM exists (tests/chdouble/tap.py; the rules and their sources in README.md).
 - events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`
   separated by a blank line, as the real event monitor writes them.
 
@@ -61,6 +63,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
+from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain
+
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
 OLDEST_RELEASE = 40
@@ -69,6 +73,10 @@ SERIAL_BUFFER_SINCE = (
     53  # vmm/src/serial_manager.rs: v53's SocketConsole keeps output until a client connects
 )
 IMAGE_TYPE_SINCE = 51  # vmm/src/config.rs DiskConfig.image_type and the sector-0 rule first appear in v51.0
+ERROR_RESPONSE_LOG_SINCE = (
+    52  # vmm/src/api/http/mod.rs error_response logs "HTTP API error response" from v52
+)
+NET_DEFAULT_WARNING = 48  # vmm/src/vm_config.rs: only v48's default_netconfig_ip/mask warn
 FEATURES = ("kvm",)
 FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-button", "hang-on-shutdown"})
 DEFAULT_MEMORY = 512 << 20
@@ -343,6 +351,7 @@ class Vmm:
         self.serial_client: socket.socket | None = None
         self.serial_pending = b""
         self.ptys: list[int] = []  # the main ends of Pty consoles, held as the VMM holds them
+        self.tap_fds: list[int] = []  # the TAP queues of the VM's virtio-net devices, while the VM exists
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
@@ -377,6 +386,18 @@ class Vmm:
             return BAD_REQUEST
         action: Callable[[], Answer] = getattr(self, "op_" + name.replace(".", "_").replace("-", "_"))
         return action()
+
+    def answer(self, method: str, path: str, body: bytes | None) -> Answer:
+        """`dispatch`, and from v52 error_response's log line (vmm/src/api/http/mod.rs)."""
+        answer = self.dispatch(method, path, body)
+        if self.settings.release >= ERROR_RESPONSE_LOG_SINCE and answer.status >= 400 and answer.body:
+            with contextlib.suppress(ValueError):
+                chain = json.loads(answer.body)
+                if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
+                    self.log.info_at(
+                        "vmm/src/api/http/mod.rs:106", f"HTTP API error response: {': '.join(chain)}"
+                    )
+        return answer
 
     def _unsimulated(self, name: str, body: bytes | None) -> Answer:
         if body is None:
@@ -421,11 +442,30 @@ class Vmm:
             self.log.info_at("vmm/src/api/mod.rs:1445", "API request event: VmCreate")
             if self.config is not None:
                 return _errors(500, API_ERROR, "The VM could not be created", "VM is already created")
+            if self.settings.release == NET_DEFAULT_WARNING:
+                self._warn_net_defaults(config)
             refused = self._pre_create_consoles(config)
             if refused is not None:
                 return refused
             self.config = config
             return NO_CONTENT
+
+    def _warn_net_defaults(self, config: dict[str, Any]) -> None:
+        """v48 vmm/src/vm_config.rs: serde calls default_netconfig_ip/mask for a net entry without them,
+        and each warns (v40-v47 assign the same defaults silently; from v49 the fields are optional)."""
+        for net in config.get("net") or []:
+            if "ip" not in net:
+                self.log.warn_at(
+                    "vmm/src/vm_config.rs:356",
+                    "Deprecation warning: No IP address provided. A default IP address is assigned. This "
+                    "behavior will be deprecated soon.",
+                )
+            if "mask" not in net:
+                self.log.warn_at(
+                    "vmm/src/vm_config.rs:363",
+                    "Deprecation warning: No network mask provided. A default network mask is assigned. This "
+                    "behavior will be deprecated soon.",
+                )
 
     def _pre_create_consoles(self, config: dict[str, Any]) -> Answer | None:
         """vmm/src/console_devices.rs `pre_create_console_devices`, run by vm.create (vmm/src/lib.rs).
@@ -528,18 +568,6 @@ class Vmm:
             self.events.emit("vm", "booting")
             if self.config is None:
                 return _errors(404, API_ERROR, "The VM could not boot", "VM config is missing")
-            payload = self.config.get("payload") or {}
-            for key, what in (("kernel", "kernel"), ("initramfs", "initramfs"), ("firmware", "firmware")):
-                if key in payload and not os.access(payload[key], os.R_OK):
-                    return _errors(
-                        500,
-                        API_ERROR,
-                        "The VM could not boot",
-                        f"Cannot open {what} file",
-                        "No such file or directory (os error 2)",
-                    )
-            if not any(k in payload for k in ("kernel", "firmware", "igvm")):
-                return _errors(500, API_ERROR, "The VM could not boot", "No payload to boot")
             if self.settings.release >= IMAGE_TYPE_SINCE:
                 for disk in self.config.get("disks") or []:
                     if disk.get("image_type", "Unknown") == "Unknown":
@@ -555,6 +583,25 @@ class Vmm:
                             "vmm/src/device_manager.rs:2689",
                             "Autodetected raw image type. Disabling sector 0 writes.",
                         )
+            # vmm/src/device_manager.rs make_virtio_devices: block devices, then net devices; the payload
+            # is read on a thread that Vm::boot joins only after every device exists
+            failed = self._open_taps()
+            if failed is not None:
+                return _errors(500, API_ERROR, "The VM could not boot", *boot_chain(failed).chain())
+            payload = self.config.get("payload") or {}
+            for key, what in (("kernel", "kernel"), ("initramfs", "initramfs"), ("firmware", "firmware")):
+                if key in payload and not os.access(payload[key], os.R_OK):
+                    self._close_taps()
+                    return _errors(
+                        500,
+                        API_ERROR,
+                        "The VM could not boot",
+                        f"Cannot open {what} file",
+                        "No such file or directory (os error 2)",
+                    )
+            if not any(k in payload for k in ("kernel", "firmware", "igvm")):
+                self._close_taps()
+                return _errors(500, API_ERROR, "The VM could not boot", "No payload to boot")
             if "die-on-boot" in self.settings.faults:
                 self.log.error_at("vmm/src/vm.rs:2010", "chdouble fault die-on-boot: vCPU thread panicked")
                 self.exit_process(1)
@@ -566,6 +613,37 @@ class Vmm:
             self._guest_output(b"Linux version chdouble: booting\n")
             self._schedule_reset()
             return NO_CONTENT
+
+    # --- TAP devices (tests/chdouble/tap.py) ---------------------------------------------------
+
+    def _open_taps(self) -> RustError | None:
+        """vmm/src/device_manager.rs `make_virtio_net_devices`: each net entry with a `tap` gets its queues
+        opened by `net_util::open_tap`, in order; if one fails, the VM (with the TAPs opened so far) is
+        dropped. Entries without `tap` (cloud-hypervisor would create its own vmtapN), with `fds` or with
+        `vhost_user` are not simulated and open nothing."""
+        assert self.config is not None
+        opener = TapOpener(self.settings.release, self.log.warn_at)
+        for net in self.config.get("net") or []:
+            if not net.get("tap") or net.get("vhost_user") or net.get("fds"):
+                continue
+            self.log.info_at(
+                "vmm/src/device_manager.rs:2929",
+                f"Creating virtio-net device: NetConfig {{ tap: Some({json.dumps(net['tap'])}), "
+                f"num_queues: {net.get('num_queues', 2)}, .. }}",
+            )
+            try:
+                self.tap_fds.extend(opener.open_tap(net))
+            except ChainError as exc:
+                self._close_taps()
+                return exc.error
+        return None
+
+    def _close_taps(self) -> None:
+        """The VM's virtio-net devices are dropped: their `Tap` files close, detaching every queue."""
+        fds, self.tap_fds = self.tap_fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def op_vm_info(self) -> Answer:
         with self.lock:
@@ -687,13 +765,18 @@ class Vmm:
             if self.state is None:
                 return _errors(404, API_ERROR, "The VM could not reboot", "VM is not created")
             self._cancel_poweroff()
-            self._reboot()
+            failed = self._reboot()
+            if failed is not None:
+                return _errors(500, API_ERROR, "The VM could not reboot", *boot_chain(failed).chain())
             return NO_CONTENT
 
-    def _reboot(self) -> None:
+    def _reboot(self) -> RustError | None:
         """vmm/src/lib.rs `vm_reboot` (v40 to v53): the VM is rebuilt inside the same process, and
-        `pre_create_console_devices` runs again, so `File` consoles are created anew (emptied)."""
+        `pre_create_console_devices` runs again, so `File` consoles are created anew (emptied). The old VM
+        is dropped first (its TAP queues closed), then the new one opens them again; if that fails, there
+        is no VM any more (vm.info: Created) and the error is returned."""
         assert self.config is not None
+        self._close_taps()
         for key in ("serial", "console"):
             device = self.config.get(key) or {}
             if device.get("mode") == "File" and device.get("file"):
@@ -702,11 +785,17 @@ class Vmm:
             elif key == "serial" and device.get("mode") == "Socket":
                 with contextlib.suppress(OSError):
                     self._bind_serial(device.get("socket") or "")
+        failed = self._open_taps()
+        if failed is not None:
+            self._cancel_poweroff()
+            self.state = None
+            return failed
         self.state = "Running"
         self.booted_at = time.monotonic()
         self.events.emit("vm", "rebooted")
         self._guest_output(b"Linux version chdouble: booting again\n")
         self._schedule_reset()
+        return None
 
     def _schedule_reset(self) -> None:
         """CHDOUBLE_GUEST_RESET: the guest panics that long after each boot; under `panic=-1` the kernel
@@ -725,7 +814,19 @@ class Vmm:
             self._guest_output(b"Kernel panic - not syncing: chdouble guest reset\n")
             self.log.info_at("vmm/src/lib.rs:2151", "VM reset event")
             self.events.emit("vm", "rebooting")
-            self._reboot()
+            failed = self._reboot()
+            if failed is None:
+                return
+            # the control loop's `self.vm_reboot().map_err(Error::VmReboot)?` ends the VMM thread, and main
+            # reports it (cloud-hypervisor/src/main.rs Error::VmmThread) and exits 1
+            top = RustError(
+                "VmmThread",
+                "VMM thread exited with error",
+                RustError("VmReboot", "Error rebooting VM", boot_chain(failed)),
+            )
+            _fatal(self.log, top.debug(), top.chain())
+            self.exiting = True
+        self.exit_process(1)
 
     def op_vm_delete(self) -> Answer:
         with self.lock:
@@ -744,6 +845,7 @@ class Vmm:
 
     def _vm_shutdown(self) -> None:
         self._cancel_poweroff()
+        self._close_taps()
         self.state = None
         self.events.emit("vm", "shutdown")
 
@@ -925,7 +1027,7 @@ class _Handler(BaseHTTPRequestHandler):
                 answer = _micro_http_error("Invalid request.")
         if answer is None:
             try:
-                answer = server.vmm.dispatch(self.command, self.path, body)
+                answer = server.vmm.answer(self.command, self.path, body)
             except Exception as exc:  # a bug in the double: say so rather than drop the connection
                 server.vmm.log.error_at("chdouble", f"internal error: {exc!r}")
                 answer = _errors(500, "chdouble: internal error", repr(exc))
