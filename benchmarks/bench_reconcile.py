@@ -170,6 +170,12 @@ class Sleeper:
     def kill(self, _handle: Handle) -> None:
         return None
 
+    def pause(self, _handle: Handle) -> None:
+        return None
+
+    def resume(self, _handle: Handle) -> None:
+        return None
+
     def console_path(self, handle: Handle) -> Path:
         return handle.vm_dir / "console.sock"
 
