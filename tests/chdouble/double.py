@@ -22,6 +22,9 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
   VMM down and exit 0.
 - TAPs: vm.boot opens each net entry's TAP queues for real, as net_util's open_tap does, and keeps them
   open while the VM exists (tests/chdouble/tap.py; the rules and their sources in README.md).
+- disks: vm.boot opens and types each disk image for real, as make_virtio_block_device does, and from v46
+  locks it (an OFD lock) while the VM exists (tests/chdouble/disk.py).
+- before v47 an error answer is one text, not the JSON array (README.md, "error answers before v47").
 - events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`
   separated by a blank line, as the real event monitor writes them.
 
@@ -63,7 +66,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
-from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain
+from tests.chdouble.disk import DiskOpener, OpenDisk, close_disks, device_manager, lock_disks
+from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_error
 
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
@@ -72,10 +76,12 @@ NO_SHUTDOWN_SINCE = 52  # cloud-hypervisor/src/main.rs: the `no-shutdown` Arg fi
 SERIAL_BUFFER_SINCE = (
     53  # vmm/src/serial_manager.rs: v53's SocketConsole keeps output until a client connects
 )
-IMAGE_TYPE_SINCE = 51  # vmm/src/config.rs DiskConfig.image_type and the sector-0 rule first appear in v51.0
 ERROR_RESPONSE_LOG_SINCE = (
     52  # vmm/src/api/http/mod.rs error_response logs "HTTP API error response" from v52
 )
+CONSOLE_CHECK_AT_CREATE_SINCE = 42  # vmm/src/lib.rs: pre_create_console_devices at vm.create from v42
+JSON_ERRORS_SINCE = 47  # vmm/src/api/http/mod.rs error_response: the JSON array of the chain from v47
+THISERROR_API_SINCE = 46  # api/mod.rs, api/http/mod.rs: thiserror texts embedding their source in v46
 NET_DEFAULT_WARNING = 48  # vmm/src/vm_config.rs: only v48's default_netconfig_ip/mask warn
 FEATURES = ("kvm",)
 FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-button", "hang-on-shutdown"})
@@ -306,6 +312,37 @@ def _errors(status: int, *chain: str) -> Answer:
     return _json(status, list(chain))
 
 
+# How a vm.rs error (and what it wraps) displays before v47, where the answer is one text: "embed" for a
+# `#[error("...: {0}")]`, "debug" for `{0:?}`; any other level shows its own text only. vm.rs
+# (`DeviceManager`, `KernelFile`, `InitramfsFile`, `Pause`, `Resume`) and vm-migration/src/lib.rs
+# (`MigratableError::{Pause, Resume}`), the same at v40.0 and v46.0.
+BEFORE_V47 = {
+    "DeviceManager": "debug",
+    "KernelFile": "embed",
+    "InitramfsFile": "embed",
+    "Pause": "embed",
+    "Resume": "embed",
+    "MigratablePause": "embed",
+    "MigratableResume": "embed",
+}
+
+
+def _display_before_v47(error: RustError) -> str:
+    mode = BEFORE_V47.get(error.variant)
+    if mode is None or error.source is None:
+        return error.text
+    if mode == "debug":
+        return f"{error.text}: {error.source.debug()}"
+    return f"{error.text}: {_display_before_v47(error.source)}"
+
+
+def _abbreviated(disk: dict[str, Any]) -> str:
+    """The start of `DiskConfig`'s Debug, as the "Creating virtio-block device" line shows it."""
+    path = f"Some({json.dumps(disk['path'])})" if disk.get("path") else "None"
+    readonly = "true" if disk.get("readonly") else "false"
+    return f"DiskConfig {{ path: {path}, readonly: {readonly}, .. }}"
+
+
 NO_CONTENT = Answer(204)
 BAD_REQUEST = _errors(400, "Bad Request")
 
@@ -352,6 +389,7 @@ class Vmm:
         self.serial_pending = b""
         self.ptys: list[int] = []  # the main ends of Pty consoles, held as the VMM holds them
         self.tap_fds: list[int] = []  # the TAP queues of the VM's virtio-net devices, while the VM exists
+        self.disks: list[OpenDisk] = []  # the images of the VM's virtio-block devices, while the VM exists
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
@@ -441,7 +479,7 @@ class Vmm:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:1445", "API request event: VmCreate")
             if self.config is not None:
-                return _errors(500, API_ERROR, "The VM could not be created", "VM is already created")
+                return self._fail(500, "The VM could not be created", "VM is already created")
             if self.settings.release == NET_DEFAULT_WARNING:
                 self._warn_net_defaults(config)
             refused = self._pre_create_consoles(config)
@@ -473,10 +511,15 @@ class Vmm:
         The console device refuses `Socket` (NoSocketOptionSupportForConsoleDevice); `File` is created with
         truncation; `Pty` opens a pty and writes its path back into the config's `file`, as vm.info shows.
         """
-        failed = (API_ERROR, "The VM could not be created", "Error creating console devices")
+        api = "The VM could not be created"
         console = config.get("console") or {}
-        if console.get("mode") == "Socket":
-            return _errors(500, *failed, "No socket option support for console device")
+        if console.get("mode") == "Socket" and self.settings.release >= CONSOLE_CHECK_AT_CREATE_SINCE:
+            refused = RustError(
+                "NoSocketOptionSupportForConsoleDevice", "No socket option support for console device"
+            )
+            return self._fail(
+                500, api, RustError("CreateConsoleDevices", "Error creating console devices", refused)
+            )
         for key in ("serial", "console"):
             device = config.get(key) or {}
             if device.get("mode") == "File" and device.get("file"):
@@ -484,12 +527,20 @@ class Vmm:
                     with open(device["file"], "w"):
                         pass
                 except OSError as exc:
-                    return _errors(500, *failed, f"{exc.strerror} (os error {exc.errno})")
+                    return self._fail(
+                        500,
+                        api,
+                        RustError("CreateConsoleDevices", "Error creating console devices", io_error(exc)),
+                    )
             elif key == "serial" and device.get("mode") == "Socket":
                 try:
                     self._bind_serial(device.get("socket") or "")
                 except OSError as exc:
-                    return _errors(500, *failed, f"{exc.strerror} (os error {exc.errno})")
+                    return self._fail(
+                        500,
+                        api,
+                        RustError("CreateConsoleDevices", "Error creating console devices", io_error(exc)),
+                    )
             elif device.get("mode") == "Pty":
                 main_fd, sub_fd = os.openpty()
                 device["file"] = os.ttyname(sub_fd)
@@ -563,45 +614,30 @@ class Vmm:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:1060", "API request event: VmBoot")
             if self.state is not None:
-                return _errors(500, API_ERROR, "The VM could not boot", "VM is already created")
+                return self._fail(500, "The VM could not boot", "VM is already created")
             self.log.info_at("vmm/src/lib.rs:2369", "Booting VM")
             self.events.emit("vm", "booting")
             if self.config is None:
-                return _errors(404, API_ERROR, "The VM could not boot", "VM config is missing")
-            if self.settings.release >= IMAGE_TYPE_SINCE:
-                for disk in self.config.get("disks") or []:
-                    if disk.get("image_type", "Unknown") == "Unknown":
-                        # vmm/src/device_manager.rs (v51+): a detected raw image loses sector 0 writes;
-                        # from v52 a deprecation warning comes first
-                        if self.settings.release >= 52:
-                            self.log.warn_at(
-                                "vmm/src/device_manager.rs",
-                                "DEPRECATION: auto-detection of disk image type is deprecated and will be "
-                                "removed in a future release. Please specify image type explicitly.",
-                            )
-                        self.log.warn_at(
-                            "vmm/src/device_manager.rs:2689",
-                            "Autodetected raw image type. Disabling sector 0 writes.",
-                        )
-            # vmm/src/device_manager.rs make_virtio_devices: block devices, then net devices; the payload
-            # is read on a thread that Vm::boot joins only after every device exists
-            failed = self._open_taps()
+                return self._fail(404, "The VM could not boot", "VM config is missing")
+            # Vm::new: the devices (consoles, then block, then net devices: vmm/src/device_manager.rs
+            # create_devices and make_virtio_devices); then Vm::boot locks the disks (from v46) and joins the
+            # thread that read the payload, started before the devices
+            failed = self._create_devices() or self._lock_disks()
             if failed is not None:
-                return _errors(500, API_ERROR, "The VM could not boot", *boot_chain(failed).chain())
+                return self._fail(500, "The VM could not boot", failed)
             payload = self.config.get("payload") or {}
             for key, what in (("kernel", "kernel"), ("initramfs", "initramfs"), ("firmware", "firmware")):
                 if key in payload and not os.access(payload[key], os.R_OK):
-                    self._close_taps()
-                    return _errors(
+                    self._close_devices()
+                    cause = RustError("Os", "No such file or directory (os error 2)")
+                    return self._fail(
                         500,
-                        API_ERROR,
                         "The VM could not boot",
-                        f"Cannot open {what} file",
-                        "No such file or directory (os error 2)",
+                        RustError(f"{what.capitalize()}File", f"Cannot open {what} file", cause),
                     )
             if not any(k in payload for k in ("kernel", "firmware", "igvm")):
-                self._close_taps()
-                return _errors(500, API_ERROR, "The VM could not boot", "No payload to boot")
+                self._close_devices()
+                return self._fail(500, "The VM could not boot", "No payload to boot")
             if "die-on-boot" in self.settings.faults:
                 self.log.error_at("vmm/src/vm.rs:2010", "chdouble fault die-on-boot: vCPU thread panicked")
                 self.exit_process(1)
@@ -614,13 +650,60 @@ class Vmm:
             self._schedule_reset()
             return NO_CONTENT
 
-    # --- TAP devices (tests/chdouble/tap.py) ---------------------------------------------------
+    # --- devices (tests/chdouble/disk.py, tests/chdouble/tap.py) --------------------------------
+
+    def _create_devices(self) -> RustError | None:
+        """The devices `Vm::new` creates at vm.boot, as a `vm.rs` error if one fails; the VM (with what was
+        opened so far) is then dropped. v40 and v41 refuse a `Socket` console here (`add_console_devices`
+        runs before the virtio devices); from v42 vm.create refuses it."""
+        assert self.config is not None
+        if (
+            self.settings.release < CONSOLE_CHECK_AT_CREATE_SINCE
+            and (self.config.get("console") or {}).get("mode") == "Socket"
+        ):
+            return device_manager(
+                RustError(
+                    "NoSocketOptionSupportForConsoleDevice", "No socket option support for console device"
+                )
+            )
+        failed = self._open_disks()
+        if failed is None:
+            net = self._open_taps()
+            failed = boot_chain(net) if net is not None else None
+        if failed is not None:
+            self._close_devices()
+        return failed
+
+    def _open_disks(self) -> RustError | None:
+        """vmm/src/device_manager.rs `make_virtio_block_devices`: each disk entry's image is opened and typed
+        by `make_virtio_block_device`, in order. `vhost_user` entries open nothing (not simulated)."""
+        assert self.config is not None
+        opener = DiskOpener(self.settings.release, self.log.warn_at)
+        for disk in self.config.get("disks") or []:
+            if disk.get("vhost_user"):
+                continue
+            self.log.info_at(
+                "vmm/src/device_manager.rs:2700", f"Creating virtio-block device: {_abbreviated(disk)}"
+            )
+            try:
+                self.disks.append(opener.open_disk(disk))
+            except ChainError as exc:
+                return device_manager(exc.error)
+        return None
+
+    def _lock_disks(self) -> RustError | None:
+        """vmm/src/vm.rs `Vm::boot`: `try_lock_disks` (from v46) before anything else of the boot."""
+        try:
+            lock_disks(self.settings.release, self.disks, self.log.error_at)
+        except ChainError as exc:
+            self._close_devices()
+            return exc.error
+        return None
 
     def _open_taps(self) -> RustError | None:
         """vmm/src/device_manager.rs `make_virtio_net_devices`: each net entry with a `tap` gets its queues
-        opened by `net_util::open_tap`, in order; if one fails, the VM (with the TAPs opened so far) is
-        dropped. Entries without `tap` (cloud-hypervisor would create its own vmtapN), with `fds` or with
-        `vhost_user` are not simulated and open nothing."""
+        opened by `net_util::open_tap`, in order. Entries without `tap` (cloud-hypervisor would create its
+        own vmtapN), with `fds` or with `vhost_user` are not simulated and open nothing."""
         assert self.config is not None
         opener = TapOpener(self.settings.release, self.log.warn_at)
         for net in self.config.get("net") or []:
@@ -634,22 +717,40 @@ class Vmm:
             try:
                 self.tap_fds.extend(opener.open_tap(net))
             except ChainError as exc:
-                self._close_taps()
                 return exc.error
         return None
 
-    def _close_taps(self) -> None:
-        """The VM's virtio-net devices are dropped: their `Tap` files close, detaching every queue."""
+    def _close_devices(self) -> None:
+        """The VM's devices are dropped: the `Tap` files close (detaching every queue), the disk images close
+        (releasing their locks)."""
         fds, self.tap_fds = self.tap_fds, []
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        disks, self.disks = self.disks, []
+        close_disks(disks)
+
+    # --- error answers (vmm/src/api/http/mod.rs error_response) ----------------------------------
+
+    def _fail(self, status: int, api: str, error: RustError | str) -> Answer:
+        """An `ApiError` answer: `api` is its text (e.g. "The VM could not boot"), `error` the `vm.rs` error
+        under it. From v47 the body is the JSON array of the chain's Display texts; before, it is the text of
+        the error's Display alone: v46's thiserror texts embed their source (`"Error from API: {0}"`,
+        `"The VM could not boot: {0}"`), v40-v45 display the VM error only (manual `Display` impls in
+        api/mod.rs and api/http/mod.rs)."""
+        vm = error if isinstance(error, RustError) else RustError("", error)
+        if self.settings.release >= JSON_ERRORS_SINCE:
+            return _errors(status, API_ERROR, api, *vm.chain())
+        text = _display_before_v47(vm)
+        if self.settings.release >= THISERROR_API_SINCE:
+            text = f"{API_ERROR}: {api}: {text}"
+        return Answer(status, text.encode())
 
     def op_vm_info(self) -> Answer:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:1620", "API request event: VmInfo")
             if self.config is None:
-                return _errors(404, API_ERROR, "The VM info is not available", "VM is not created")
+                return self._fail(404, "The VM info is not available", "VM is not created")
             memory = self.config.get("memory") or {}
             info: dict[str, Any] = {
                 "config": self.config,
@@ -664,7 +765,7 @@ class Vmm:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:1408", "API request event: VmCounters")
             if self.state is None:
-                return _errors(500, API_ERROR, "The VM info is not available", "VM is not running")
+                return self._fail(500, "The VM info is not available", "VM is not running")
             ticks = int((time.monotonic() - self.booted_at) * 1000)
             counters: dict[str, dict[str, int]] = {}
             for device in self._devices("disks", "_disk"):
@@ -693,16 +794,15 @@ class Vmm:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:1700", "API request event: VmPause")
             if self.state is None:
-                return _errors(500, API_ERROR, "The VM could not be paused", "VM is not running")
+                return self._fail(500, "The VM could not be paused", "VM is not running")
             self.events.emit("vm", "pausing")
             if self.state != "Running":
-                return _errors(
-                    500,
-                    API_ERROR,
-                    "The VM could not be paused",
-                    "Cannot pause VM",
-                    "Failed to pause migratable component",
-                    f"invalid VM state transition: {self.state} to Paused",
+                transition = RustError(
+                    "InvalidStateTransition", f"invalid VM state transition: {self.state} to Paused"
+                )
+                component = RustError("MigratablePause", "Failed to pause migratable component", transition)
+                return self._fail(
+                    500, "The VM could not be paused", RustError("Pause", "Cannot pause VM", component)
                 )
             self.state = "Paused"
             self.events.emit("vm", "paused")
@@ -712,16 +812,15 @@ class Vmm:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:1760", "API request event: VmResume")
             if self.state is None:
-                return _errors(500, API_ERROR, "The VM could not resume", "VM is not running")
+                return self._fail(500, "The VM could not resume", "VM is not running")
             self.events.emit("vm", "resuming")
             if self.state == "Running":
-                return _errors(
-                    500,
-                    API_ERROR,
-                    "The VM could not resume",
-                    "Cannot resume VM",
-                    "Failed to resume migratable component",
-                    "invalid VM state transition: Running to Running",
+                transition = RustError(
+                    "InvalidStateTransition", "invalid VM state transition: Running to Running"
+                )
+                component = RustError("MigratableResume", "Failed to resume migratable component", transition)
+                return self._fail(
+                    500, "The VM could not resume", RustError("Resume", "Cannot resume VM", component)
                 )
             self.state = "Running"
             self.events.emit("vm", "resumed")
@@ -734,7 +833,7 @@ class Vmm:
         with self.lock:
             self.log.info_at("vmm/src/api/mod.rs:2100", "API request event: VmPowerButton")
             if self.state is None:
-                return _errors(500, API_ERROR, "Error triggering power button", "VM is not running")
+                return self._fail(500, "Error triggering power button", "VM is not running")
             if "ignore-power-button" in self.settings.faults:
                 self.log.info_at("chdouble", "fault ignore-power-button: the guest ignores the power button")
             elif self.state == "Paused":
@@ -746,7 +845,7 @@ class Vmm:
     def op_vm_nmi(self) -> Answer:
         with self.lock:
             if self.state is None:
-                return _errors(500, API_ERROR, "Error triggering NMI", "VM is not running")
+                return self._fail(500, "Error triggering NMI", "VM is not running")
             return NO_CONTENT
 
     def op_vm_shutdown(self) -> Answer:
@@ -754,7 +853,7 @@ class Vmm:
             self.log.info_at("vmm/src/api/mod.rs:1830", "API request event: VmShutdown")
             self._maybe_hang("vm.shutdown")
             if self.state is None:
-                return _errors(500, API_ERROR, "The VM could not shutdown", "VM is not running")
+                return self._fail(500, "The VM could not shutdown", "VM is not running")
             self._vm_shutdown()
             return NO_CONTENT
 
@@ -763,11 +862,11 @@ class Vmm:
             self.log.info_at("vmm/src/api/mod.rs:1880", "API request event: VmReboot")
             self.events.emit("vm", "rebooting")
             if self.state is None:
-                return _errors(404, API_ERROR, "The VM could not reboot", "VM is not created")
+                return self._fail(404, "The VM could not reboot", "VM is not created")
             self._cancel_poweroff()
             failed = self._reboot()
             if failed is not None:
-                return _errors(500, API_ERROR, "The VM could not reboot", *boot_chain(failed).chain())
+                return self._fail(500, "The VM could not reboot", failed)
             return NO_CONTENT
 
     def _reboot(self) -> RustError | None:
@@ -776,7 +875,7 @@ class Vmm:
         is dropped first (its TAP queues closed), then the new one opens them again; if that fails, there
         is no VM any more (vm.info: Created) and the error is returned."""
         assert self.config is not None
-        self._close_taps()
+        self._close_devices()
         for key in ("serial", "console"):
             device = self.config.get(key) or {}
             if device.get("mode") == "File" and device.get("file"):
@@ -785,7 +884,7 @@ class Vmm:
             elif key == "serial" and device.get("mode") == "Socket":
                 with contextlib.suppress(OSError):
                     self._bind_serial(device.get("socket") or "")
-        failed = self._open_taps()
+        failed = self._create_devices() or self._lock_disks()
         if failed is not None:
             self._cancel_poweroff()
             self.state = None
@@ -822,7 +921,7 @@ class Vmm:
             top = RustError(
                 "VmmThread",
                 "VMM thread exited with error",
-                RustError("VmReboot", "Error rebooting VM", boot_chain(failed)),
+                RustError("VmReboot", "Error rebooting VM", failed),
             )
             _fatal(self.log, top.debug(), top.chain())
             self.exiting = True
@@ -845,7 +944,7 @@ class Vmm:
 
     def _vm_shutdown(self) -> None:
         self._cancel_poweroff()
-        self._close_taps()
+        self._close_devices()
         self.state = None
         self.events.emit("vm", "shutdown")
 

@@ -161,8 +161,12 @@ def test_lifecycle_start_info_counters_pause_resume_and_graceful_shutdown(
 
     info = backend.info(handle)
     assert info.state is VmState.RUNNING
+    # from v51 a disk without image_type gets the detected one written into its config
+    # (vmm/src/device_manager.rs make_virtio_block_device: "Configuration updated to persist type")
+    typed = [{**disk, "image_type": "Raw"} for disk in spec.config["disks"]]
     assert info.details["config"] == {
         **spec.config,
+        "disks": typed,
         "serial": {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")},
     }
     assert backend.ping(handle)["pid"] == handle.pid
@@ -408,6 +412,59 @@ def test_wrong_state_is_an_invalid_state_error(
         assert not isinstance(unknown.value, InvalidStateError)
     finally:
         backend.kill(handle)
+
+
+@pytest.mark.parametrize("release", [45, 46])
+def test_plain_text_errors_before_v47_are_understood(
+    backend: CloudHypervisor,
+    spec: LaunchSpec,
+    monkeypatch: pytest.MonkeyPatch,
+    release: int,
+    clean: None,
+) -> None:
+    """v40-v46 answer one text, not the JSON chain (vmm/src/api/http/mod.rs error_response): a wrong
+    state is still an InvalidStateError, a failed boot still names its cause."""
+    monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
+    handle = backend.start(spec)
+    try:
+        with pytest.raises(InvalidStateError) as caught:
+            backend.resume(handle)
+        assert caught.value.details == (
+            ("Error from API: The VM could not resume: " if release == 46 else "")
+            + "Cannot resume VM: Failed to resume migratable component: invalid VM state transition: "
+            "Running to Running",
+        )
+    finally:
+        backend.kill(handle)
+    config = {**spec.config, "payload": {"kernel": str(spec.vm_dir / "no-kernel")}}
+    with pytest.raises(
+        HypervisorStartError, match=r"vm\.boot: HTTP 500: .*Cannot open kernel file: No such file"
+    ):
+        backend.start(replace(spec, config=config))
+
+
+def test_a_volume_another_vm_holds_is_refused_and_cleaned_up(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    """From v46 cloud-hypervisor locks every disk image at boot (vmm/src/vm.rs try_lock_disks): a second VM
+    on the same writable volume fails its boot, and the first keeps running."""
+    volume = tmp_path / "data.img"
+    with volume.open("wb") as f:
+        f.truncate(1 << 20)
+    disk = {"id": "vol-data", "path": str(volume), "readonly": False, "image_type": "Raw"}
+    first = replace(spec, config={**spec.config, "disks": [*spec.config["disks"], disk]})
+    other_dir = spec.vm_dir.with_name("other")
+    other_dir.mkdir()
+    second = replace(first, name="other", vm_dir=other_dir, serial_log=other_dir / "serial.log")
+    handle = backend.start(first)
+    try:
+        with pytest.raises(HypervisorStartError, match=r"Another instance likely holds a lock.*data\.img"):
+            backend.start(second)
+        assert leftovers(other_dir) == ([], [])
+        assert backend.info(handle).state is VmState.RUNNING
+    finally:
+        backend.kill(handle)
+    backend.kill(backend.start(second))  # once the first is gone, the lock is free
 
 
 def test_ladder_escalates_when_the_guest_ignores_the_power_button(
