@@ -3,7 +3,8 @@
 #
 #   import tests/nixos/eval.nix { lib = <nixpkgs>/lib; module = "guest"; modules = [ { ... } ]; }
 #
-# -> { config; failedAssertions; warnings; } of that system. `module` is "guest" or "worker";
+# -> { config; failedAssertions; warnings; stage1; } of that system (stage1: the mount points NixOS
+# would mount in the initrd, by nixos/lib/utils.nix's fsNeededForBoot). `module` is "guest" or "worker";
 # `modules` are more NixOS modules (attribute sets or functions): the test's configuration.
 {
   lib,
@@ -51,4 +52,7 @@ in
   config = cfg;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
   inherit (cfg) warnings;
+  stage1 = map (fs: fs.mountPoint) (
+    builtins.filter stubs.utils.fsNeededForBoot (builtins.attrValues cfg.fileSystems)
+  );
 }
