@@ -19,12 +19,20 @@ let
     inherit system;
   };
 
+  toplevelHash = "0000000000000000000000000000sys1"; # a valid store hash (nix32 alphabet)
+
   # What a real system supplies that the stubs cannot: its outputs, as placeholders, and the
   # worker's package (the default builds the Python application with nixpkgs).
   base = {
     guest = {
       system.build = {
-        toplevel = stubs.pkgs.writeText "nixos-system" "";
+        # The one placeholder with a string context, as a real derivation's outPath has: the tests
+        # can see where the toplevel would become an input (a dependency) of a derivation.
+        toplevel = stubs.pkgs.writeText "nixos-system" "" // {
+          outPath = builtins.appendContext "${builtins.storeDir}/${toplevelHash}-nixos-system" {
+            "${builtins.storeDir}/${toplevelHash}-nixos-system.drv".outputs = [ "out" ];
+          };
+        };
         kernel = stubs.pkgs.writeText "linux" "";
         initialRamdisk = stubs.pkgs.writeText "initrd" "";
       };

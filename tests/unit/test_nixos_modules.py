@@ -199,6 +199,25 @@ def test_guest_command_line_has_init_then_boot_then_vm_parameters() -> None:
     assert words[1:] == ["boot.panic_on_fail", "loglevel=7", "mitigations=off"]
 
 
+def test_guest_init_does_not_make_the_system_an_input_of_the_bundle() -> None:
+    # The toplevel reaches the guest inside the store image; init= in vm-config.json is text. With the
+    # toplevel's string context the bundle would name the system as an input of its own as well.
+    # (eval.nix gives the placeholder toplevel a context, as a real derivation's outPath has.)
+    bundle = "e.config.system.build.procuratorBundle"
+    image_root = f"(builtins.head {bundle}.env.passthru.storeImage.env.closure.rootPaths).outPath"
+    got = guest(
+        select=f"{{ cmdline = builtins.hasContext e.config.procurator.vm.spec.cmdline; "
+        f"vmConfig = builtins.hasContext {bundle}.env.vmConfig; "
+        f"image = builtins.hasContext {image_root}; }}"
+    )
+    assert got == {"cmdline": False, "vmConfig": False, "image": True}
+
+
+def test_guest_store_image_is_lz4hc_compressed() -> None:
+    script = guest(select="e.config.system.build.procuratorBundle.env.passthru.storeImage.script")
+    assert "mkfs.erofs --quiet --tar=f -zlz4hc " in script
+
+
 def test_guest_aarch64_console_is_the_pl011() -> None:
     params = guest(select="e.config.boot.kernelParams", system="aarch64-linux")
     assert params == ["boot.panic_on_fail", "console=ttyAMA0"]
