@@ -5,6 +5,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 let
@@ -41,6 +42,17 @@ let
     "/nix/store"
     "/boot"
   ];
+  # What NixOS mounts in stage 1 whatever neededForBoot says: "/" "/nix" "/nix/store" "/var"
+  # "/var/log" "/var/lib" "/var/lib/nixos" "/etc" "/usr" (nixos/lib/utils.nix, pathsNeededForBoot,
+  # closed under parents, so a path in it is also each parent of one). A volume there would be
+  # mounted by the initrd (tasks/filesystems.nix gives it x-initrd.mount, stage-1.nix mounts it
+  # before switching root), where a failed mount panics the VM (boot.panic_on_fail, boot.nix) and
+  # nofail does not keep it from being waited for; and mounted later it would hide what stage 1 and
+  # the activation script already wrote there (/var/lib/nixos's uid map, /etc). The paths below it,
+  # e.g. /var/lib/postgresql, are mounted in stage 2 like any other file system.
+  stage1 = filter (p: !(builtins.elem p reserved)) utils.pathsNeededForBoot;
+  inStage1 = v: builtins.elem v.mountPoint stage1;
+  neededForBoot = v: config.fileSystems.${v.mountPoint}.neededForBoot or false;
   # boot.kernelParams and procurator.vm.kernelParams both follow init= on the command line
   # (bundle.nix): neither may set what Procurator sets.
   paramKey = p: head (match "([^=]*).*" p);
@@ -86,6 +98,8 @@ in
       (check (v.name != layout.storeLabel) "volume name ${quote v.name} is the label of the bundle's store disk; choose another name")
       (check (match "/[^[:space:]]*[^/[:space:]]" v.mountPoint != null) "volume ${quote v.name}: mountPoint ${quote v.mountPoint} must be an absolute path without spaces or a trailing /")
       (check (!(builtins.elem v.mountPoint reserved) && !(hasPrefix "/nix/store/" v.mountPoint)) "volume ${quote v.name}: mountPoint ${quote v.mountPoint} is part of the guest's own tree (/, /nix, /nix/store, /boot)")
+      (check (!(inStage1 v)) "volume ${quote v.name}: mountPoint ${quote v.mountPoint} is one of the paths NixOS mounts in stage 1 (${concatStringsSep ", " stage1}), where a volume cannot be mounted safely: the initrd waits for its disk and a failed mount panics the VM, and stage 1 and the activation script write there before any later mount; mount it at a directory of its own below, e.g. mountPoint = \"/var/lib/<service>\" or \"/srv/${v.name}\"")
+      (check (inStage1 v || !(neededForBoot v)) "volume ${quote v.name}: fileSystems.${quote v.mountPoint}.neededForBoot is true, which mounts the volume in stage 1, where a failed mount panics the VM; remove it: volumes are mounted in stage 2, before local-fs.target")
     ]) volumes
     ++ map (mp: check false "more than one volume is mounted at ${mp}") (duplicates (map (v: v.mountPoint) volumes));
 }

@@ -68,8 +68,16 @@ let
         kernel = kernelImage;
         inherit initrd;
         # nix/lib puts its own parameters (console, procurator.name, procurator.bundle) before these.
+        # init= without the toplevel's string context: the guest finds it in the store image (whose
+        # rootPaths are the toplevel), so the bundle need not name the system as an input of its
+        # own; only the kernel, the initrd and the image are. nixpkgs does the same where the system
+        # travels inside an image: nixos/modules/installer/netboot/netboot.nix writes init= with
+        # builtins.unsafeDiscardStringContext of the toplevel into the netboot tree's cmdline, the
+        # store being in its netbootRamdisk.
         cmdline = lib.concatStringsSep " " (
-          [ "init=${toplevel}/init" ] ++ config.boot.kernelParams ++ cfg.kernelParams
+          [ "init=${builtins.unsafeDiscardStringContext "${toplevel}/init"}" ]
+          ++ config.boot.kernelParams
+          ++ cfg.kernelParams
         );
         disks = [
           {

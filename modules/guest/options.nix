@@ -62,7 +62,15 @@ let
           type = types.str;
           default = "/mnt/${config.name}";
           defaultText = literalExpression ''"/mnt/''${name}"'';
-          description = "Where the guest mounts the volume.";
+          description = ''
+            Where the guest mounts the volume, in stage 2, ordered before `local-fs.target` (so before
+            the services). Refused: the guest's own tree (`/`, `/nix`, `/nix/store`, `/boot`) and the
+            other paths NixOS mounts in stage 1 whatever `neededForBoot` says (`/var`, `/var/log`,
+            `/var/lib`, `/var/lib/nixos`, `/etc`, `/usr`: nixpkgs' `utils.pathsNeededForBoot`): there
+            the initrd would wait for the disk and a failed mount panic the VM, and stage 1 and the
+            activation script write to them before any later mount. A directory below them, such as
+            `/var/lib/postgresql`, is fine.
+          '';
         };
       };
     };
@@ -175,7 +183,12 @@ in
       '';
       description = ''
         Persistent writable disks. The host creates and formats each one the first time the VM starts
-        and keeps it across restarts and new generations of the VM; the guest mounts it by its label.
+        and keeps it across restarts and new generations of the VM; the guest mounts it by its label,
+        with `nofail` (a missing disk fails its mount after 30 s instead of the boot) and ordered
+        before `local-fs.target`, so services start after the mount has succeeded or failed. A
+        service that must not run without its volume says so with
+        `systemd.services.<name>.unitConfig.RequiresMountsFor` (nixpkgs' PostgreSQL and MySQL
+        units already do for their data directory).
       '';
     };
 

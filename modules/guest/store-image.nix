@@ -1,6 +1,10 @@
 # A read-only erofs image of a closure, laid out as /nix/store (each store path at its root), for the
 # guest to mount on /nix/store by its label. Reproducible: the paths go in name order, hard links are
 # resolved, owners and timestamps are fixed and the filesystem UUID is derived from the closure.
+# File data is compressed with lz4hc (mkfs.erofs -z; read by the kernel's lz4 decompressor, which
+# CONFIG_EROFS_FS_ZIP, on by default with erofs, provides): a smaller image to copy to and keep on
+# each host, at the cost of a slower build. nixpkgs' own erofs store image (qemu-vm.nix,
+# useNixStoreImage) is uncompressed, since it is made at every VM start.
 #
 # callPackage ./store-image.nix { } -> { name, rootPaths, label } -> derivation <name>.erofs
 {
@@ -34,6 +38,6 @@ runCommand "${name}.erofs"
     tar --create --format=gnu --directory=${lib.escapeShellArg builtins.storeDir} \
         --verbatim-files-from --files-from=paths --sort=name \
         --hard-dereference --numeric-owner --owner=0 --group=0 \
-      | mkfs.erofs --quiet --tar=f -L ${lib.escapeShellArg label} -U "$uuid" -T 0 \
+      | mkfs.erofs --quiet --tar=f -zlz4hc -L ${lib.escapeShellArg label} -U "$uuid" -T 0 \
           --force-uid=0 --force-gid=0 "$out"
   ''

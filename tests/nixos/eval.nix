@@ -3,7 +3,8 @@
 #
 #   import tests/nixos/eval.nix { lib = <nixpkgs>/lib; module = "guest"; modules = [ { ... } ]; }
 #
-# -> { config; failedAssertions; warnings; } of that system. `module` is "guest" or "worker";
+# -> { config; failedAssertions; warnings; stage1; } of that system (stage1: the mount points NixOS
+# would mount in the initrd, by nixos/lib/utils.nix's fsNeededForBoot). `module` is "guest" or "worker";
 # `modules` are more NixOS modules (attribute sets or functions): the test's configuration.
 {
   lib,
@@ -18,12 +19,20 @@ let
     inherit system;
   };
 
+  toplevelHash = "0000000000000000000000000000sys1"; # a valid store hash (nix32 alphabet)
+
   # What a real system supplies that the stubs cannot: its outputs, as placeholders, and the
   # worker's package (the default builds the Python application with nixpkgs).
   base = {
     guest = {
       system.build = {
-        toplevel = stubs.pkgs.writeText "nixos-system" "";
+        # The one placeholder with a string context, as a real derivation's outPath has: the tests
+        # can see where the toplevel would become an input (a dependency) of a derivation.
+        toplevel = stubs.pkgs.writeText "nixos-system" "" // {
+          outPath = builtins.appendContext "${builtins.storeDir}/${toplevelHash}-nixos-system" {
+            "${builtins.storeDir}/${toplevelHash}-nixos-system.drv".outputs = [ "out" ];
+          };
+        };
         kernel = stubs.pkgs.writeText "linux" "";
         initialRamdisk = stubs.pkgs.writeText "initrd" "";
       };
@@ -51,4 +60,7 @@ in
   config = cfg;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
   inherit (cfg) warnings;
+  stage1 = map (fs: fs.mountPoint) (
+    builtins.filter stubs.utils.fsNeededForBoot (builtins.attrValues cfg.fileSystems)
+  );
 }

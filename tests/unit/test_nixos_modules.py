@@ -115,13 +115,70 @@ def test_guest_file_systems() -> None:
     }
 
 
+def volume_at(mount_point: str, name: str = "data") -> str:
+    return f"{{ procurator.vm.volumes.{name} = {{ sizeMiB = 8; mountPoint = {json.dumps(mount_point)}; }}; }}"
+
+
 def test_guest_volumes_are_mounted_by_label_without_blocking_boot() -> None:
-    fs = guest(
-        '{ procurator.vm.volumes.data = { sizeMiB = 8; mountPoint = "/var/lib/data"; }; }',
-        "e.config.fileSystems",
+    fs = guest(volume_at("/srv/data"), "e.config.fileSystems")
+    assert fs["/srv/data"]["device"] == "/dev/disk/by-label/data"
+    assert fs["/srv/data"]["neededForBoot"] is False
+    # nofail: a missing disk does not stop the boot. But systemd-fstab-generator leaves a nofail
+    # mount's Before=local-fs.target out, so services could start before it is mounted and write to
+    # the tmpfs below; x-systemd.before= puts that order back, the device timeout bounds the wait.
+    assert fs["/srv/data"]["options"] == [
+        "nofail",
+        "x-systemd.before=local-fs.target",
+        "x-systemd.device-timeout=30s",
+    ]
+
+
+def test_guest_volume_below_a_stage_1_path_is_mounted_in_stage_2() -> None:
+    # /var/lib/postgresql is below /var/lib but is not itself one of NixOS's pathsNeededForBoot: the
+    # initrd leaves it alone and systemd mounts it, ordered before local-fs.target (so before
+    # postgresql.service, whose unit also has RequiresMountsFor= its data directory).
+    config = volume_at("/var/lib/postgresql", "pg")
+    assert guest_failures(config) == []
+    assert guest(config, "e.stage1") == ["/", "/nix/store"]
+    options = guest(config, 'e.config.fileSystems."/var/lib/postgresql".options')
+    assert "x-systemd.before=local-fs.target" in options
+
+
+STAGE_1 = "/, /nix, /nix/store, /var, /var/log, /var/lib, /var/lib/nixos, /etc, /usr"
+
+
+@pytest.mark.parametrize("mount_point", ["/var", "/var/lib", "/var/log", "/var/lib/nixos", "/etc", "/usr"])
+def test_guest_volume_at_a_stage_1_path_is_refused(mount_point: str) -> None:
+    # NixOS mounts these in the initrd whatever neededForBoot says (nixos/lib/utils.nix
+    # pathsNeededForBoot), where a failed mount panics the VM (boot.panic_on_fail).
+    failures = guest_failures(volume_at(mount_point))
+    assert failures == [
+        f"procurator VM 'web': volume \"data\": mountPoint {json.dumps(mount_point)} is one of the paths "
+        "NixOS mounts in stage 1 (/var, /var/log, /var/lib, /var/lib/nixos, /etc, /usr), where a volume "
+        "cannot be mounted safely: the initrd waits for its disk and a failed mount panics the VM, and "
+        "stage 1 and the activation script write there before any later mount; mount it at a directory "
+        'of its own below, e.g. mountPoint = "/var/lib/<service>" or "/srv/data"'
+    ]
+
+
+def test_guest_volume_in_the_guest_tree_is_refused_once() -> None:
+    # /nix is a stage-1 path too, but the message is the one about the bundle's own tree.
+    assert guest_failures(volume_at("/nix")) == [
+        'procurator VM \'web\': volume "data": mountPoint "/nix" is part of the guest\'s own tree '
+        "(/, /nix, /nix/store, /boot)"
+    ]
+
+
+def test_guest_volume_needed_for_boot_is_refused() -> None:
+    config = (
+        '{ procurator.vm.volumes.data = { sizeMiB = 8; mountPoint = "/srv/data"; }; '
+        'fileSystems."/srv/data".neededForBoot = true; }'
     )
-    assert fs["/var/lib/data"]["device"] == "/dev/disk/by-label/data"
-    assert fs["/var/lib/data"]["options"] == ["nofail", "x-systemd.device-timeout=30s"]
+    assert guest_failures(config) == [
+        'procurator VM \'web\': volume "data": fileSystems."/srv/data".neededForBoot is true, which '
+        "mounts the volume in stage 1, where a failed mount panics the VM; remove it: volumes are mounted "
+        "in stage 2, before local-fs.target"
+    ]
 
 
 def test_guest_store_disk_drivers_are_in_the_initrd() -> None:
@@ -140,6 +197,25 @@ def test_guest_command_line_has_init_then_boot_then_vm_parameters() -> None:
     assert words[0].startswith("init=/nix/store/")
     assert words[0].endswith("-nixos-system/init")
     assert words[1:] == ["boot.panic_on_fail", "loglevel=7", "mitigations=off"]
+
+
+def test_guest_init_does_not_make_the_system_an_input_of_the_bundle() -> None:
+    # The toplevel reaches the guest inside the store image; init= in vm-config.json is text. With the
+    # toplevel's string context the bundle would name the system as an input of its own as well.
+    # (eval.nix gives the placeholder toplevel a context, as a real derivation's outPath has.)
+    bundle = "e.config.system.build.procuratorBundle"
+    image_root = f"(builtins.head {bundle}.env.passthru.storeImage.env.closure.rootPaths).outPath"
+    got = guest(
+        select=f"{{ cmdline = builtins.hasContext e.config.procurator.vm.spec.cmdline; "
+        f"vmConfig = builtins.hasContext {bundle}.env.vmConfig; "
+        f"image = builtins.hasContext {image_root}; }}"
+    )
+    assert got == {"cmdline": False, "vmConfig": False, "image": True}
+
+
+def test_guest_store_image_is_lz4hc_compressed() -> None:
+    script = guest(select="e.config.system.build.procuratorBundle.env.passthru.storeImage.script")
+    assert "mkfs.erofs --quiet --tar=f -zlz4hc " in script
 
 
 def test_guest_aarch64_console_is_the_pl011() -> None:
