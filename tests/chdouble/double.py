@@ -64,6 +64,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
 from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain
+from tests.chdouble.validate import validate
 
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
@@ -568,6 +569,9 @@ class Vmm:
             self.events.emit("vm", "booting")
             if self.config is None:
                 return _errors(404, API_ERROR, "The VM could not boot", "VM config is missing")
+            invalid = validate(self.config, self.settings.release, self.log.warn_at)  # Vm::new, first
+            if invalid is not None:
+                return _errors(500, API_ERROR, "The VM could not boot", *invalid.chain())
             if self.settings.release >= IMAGE_TYPE_SINCE:
                 for disk in self.config.get("disks") or []:
                     if disk.get("image_type", "Unknown") == "Unknown":
