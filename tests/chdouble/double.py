@@ -20,6 +20,8 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
   anew. The power button makes the guest power off after a delay: with `--no-shutdown` the VM shuts down
   and the process stays; without it the VMM shuts down and the process exits 0. SIGTERM/SIGINT shut the
   VMM down and exit 0.
+- vm.boot first runs `VmConfig::validate` as `Vm::new` does (tests/chdouble/validate.py): a refused config
+  answers 500 `["Error from API", "The VM could not boot", "Failed to validate config", <reason>...]`.
 - TAPs: vm.boot opens each net entry's TAP queues for real, as net_util's open_tap does, and keeps them
   open while the VM exists (tests/chdouble/tap.py; the rules and their sources in README.md).
 - events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`

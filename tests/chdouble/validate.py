@@ -31,7 +31,7 @@ MAX_SUPPORTED_CPUS = 8192  # vmm/src/config.rs, with the kvm feature on x86_64 (
 MINIMUM_BLOCK_QUEUE_SIZE = 2  # virtio-devices/src/block.rs (v44+)
 VIRTIO_MAX_QUEUE_SIZE = 32768  # vmm/src/config.rs (v53)
 VIRTIO_BLK_ID_BYTES = 20  # virtio-devices/src/block.rs, the serial length limit (v47+)
-MIN_MTU = 1280  # virtio-devices/src/net.rs (net/src/lib.rs in v53), the same value v40-v53
+MIN_MTU = 1280  # virtio-devices/src/net.rs, the same value v40-v53
 SPECIAL_VSOCK_CIDS = (0xFFFFFFFF, 0, 1, 2)  # `[!0, 0, 1, 2]` on a u32 cid
 
 PAYLOAD_VALIDATE_SINCE = 48  # PayloadConfig::validate and ValidationError::PayloadError first in v48.0
@@ -250,7 +250,7 @@ class _Validator:
 
     def net(self, net: dict[str, Any]) -> None:
         """The net loop of `VmConfig::validate`, then `NetConfig::validate`, then the id (v40-v53). `fds`
-        are not checked: from v52 vm.create sets them to none (`attach_fds_to_cfg` in http_endpoint.rs),
+        are not checked: from v49 vm.create sets them to none (`attach_fds_to_cfg` in http_endpoint.rs),
         and Procurator sends none."""
         self.vhost_user(net, socket_since=NET_VHOST_SOCKET_SINCE)
         queues, size = int(net.get("num_queues", 2)), int(net.get("queue_size", 256))
