@@ -20,6 +20,8 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
   anew. The power button makes the guest power off after a delay: with `--no-shutdown` the VM shuts down
   and the process stays; without it the VMM shuts down and the process exits 0. SIGTERM/SIGINT shut the
   VMM down and exit 0.
+- vm.boot first runs `VmConfig::validate` as `Vm::new` does (tests/chdouble/validate.py): a refused config
+  answers 500 `["Error from API", "The VM could not boot", "Failed to validate config", <reason>...]`.
 - TAPs: vm.boot opens each net entry's TAP queues for real, as net_util's open_tap does, and keeps them
   open while the VM exists (tests/chdouble/tap.py; the rules and their sources in README.md).
 - disks: vm.boot opens and types each disk image for real, as make_virtio_block_device does, and from v46
@@ -68,6 +70,7 @@ from typing import IO, Any, ClassVar
 
 from tests.chdouble.disk import DiskOpener, OpenDisk, close_disks, device_manager, lock_disks
 from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_error
+from tests.chdouble.validate import validate
 
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
@@ -314,9 +317,10 @@ def _errors(status: int, *chain: str) -> Answer:
 
 # How a vm.rs error (and what it wraps) displays before v47, where the answer is one text: "embed" for a
 # `#[error("...: {0}")]`, "debug" for `{0:?}`; any other level shows its own text only. vm.rs
-# (`DeviceManager`, `KernelFile`, `InitramfsFile`, `Pause`, `Resume`) and vm-migration/src/lib.rs
-# (`MigratableError::{Pause, Resume}`), the same at v40.0 and v46.0.
+# (`ConfigValidation`, `DeviceManager`, `KernelFile`, `InitramfsFile`, `Pause`, `Resume`) and
+# vm-migration/src/lib.rs (`MigratableError::{Pause, Resume}`), the same at v40.0 and v46.0.
 BEFORE_V47 = {
+    "ConfigValidation": "embed",
     "DeviceManager": "debug",
     "KernelFile": "embed",
     "InitramfsFile": "embed",
@@ -619,9 +623,13 @@ class Vmm:
             self.events.emit("vm", "booting")
             if self.config is None:
                 return self._fail(404, "The VM could not boot", "VM config is missing")
-            # Vm::new: the devices (consoles, then block, then net devices: vmm/src/device_manager.rs
-            # create_devices and make_virtio_devices); then Vm::boot locks the disks (from v46) and joins the
-            # thread that read the payload, started before the devices
+            # Vm::new: the config is validated first (vm.rs new_from_memory_manager), then the devices
+            # (consoles, then block, then net devices: vmm/src/device_manager.rs create_devices and
+            # make_virtio_devices); then Vm::boot locks the disks (from v46) and joins the thread that
+            # read the payload, started before the devices
+            invalid = validate(self.config, self.settings.release, self.log.warn_at)
+            if invalid is not None:
+                return self._fail(500, "The VM could not boot", invalid)
             failed = self._create_devices() or self._lock_disks()
             if failed is not None:
                 return self._fail(500, "The VM could not boot", failed)

@@ -340,3 +340,13 @@ def test_a_socket_console_is_refused_at_create_from_v42_and_at_boot_before(
             assert answer.status_code == 204
             answer = served.client.put("vm.boot")
         assert (answer.status_code, answer.text) == (500, body)
+
+
+def test_a_validation_error_before_v47_embeds_its_rule(tmp_path: Path) -> None:
+    with double(tmp_path, 45) as served:
+        create(served, cpus={"boot_vcpus": 2, "max_vcpus": 1})
+        answer = served.client.put("vm.boot")
+        assert (answer.status_code, answer.text) == (
+            500,
+            "Failed to validate config: Max CPUs lower than boot CPUs",
+        )

@@ -45,6 +45,9 @@ class Double:
         kernel = self.root / "kernel"
         config = sample_config(self.root, kernel, tap=TAP)
         config["net"][0].update(net)
+        # one vCPU per queue pair, as nix/lib gives: VmConfig::validate refuses more pairs than boot vCPUs
+        vcpus = max(1, int(net.get("num_queues", 2)) // 2)
+        config["cpus"] = {"boot_vcpus": vcpus, "max_vcpus": vcpus}
         assert self.client.put("vm.create", json=config).status_code == 204
 
     def state(self) -> str:
