@@ -73,6 +73,7 @@ from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_
 from tests.chdouble.validate import validate
 
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
+MAX_LINE = 1024  # micro_http connection.rs BUFFER_SIZE: a request or header line, CR LF included
 DEFAULT_RELEASE = 53  # CHDOUBLE_VERSION: the release the double acts as (40 to 53)
 OLDEST_RELEASE = 40
 NO_SHUTDOWN_SINCE = 52  # cloud-hypervisor/src/main.rs: the `no-shutdown` Arg first appears in v52.0
@@ -1081,7 +1082,25 @@ class _Handler(BaseHTTPRequestHandler):
         # was accepted (thread start-up and parsing are the double's own time), else when its line arrived.
         self._arrived = self._accepted if self._accepted is not None else time.monotonic()
         self._accepted = None
-        return super().parse_request()
+        # micro_http reads into a 1024-byte buffer (connection.rs BUFFER_SIZE) and needs a whole line,
+        # CR LF included, in it: a longer request line is "Invalid request.", a longer header line is
+        # reported with the buffer's 1024 bytes (parse_request_line, parse_headers)
+        if len(getattr(self, "raw_requestline", b"")) > MAX_LINE:  # set by handle_one_request
+            return self._refuse("Invalid request.")
+        if not super().parse_request():
+            return False
+        for name, value in self.headers.raw_items():
+            line = f"{name}: {value}".encode()
+            if len(line) + 2 > MAX_LINE:
+                shown = line[:MAX_LINE].decode("utf-8", errors="replace")
+                return self._refuse(f"Invalid header. Reason: Invalid content length. Header: {shown}")
+        return True
+
+    def _refuse(self, message: str) -> bool:
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # micro_http answers HTTP/1.1 whatever it could not parse
+        self._send(_micro_http_error(message))
+        return False
 
     def do_GET(self) -> None:
         self._serve()

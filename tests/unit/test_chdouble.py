@@ -284,6 +284,37 @@ def test_bodies_over_micro_http_limit_are_refused_unread(served: Served) -> None
     assert status == 404  # still not created
 
 
+DROPPED = b'\nAll previous unanswered requests will be dropped." }'
+
+
+@pytest.mark.parametrize(
+    "extra", [1022 - len("GET /api/v1/vmm.ping HTTP/1.1"), 1023 - len("GET /api/v1/vmm.ping HTTP/1.1")]
+)
+def test_a_request_line_must_fit_micro_http_buffer(served: Served, extra: int) -> None:
+    """micro_http (connection.rs, BUFFER_SIZE 1024) needs the request line and its CR LF in 1024 bytes."""
+    line = b"GET /api/v1/vmm.ping" + b"x" * extra + b" HTTP/1.1"  # an unknown path, of the length asked
+    status, _, body = raw_request(served.socket_path, line + b"\r\nHost: x\r\n\r\n")
+    if len(line) + 2 <= 1024:
+        assert (status, body) == (404, b'["Not Found"]')  # parsed, and routed: no such endpoint
+    else:
+        assert (status, body) == (400, b'{ "error": "Invalid request.' + DROPPED)
+
+
+def test_a_header_line_must_fit_micro_http_buffer(served: Served) -> None:
+    fits = b"X-Filler: " + b"a" * (1022 - 10)
+    status, _, _ = raw_request(served.socket_path, b"GET /api/v1/vmm.ping HTTP/1.1\r\n" + fits + b"\r\n\r\n")
+    assert status == 200
+    long = fits + b"b"
+    status, _, body = raw_request(
+        served.socket_path, b"GET /api/v1/vmm.ping HTTP/1.1\r\n" + long + b"\r\n\r\n"
+    )
+    assert status == 400
+    assert (
+        body
+        == b'{ "error": "Invalid header. Reason: Invalid content length. Header: ' + long[:1024] + DROPPED
+    )
+
+
 def test_bodyless_put_without_content_length_is_accepted(served: Served) -> None:
     served.create()
     status, headers, body = raw_request(
