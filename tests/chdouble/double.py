@@ -1178,9 +1178,11 @@ class _Handler(BaseHTTPRequestHandler):
             answer.then()
 
     def _send(self, answer: Answer) -> None:
+        closing = self.close_connection  # send_header("Connection", "keep-alive") would reset it
         self.send_response_only(answer.status, "")  # micro_http sends no reason phrase
         self.send_header("Server", "Cloud Hypervisor API")
         self.send_header("Connection", "keep-alive")
+        self.close_connection = closing
         if answer.body is not None:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer.body)))
