@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from procurator import lifecycle, nix, process, reconcile
 from procurator.config import WorkerConfig
-from procurator.hypervisor.base import Handle, Hypervisor, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.base import GuestEnd, Handle, Hypervisor, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.registry import factory
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Deployment
@@ -178,6 +178,9 @@ class Sleeper:
 
     def console_path(self, handle: Handle) -> Path:
         return handle.vm_dir / "console.sock"
+
+    def guest_end(self, _vm_dir: Path) -> GuestEnd | None:
+        return None
 
     def adopt(self, _handle: Handle) -> bool:
         return True

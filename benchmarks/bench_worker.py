@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from procurator import process
 from procurator.errors import WorkerApiError, WorkerUnavailableError
-from procurator.worker_api import WorkerClient
+from procurator.worker.client import WorkerClient
 from tests.support.netns import throwaway_netns
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 1000

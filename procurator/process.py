@@ -1,20 +1,23 @@
-"""The only place Procurator runs subprocesses.
+"""The only place Procurator runs subprocesses, and watches processes end.
 
 `run` executes a command to completion with a bounded timeout and returns its output; `spawn` starts a
 long-lived process (a hypervisor) in its own session. Both log the argv at debug level and translate
-OSError and non-zero exits into `ProcessError`.
+OSError and non-zero exits into `ProcessError`. `alive` and `process_start_time` read /proc/PID/stat;
+`PidWatch` tells which of many processes exited (one poll over their pidfds), `ExitWatch` waits for one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pwd
+import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -187,3 +190,108 @@ def wait_gone(pid: int, start_time: int | None, timeout: float, *, poll: float =
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll)
+
+
+# --- watching processes end ---------------------------------------------------------------------------
+
+Key = tuple[int, int | None]  # (pid, start time); None: whatever process has that pid now
+
+
+class PidWatch:
+    """Which of many processes have exited, in one poll() over their pidfds.
+
+    A pidfd refers to one process for good (a recycled pid is never taken for it) and becomes readable
+    when that process exits, so a pass over a thousand VMs costs one system call. A process whose pidfd
+    cannot be had (no pidfd support, out of descriptors) is looked up in /proc instead.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Key, int] = {}
+        self._keys: dict[int, Key] = {}
+        self._unwatched: set[Key] = set()  # alive, but no pidfd: looked up in /proc
+        self._poller = select.poll()  # not select(): pidfds of a busy worker may exceed FD_SETSIZE
+
+    def exited(self, keys: Iterable[Key], timeout: float = 0.0) -> set[Key]:
+        """The keys among `keys` whose process is gone (or a zombie). With a `timeout`, waits (bounded)
+        until at least one is gone; 0 only looks."""
+        wanted = set(keys)
+        for key in [k for k in self._fds if k not in wanted]:
+            self._drop(key)
+        self._unwatched &= wanted
+        gone: set[Key] = set()
+        for key in wanted - self._fds.keys() - self._unwatched:
+            if self._watch(key):
+                gone.add(key)
+        deadline = time.monotonic() + timeout
+        while True:
+            gone |= {k for k in self._unwatched if not alive(*k)}
+            if self._fds:
+                wait = (
+                    0 if gone or self._unwatched else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                )
+                gone.update(self._keys[fd] for fd, _ in self._poller.poll(wait) if fd in self._keys)
+            if gone or time.monotonic() >= deadline:
+                return gone
+            if self._unwatched:
+                time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+
+    def _watch(self, key: Key) -> bool:
+        """Start watching `key`; True if its process is already gone."""
+        pid, start_time = key
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        except OSError:  # no pidfd support, or out of descriptors
+            if not alive(pid, start_time):
+                return True
+            self._unwatched.add(key)
+            return False
+        # Checked after opening, so that the pidfd is of the very process (not a recycled pid).
+        if not alive(pid, start_time):
+            os.close(fd)
+            return True
+        self._fds[key] = fd
+        self._keys[fd] = key
+        self._poller.register(fd, select.POLLIN)
+        return False
+
+    def _drop(self, key: Key) -> None:
+        fd = self._fds.pop(key)
+        del self._keys[fd]
+        self._poller.unregister(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self._drop(key)
+        self._unwatched.clear()
+
+
+class ExitWatch:
+    """Waits for one process to exit (a `PidWatch` of one): `wait(timeout)` returns the moment it does.
+    Use as a context manager."""
+
+    def __init__(self, pid: int, start_time: int | None) -> None:
+        self._key: Key = (pid, start_time)
+        self._watch = PidWatch()
+        self._gone = bool(self._watch.exited([self._key]))
+
+    @property
+    def pid(self) -> int:
+        return self._key[0]
+
+    def __enter__(self) -> ExitWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._watch.close()
+
+    def exited(self) -> bool:
+        return self.wait(0.0)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the process exited within `timeout` seconds (bounded; 0 only looks)."""
+        if not self._gone:
+            self._gone = bool(self._watch.exited([self._key], timeout))
+        return self._gone

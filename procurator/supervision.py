@@ -1,7 +1,7 @@
 """Supervision's pure part: what the worker does when a VM's hypervisor exits.
 
 `decide(policy, exit kind, history, limits, now)` is a pure function of the restart policy, how the VM
-exited and when it was last restarted; the worker daemon (procurator/worker.py) observes exits and acts.
+exited and when it was last restarted; the worker daemon (procurator/worker/) observes exits and acts.
 Kept apart so the CLI can show the defaults without importing the daemon.
 """
 

@@ -121,9 +121,9 @@ def apply(  # noqa: PLR0917 - click passes each option as a parameter
     """
     h = host(ctx)
     d = _deployment(deployment)
-    from procurator import worker_api  # noqa: PLC0415 - httpx only when a worker may be asked
+    from procurator.worker import client as worker_client  # noqa: PLC0415 - httpx only when a worker may be asked
 
-    client = worker_api.connect(h.config.api_socket)
+    client = worker_client.connect(h.config.api_socket)
     if client is None:
         result = reconcile.apply(h, d, parallel=parallel, wait=WaitFor(wait))
     else:

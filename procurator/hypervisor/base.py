@@ -25,6 +25,14 @@ class VmState(StrEnum):
     GONE = "Gone"  # no hypervisor process any more
 
 
+class GuestEnd(StrEnum):
+    """How a guest ended, as its backend's own files tell (see `Hypervisor.guest_end`)."""
+
+    SHUTDOWN = "shutdown"  # it powered off
+    PANIC = "panic"  # it panicked (the pvpanic device)
+    RESET = "reset"  # it reset: a reboot, or a panic under panic=-1
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     name: str
@@ -106,4 +114,11 @@ class Hypervisor(Protocol):
 
     def console_path(self, handle: Handle) -> Path:
         """The interactive console (hvc0) of the running VM: a pty device or a UNIX socket."""
+        ...
+
+    def guest_end(self, vm_dir: Path) -> GuestEnd | None:
+        """How the guest of the VM in `vm_dir` ended, as the backend's own files say, without an API
+        call (supervision asks this of every VM at every pass); None while it runs, or if they do not
+        say. A process that ended is reported by its exit status; this is for a guest that ended while
+        its hypervisor may still run (a power-off under --no-shutdown, a reset served in-process)."""
         ...

@@ -24,7 +24,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import pwd
 import re
@@ -49,7 +48,7 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.hypervisor.api import ApiClient
-from procurator.hypervisor.base import Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +122,7 @@ class CloudHypervisor:
         # leaked by the runtime), and so that checking on them costs a waitpid rather than /proc reads.
         self._children: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
         self._keepers: dict[Path, subprocess.Popen[bytes]] = {}  # serial keepers we spawned, by VM dir
+        self._guest_ends = _GuestEnds()
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -374,6 +374,11 @@ class CloudHypervisor:
             )
         return Path(path)
 
+    def guest_end(self, vm_dir: Path) -> GuestEnd | None:
+        """From the event monitor file: `vm`/`shutdown`, `guest`/`panic`, `vm`/`rebooting` (see
+        `_event_verdict`); the file is read again only when it changed."""
+        return self._guest_ends.verdict(f"{vm_dir}/events")
+
     def adopt(self, handle: Handle) -> bool:
         """Whether `handle` is a cloud-hypervisor process of ours, still running and answering."""
         if handle.backend != BACKEND or not self._alive(handle):
@@ -397,7 +402,7 @@ class CloudHypervisor:
         steps: list[str] = []
         graceful = False
         events = EventReader(handle.vm_dir / "events")
-        with ExitWatch(handle.pid, handle.start_time) as watch:
+        with process.ExitWatch(handle.pid, handle.start_time) as watch:
             with self._api(handle, timeout=self.step_timeout) as api:
                 steps.append("power-button")
                 try:
@@ -435,7 +440,9 @@ class CloudHypervisor:
         log.info("cloud-hypervisor pid %d stopped (graceful: %s; steps: %s)", handle.pid, graceful, steps)
         return StopResult(graceful=graceful, steps=tuple(steps))
 
-    def _await_poweroff(self, api: ApiClient, watch: ExitWatch, events: EventReader, timeout: float) -> bool:
+    def _await_poweroff(
+        self, api: ApiClient, watch: process.ExitWatch, events: EventReader, timeout: float
+    ) -> bool:
         """After the power button: whether the guest powered off within `timeout`."""
         deadline = time.monotonic() + timeout
         next_info = time.monotonic() + _INFO_EVERY
@@ -466,7 +473,7 @@ class CloudHypervisor:
     def kill(self, handle: Handle) -> None:
         """SIGKILL the process (if it is still ours), wait for it, remove its socket."""
         if self._alive(handle):
-            with ExitWatch(handle.pid, handle.start_time) as watch:
+            with process.ExitWatch(handle.pid, handle.start_time) as watch:
                 process.signal_process(handle.pid, signal.SIGKILL)
                 if not watch.wait(self.step_timeout):
                     raise HypervisorError(
@@ -628,51 +635,61 @@ class EventReader:
         return found
 
 
-class ExitWatch:
-    """Watches one process for its exit: a pidfd, readable once the process has exited.
+@dataclass
+class _EventsSeen:
+    key: tuple[int, int, int]  # inode, size, mtime
+    verdict: GuestEnd | None
 
-    `wait(timeout)` sleeps until the process exits or the timeout passes, so a wait ends the moment it
-    does; without pidfd support (kernel < 5.3) it polls /proc instead. Use as a context manager.
+
+def _event_verdict(event: dict[str, object]) -> GuestEnd | None:
+    """What one event-monitor event says of the guest, if anything.
+
+    `vm`/`shutdown` is a power-off; `guest`/`panic` comes from the pvpanic device (devices/src/pvpanic.rs);
+    `vm`/`rebooting` is a guest reset, which cloud-hypervisor serves inside the same process (vmm/src/lib.rs
+    `vm_reboot`, v40 to v53): with the bundles' `reboot=t panic=-1` a kernel panic is such a reset.
+    """
+    source, name = event.get("source"), event.get("event")
+    if source == "vm" and name == "shutdown":
+        return GuestEnd.SHUTDOWN
+    if name == "panic" and source in ("vm", "guest"):
+        return GuestEnd.PANIC
+    if source == "vm" and name in ("rebooting", "rebooted"):
+        return GuestEnd.RESET
+    return None
+
+
+class _GuestEnds:
+    """What a cloud-hypervisor's event monitor file says of its guest, re-read only when it changed.
+
+    The file belongs to the current hypervisor process (each start truncates it). A `vm shutdown` event
+    there while the VM should run means the guest powered off (under `--no-shutdown` the process stays);
+    a `vm panic` event (pvpanic) means it crashed.
     """
 
-    def __init__(self, pid: int, start_time: int | None) -> None:
-        self.pid = pid
-        self.start_time = start_time
-        self._gone = False
-        self._fd: int | None = None
-        self._poller = select.poll()  # not select(): pidfds of a busy worker may exceed FD_SETSIZE
+    def __init__(self) -> None:
+        self._seen: dict[str, _EventsSeen] = {}  # one entry per VM directory; a gone file drops it
+
+    def verdict(self, path: str) -> GuestEnd | None:
         try:
-            self._fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._gone = True
-        except OSError:  # no pidfd support: poll /proc instead
-            pass
-        else:
-            self._poller.register(self._fd, select.POLLIN)
-        # Checked after opening, so that the pidfd is of the very process (not a recycled pid).
-        if not self._gone and not process.alive(pid, start_time):
-            self._gone = True
-
-    def __enter__(self) -> ExitWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def exited(self) -> bool:
-        return self.wait(0.0)
-
-    def wait(self, timeout: float) -> bool:
-        """Whether the process exited within `timeout` seconds (bounded; 0 only looks)."""
-        if self._gone:
-            return True
-        if self._fd is None:
-            self._gone = process.wait_gone(self.pid, self.start_time, timeout, poll=0.005)
-        else:
-            self._gone = bool(self._poller.poll(max(0, math.ceil(timeout * 1000))))
-        return self._gone
+            st = os.stat(path)
+        except OSError:
+            self._seen.pop(path, None)
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        seen = self._seen.get(path)
+        if seen is not None and seen.key == key:
+            return seen.verdict
+        reader = EventReader(Path(path))
+        reader.offset = 0
+        verdict = None
+        for event in reader.read():
+            said = _event_verdict(event)
+            if said is not None:
+                verdict = said
+                if said in (GuestEnd.PANIC, GuestEnd.RESET):
+                    break
+        self._seen[path] = _EventsSeen(key, verdict)
+        return verdict
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:

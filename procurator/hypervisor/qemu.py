@@ -35,7 +35,7 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.hypervisor import qmp
-from procurator.hypervisor.base import Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 
 log = logging.getLogger(__name__)
 
@@ -679,6 +679,11 @@ class Qemu:
     def console_path(self, handle: Handle) -> Path:
         """The virtio console's socket: a `Pty` console is served as this socket (see `_console`)."""
         return handle.vm_dir / CONSOLE_SOCKET
+
+    def guest_end(self, vm_dir: Path) -> GuestEnd | None:  # noqa: ARG002 - the protocol's signature
+        """Nothing to tell apart from the exit status: QEMU runs with `-no-reboot`, so a reset or a panic
+        ends its process, and a power-off too (no `--no-shutdown` counterpart is used)."""
+        return None
 
     def adopt(self, handle: Handle) -> bool:
         if handle.backend != BACKEND or not _ours(handle):

@@ -694,7 +694,9 @@ def test_the_serial_log_survives_guest_resets_and_is_bounded(
     """cloud-hypervisor empties a File serial at every reboot (vm_reboot -> pre_create_console_devices);
     through the serial keeper the panic before a reset stays in serial.log, and the log is bounded."""
     monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
-    monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.2")
+    # a reset every 0.4 s: the log rotates after about four, and the next rotation (which would drop the
+    # first boot) comes a second or more later, time enough for this loop even on a loaded machine
+    monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.4")
     backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=3.0, serial_max_bytes=600)
     handle = backend.start(spec)
     logs = (spec.serial_log, spec.serial_log.with_name("serial.log.1"))

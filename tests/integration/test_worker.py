@@ -24,7 +24,7 @@ from procurator import process
 from procurator.errors import WorkerApiError, WorkerUnavailableError
 from procurator.hypervisor.api import ApiClient
 from procurator.lifecycle import WaitFor
-from procurator.worker_api import WorkerClient
+from procurator.worker.client import WorkerClient
 from tests.integration.conftest import ExampleBuild, NixBuild
 from tests.support.host import PROCURATOR, REPO, VmHost
 from tests.unit.test_metrics import parse_exposition

@@ -16,7 +16,7 @@ import pytest
 from procurator import metrics, process
 from procurator.config import WorkerConfig
 from procurator.errors import HypervisorError
-from procurator.hypervisor.base import Handle, Hypervisor, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.base import GuestEnd, Handle, Hypervisor, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.lifecycle import Host
 from procurator.metrics import CountersCache, Family, Histogram, MetricType
 from procurator.state import StateDir, VmRecord
@@ -299,6 +299,9 @@ class FakeHypervisor:
 
     def console_path(self, handle: Handle) -> Path:
         return handle.vm_dir / "console.sock"
+
+    def guest_end(self, _vm_dir: Path) -> GuestEnd | None:
+        return None
 
     def adopt(self, handle: Handle) -> bool:
         return handle.pid > 0

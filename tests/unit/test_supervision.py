@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 
 from procurator import process
+from procurator.hypervisor.base import GuestEnd
+from procurator.hypervisor.cloud_hypervisor import CloudHypervisor
+from procurator.hypervisor.qemu import Qemu
 from procurator.models import Restart, RestartPolicy
+from procurator.process import PidWatch
 from procurator.state import StateDir, VmRecord
 from procurator.supervision import Decision, ExitKind, Limits, Verdict, backoff_delay, decide, recent
-from procurator.worker import EventsWatch, PidWatch, RecordCache, observe_exit
+from procurator.worker import RecordCache, observe_exit
 
 ALWAYS = Restart(RestartPolicy.ALWAYS, max_restarts=5, backoff_seconds=1.0)
 ON_FAILURE = Restart(RestartPolicy.ON_FAILURE, max_restarts=5, backoff_seconds=1.0)
@@ -197,6 +201,11 @@ def wait_dead(pid: int, start: int) -> None:
         time.sleep(0.01)
 
 
+def cloud_hypervisor() -> CloudHypervisor:
+    """A backend object (its binary never runs here): what supervision asks `guest_end` of."""
+    return CloudHypervisor(Path("cloud-hypervisor"))
+
+
 def write_events(vm_dir: Path, *events: tuple[str, str]) -> None:
     vm_dir.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(
@@ -210,7 +219,7 @@ def write_events(vm_dir: Path, *events: tuple[str, str]) -> None:
 
 def test_a_running_vm_has_no_exit(child: subprocess.Popen[bytes], tmp_path: Path) -> None:
     write_events(tmp_path, ("vmm", "starting"), ("vm", "booted"))
-    assert observe_exit(record_of(child.pid, tmp_path), EventsWatch()) is None
+    assert observe_exit(record_of(child.pid, tmp_path), cloud_hypervisor()) is None
 
 
 def test_a_killed_child_is_a_crash_named_by_its_signal(
@@ -219,7 +228,7 @@ def test_a_killed_child_is_a_crash_named_by_its_signal(
     record = record_of(child.pid, tmp_path)
     os.kill(child.pid, signal.SIGKILL)
     wait_dead(record.pid, record.start_time)
-    found = observe_exit(record, EventsWatch())
+    found = observe_exit(record, cloud_hypervisor())
     assert found is not None
     assert (found.kind, found.detail, found.process_gone) == (
         ExitKind.CRASHED,
@@ -239,7 +248,7 @@ def test_exit_codes_of_a_child(tmp_path: Path) -> None:
         )
         record = record_of(proc.pid, tmp_path)
         wait_dead(record.pid, record.start_time)
-        found = observe_exit(record, EventsWatch())
+        found = observe_exit(record, cloud_hypervisor())
         assert found is not None
         assert (found.kind, found.detail) == (kind, detail)
         assert proc.wait(timeout=5) == code
@@ -261,14 +270,14 @@ def test_a_process_that_is_not_our_child_vanishes(tmp_path: Path) -> None:
     pid = int(out.stdout)
     try:
         record = record_of(pid, tmp_path)
-        assert observe_exit(record, EventsWatch()) is None
+        assert observe_exit(record, cloud_hypervisor()) is None
         os.kill(pid, signal.SIGKILL)
         wait_dead(record.pid, record.start_time)
-        found = observe_exit(record, EventsWatch())
+        found = observe_exit(record, cloud_hypervisor())
         assert found is not None
         assert (found.kind, found.detail) == (ExitKind.CRASHED, "hypervisor process vanished")
         write_events(tmp_path, ("vmm", "starting"), ("vm", "booted"), ("vm", "shutdown"), ("vmm", "shutdown"))
-        found = observe_exit(record, EventsWatch())
+        found = observe_exit(record, cloud_hypervisor())
         assert found is not None
         assert (found.kind, found.detail) == (ExitKind.POWERED_OFF, "guest powered off")
     finally:
@@ -278,7 +287,7 @@ def test_a_process_that_is_not_our_child_vanishes(tmp_path: Path) -> None:
 def test_a_guest_power_off_under_no_shutdown_leaves_the_process(
     child: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
-    watch = EventsWatch()
+    watch = cloud_hypervisor()
     record = record_of(child.pid, tmp_path)
     write_events(tmp_path, ("vmm", "starting"), ("vm", "booted"))
     assert observe_exit(record, watch) is None
@@ -291,32 +300,31 @@ def test_a_guest_power_off_under_no_shutdown_leaves_the_process(
         False,
     )
     # the qemu backend has no event file: only the process counts
-    assert observe_exit(record_of(child.pid, tmp_path, backend="qemu"), watch) is None
+    assert observe_exit(record_of(child.pid, tmp_path, backend="qemu"), Qemu()) is None
 
 
 def test_a_guest_panic_is_a_crash(child: subprocess.Popen[bytes], tmp_path: Path) -> None:
     write_events(tmp_path, ("vmm", "starting"), ("vm", "booted"), ("vm", "panic"), ("vm", "shutdown"))
-    found = observe_exit(record_of(child.pid, tmp_path), EventsWatch())
+    found = observe_exit(record_of(child.pid, tmp_path), cloud_hypervisor())
     assert found is not None
     assert (found.kind, found.detail) == (ExitKind.CRASHED, "guest panicked")
 
 
 def test_the_event_file_is_read_again_only_when_it_changes(tmp_path: Path) -> None:
-    watch = EventsWatch()
+    watch = cloud_hypervisor()
     path = tmp_path / "events"
     write_events(tmp_path, ("vm", "booted"))
-    assert watch.verdict(str(path)) is None
+    assert watch.guest_end(tmp_path) is None
     stat = path.stat()
     junk = "not json at all, and not read again\n"
     path.write_text(junk + " " * (stat.st_size - len(junk)))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
-    assert watch.verdict(str(path)) is None
+    assert watch.guest_end(tmp_path) is None
     write_events(tmp_path, ("vm", "booted"), ("vm", "shutdown"))
-    assert watch.verdict(str(path)) == "shutdown"
-    watch.forget(set())
+    assert watch.guest_end(tmp_path) is GuestEnd.SHUTDOWN
     path.unlink()
-    assert watch.verdict(str(path)) is None
+    assert watch.guest_end(tmp_path) is None
 
 
 # --- the loop's cheap observers --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The worker daemon's HTTP API on a UNIX socket, and its client.
+"""The worker daemon's HTTP API on a UNIX socket (its client is worker/client.py).
 
 The server is the standard library's `ThreadingHTTPServer` bound to an AF_UNIX socket (mode 0600; a
 stale socket file is replaced, a live one means another worker runs and is refused); an optional TCP
@@ -15,8 +15,8 @@ Errors answer `{"error": message, "type": error class}` with 400 (bad request, i
 (unknown path or object), 405 (wrong method), 409 (conflict, state lock busy), 503 (busy or stopping) or
 500 (anything else).
 
-`WorkerClient` talks to it with httpx over the socket (`httpx.HTTPTransport(uds=...)`); connection
-failures become `WorkerUnavailableError`, error answers `WorkerApiError` with the daemon's message.
+The server knows the daemon only as the `Service` protocol below, so the API does not depend on the
+daemon's module (no import cycle).
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qs, urlsplit
-
-import httpx
 
 from procurator import metrics, sockets
 from procurator.errors import (
@@ -46,19 +44,12 @@ from procurator.errors import (
     UsageError,
     ValidationError,
     WaitTimeoutError,
-    WorkerApiError,
-    WorkerUnavailableError,
 )
 from procurator.lifecycle import WaitFor
-
-if TYPE_CHECKING:
-    from procurator.worker import Worker
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
-CLIENT_TIMEOUT = 10.0
-APPLY_TIMEOUT = 1800.0  # a reconcile boots VMs and waits for their health checks
 SERVE_POLL = 0.2  # how often serve_forever looks for a shutdown request
 
 _STATUS = {
@@ -87,6 +78,25 @@ def _path_arg(value: str) -> Path:
         shown = value if len(value) <= 80 else f"{value[:77]}..."
         raise UsageError(f"deployment: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
     return Path(value)
+
+
+class Service(Protocol):
+    """What the API serves, as the daemon (worker/daemon.py `Worker`) provides it."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def status_json(self) -> dict[str, Any]: ...
+
+    def plan(self, deployment_path: Path | None) -> Any: ...
+
+    def apply(self, deployment_path: Path, *, wait: WaitFor | None = None) -> Any: ...
+
+    def pause(self, name: str, *, pause: bool) -> dict[str, Any]: ...
+
+    def history(self) -> Any: ...
+
+    def metrics_text(self) -> str: ...
 
 
 # --- the server --------------------------------------------------------------------------------------
@@ -153,14 +163,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- endpoints ---
 
-    def get_status(self, worker: Worker) -> None:
+    def get_status(self, worker: Service) -> None:
         self._json(200, worker.status_json())
 
-    def get_plan(self, worker: Worker) -> None:
+    def get_plan(self, worker: Service) -> None:
         values = self.query.get("deployment", [])
         self._json(200, worker.plan(_path_arg(values[-1]) if values else None))
 
-    def post_apply(self, worker: Worker) -> None:
+    def post_apply(self, worker: Service) -> None:
         body = self._body()
         if not isinstance(body, dict) or not isinstance(body.get("deployment"), str):
             raise UsageError('POST /apply expects {"deployment": "<store path>"}')
@@ -170,10 +180,10 @@ class _Handler(BaseHTTPRequestHandler):
         report = worker.apply(_path_arg(body["deployment"]), wait=WaitFor(wait) if wait else None)
         self._json(200, report.to_json())
 
-    def post_pause(self, worker: Worker) -> None:
+    def post_pause(self, worker: Service) -> None:
         self._json(200, worker.pause(self._vm_name(), pause=True))
 
-    def post_resume(self, worker: Worker) -> None:
+    def post_resume(self, worker: Service) -> None:
         self._json(200, worker.pause(self._vm_name(), pause=False))
 
     def _vm_name(self) -> str:
@@ -183,10 +193,10 @@ class _Handler(BaseHTTPRequestHandler):
         name: str = body["vm"]
         return name
 
-    def get_history(self, worker: Worker) -> None:
+    def get_history(self, worker: Service) -> None:
         self._json(200, worker.history())
 
-    def get_metrics(self, worker: Worker) -> None:
+    def get_metrics(self, worker: Service) -> None:
         self._send(200, worker.metrics_text().encode(), metrics.CONTENT_TYPE)
 
     # --- plumbing ---
@@ -227,7 +237,7 @@ class _UnixServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, path: Path, worker: Worker, *, metrics_only: bool = False) -> None:
+    def __init__(self, path: Path, worker: Service, *, metrics_only: bool = False) -> None:
         self.worker = worker
         self.metrics_only = metrics_only
         super().__init__(str(path), _Handler)  # type: ignore[arg-type]  # AF_UNIX takes a path
@@ -247,7 +257,7 @@ class _TcpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, worker: Worker) -> None:
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, worker: Service) -> None:
         self.address_family = family
         self.worker = worker
         self.metrics_only = True
@@ -291,7 +301,7 @@ def parse_listen(text: str) -> tuple[str, int, socket.AddressFamily]:
     return host, int(port_text), family
 
 
-def serve(worker: Worker, api_socket: Path, metrics_listen: str | None) -> list[Server]:
+def serve(worker: Service, api_socket: Path, metrics_listen: str | None) -> list[Server]:
     """Start the API on `api_socket` (and /metrics on `metrics_listen`); refuses if a worker runs there."""
     listen = parse_listen(metrics_listen) if metrics_listen else None  # a typo fails before anything
     api_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -317,100 +327,3 @@ def serve(worker: Worker, api_socket: Path, metrics_listen: str | None) -> list[
             ) from exc
         servers.append(Server(tcp, f"{host}:{port}"))
     return servers
-
-
-# --- the client --------------------------------------------------------------------------------------
-
-
-class WorkerClient:
-    """The worker's API over its UNIX socket. Use as a context manager."""
-
-    def __init__(
-        self,
-        api_socket: Path,
-        *,
-        timeout: float = CLIENT_TIMEOUT,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.api_socket = api_socket
-        self._client = httpx.Client(
-            transport=transport or httpx.HTTPTransport(uds=str(api_socket)),
-            base_url="http://procurator-worker",
-            timeout=timeout,
-        )
-
-    def __enter__(self) -> WorkerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
-
-    def status(self) -> dict[str, Any]:
-        body: dict[str, Any] = self._request("GET", "/status").json()
-        return body
-
-    def plan(self, deployment: Path | None = None) -> Any:
-        params = {"deployment": str(deployment)} if deployment is not None else None
-        return self._request("GET", "/plan", params=params).json()
-
-    def apply(self, deployment: Path, *, wait: WaitFor | None = None, timeout: float = APPLY_TIMEOUT) -> Any:
-        body: dict[str, Any] = {"deployment": str(deployment)}
-        if wait is not None:
-            body["wait"] = wait.value
-        return self._request("POST", "/apply", json=body, timeout=timeout).json()
-
-    def pause(self, name: str) -> Any:
-        return self._request("POST", "/pause", json={"vm": name}).json()
-
-    def resume(self, name: str) -> Any:
-        return self._request("POST", "/resume", json={"vm": name}).json()
-
-    def history(self) -> Any:
-        return self._request("GET", "/history").json()
-
-    def metrics(self) -> str:
-        return self._request("GET", "/metrics").text
-
-    def _request(
-        self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any
-    ) -> httpx.Response:
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        try:
-            response = self._client.request(method, path, **kwargs, **extra)
-        except httpx.TimeoutException as exc:
-            raise WaitTimeoutError(
-                f"the worker to answer {method} {path}", _seconds(self._client, timeout)
-            ) from exc
-        except httpx.TransportError as exc:
-            raise WorkerUnavailableError(
-                f"no worker answers on {self.api_socket} ({exc}); start it with `procurator worker`"
-            ) from exc
-        if response.is_success:
-            return response
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        message = body.get("error") if isinstance(body, dict) else None
-        raise WorkerApiError(
-            f"{method} {path}",
-            response.status_code,
-            str(message or response.text.strip() or response.reason_phrase),
-            kind=str(body.get("type", "")) if isinstance(body, dict) else "",
-        )
-
-
-def _seconds(client: httpx.Client, timeout: float | None) -> float:
-    if timeout is not None:
-        return timeout
-    return float(client.timeout.read or 0.0)
-
-
-def connect(api_socket: Path, *, timeout: float = CLIENT_TIMEOUT) -> WorkerClient | None:
-    """A client if a worker answers on `api_socket`, else None (no daemon: callers work without it)."""
-    if not sockets.answers(api_socket):
-        return None
-    return WorkerClient(api_socket, timeout=timeout)

@@ -3,7 +3,7 @@
 It reconciles this host with its desired deployment (the current generation of the deployment profile
 `<state>/profiles/deployment`) on start, whenever that generation changes or a `POST /apply` arrives,
 and on a timer; it supervises the VMs, restarting crashed ones by their restart policy; and it serves
-its HTTP API (worker_api.py) with status, plans, history and Prometheus metrics.
+its HTTP API (worker/api.py) with status, plans, history and Prometheus metrics.
 
 Supervision is `decide`, a pure function of a VM's restart policy, how it exited, when, and when the
 daemon restarted it before (unit-tested with a fake clock), driven by a thin loop:
@@ -32,289 +32,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import resource
-import select
-import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procurator import history, lifecycle, metrics, network, notify, process, reconcile, sweep, worker_api
-from procurator.errors import DamagedStateError, NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
-from procurator.hypervisor.cloud_hypervisor import EventReader
+from procurator import history, lifecycle, metrics, network, notify, process, reconcile, sweep
+from procurator.errors import NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
-from procurator.state import Damaged, StateDir, VmRecord
-from procurator.supervision import (
-    DEFAULT_INTERVAL,
-    DEFAULT_POLL,
-    Decision,
-    ExitKind,
-    Limits,
-    Verdict,
-    decide,
-    recent,
-)
+from procurator.state import VmRecord
+from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Decision, ExitKind, Limits, Verdict, decide
+from procurator.worker import api, views
+from procurator.worker.exits import Exit, Tracked, observe_exit, reap
+from procurator.worker.records import RecordCache
+from procurator.worker.views import ApplyReport, Figures
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("procurator.worker")
 
 STOP_GRACE = 10.0  # how long SIGTERM waits for a reconcile or restart in progress
 ADOPT_PARALLEL = 8  # hypervisors asked at once when adopting
 WORK_WAIT = 900.0  # how long a POST /apply waits for the work in progress before it gives up
-
-
-# --- supervision: observing exits ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Exit:
-    kind: ExitKind
-    detail: str  # for people: "killed by SIGKILL", "guest powered off", ...
-    process_gone: bool = True  # False: the hypervisor still runs (cloud-hypervisor idle after power-off)
-
-
-def _child_exit(pid: int) -> tuple[int, int] | None:
-    """(si_code, si_status) of our own exited child `pid`, without reaping it; None if not ours."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except (ChildProcessError, OSError):
-        return None
-    if info is None:
-        return None
-    return info.si_code, info.si_status
-
-
-def _describe_exit(code: int, status: int) -> Exit:
-    if code == os.CLD_EXITED:
-        if status == 0:
-            return Exit(ExitKind.POWERED_OFF, "hypervisor exited 0")
-        return Exit(ExitKind.CRASHED, f"hypervisor exited {status}")
-    try:
-        name = signal.Signals(status).name
-    except ValueError:
-        name = f"signal {status}"
-    return Exit(ExitKind.CRASHED, f"hypervisor killed by {name}")
-
-
-@dataclass
-class _EventsSeen:
-    key: tuple[int, int, int]  # inode, size, mtime
-    verdict: str | None  # "shutdown", "panic", "reset" or None
-
-
-RESET_DETAIL = "guest reset (a reboot, or a panic under panic=-1)"
-
-
-def _event_verdict(event: dict[str, object]) -> str | None:
-    """What one event-monitor event says of the guest: "shutdown", "panic", "reset" or nothing.
-
-    `vm`/`shutdown` is a power-off; `guest`/`panic` comes from the pvpanic device (devices/src/pvpanic.rs);
-    `vm`/`rebooting` is a guest reset, which cloud-hypervisor serves inside the same process (vmm/src/lib.rs
-    `vm_reboot`, v40 to v53): with the bundles' `reboot=t panic=-1` a kernel panic is such a reset.
-    """
-    source, name = event.get("source"), event.get("event")
-    if source == "vm" and name == "shutdown":
-        return "shutdown"
-    if name == "panic" and source in ("vm", "guest"):
-        return "panic"
-    if source == "vm" and name in ("rebooting", "rebooted"):
-        return "reset"
-    return None
-
-
-class EventsWatch:
-    """What a cloud-hypervisor's event monitor file says of its guest, re-read only when it changed.
-
-    The file belongs to the current hypervisor process (each start truncates it). A `vm shutdown` event
-    there while the VM should run means the guest powered off (under `--no-shutdown` the process stays);
-    a `vm panic` event (pvpanic) means it crashed.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[str, _EventsSeen] = {}
-
-    def verdict(self, path: str) -> str | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._seen.pop(path, None)
-            return None
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        seen = self._seen.get(path)
-        if seen is not None and seen.key == key:
-            return seen.verdict
-        reader = EventReader(Path(path))
-        reader.offset = 0
-        verdict = None
-        for event in reader.read():
-            said = _event_verdict(event)
-            if said is not None:
-                verdict = said
-                if said in ("panic", "reset"):
-                    break
-        self._seen[path] = _EventsSeen(key, verdict)
-        return verdict
-
-    def forget(self, keep: set[str]) -> None:
-        for path in list(self._seen):
-            if path not in keep:
-                del self._seen[path]
-
-
-class PidWatch:
-    """Which of many processes have exited, in one poll() over their pidfds.
-
-    A pidfd refers to one process for good (a recycled pid is never taken for it) and becomes readable
-    when that process exits, so a pass over a thousand VMs costs one system call. A process whose pidfd
-    cannot be had (no pidfd support, out of descriptors) is looked up in /proc instead.
-    """
-
-    def __init__(self) -> None:
-        self._fds: dict[tuple[int, int], int] = {}
-        self._keys: dict[int, tuple[int, int]] = {}
-        self._poller = select.poll()
-
-    def exited(self, keys: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
-        """The (pid, start time) pairs among `keys` whose process is gone (or a zombie)."""
-        wanted = set(keys)
-        for key in [k for k in self._fds if k not in wanted]:
-            self._drop(key)
-        gone: set[tuple[int, int]] = set()
-        for key in wanted - self._fds.keys():
-            pid, start_time = key
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                gone.add(key)
-                continue
-            except OSError:
-                if not process.alive(pid, start_time):
-                    gone.add(key)
-                continue
-            if process.process_start_time(pid) != start_time:  # checked after opening: the very process
-                os.close(fd)
-                gone.add(key)
-                continue
-            self._fds[key] = fd
-            self._keys[fd] = key
-            self._poller.register(fd, select.POLLIN)
-        if self._fds:
-            gone.update(self._keys[fd] for fd, _ in self._poller.poll(0) if fd in self._keys)
-        return gone
-
-    def _drop(self, key: tuple[int, int]) -> None:
-        fd = self._fds.pop(key)
-        del self._keys[fd]
-        self._poller.unregister(fd)
-        os.close(fd)
-
-    def close(self) -> None:
-        for key in list(self._fds):
-            self._drop(key)
-
-
-class RecordCache:
-    """The VM records, parsed again only when their file changed (every write replaces the file)."""
-
-    def __init__(self, state: StateDir) -> None:
-        self.state = state
-        self._seen: dict[str, tuple[tuple[int, int, int], VmRecord]] = {}
-        self.damaged: dict[str, Damaged] = {}  # VMs set aside: their record cannot be read
-
-    def records(self) -> list[VmRecord]:
-        """The readable records; a damaged one is set aside in `damaged` (logged once) and skipped."""
-        try:
-            entries = sorted(e.name for e in os.scandir(self.state.vms_dir) if e.is_dir())
-        except FileNotFoundError:
-            return []
-        out = []
-        base = str(self.state.vms_dir)
-        for name in entries:
-            try:
-                st = os.stat(f"{base}/{name}/record.json")
-            except OSError:
-                self._seen.pop(name, None)
-                continue
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            cached = self._seen.get(name)
-            if cached is not None and cached[0] == key:
-                out.append(cached[1])
-                continue
-            try:
-                record = self.state.load_record(name)
-            except DamagedStateError as exc:
-                self._seen.pop(name, None)
-                self._set_aside(Damaged(name, exc))
-                continue
-            self.damaged.pop(name, None)
-            if record is None:
-                continue
-            self._seen[name] = (key, record)
-            out.append(record)
-        for name in set(self._seen) - set(entries):
-            del self._seen[name]
-        for name in set(self.damaged) - set(entries):
-            del self.damaged[name]
-        return out
-
-    def _set_aside(self, bad: Damaged) -> None:
-        known = self.damaged.get(bad.name)
-        if known is None or known.error.message != bad.error.message:  # once per damage, not every pass
-            log.error("%s: not supervised: %s", bad.name, bad.error)
-        self.damaged[bad.name] = bad
-
-
-def observe_exit(record: VmRecord, events: EventsWatch, *, alive: bool | None = None) -> Exit | None:
-    """How the VM of `record` exited, or None while it runs. Costs no API call.
-
-    `alive` is whether its process runs, when the caller knows (see PidWatch); else /proc is read.
-    """
-    said = events.verdict(f"{record.vm_dir}/events") if record.backend == "cloud-hypervisor" else None
-    if alive is None:
-        alive = record.pid > 0 and process.alive(record.pid, record.start_time)
-    if alive:
-        if said == "panic":
-            return Exit(ExitKind.CRASHED, "guest panicked", process_gone=False)
-        if said == "reset":
-            return Exit(ExitKind.CRASHED, RESET_DETAIL, process_gone=False)
-        if said == "shutdown":
-            return Exit(ExitKind.POWERED_OFF, "guest powered off", process_gone=False)
-        return None
-    if process.process_start_time(record.pid) == record.start_time:  # a zombie: ours, not reaped yet
-        status = _child_exit(record.pid)
-        if status is not None:
-            found = _describe_exit(*status)
-            if said == "panic":
-                return Exit(ExitKind.CRASHED, f"guest panicked; {found.detail}")
-            return found
-    if said == "panic":
-        return Exit(ExitKind.CRASHED, "guest panicked")
-    if said == "reset":
-        return Exit(ExitKind.CRASHED, RESET_DETAIL)
-    if said == "shutdown":
-        return Exit(ExitKind.POWERED_OFF, "guest powered off")
-    return Exit(ExitKind.CRASHED, "hypervisor process vanished")
-
-
-# --- supervision: the loop's bookkeeping ---------------------------------------------------------------
-
-
-@dataclass
-class Tracked:
-    """What the daemon remembers of one supervised VM (in memory: a restarted daemon starts afresh)."""
-
-    restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # monotonic times
-    key: tuple[int, int] = (0, 0)  # (pid, start_time) of the exit being handled
-    exit: Exit | None = None
-    exited_at: float = 0.0
-    decision: Decision | None = None
-    unadopted_since: float | None = None  # alive after our restart but its hypervisor did not answer
 
 
 # --- the daemon --------------------------------------------------------------------------------------
@@ -331,32 +73,6 @@ class Settings:
     wait: WaitFor = WaitFor.HEALTHY  # what reconciles wait for (POST /apply may say otherwise)
     adopt_grace: float = 30.0  # an alive hypervisor that does not answer this long is treated as crashed
     counters_ttl: float = 10.0
-
-
-@dataclass(frozen=True)
-class ApplyReport:
-    """One reconcile as the daemon saw it."""
-
-    trigger: str  # start | change | timer | api
-    deployment: str
-    generation: str
-    started_at: float  # wall clock
-    duration: float
-    success: bool
-    result: dict[str, Any] | None  # reconcile's ApplyResult.to_json()
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "trigger": self.trigger,
-            "deployment": self.deployment,
-            "generation": self.generation,
-            "started_at": round(self.started_at, 3),
-            "duration_seconds": round(self.duration, 3),
-            "success": self.success,
-            "result": self.result,
-            "error": self.error,
-        }
 
 
 class Worker:
@@ -378,8 +94,7 @@ class Worker:
         self._stopping = threading.Event()
         self._work = threading.Lock()  # one reconcile or supervision action at a time
         self._tracked: dict[str, Tracked] = {}
-        self._events = EventsWatch()
-        self._pids = PidWatch()
+        self._pids = process.PidWatch()
         self._records = RecordCache(host.state)
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
@@ -389,7 +104,7 @@ class Worker:
         self._durations = metrics.Histogram()
         self._restarted_total = 0
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
-        self._servers: list[worker_api.Server] = []
+        self._servers: list[api.Server] = []
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -397,7 +112,7 @@ class Worker:
         """Serve the API, sweep, adopt and reconcile, then supervise until `stop()`."""
         self.host.state.ensure()
         _raise_open_files_limit()
-        self._servers = worker_api.serve(self, self.settings.api_socket, self.settings.metrics_listen)
+        self._servers = api.serve(self, self.settings.api_socket, self.settings.metrics_listen)
         try:
             log.info("worker: serving on %s", self.settings.api_socket)
             with self._working():
@@ -639,7 +354,6 @@ class Worker:
             return
         records = self._records.records()
         now = self.clock()
-        self._events.forget({f"{r.vm_dir}/events" for r in records})
         supervised = {r.name for r in records if r.desired == "running" and r.pid > 0}
         exited = self._pids.exited((r.pid, r.start_time) for r in records if r.name in supervised)
         for name in list(self._tracked):
@@ -653,7 +367,9 @@ class Worker:
                 exit_ = self._retry_adopt(record, tracked, now)
             else:
                 exit_ = observe_exit(
-                    record, self._events, alive=(record.pid, record.start_time) not in exited
+                    record,
+                    self.host.hypervisors(record.backend),
+                    alive=(record.pid, record.start_time) not in exited,
                 )
             if exit_ is None:
                 if tracked is not None:
@@ -681,7 +397,7 @@ class Worker:
     def _retry_adopt(self, record: VmRecord, tracked: Tracked, now: float) -> Exit | None:
         if not process.alive(record.pid, record.start_time):
             tracked.unadopted_since = None
-            return observe_exit(record, self._events)
+            return observe_exit(record, self.host.hypervisors(record.backend))
         if self._adopt_one(record):
             tracked.unadopted_since = None
             log.info("%s: adopted pid %d", record.name, record.pid)
@@ -724,7 +440,7 @@ class Worker:
             except ProcuratorError as exc:
                 log.warning("%s: cannot stop its hypervisor pid %d: %s", record.name, record.pid, exc)
                 return
-            _reap(record.pid, record.start_time)
+            reap(record.pid, record.start_time)
             if decision.verdict is Verdict.RESTART:
                 self._restart(record, tracked, exit_)
                 return
@@ -767,144 +483,33 @@ class Worker:
         log.warning("%s: restarted (pid %d) after: %s", record.name, new.pid, exit_.detail)
         tracked.exit = tracked.decision = None
 
-    # --- what the API serves ---------------------------------------------------------------------
+    # --- what the API serves (worker/views.py renders it) -------------------------------------------
 
-    def supervision_json(self) -> dict[str, Any]:
-        now = self.clock()
-        out: dict[str, Any] = {}
-        for name, tracked in sorted(self._tracked.items()):
-            entry: dict[str, Any] = {
-                "restarts_in_window": len(recent(tracked.restarts, now, self.settings.limits.window)),
-            }
-            if tracked.unadopted_since is not None:
-                entry["state"] = "unadopted"
-            if tracked.exit is not None:
-                entry["exit"] = {"kind": tracked.exit.kind.value, "detail": tracked.exit.detail}
-            if tracked.decision is not None:
-                entry["state"] = tracked.decision.verdict.value
-                entry["reason"] = tracked.decision.reason
-                if tracked.decision.verdict is Verdict.WAIT and tracked.decision.due is not None:
-                    entry["restart_in"] = round(max(0.0, tracked.decision.due - now), 3)
-            out[name] = entry
-        return out
+    def figures(self) -> Figures:
+        return Figures(
+            now=self.clock(),
+            wall=self.wall(),
+            started_at=self.started_at,
+            api_socket=self.settings.api_socket,
+            metrics_listen=self.settings.metrics_listen,
+            interval=self.settings.interval,
+            window=self.settings.limits.window,
+            desired=self._desired,
+            last_apply=self._last_apply,
+            reconciles=dict(self._reconciles),
+            durations=self._durations,
+            restarted_total=self._restarted_total,
+            tracked=dict(self._tracked),
+        )
 
     def status_json(self) -> dict[str, Any]:
-        deployment = self._desired
-        return {
-            "worker": {
-                "pid": os.getpid(),
-                "started_at": round(self.started_at, 3),
-                "uptime": round(self.wall() - self.started_at, 1),
-                "state_dir": str(self.host.state.root),
-                "api_socket": str(self.settings.api_socket),
-                "metrics_listen": self.settings.metrics_listen,
-                "interval": self.settings.interval,
-                "deployment": None
-                if deployment is None
-                else {"path": str(deployment.path), "generation": deployment.generation},
-                "last_apply": None if self._last_apply is None else self._last_apply.to_json(),
-                "reconciles": sum(self._reconciles.values()),
-                "restarts": self._restarted_total,
-            },
-            "vms": self._vms_json(),
-            "supervision": self.supervision_json(),
-        }
+        return views.status_json(self.figures(), self.host)
 
-    def _vms_json(self) -> list[dict[str, Any]]:
-        statuses, damaged = lifecycle.listing(self.host)
-        rows = [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged]
-        return sorted(rows, key=lambda row: str(row["name"]))
+    def supervision_json(self) -> dict[str, Any]:
+        return views.supervision_json(self.figures())
 
     def metrics_text(self) -> str:
-        """The Prometheus exposition: one API call per VM at most (device counters, cached)."""
-        statuses, damaged = lifecycle.listing(self.host)
-        running = [s.record for s in statuses if s.status is lifecycle.Status.RUNNING]
-        counters = self.counters.get(running)
-        families = _vm_families(statuses, damaged)
-        families += metrics.device_families(counters)
-        families += self._worker_families()
-        return metrics.render(families)
-
-    def _worker_families(self) -> list[metrics.Family]:
-        p = metrics.PREFIX
-        total = metrics.Family(
-            p + "reconcile_total", "Reconciles run, by trigger and result.", metrics.MetricType.COUNTER
-        )
-        for (trigger, result), count in sorted(self._reconciles.items()):
-            total.add(count, {"trigger": trigger, "result": result})
-        duration = metrics.Family(
-            p + "reconcile_duration_seconds", "How long reconciles took.", metrics.MetricType.HISTOGRAM
-        )
-        self._durations.add_to(duration)
-        success = metrics.Family(
-            p + "last_apply_success",
-            "Whether the last reconcile succeeded (1) or not (0).",
-            metrics.MetricType.GAUGE,
-        )
-        stamp = metrics.Family(
-            p + "last_apply_timestamp_seconds",
-            "When the last reconcile started (Unix time).",
-            metrics.MetricType.GAUGE,
-        )
-        if self._last_apply is not None:
-            success.add(1 if self._last_apply.success else 0)
-            stamp.add(self._last_apply.started_at)
-        restarts = metrics.Family(
-            p + "worker_restarts_total",
-            "VM restarts this daemon made after exits.",
-            metrics.MetricType.COUNTER,
-        )
-        restarts.add(self._restarted_total)
-        up = metrics.Family(
-            p + "worker_start_time_seconds", "When the daemon started (Unix time).", metrics.MetricType.GAUGE
-        )
-        up.add(self.started_at)
-        return [total, duration, success, stamp, restarts, up]
-
-
-def _vm_families(
-    statuses: Sequence[lifecycle.VmStatus], damaged: Sequence[Damaged] = ()
-) -> list[metrics.Family]:
-    p, kind = metrics.PREFIX, metrics.MetricType
-    up = metrics.Family(p + "vm_up", "Whether the VM's hypervisor runs (1) or not (0).", kind.GAUGE)
-    state = metrics.Family(p + "vm_state", "The VM's state (1 for its current one).", kind.GAUGE)
-    uptime = metrics.Family(p + "vm_uptime_seconds", "Seconds since the VM's hypervisor started.", kind.GAUGE)
-    restarts = metrics.Family(
-        p + "vm_restarts_total", "Times the VM was restarted after an exit.", kind.COUNTER
-    )
-    cpu = metrics.Family(
-        p + "vm_cpu_seconds_total", "CPU time of the VM's hypervisor process (all threads).", kind.COUNTER
-    )
-    rss = metrics.Family(
-        p + "vm_memory_rss_bytes", "Resident memory of the VM's hypervisor process.", kind.GAUGE
-    )
-    for status in statuses:
-        r = status.record
-        vm = {"vm": r.name}
-        up.add(
-            1 if status.status is lifecycle.Status.RUNNING else 0,
-            {**vm, "generation": r.generation, "backend": r.backend},
-        )
-        state.add(1, {**vm, "state": status.state})
-        restarts.add(r.restarts, vm)
-        if status.status is not lifecycle.Status.RUNNING:
-            continue
-        if status.uptime is not None:
-            uptime.add(max(0.0, status.uptime), vm)
-        figures = metrics.process_figures(r.pid, r.start_time)
-        if figures is not None:
-            cpu.add(figures.cpu_seconds, vm)
-            rss.add(figures.rss_bytes, vm)
-    for bad in damaged:  # set aside: not supervised until `procurator down NAME`
-        state.add(1, {"vm": bad.name, "state": lifecycle.DAMAGED})
-    return [up, state, uptime, restarts, cpu, rss]
-
-
-def _reap(pid: int, start_time: int) -> None:
-    """Collect our own exited child `pid` if it is still a zombie (a backend that kept no handle on it)."""
-    if process.process_start_time(pid) == start_time:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
+        return views.metrics_text(self.figures(), self.host, self.counters)
 
 
 def _raise_open_files_limit() -> None:

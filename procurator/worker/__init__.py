@@ -1,0 +1,19 @@
+"""The worker daemon, `procurator worker` (docs/architecture.md):
+
+- `daemon.py`  the loop: start-up (sweep, adopt), reconcile triggers (start, profile change, timer, API),
+               supervision actions (restart, give up, leave down)
+- `exits.py`   how a supervised VM ended (exit status, the backend's `guest_end`) and what is kept of it
+- `records.py` the VM records, re-read only when they change
+- `views.py`   what the API serves: status, supervision, metrics
+- `api.py`     the HTTP API on the UNIX socket, knowing the daemon only as its `Service` protocol
+- `client.py`  the API's client, for every command that talks to a running worker
+"""
+
+from __future__ import annotations
+
+from procurator.worker.daemon import Settings, Worker
+from procurator.worker.exits import Exit, observe_exit
+from procurator.worker.records import RecordCache
+from procurator.worker.views import ApplyReport
+
+__all__ = ["ApplyReport", "Exit", "RecordCache", "Settings", "Worker", "observe_exit"]

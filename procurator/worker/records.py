@@ -1,0 +1,62 @@
+"""The VM records as the daemon reads them at every pass: parsed again only when their file changed."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from procurator.errors import DamagedStateError
+from procurator.state import Damaged, StateDir, VmRecord
+
+log = logging.getLogger("procurator.worker")
+
+
+class RecordCache:
+    """The VM records, parsed again only when their file changed (every write replaces the file)."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        self._seen: dict[str, tuple[tuple[int, int, int], VmRecord]] = {}
+        self.damaged: dict[str, Damaged] = {}  # VMs set aside: their record cannot be read
+
+    def records(self) -> list[VmRecord]:
+        """The readable records; a damaged one is set aside in `damaged` (logged once) and skipped."""
+        try:
+            entries = sorted(e.name for e in os.scandir(self.state.vms_dir) if e.is_dir())
+        except FileNotFoundError:
+            return []
+        out = []
+        base = str(self.state.vms_dir)
+        for name in entries:
+            try:
+                st = os.stat(f"{base}/{name}/record.json")
+            except OSError:
+                self._seen.pop(name, None)
+                continue
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._seen.get(name)
+            if cached is not None and cached[0] == key:
+                out.append(cached[1])
+                continue
+            try:
+                record = self.state.load_record(name)
+            except DamagedStateError as exc:
+                self._seen.pop(name, None)
+                self._set_aside(Damaged(name, exc))
+                continue
+            self.damaged.pop(name, None)
+            if record is None:
+                continue
+            self._seen[name] = (key, record)
+            out.append(record)
+        for name in set(self._seen) - set(entries):
+            del self._seen[name]
+        for name in set(self.damaged) - set(entries):
+            del self.damaged[name]
+        return out
+
+    def _set_aside(self, bad: Damaged) -> None:
+        known = self.damaged.get(bad.name)
+        if known is None or known.error.message != bad.error.message:  # once per damage, not every pass
+            log.error("%s: not supervised: %s", bad.name, bad.error)
+        self.damaged[bad.name] = bad
