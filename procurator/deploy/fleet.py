@@ -1,0 +1,222 @@
+"""The fleet `lib.mkHosts` (nix/hosts.nix) describes: where it is (`FleetRef`), its hosts (`HostSpec`),
+and `--on` selection."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from procurator import nix
+from procurator.errors import UsageError, ValidationError
+from procurator.models import SCHEMA_VERSION, is_dns_label
+
+CONNECT_TIMEOUT = 10  # seconds: ssh's ConnectTimeout
+DEFAULT_ATTR = "procuratorHosts"  # the flake output `procurator deploy FLAKE` reads without `#attr`
+CONTROL_PERSIST = 60  # seconds a shared ssh connection outlives its last use (if not closed before)
+FLAKE_SCHEME = re.compile(r"^[a-z+]+:")
+
+
+# -- the fleet -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One host of the fleet, as lib.mkHosts' `inventory` describes it."""
+
+    name: str
+    target: str
+    port: int | None = None
+    identity_file: str | None = None
+    ssh_options: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    procurator: str = "procurator"
+
+    @classmethod
+    def parse(cls, source: str, name: str, data: Any) -> HostSpec:
+        where = f"hosts.{name}"
+        if not isinstance(data, dict):
+            raise ValidationError(source, where, "expected an object of host settings")
+
+        def text(key: str, *, optional: bool = False) -> str | None:
+            value = data.get(key)
+            if value is None and optional:
+                return None
+            if not isinstance(value, str) or not value.strip():
+                raise ValidationError(source, f"{where}.{key}", f"expected a non-empty string, got {value!r}")
+            return value
+
+        def words(key: str) -> tuple[str, ...]:
+            value = data.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ValidationError(source, f"{where}.{key}", f"expected a list of strings, got {value!r}")
+            return tuple(value)
+
+        if not is_dns_label(name):
+            raise ValidationError(source, where, f"host name {name!r} is not a DNS label")
+        target = text("target") or ""
+        if target.startswith("-") or target.split() != [target]:
+            raise ValidationError(source, f"{where}.target", f"{target!r} is not [user@]host")
+        port = data.get("port")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+            raise ValidationError(source, f"{where}.port", f"{port!r} is not a TCP port")
+        tags = words("tags")
+        bad = [t for t in tags if not is_dns_label(t)]
+        if bad:
+            raise ValidationError(source, f"{where}.tags", f"{bad[0]!r} is not a DNS label")
+        options = words("sshOptions")
+        spaced = [o for o in options if o.split() != [o]]
+        if spaced:
+            raise ValidationError(source, f"{where}.sshOptions", f"{spaced[0]!r} has white space")
+        return cls(
+            name=name,
+            target=target,
+            port=port,
+            identity_file=text("identityFile", optional=True),
+            ssh_options=options,
+            tags=tags,
+            procurator=text("procurator", optional=True) or "procurator",
+        )
+
+    @property
+    def store(self) -> str:
+        """The `nix copy --to` store of this host."""
+        return f"ssh://{self.target}"
+
+    def ssh_options_for(
+        self, connect_timeout: int = CONNECT_TIMEOUT, control_dir: Path | None = None
+    ) -> list[str]:
+        """ssh's options for this host, for our own ssh and for `nix copy`'s (NIX_SSHOPTS).
+
+        The fleet's own options come first: ssh keeps the first value it is given for an option, so
+        they win over these defaults. BatchMode: never ask for a password or a host key. With
+        `control_dir`, every ssh to this host shares one connection (ControlMaster): the first one
+        opens it and leaves it in the background for the others (`close_shared`).
+        """
+        out = list(self.ssh_options)
+        if self.port is not None:
+            out += ["-p", str(self.port)]
+        if self.identity_file is not None:
+            out += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
+        out += [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={connect_timeout}",
+            "-o",
+            "ServerAliveInterval=10",
+            "-o",
+            "ServerAliveCountMax=3",
+        ]
+        if control_dir is not None:
+            out += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%C"]
+            out += ["-o", f"ControlPersist={CONTROL_PERSIST}"]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "port": self.port,
+            "identityFile": self.identity_file,
+            "sshOptions": list(self.ssh_options),
+            "tags": list(self.tags),
+            "procurator": self.procurator,
+        }
+
+
+@dataclass(frozen=True)
+class FleetRef:
+    """Where the fleet is: a flake with an attribute, or a Nix file with an optional attribute."""
+
+    ref: str
+    base: str
+    attr: str  # the attribute path of the mkHosts value ("" for a file that is one)
+    is_file: bool
+
+    @classmethod
+    def parse(cls, ref: str) -> FleetRef:
+        if not ref:
+            raise UsageError("empty REF; give a flake (`.`, `.#fleet`) or a Nix file (`hosts.nix[#attr]`)")
+        base, sep, attr = ref.partition("#")
+        if sep and not attr:
+            raise UsageError(f"{ref}: empty attribute after '#'")
+        local = Path(base)
+        if base.endswith(".nix") or local.is_file():
+            if not local.is_file():
+                raise UsageError(f"{base}: no such Nix file")
+            return cls(ref, base, attr, is_file=True)
+        if not (FLAKE_SCHEME.match(base) or local.is_dir()):
+            raise UsageError(f"{ref}: {base!r} is neither a flake directory, a flake URL nor a Nix file")
+        return cls(ref, base, attr or DEFAULT_ATTR, is_file=False)
+
+    def _path(self, *rest: str) -> str:
+        return ".".join(p for p in (self.attr, *rest) if p)
+
+    def evaluate(self, *rest: str) -> Any:
+        """`nix eval --json` of an attribute below the fleet."""
+        if self.is_file:
+            return nix.eval_file_json(Path(self.base), self._path(*rest))
+        return nix.eval_flake_json(f"{self.base}#{self._path(*rest)}")
+
+    def build(self, *rest: str) -> list[Path]:
+        """`nix build` of an attribute below the fleet: its output paths."""
+        if self.is_file:
+            return nix.build_file(Path(self.base), self._path(*rest))
+        return nix.build_flake(f"{self.base}#{self._path(*rest)}")
+
+    def deployment_attr(self, name: str) -> str:
+        """How people would name the deployment of host `name`."""
+        where = self._path("hosts", name, "deployment")
+        return f"{self.base} {where}" if self.is_file else f"{self.base}#{where}"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    ref: FleetRef
+    hosts: dict[str, HostSpec]
+
+    @classmethod
+    def parse(cls, ref: FleetRef, data: Any) -> Fleet:
+        source = f"{ref.ref} (inventory)"
+        if not isinstance(data, dict):
+            raise ValidationError(source, "", "expected the `inventory` of lib.mkHosts, an object")
+        version = data.get("schema")
+        if version != SCHEMA_VERSION:
+            raise ValidationError(
+                source, "schema", f"unknown version {version!r}; this procurator reads {SCHEMA_VERSION}"
+            )
+        hosts = data.get("hosts")
+        if not isinstance(hosts, dict):
+            raise ValidationError(source, "hosts", "expected an object of hosts by name")
+        return cls(ref, {name: HostSpec.parse(source, name, spec) for name, spec in sorted(hosts.items())})
+
+    @classmethod
+    def load(cls, ref: str) -> Fleet:
+        """Evaluate REF's inventory (no deployment is evaluated or built)."""
+        fleet_ref = FleetRef.parse(ref)
+        return cls.parse(fleet_ref, fleet_ref.evaluate("inventory"))
+
+    def select(self, on: str | None) -> list[HostSpec]:
+        """The hosts `--on` names: comma-separated host names and @tags (default: every host), by name."""
+        if on is None:
+            return list(self.hosts.values())
+        names: set[str] = set()
+        for raw in on.split(","):
+            item = raw.strip()
+            if not item:
+                raise UsageError(f"--on {on!r}: empty item; give HOST,@TAG,...")
+            if item.startswith("@"):
+                tagged = {h.name for h in self.hosts.values() if item[1:] in h.tags}
+                if not tagged:
+                    known = sorted({t for h in self.hosts.values() for t in h.tags})
+                    raise UsageError(
+                        f"--on: no host has tag {item[1:]!r} (tags: {', '.join(known) or 'none'})"
+                    )
+                names |= tagged
+            elif item in self.hosts:
+                names.add(item)
+            else:
+                raise UsageError(f"--on: no host {item!r} in {self.ref.ref} (hosts: {', '.join(self.hosts)})")
+        return [self.hosts[n] for n in sorted(names)]

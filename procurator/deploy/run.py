@@ -1,0 +1,152 @@
+"""The deploy of many hosts: pre-flight every host, then build, copy and apply host by host, a bounded
+number at a time (see the package's docstring)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from procurator import process
+from procurator.deploy.fleet import Fleet, HostSpec
+from procurator.deploy.host import HostRun
+from procurator.deploy.model import DeployResult, Event, HostResult, Options, Phase, Progress, Result, ignore
+from procurator.deploy.pool import Bounded
+from procurator.deploy.remote import HostFailedError, preflight
+from procurator.errors import ProcuratorError, UsageError
+
+PREFLIGHT_PARALLEL = 16  # pre-flight checks at once (at least; --parallel if higher)
+CONTROL_EXIT_TIMEOUT = 10.0  # seconds for `ssh -O exit` (local: it talks to the master's socket)
+CONTROL_PATH_MAX = 100  # a UNIX socket path has room for 107 bytes; %C adds 40 to the directory
+
+log = logging.getLogger("procurator.deploy")
+
+
+def deploy(
+    fleet: Fleet,
+    hosts: Sequence[HostSpec],
+    options: Options,
+    *,
+    progress: Progress = ignore,
+    stop: threading.Event | None = None,
+) -> DeployResult:
+    """Deploy (or with `options.dry_run`, plan) `hosts` of `fleet`. Never raises for a host's failure:
+    each host's outcome is in the result, in the order of `hosts`."""
+    if options.parallel < 1:
+        raise UsageError(f"parallel must be at least 1, got {options.parallel}")
+    if options.wait not in ("booted", "healthy"):
+        raise UsageError(f"wait must be booted or healthy, got {options.wait!r}")
+    in_flight: set[str] = set()
+    with _shared_connections(hosts, options, in_flight) as control_dir:
+        return _deploy(fleet, hosts, options, progress, stop or threading.Event(), control_dir, in_flight)
+
+
+@contextlib.contextmanager
+def _shared_connections(
+    hosts: Sequence[HostSpec], options: Options, in_flight: set[str]
+) -> Iterator[Path | None]:
+    """A private directory for the ssh connections shared per host (ControlPath), closed at the end
+    (`ssh -O exit`) except those of hosts still applying when the deploy stopped waiting (`in_flight`):
+    closing those would cut their apply off. None when sharing is off or the path would be too long."""
+    if not options.share_connections:
+        yield None
+        return
+    control_dir = Path(tempfile.mkdtemp(prefix="procurator-ssh-"))
+    if len(str(control_dir)) + 41 > CONTROL_PATH_MAX:
+        control_dir.rmdir()
+        yield None
+        return
+    try:
+        yield control_dir
+    finally:
+        if any(control_dir.iterdir()):
+            for host in hosts:
+                if host.name in in_flight:
+                    continue
+                argv = ["ssh", *host.ssh_options_for(options.connect_timeout, control_dir)]
+                argv += ["-O", "exit", "--", host.target]
+                try:
+                    process.run(argv, check=False, timeout=CONTROL_EXIT_TIMEOUT)
+                except ProcuratorError as exc:
+                    log.warning("%s: closing the shared ssh connection: %s", host.name, exc)
+        shutil.rmtree(control_dir, ignore_errors=True)
+
+
+def _deploy(  # noqa: PLR0917 - the private body of deploy()
+    fleet: Fleet,
+    hosts: Sequence[HostSpec],
+    options: Options,
+    progress: Progress,
+    stop: threading.Event,
+    control_dir: Path | None,
+    in_flight: set[str],
+) -> DeployResult:
+    started = time.monotonic()
+    results: dict[str, HostResult] = {}
+
+    def finish(result: HostResult) -> HostResult:
+        progress(Event(result.name, Phase.DONE, result.result.value, result))
+        return result
+
+    for host in hosts:
+        progress(Event(host.name, Phase.QUEUED))
+
+    # 1. Pre-flight, every host at once (bounded), before any build.
+    def check(host: HostSpec) -> bool:
+        progress(Event(host.name, Phase.CHECKING, host.target))
+        t0 = time.monotonic()
+        try:
+            preflight(host, options.connect_timeout, control_dir)
+        except HostFailedError as exc:
+            took = time.monotonic() - t0
+            results[host.name] = finish(
+                HostResult(host.name, host.target, exc.result, exc.stage, exc.message, duration=took)
+            )
+            return False
+        progress(Event(host.name, Phase.WAITING, "reachable"))
+        return True
+
+    first = Bounded(hosts, check, lambda h: h.name, max(options.parallel, PREFLIGHT_PARALLEL), stop)
+    first.wait()
+    interrupted = first.interrupted
+
+    # 2. Per host: build, copy, apply (or plan), `parallel` at a time, in the order given.
+    if not interrupted:
+        reachable = [h for h in hosts if first.done.get(h.name)]
+
+        def run(host: HostSpec) -> HostResult:
+            return finish(HostRun(fleet.ref, host, options, stop, progress, control_dir).run())
+
+        second = Bounded(reachable, run, lambda h: h.name, options.parallel, stop)
+        second.wait()
+        results.update(second.done)
+        interrupted = second.interrupted
+        in_flight.update(second.running)
+        for name in sorted(second.running):
+            results[name] = finish(
+                HostResult(
+                    name,
+                    fleet.hosts[name].target,
+                    Result.INTERRUPTED,
+                    error="still in flight when the deploy stopped waiting; a remote apply may still run "
+                    "there: check `procurator history` and `procurator ps` on the host",
+                    duration=time.monotonic() - started,
+                )
+            )
+    for host in hosts:
+        if host.name not in results:
+            results[host.name] = finish(
+                HostResult(host.name, host.target, Result.SKIPPED, error="interrupted before its turn")
+            )
+    return DeployResult(
+        ref=fleet.ref.ref,
+        dry_run=options.dry_run,
+        hosts=tuple(results[h.name] for h in hosts),
+        duration=time.monotonic() - started,
+        interrupted=interrupted,
+    )
