@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from procurator import waits
 from procurator.errors import WaitTimeoutError
 from procurator.models import HealthCheck
 from procurator.netns import connect_tcp
@@ -54,26 +55,33 @@ def wait_healthy(
     capped = cap is not None and budget > cap
     if cap is not None:
         budget = min(budget, cap)
-    deadline = clock() + budget
+    started = clock()
     pending = list(checks)
-    last = ""
-    while True:
+    last = [""]
+
+    def passed() -> bool:
         still = []
         for check in pending:
             problem = probe(check, ip, netns)
             if problem is not None:
                 still.append(check)
-                last = problem
-        pending = still
+                last[0] = problem
+        pending[:] = still
         if not pending:
-            return
+            return True
         if not still_running():
-            raise WaitTimeoutError(
-                f"health checks of {ip} (the VM stopped)", budget - (deadline - clock()), last
-            )
-        if clock() >= deadline:
-            what = f"health checks of {ip}" + (
-                " (capped by the worker configuration's healthTimeout)" if capped else ""
-            )
-            raise WaitTimeoutError(what, budget, last)
-        sleep(min(c.interval_seconds for c in pending))
+            raise WaitTimeoutError(f"health checks of {ip} (the VM stopped)", clock() - started, last[0])
+        return False
+
+    what = f"health checks of {ip}" + (
+        " (capped by the worker configuration's healthTimeout)" if capped else ""
+    )
+    waits.wait_until(
+        passed,
+        budget,
+        what,
+        poll=min(c.interval_seconds for c in checks),
+        last=lambda: last[0],
+        clock=clock,
+        sleep=sleep,
+    )

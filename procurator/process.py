@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from procurator import waits
 from procurator.errors import ProcessError, WaitTimeoutError
 
 log = logging.getLogger(__name__)
@@ -181,15 +182,13 @@ def signal_process(pid: int, sig: signal.Signals) -> bool:
 
 def wait_gone(pid: int, start_time: int | None, timeout: float, *, poll: float = 0.05) -> bool:
     """Wait (bounded) until the process is gone, reaping it if it is our child. True if gone."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def gone() -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not alive(pid, start_time):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll)
+        return not alive(pid, start_time)
+
+    return waits.poll_until(gone, timeout, poll=poll)
 
 
 # --- watching processes end ---------------------------------------------------------------------------

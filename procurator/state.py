@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from procurator import waits
 from procurator.errors import DamagedStateError, LockBusyError, StateError, ValidationError
 from procurator.hypervisor.base import Handle
 
@@ -362,20 +363,20 @@ class StateDir:
         return interrupted
 
     def _flock(self, fd: int, deadline: float, timeout: float) -> None:
-        while True:
+        def locked() -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise StateError(f"{self.lock_path}: cannot lock: {exc.strerror}") from exc
-                if time.monotonic() >= deadline:
-                    raise LockBusyError(
-                        f"{self.lock_path}: another procurator command holds the lock after "
-                        f"{timeout:.0f}s; wait for it to finish and retry"
-                    ) from exc
-                time.sleep(0.05)
-            else:
-                return
+                return False
+            return True
+
+        if not waits.poll_until(locked, max(0.0, deadline - time.monotonic())):
+            raise LockBusyError(
+                f"{self.lock_path}: another procurator command holds the lock after "
+                f"{timeout:.0f}s; wait for it to finish and retry"
+            )
 
     def lend(self, fn: Callable[[A], R]) -> Callable[[A], R]:
         """Wrap `fn` so that, run on another thread (a pool's), it acts under the lock this thread holds."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from procurator import process, sockets
+from procurator import process, sockets, waits
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -565,20 +565,22 @@ class Qemu:
 
     def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes]) -> int:
         """Wait (bounded) until QMP answers and reports the VM running; the process's start time."""
-        deadline = time.monotonic() + self.start_timeout
         start_time = process.process_start_time(proc.pid)
         if start_time is None:
             raise HypervisorStartError(f"{spec.name}: qemu exited at once")
         with qmp.connect(spec.api_socket, self.start_timeout, alive=lambda: proc.poll() is None) as client:
-            while True:
-                status = _status(client)
-                if status == "running":
-                    return start_time
+            seen = [""]
+
+            def running() -> bool:
+                seen[0] = status = _status(client)
                 if _STATES.get(status) == VmState.SHUTDOWN:
                     raise HypervisorStartError(f"{spec.name}: qemu reports the VM {status} while starting")
-                if time.monotonic() >= deadline:
-                    raise WaitTimeoutError(f"VM {spec.name} to run (QMP status {status})", self.start_timeout)
-                time.sleep(0.05)
+                return status == "running"
+
+            waits.wait_until(
+                running, self.start_timeout, f"VM {spec.name} to run", last=lambda: f"QMP status {seen[0]}"
+            )
+            return start_time
 
     def _clear_stale_socket(self, spec: LaunchSpec) -> None:
         """Remove a QMP socket left by a dead process; refuse to start over one that is still served."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from procurator import waits
 from procurator.errors import HypervisorApiError, HypervisorError, WaitTimeoutError
 
 DEFAULT_TIMEOUT = 5.0
@@ -169,16 +170,17 @@ def connect(
     Connecting is bounded by `timeout`, and so is the handshake after it. `alive`, when given, is asked
     between attempts; once it says False (the QEMU process exited) the wait ends with a HypervisorError.
     """
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
+    deadline = waits.Deadline(timeout)
+    last = [""]
+
+    def attempt() -> QmpClient | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(max(deadline - time.monotonic(), poll))
+            sock.settimeout(max(deadline.remaining(), poll))
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            last = exc.strerror or str(exc)
+            last[0] = exc.strerror or str(exc)
         except TimeoutError as exc:
             sock.close()
             raise WaitTimeoutError(f"QMP socket {path} to accept a connection", timeout) from exc
@@ -189,9 +191,11 @@ def connect(
             return QmpClient(sock, timeout=timeout)
         if alive is not None and not alive():
             raise HypervisorError(f"QMP socket {path}: the QEMU process exited before it answered")
-        if time.monotonic() >= deadline:
-            raise WaitTimeoutError(f"QMP socket {path} to accept a connection", timeout, last)
-        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+        return None
+
+    return waits.wait_until(
+        attempt, timeout, f"QMP socket {path} to accept a connection", poll=poll, last=lambda: last[0]
+    )
 
 
 def _short(value: object) -> str:
