@@ -552,22 +552,3 @@ def console_path(host: Host, name: str) -> Path:
     if not _running(record):
         raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
     return host.hypervisors(record.backend).console_path(record.handle)
-
-
-def tail(path: Path, lines: int) -> list[str]:
-    """The last `lines` lines of a (possibly large) log file."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            block = min(size, max(4096, lines * 200))
-            while True:
-                f.seek(size - block)
-                data = f.read(block)
-                if data.count(b"\n") > lines or block == size:
-                    break
-                block = min(size, block * 2)
-    except FileNotFoundError:
-        return []
-    text = data.decode("utf-8", "replace").replace("\r\n", "\n")
-    return text.splitlines()[-lines:] if lines > 0 else []

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from procurator import process
 from procurator.errors import ProcuratorError
 from procurator.hypervisor.base import Hypervisor
 from procurator.state import VmRecord
@@ -171,18 +172,17 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 def process_figures(pid: int, start_time: int, proc: str = "/proc") -> ProcessFigures | None:
     """CPU time and resident memory of `pid`, None unless it is the very process started at `start_time`."""
+    stat = process.read_stat(pid, proc)
+    if stat is None or stat.start_time != start_time:
+        return None
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            stat = f.read()
         with open(f"{proc}/{pid}/statm", "rb") as f:
             statm = f.read().split()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if len(fields) < 20 or int(fields[19]) != start_time or len(statm) < 2:
+    if len(statm) < 2:
         return None
-    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    return ProcessFigures(cpu_seconds=cpu, rss_bytes=int(statm[1]) * _PAGE_SIZE)
+    return ProcessFigures(cpu_seconds=stat.cpu_ticks / _CLOCK_TICKS, rss_bytes=int(statm[1]) * _PAGE_SIZE)
 
 
 # --- device counters, cached -----------------------------------------------------------------------

@@ -142,14 +142,30 @@ def spawn(
         raise ProcessError(f"{args[0]}: cannot start: {exc}", argv=args) from exc
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc/PID/stat; None if gone."""
+@dataclass(frozen=True)
+class ProcStat:
+    """What Procurator reads of /proc/PID/stat (proc(5)): the one reader of that file."""
+
+    state: str  # field 3: R, S, D, Z (zombie), X (dead), ...
+    start_time: int  # field 22: clock ticks since boot; with the pid, names one process for good
+    cpu_ticks: int  # fields 14 + 15: user and system time of every thread, in clock ticks
+
+
+def read_stat(pid: int, proc: str = "/proc") -> ProcStat | None:
+    """/proc/PID/stat in one read; None if the process is gone (or the file unreadable)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces and ")"
+        return ProcStat(fields[0].decode(), int(fields[19]), int(fields[11]) + int(fields[12]))
+    except (OSError, ValueError, IndexError):
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot); None if gone."""
+    stat = read_stat(pid)
+    return None if stat is None else (stat.state, stat.start_time)
 
 
 def process_start_time(pid: int) -> int | None:

@@ -361,7 +361,7 @@ def observe(host: Host) -> list[VmStatus]:
     for name in names:
         record = _read_record(host, f"{vms_dir}/{name}/record.json", name)
         if record is not None:
-            out.append(lifecycle.classify(record, _alive(record.pid, record.start_time), now))
+            out.append(lifecycle.classify(record, process.alive(record.pid, record.start_time), now))
     return out
 
 
@@ -387,18 +387,6 @@ def _read_record(host: Host, path: str, name: str) -> VmRecord | None:
         return None
     except (OSError, ValueError, RecursionError):  # the slow reader says what is wrong
         return host.state.load_record(name)
-
-
-def _alive(pid: int, start_time: int) -> bool:
-    """`process.alive` (the pid runs, is no zombie, and started at `start_time`) in one read."""
-    if pid <= 0:
-        return False
-    try:
-        stat = _read_file(f"/proc/{pid}/stat")
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        return fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 def check_bundles(deployment: Deployment, the_plan: Plan) -> dict[str, Bundle]:

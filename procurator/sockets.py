@@ -1,11 +1,12 @@
-"""UNIX sockets that processes serve (hypervisor APIs, QMP, the worker's API): is one served, and removing
-a stale one without ever removing anything that is not a socket."""
+"""UNIX sockets that processes serve (hypervisor APIs, QMP, the worker's API): is one served, claiming a
+path for a new listener, and removing a stale socket without ever removing anything that is not one."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import stat
+from enum import StrEnum
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,3 +34,22 @@ def remove(path: Path) -> None:
         pass
     except OSError as exc:
         log.warning("%s: cannot remove the socket: %s", path, exc.strerror)
+
+
+class Claim(StrEnum):
+    FREE = "free"  # nothing is there (any more): bind it
+    IN_USE = "in use"  # a process accepts connections there: left alone
+    NOT_A_SOCKET = "not a socket"  # something else is there: left alone
+
+
+def claim(path: Path, timeout: float = 0.5) -> Claim:
+    """Make `path` free for a new listener: a stale socket (nobody accepts on it) is removed; a served one
+    and anything that is not a socket are left, and the caller says what to do about them."""
+    if not path.is_symlink() and not path.exists():
+        return Claim.FREE
+    if answers(path, timeout):
+        return Claim.IN_USE
+    remove(path)
+    if path.is_symlink() or path.exists():
+        return Claim.NOT_A_SOCKET
+    return Claim.FREE

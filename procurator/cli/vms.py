@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 
 from procurator import console as consoles
-from procurator import lifecycle
+from procurator import lifecycle, logfiles
 from procurator.cli.context import host, vm_names
 from procurator.cli.render import emit_json, emit_table, note
 from procurator.config import BACKENDS
@@ -215,7 +215,7 @@ def logs(ctx: click.Context, name: str, lines: int, follow: bool) -> None:
     """Show a VM's serial console output."""
     h = host(ctx)
     path = lifecycle.serial_log(h, name)
-    for line in lifecycle.tail(path, lines):
+    for line in logfiles.tail(path, lines):
         click.echo(line)
     if not follow:
         return

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from procurator import process, serial_keeper, sockets
+from procurator import logfiles, process, serial_keeper, sockets
 from procurator.errors import (
     HypervisorError,
     HypervisorStartError,
@@ -296,7 +296,10 @@ class CloudHypervisor:
                 how = f"was killed by {signal.Signals(-code).name}"
             except ValueError:
                 how = f"was killed by signal {-code}"
-        tail = " | ".join(log_tail(spec.hypervisor_log))
+        try:
+            tail = " | ".join(logfiles.tail(spec.hypervisor_log, LOG_TAIL_LINES, nonblank=True))
+        except OSError:
+            tail = ""
         quoted = (
             f"; last lines of {spec.hypervisor_log}: {tail}" if tail else f"; {spec.hypervisor_log} is empty"
         )
@@ -692,17 +695,6 @@ class _GuestEnds:
         return verdict
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last non-empty lines of a log file (empty if it cannot be read)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    return [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-
-
 def _lookup_user(user: str | None) -> tuple[int, int] | None:
     if user is None:
         return None
@@ -744,14 +736,13 @@ def _open_log(path: Path) -> Iterator[IO[bytes]]:
 
 def _bind_api_socket(path: Path) -> socket.socket:
     """A listening AF_UNIX socket at `path` (mode 0600), replacing a stale one; refuses a live one."""
-    if path.is_symlink() or path.exists():
-        if sockets.answers(path):
-            raise HypervisorStartError(
-                f"{path}: a running process already listens on this API socket; stop that VM first"
-            )
-        sockets.remove(path)
-        if path.exists():
-            raise HypervisorStartError(f"{path}: exists and is not a socket; remove it")
+    claimed = sockets.claim(path)
+    if claimed is sockets.Claim.IN_USE:
+        raise HypervisorStartError(
+            f"{path}: a running process already listens on this API socket; stop that VM first"
+        )
+    if claimed is sockets.Claim.NOT_A_SOCKET:
+        raise HypervisorStartError(f"{path}: exists and is not a socket; remove it")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from procurator import process, sockets, waits
+from procurator import logfiles, process, sockets, waits
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -585,12 +585,11 @@ class Qemu:
     def _clear_stale_socket(self, spec: LaunchSpec) -> None:
         """Remove a QMP socket left by a dead process; refuse to start over one that is still served."""
         path = spec.api_socket
-        if not path.exists() and not path.is_symlink():
-            return
-        if not sockets.answers(path, timeout=1.0):
-            path.unlink(missing_ok=True)
-            return
-        raise ConflictError(f"{spec.name}: {path} is served by a running process; stop that VM first")
+        claimed = sockets.claim(path, timeout=1.0)
+        if claimed is sockets.Claim.IN_USE:
+            raise ConflictError(f"{spec.name}: {path} is served by a running process; stop that VM first")
+        if claimed is sockets.Claim.NOT_A_SOCKET:
+            raise ConflictError(f"{spec.name}: {path} exists and is not a socket; remove it")
 
     def info(self, handle: Handle) -> VmInfo:
         if not _ours(handle):
@@ -763,13 +762,10 @@ def _discard(proc: subprocess.Popen[bytes], api_socket: Path) -> None:
 def _log_tail(path: Path, offset: int) -> str:
     """The last lines this start wrote to the hypervisor log, joined into one line."""
     try:
-        with path.open("rb") as file:
-            file.seek(offset)
-            text = file.read().decode(errors="replace")
+        lines = logfiles.tail(path, _LOG_TAIL_LINES, offset=offset, nonblank=True)
     except OSError as exc:
         return f"(cannot read {path}: {exc.strerror})"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " | ".join(lines[-_LOG_TAIL_LINES:]) or f"(nothing in {path})"
+    return " | ".join(lines) or f"(nothing in {path})"
 
 
 def _taps_of(pid: int) -> dict[str, str]:

@@ -305,12 +305,11 @@ def serve(worker: Service, api_socket: Path, metrics_listen: str | None) -> list
     """Start the API on `api_socket` (and /metrics on `metrics_listen`); refuses if a worker runs there."""
     listen = parse_listen(metrics_listen) if metrics_listen else None  # a typo fails before anything
     api_socket.parent.mkdir(parents=True, exist_ok=True)
-    if api_socket.is_symlink() or api_socket.exists():
-        if sockets.answers(api_socket):
-            raise ConflictError(f"{api_socket}: another worker already serves this API socket; stop it first")
-        sockets.remove(api_socket)
-        if api_socket.exists():
-            raise ConfigError(f"{api_socket}: exists and is not a socket; remove it or change apiSocket")
+    claimed = sockets.claim(api_socket)
+    if claimed is sockets.Claim.IN_USE:
+        raise ConflictError(f"{api_socket}: another worker already serves this API socket; stop it first")
+    if claimed is sockets.Claim.NOT_A_SOCKET:
+        raise ConfigError(f"{api_socket}: exists and is not a socket; remove it or change apiSocket")
     try:
         unix = _UnixServer(api_socket, worker)
     except OSError as exc:
