@@ -28,7 +28,9 @@ from procurator.state import atomic_write, read_json
 log = logging.getLogger(__name__)
 
 LEASES_SCHEMA = 1
-DEFAULT_INTERFACE = "net0"  # interface id whose derived MAC a lease records when none is given
+# The interface whose derived MAC a lease records when given none: a VM's first interface is "eth0"
+# (nix/lib/spec.nix), so the lease names the MAC that interface really has.
+DEFAULT_INTERFACE = "eth0"
 REBUILD_FIX = "move it aside: it is rebuilt from the VM records at the next command"
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 

@@ -21,7 +21,7 @@ def path(tmp_path: Path) -> Path:
 def test_first_lease_is_the_first_host_after_the_gateway(path: Path) -> None:
     lease = Leases(path, NetworkConfig()).acquire("web")
 
-    assert lease == Lease("10.100.0.2", mac_address("web", "net0"))
+    assert lease == Lease("10.100.0.2", mac_address("web", "eth0"))
 
 
 def test_acquire_is_stable_across_calls_and_reloads(path: Path) -> None:
@@ -119,7 +119,7 @@ def test_a_missing_file_is_rebuilt_from_the_records_before_a_new_lease(path: Pat
     assert set(leases.all()) == {"api", "web"}
     assert leases.acquire("new").ip == "10.100.0.4"  # neither web's nor api's
     on_disk = json.loads(path.read_text())["leases"]
-    assert on_disk["api"] == {"ip": "10.100.0.3", "mac": mac_address("api", "net0")}  # as acquire gives
+    assert on_disk["api"] == {"ip": "10.100.0.3", "mac": mac_address("api", "eth0")}  # as acquire gives
     assert Leases(path, NetworkConfig(), recorded=dict).get("new") == leases.get("new")
 
 
