@@ -724,10 +724,12 @@ SNAPSHOT_SCHEMAS = {"vm.snapshot": "VmSnapshotConfig", "vm.restore": "RestoreCon
 
 
 def sent(tmp_path: Path, pid: int) -> list[tuple[str, dict[str, object] | None]]:
-    """(endpoint, body) of every PUT the process `pid` answered."""
+    """(endpoint, body) of every PUT the process `pid` answered, in the order received (each handler
+    thread records once it has answered, so the file's order may differ)."""
+    answered = sorted(records(tmp_path, "request"), key=lambda r: r["t_recv"])
     return [
         (r["path"].removeprefix("/api/v1/"), None if r["body"] is None else json.loads(r["body"]))
-        for r in records(tmp_path, "request")
+        for r in answered
         if r["pid"] == pid and r["method"] == "PUT"
     ]
 
