@@ -176,6 +176,12 @@ class Sleeper:
     def resume(self, _handle: Handle) -> None:
         return None
 
+    def snapshot(self, _handle: Handle, _directory: Path) -> None:
+        return None
+
+    def restore(self, _spec: LaunchSpec, _directory: Path, *, paused: bool) -> Handle:
+        raise NotImplementedError
+
     def console_path(self, handle: Handle) -> Path:
         return handle.vm_dir / "console.sock"
 

@@ -7,11 +7,13 @@
              "uplink": null, "nat": false, "isolate": false, "netns": null},
  "apiSocket": "/run/procurator/api.sock",
  "metricsListen": null,
- "healthTimeout": 600}
+ "healthTimeout": 600,
+ "snapshotKeep": 3}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `healthTimeout` caps, in seconds, how long one start waits for its health checks, whatever a bundle's
-checks allow (their intervals times their retries).
+checks allow (their intervals times their retries). `snapshotKeep` is how many snapshots
+`procurator snapshot` keeps per VM (the oldest beyond it are removed; `--keep` overrides it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
 DEFAULT_HEALTH_TIMEOUT = 600.0
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEALTH_TIMEOUT = 86400.0
+DEFAULT_SNAPSHOT_KEEP = 3
+MAX_SNAPSHOT_KEEP = 1000
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class WorkerConfig:
     api_socket: Path = DEFAULT_API_SOCKET
     metrics_listen: str | None = None  # host:port for the worker's /metrics over TCP
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT  # seconds: the cap on one start's health wait
+    snapshot_keep: int = DEFAULT_SNAPSHOT_KEEP  # snapshots kept per VM
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -60,6 +65,7 @@ class WorkerConfig:
             "apiSocket",
             "metricsListen",
             "healthTimeout",
+            "snapshotKeep",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -96,6 +102,17 @@ class WorkerConfig:
                 "healthTimeout",
                 f"expected seconds from 1 to {MAX_HEALTH_TIMEOUT:.0f}, not {health_timeout!r}",
             )
+        snapshot_keep = data.get("snapshotKeep", DEFAULT_SNAPSHOT_KEEP)
+        if (
+            not isinstance(snapshot_keep, int)
+            or isinstance(snapshot_keep, bool)
+            or not 1 <= snapshot_keep <= MAX_SNAPSHOT_KEEP
+        ):
+            raise ValidationError(
+                source,
+                "snapshotKeep",
+                f"expected a count of snapshots from 1 to {MAX_SNAPSHOT_KEEP}, not {snapshot_keep!r}",
+            )
         state_dir = data.get("stateDir")
         api_socket = data.get("apiSocket")
         metrics_listen = data.get("metricsListen")
@@ -109,6 +126,7 @@ class WorkerConfig:
             api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,
             metrics_listen=metrics_listen,
             health_timeout=float(health_timeout),
+            snapshot_keep=snapshot_keep,
         )
 
     @classmethod

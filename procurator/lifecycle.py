@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from procurator import network, process, sweep
+from procurator import network, process, snapshots, sweep
 from procurator.config import WorkerConfig
 from procurator.errors import (
     ConfigError,
@@ -36,7 +36,7 @@ from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult, VmState
 from procurator.models import Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
-from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json, write_problem
+from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json, read_json, write_problem
 from procurator.volumes import ensure_volumes, purge_volumes, volume_path
 
 HypervisorFactory = Callable[[str], Hypervisor]
@@ -376,7 +376,8 @@ def _expect_state(hv: Hypervisor, record: VmRecord, want: VmState, what: str) ->
 
 
 def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
-    """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes and lease."""
+    """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes, snapshots and
+    lease."""
     with sweep.locked(host.state, host.net):
         try:
             record = host.state.load_record(name)
@@ -392,6 +393,7 @@ def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
         _forget(host, name, record)
         if purge:
             purge_volumes(host.state, name)
+            snapshots.forget(host.state, name)
             _release_lease(host, name)
         return result
 
@@ -552,3 +554,293 @@ def console_path(host: Host, name: str) -> Path:
     if not _running(record):
         raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
     return host.hypervisors(record.backend).console_path(record.handle)
+
+
+# --- snapshots (procurator/snapshots.py holds where they live) -----------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    snapshot: snapshots.Snapshot
+    pruned: tuple[snapshots.Snapshot, ...]  # older snapshots of the VM that retention removed
+    paused: bool  # the guest is paused afterwards (it was before, or --stay-paused)
+
+
+def snapshot(
+    host: Host, name: str, *, to: Path | None = None, keep: int | None = None, stay_paused: bool = False
+) -> SnapshotResult:
+    """Snapshot a running VM: its guest paused (if it runs), its state written, the guest resumed unless
+    it was paused before or `stay_paused`. Kept under the state directory (and the VM's oldest beyond
+    `keep` removed, default the worker's `snapshotKeep`), or written to `to` only.
+
+    Refused: a VM that does not run, one with virtio-fs shares (`fs`: their state lives in virtiofsd,
+    which no snapshot holds). The guest's volumes are not copied: a restore finds them as they are then.
+    """
+    keep = host.config.snapshot_keep if keep is None else keep
+    if keep < 1:
+        raise ConfigError(f"--keep {keep}: keep at least 1 snapshot per VM")
+    with sweep.locked(host.state, host.net):
+        record = _require(host, name)
+        if not _running(record):
+            raise ConflictError(
+                f"VM {name!r} is not running; only a running VM can be snapshotted "
+                f"(start it with `procurator start {name}`)"
+            )
+        config = _runtime_config(host, record)
+        if config.get("fs"):
+            raise ConflictError(
+                f"VM {name!r} has virtio-fs shares (`fs`), whose state lives in virtiofsd and cannot be "
+                "snapshotted; stop and start the VM instead"
+            )
+        hv = host.hypervisors(record.backend)
+        created = host.clock()
+        final = snapshots.new_dir(host.state, name, record.generation, created, to)
+        data = snapshots.partial_of(final) / snapshots.DATA
+        meta = snapshots.SnapshotMeta(
+            vm=name,
+            bundle=record.bundle,
+            generation=record.generation,
+            backend=record.backend,
+            created=created,
+            size=0,
+            paused=record.paused,
+            ip=record.ip,
+        )
+        paused_here = False
+        try:
+            if not record.paused:
+                hv.pause(record.handle)
+                paused_here = True
+                _expect_state(hv, record, VmState.PAUSED, "pause")
+                host.state.save_record(record.with_(paused=True))
+            owner = host.owner()
+            if owner is not None:  # the hypervisor, as the VM user, writes the snapshot here
+                os.chown(data, *owner)
+            atomic_write_json(data / snapshots.CONFIG, config)
+            hv.snapshot(record.handle, data)
+            taken = snapshots.finish(final, meta)
+        except BaseException:
+            snapshots.discard(final)
+            if paused_here:
+                _resume_after_snapshot(host, hv, record)
+            raise
+        if paused_here and not stay_paused:
+            _resume_after_snapshot(host, hv, record)
+        pruned = snapshots.prune(host.state, name, keep) if to is None else []
+        return SnapshotResult(taken, tuple(pruned), paused=record.paused or stay_paused)
+
+
+def _resume_after_snapshot(host: Host, hv: Hypervisor, record: VmRecord) -> None:
+    """Run the guest a snapshot paused again; a failure leaves the record saying paused (ps shows it,
+    `procurator resume NAME` is the fix) and is logged, not raised over the snapshot's own outcome."""
+    try:
+        hv.resume(record.handle)
+        _expect_state(hv, record, VmState.RUNNING, "resume")
+    except ProcuratorError as exc:
+        log.warning(
+            "%s: cannot resume after the snapshot (%s); run `procurator resume %s`",
+            record.name,
+            exc,
+            record.name,
+        )
+        return
+    host.state.save_record(record.with_(paused=False))
+
+
+def _runtime_config(host: Host, record: VmRecord) -> dict[str, Any]:
+    path = host.state.vm_dir(record.name) / "vm-config.runtime.json"
+    try:
+        config = read_json(path, fix=f"stop and start VM {record.name!r} to write it again")
+    except FileNotFoundError as exc:
+        raise StateError(
+            f"{path} is missing: VM {record.name!r} was started by an older Procurator; "
+            f"stop and start it, then snapshot it"
+        ) from exc
+    if not isinstance(config, dict):
+        raise DamagedStateError(path, "not a JSON object", f"stop and start VM {record.name!r}")
+    return config
+
+
+def restore(
+    host: Host,
+    name: str,
+    *,
+    source: Path | None = None,
+    ident: str | None = None,
+    paused: bool = False,
+    wait: WaitFor = WaitFor.BOOTED,
+) -> tuple[VmRecord, snapshots.Snapshot]:
+    """Boot a stopped VM from a snapshot: the newest of its current generation, the one `ident` names
+    (`procurator snapshots NAME`), or the directory `source` (`snapshot --to`).
+
+    A running VM is refused (stop it first): the restore replaces the guest, and the running one holds
+    its disks' locks. So are a snapshot of another VM, of another generation than the record names (the
+    VM was replaced since), of another backend, or of a guest whose address is no longer the VM's lease.
+    A failed restore keeps the record (not running, `last_exit` says why), as a failed `start` does; a
+    restore killed midway is swept (its hypervisor, its TAPs) by the next command, and a re-run converges.
+    """
+    with sweep.locked(host.state, host.net):
+        record = _require(host, name)
+        if _running(record):
+            raise ConflictError(
+                f"VM {name!r} is running; stop it first (`procurator stop {name}`), then restore: "
+                "the restore replaces its guest"
+            )
+        snap = _chosen_snapshot(host, record, source, ident)
+        bundle = Bundle.load(Path(record.bundle))
+        config = _snapshot_config(snap)
+        _end_strays(host, name)
+        network.detach_vm(host.net, name)
+        try:
+            restored = _restore(host, record, bundle, snap, config, paused=paused, wait=wait)
+        except ProcuratorError as exc:
+            host.state.save_record(
+                record.with_(pid=0, start_time=0, taps=(), paused=False, last_exit=f"restore failed: {exc}")
+            )
+            raise
+        return restored, snap
+
+
+def _chosen_snapshot(
+    host: Host, record: VmRecord, source: Path | None, ident: str | None
+) -> snapshots.Snapshot:
+    name = record.name
+    if source is not None:
+        snap = snapshots.read(source)
+    elif ident is not None:
+        snap = snapshots.find(host.state, name, ident)
+    else:
+        found = snapshots.latest(host.state, name, record.bundle)
+        if found is None:
+            raise NotFoundError(
+                f"VM {name!r} has no snapshot of its generation {record.generation}; "
+                f"take one with `procurator snapshot {name}` (see `procurator snapshots {name}`)"
+            )
+        snap = found
+    meta = snap.meta
+    if meta.vm != name:
+        raise ConflictError(f"{snap.path} is a snapshot of VM {meta.vm!r}, not of {name!r}")
+    if meta.bundle != record.bundle:
+        raise ConflictError(
+            f"snapshot {snap.id} of VM {name!r} is of generation {meta.generation} ({meta.bundle}), but the "
+            f"VM is now generation {record.generation}; restore a snapshot of this generation "
+            f"(`procurator snapshots {name}`) or take a new one"
+        )
+    if meta.backend != record.backend:
+        raise ConflictError(
+            f"snapshot {snap.id} of VM {name!r} was taken with {meta.backend}, but the VM runs with "
+            f"{record.backend}; a snapshot restores only on the backend that took it"
+        )
+    if meta.ip and record.ip and meta.ip != record.ip:
+        raise ConflictError(
+            f"snapshot {snap.id} of VM {name!r} holds a guest configured for {meta.ip}, but the VM's "
+            f"lease is now {record.ip}; take a new snapshot"
+        )
+    return snap
+
+
+def _snapshot_config(snap: snapshots.Snapshot) -> dict[str, Any]:
+    path = snap.data / snapshots.CONFIG
+    try:
+        config = read_json(path, fix=f"remove {snap.path} (it is no usable snapshot)")
+    except FileNotFoundError as exc:
+        raise DamagedStateError(path, "missing", f"remove {snap.path} (it is no usable snapshot)") from exc
+    if not isinstance(config, dict):
+        raise DamagedStateError(path, "not a JSON object", f"remove {snap.path}")
+    return config
+
+
+def _restore(
+    host: Host,
+    record: VmRecord,
+    bundle: Bundle,
+    snap: snapshots.Snapshot,
+    config: dict[str, Any],
+    *,
+    paused: bool,
+    wait: WaitFor,
+) -> VmRecord:
+    """`_start`'s steps with the hypervisor's restore instead of its boot, each undone on failure."""
+    name = record.name
+    hv = host.hypervisors(record.backend)
+    vm_dir = host.state.vm_dir(name)
+    with contextlib.ExitStack() as undo:
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        undo.callback(_clear_vm_dir, host, name)
+        with host.shared:
+            lease = host.leases().acquire(name)
+            if bundle.meta.interfaces and not host.network_ready and network.net_up(host.net).created:
+                undo.callback(_drop_network_if_unused, host, name)
+        if snap.meta.ip and lease.ip != snap.meta.ip:
+            raise ConflictError(
+                f"snapshot {snap.id} of VM {name!r} holds a guest configured for {snap.meta.ip}, but the "
+                f"VM's lease is now {lease.ip}; take a new snapshot"
+            )
+        taps: list[str] = []
+        if bundle.meta.interfaces:
+            made = network.attach_vm(
+                host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+            )
+            undo.callback(network.detach_vm, host.net, name)
+            taps = [t.name for t in made]
+        wanted = [str(n.get("tap")) for n in config.get("net") or [] if isinstance(n, dict) and n.get("tap")]
+        if wanted != taps:  # TAP names derive from the VM's name and interface ids: the same every time
+            raise ConflictError(
+                f"snapshot {snap.id} of VM {name!r} names TAPs {wanted}, the VM's are {taps}; "
+                "take a new snapshot"
+            )
+        volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
+        owner = host.owner()
+        if owner is not None:
+            for path in (vm_dir, *volumes.values()):
+                os.chown(path, *owner)
+        atomic_write_json(vm_dir / "vm-config.runtime.json", config)
+        spec = LaunchSpec(
+            name=name,
+            vm_dir=vm_dir,
+            config=config,
+            serial_log=vm_dir / "serial.log",
+            shutdown_timeout=float(bundle.meta.shutdown_timeout),
+            user=host.config.user,
+            netns=host.net.netns,
+        )
+        handle = hv.restore(spec, snap.data, paused=paused)
+        undo.callback(hv.kill, handle)
+        restored = record.with_(
+            pid=handle.pid,
+            start_time=handle.start_time,
+            api_socket=str(handle.api_socket),
+            vm_dir=str(vm_dir),
+            taps=tuple(taps),
+            ip=lease.ip if taps else "",
+            netns=host.net.netns,
+            started_at=host.clock(),
+            desired="running",
+            last_exit=f"restored from snapshot {snap.id}",
+            paused=paused,
+        )
+        host.state.save_record(restored)
+        if wait is WaitFor.HEALTHY and taps and not paused:
+            wait_healthy(
+                bundle.meta.health,
+                lease.ip,
+                host.net.netns,
+                cap=host.config.health_timeout,
+                still_running=lambda: _running(restored),
+            )
+        undo.pop_all()
+        return restored
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def start_from_snapshot(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
+    """Boot a stopped VM from the newest snapshot of its generation when it has one, else as `start` does
+    (for the worker's `restart.fromSnapshot`). A snapshot that fails to restore falls back to a boot."""
+    with sweep.locked(host.state, host.net):
+        record = _require(host, name)
+        if not _running(record) and snapshots.latest(host.state, name, record.bundle) is not None:
+            try:
+                return restore(host, name, wait=wait)[0]
+            except ProcuratorError as exc:
+                log.warning("%s: cannot restore its newest snapshot (%s); booting it instead", name, exc)
+        return start(host, name, wait=wait)

@@ -108,6 +108,16 @@ class Hypervisor(Protocol):
         """Run a paused guest again."""
         ...
 
+    def snapshot(self, handle: Handle, directory: Path) -> None:
+        """Write the paused guest's state (memory, devices, config) into the empty `directory`."""
+        ...
+
+    def restore(self, spec: LaunchSpec, directory: Path, *, paused: bool) -> Handle:
+        """Start a fresh process for `spec` from the snapshot in `directory` (what `snapshot` wrote); the
+        guest runs unless `paused`. `spec.config` is the runtime config the snapshot was taken with. On
+        any failure nothing is left running."""
+        ...
+
     def adopt(self, handle: Handle) -> bool:
         """Whether the process in `handle` is still ours and answering (after our own restart)."""
         ...

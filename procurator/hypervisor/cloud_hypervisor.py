@@ -97,7 +97,8 @@ class CloudHypervisor:
 
     `start_timeout` bounds the wait for the API to answer after spawning; `api_timeout` any single API
     call; `boot_timeout` the `vm.boot` call (cloud-hypervisor loads the kernel and initramfs inside it);
-    `step_timeout` each escalation step of the stop ladder and the final wait for the process to exit.
+    `step_timeout` each escalation step of the stop ladder and the final wait for the process to exit;
+    `snapshot_timeout` a `vm.snapshot` or `vm.restore` call (they write or read the guest's memory).
     """
 
     name = BACKEND
@@ -111,8 +112,10 @@ class CloudHypervisor:
         boot_timeout: float = 60.0,
         step_timeout: float = 5.0,
         serial_max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES,
+        snapshot_timeout: float = 300.0,
     ) -> None:
         self.binary = binary
+        self.snapshot_timeout = snapshot_timeout
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
         self.boot_timeout = boot_timeout
@@ -365,6 +368,64 @@ class CloudHypervisor:
         with self._api(handle) as api:
             api.put("vm.resume")
 
+    def snapshot(self, handle: Handle, directory: Path) -> None:
+        """vm.snapshot into `directory` (which must exist and hold no config.json, state.json or
+        memory-ranges: cloud-hypervisor creates them `create_new`). The VM must be paused (`Vm::snapshot`
+        refuses a running one: "Trying to snapshot while VM is running"); it stays paused."""
+        with self._api(handle, timeout=self.snapshot_timeout) as api:
+            api.put("vm.snapshot", {"destination_url": f"file://{directory}"})
+
+    def restore(self, spec: LaunchSpec, directory: Path, *, paused: bool) -> Handle:
+        """A fresh cloud-hypervisor process (no VM: `vm_restore` refuses a VMM that has one), then
+        vm.restore from `directory`, then the guest runs unless `paused`.
+
+        The restored VM takes the snapshot's config.json as it is: TAPs are opened again by their names
+        (so they must exist), the disks are opened and locked (from v46) at their paths, the consoles made
+        anew (the serial socket at the same path, which the serial keeper connects to before the guest
+        runs). From v52 `vm.restore` takes `resume`; it is sent only from v53, whose serial device keeps
+        what the guest writes before the keeper connects, else the guest resumes with `vm.resume` after.
+        Passed-in descriptors do not survive a restore (`net_fds` would be needed): Procurator passes none
+        to the VM, and a snapshot whose config has net `fds` is refused.
+        """
+        self._check_binary()
+        version = self.version()
+        owner = _lookup_user(spec.user)
+        saved = _snapshot_config(directory)
+        for index, net in enumerate(saved.get("net") or []):
+            if isinstance(net, dict) and net.get("fds"):
+                raise HypervisorStartError(
+                    f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] uses passed-in fds, which "
+                    "do not survive a restore; take the snapshot of a VM whose nets are TAPs by name"
+                )
+        socket_serial = (saved.get("serial") or {}).get("mode") == "Socket"
+        resume_in_body = not paused and version >= RESTORE_RESUME_SINCE
+        body: dict[str, Any] = {"source_url": f"file://{directory}"}
+        if version >= RESTORE_MODE_SINCE:
+            body["memory_restore_mode"] = "Copy"  # the default: OnDemand needs userfaultfd
+        if resume_in_body:
+            body["resume"] = True
+        spec.vm_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as undo:
+            listener = _bind_api_socket(spec.api_socket)
+            undo.callback(self._remove_sockets, spec.vm_dir)
+            with listener:
+                proc = self._spawn(spec, listener, owner, version)
+            undo.callback(self._kill_child, proc)
+            start_time = process.process_start_time(proc.pid)
+            with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
+                self._await_api(api, proc, spec)
+                self._start_step(api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout)
+                if start_time is not None and socket_serial:
+                    self._spawn_keeper(spec, proc.pid, start_time)
+                if not paused and not resume_in_body:
+                    self._start_step(api, proc, spec, "vm.resume", body=None, timeout=self.api_timeout)
+            if start_time is None or proc.poll() is not None:
+                raise self._died(spec, proc)
+            undo.pop_all()
+        self._children[proc.pid] = (proc, start_time)
+        log.info("vm %s: cloud-hypervisor restored as pid %d", spec.name, proc.pid)
+        return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
+
     def console_path(self, handle: Handle) -> Path:
         """The pty of the virtio console: cloud-hypervisor writes its path into vm.info's `console.file`."""
         info = self.info(handle)
@@ -518,6 +579,20 @@ class CloudHypervisor:
 SERIAL_SOCKET = "serial.sock"
 
 
+def _snapshot_config(directory: Path) -> dict[str, Any]:
+    """The VmConfig a cloud-hypervisor snapshot holds (`config.json`, as `recv_vm_config` reads it)."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise HypervisorStartError(f"{path} is missing; this is no cloud-hypervisor snapshot") from exc
+    except (OSError, ValueError) as exc:
+        raise HypervisorStartError(f"{path}: cannot read the snapshot's config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise HypervisorStartError(f"{path}: the snapshot's config is not a JSON object")
+    return config
+
+
 def wire_config(spec: LaunchSpec) -> dict[str, Any]:
     """The `vm.create` body for cloud-hypervisor: the runtime config, with a `File` serial port turned into
     a `Socket` in the VM directory that the serial keeper copies into that file (see serial_keeper.py)."""
@@ -542,6 +617,8 @@ class Version:
 OLDEST_SUPPORTED = Version(40)
 NEWEST_KNOWN = Version(53)
 NO_SHUTDOWN_SINCE = Version(52)
+RESTORE_MODE_SINCE = Version(52)  # RestoreConfig.memory_restore_mode (vmm/src/config.rs)
+RESTORE_RESUME_SINCE = Version(53)  # RestoreConfig.resume is v52's, but v53's serial buffers (see restore)
 _VERSION_RE = re.compile(r"\bv?(\d+)\.(\d+)(?:\.\d+)?")
 _versions: dict[tuple[str, int, int, int], Version] = {}
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -53,6 +54,9 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}")  # what QEMU accepts as a dev
 _MAC = re.compile(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}")
 _TAP = re.compile(r"[^\s/,:]{1,15}")  # a Linux interface name (IFNAMSIZ - 1); no comma for QEMU's sake
 CONSOLE_SOCKET = "console.sock"  # in the VM directory, beside the QMP socket
+SNAPSHOT_FILE = "memory.qemu"  # the migration stream of a snapshot, in its data directory
+# Migration is throttled to 32 MiB/s by default (QEMU's MAX_THROTTLE); to a local file it need not be.
+_MIGRATION_BANDWIDTH = 1 << 40
 _IMAGE_FORMATS = {"Raw": "raw", "Qcow2": "qcow2"}
 
 
@@ -509,7 +513,8 @@ class Qemu:
     `binary`: the QEMU executable (None: qemu-system-x86_64 on PATH). `accel`: "kvm" or "tcg" as
     configured; None or "auto" take $PROCURATOR_QEMU_ACCEL when set, else probe (see `probe_accel`).
     `start_timeout` bounds start-up (QMP answering and the VM running), `api_timeout` each QMP session,
-    `step_timeout` each hard step of the stop ladder (quit, SIGTERM, SIGKILL).
+    `step_timeout` each hard step of the stop ladder (quit, SIGTERM, SIGKILL), `migration_timeout` a
+    snapshot's or a restore's migration stream.
     """
 
     name = BACKEND
@@ -522,8 +527,10 @@ class Qemu:
         start_timeout: float = 30.0,
         api_timeout: float = 5.0,
         step_timeout: float = 5.0,
+        migration_timeout: float = 300.0,
     ) -> None:
         self.binary = binary or DEFAULT_BINARY
+        self.migration_timeout = migration_timeout
         self.accel_setting = accel_setting(accel)
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
@@ -676,6 +683,89 @@ class Qemu:
         """QMP `cont`."""
         with self._session(handle) as client:
             client.execute("cont")
+
+    def snapshot(self, handle: Handle, directory: Path) -> None:
+        """Migrate the paused guest into `directory`/memory.qemu and wait (bounded) for it to complete.
+
+        QEMU 7.2 (Debian 12's) has no `file:` migration URI (it came in 8.2): the stream goes to `exec:cat`,
+        which QEMU runs with /bin/sh. After it, QEMU's run state is `postmigrate` (paused); `cont` runs the
+        guest again (it reactivates the disks).
+        """
+        target = directory / SNAPSHOT_FILE
+        with self._session(handle) as client:
+            status = _status(client)
+            if _STATES.get(status) is not VmState.PAUSED:
+                raise HypervisorError(
+                    f"qemu pid {handle.pid}: the guest is {status}; pause it before a snapshot"
+                )
+            client.execute("migrate-set-parameters", {"max-bandwidth": _MIGRATION_BANDWIDTH})
+            client.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
+            self._await_migration(client, f"the snapshot of qemu pid {handle.pid} into {target}")
+
+    def _await_migration(self, client: qmp.QmpClient, what: str) -> None:
+        deadline = time.monotonic() + self.migration_timeout
+        pause = 0.01
+        while True:
+            answer = client.execute("query-migrate")
+            status = answer.get("status") if isinstance(answer, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                detail = answer.get("error-desc", "no reason given")
+                raise HypervisorError(f"{what}: migration {status}: {detail}")
+            if time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"{what} (migration {status})", self.migration_timeout)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.2)
+
+    def restore(self, spec: LaunchSpec, directory: Path, *, paused: bool) -> Handle:
+        """Start QEMU for `spec` (the runtime config the snapshot was taken with) waiting for an incoming
+        migration, feed it `directory`/memory.qemu, and run the guest unless `paused`. On any failure
+        nothing is left running."""
+        source = directory / SNAPSHOT_FILE
+        if not source.is_file():
+            raise HypervisorStartError(f"{spec.name}: {source} is missing; this is no qemu snapshot")
+        argv = build_argv(spec.config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv += ["-incoming", "defer"]
+        _require_taps(spec, _taps_in(argv).values())
+        spec.vm_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_socket(spec)
+        with spec.hypervisor_log.open("ab") as log_file:
+            log_offset = log_file.tell()
+            try:
+                proc = process.spawn(argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns)
+            except ProcessError as exc:
+                raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
+        try:
+            start_time = self._incoming(spec, proc, source, paused=paused)
+        except BaseException as exc:
+            exited = _reap(proc, 0.5)
+            _discard(proc, spec.api_socket)
+            if exited is not None and isinstance(exc, ProcuratorError):
+                tail = _log_tail(spec.hypervisor_log, log_offset)
+                raise HypervisorStartError(
+                    f"{spec.name}: qemu exited with status {exited} while restoring: {tail}"
+                ) from exc
+            raise
+        log.info("%s: qemu restored as pid %d", spec.name, proc.pid)
+        return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
+
+    def _incoming(
+        self, spec: LaunchSpec, proc: subprocess.Popen[bytes], source: Path, *, paused: bool
+    ) -> int:
+        """Feed the waiting QEMU `source` (bounded), then run or keep the guest paused; its start time."""
+        start_time = process.process_start_time(proc.pid)
+        if start_time is None:
+            raise HypervisorStartError(f"{spec.name}: qemu exited at once")
+        with qmp.connect(spec.api_socket, self.start_timeout, alive=lambda: proc.poll() is None) as client:
+            client.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
+            self._await_migration(client, f"{spec.name}: the restore from {source}")
+            status = _status(client)
+            if status == "running" and paused:
+                client.execute("stop")
+            elif status != "running" and not paused:
+                client.execute("cont")
+        return start_time
 
     def console_path(self, handle: Handle) -> Path:
         """The virtio console's socket: a `Pty` console is served as this socket (see `_console`)."""

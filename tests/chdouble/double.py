@@ -32,10 +32,13 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
 
 Differences: vm.create is stricter than the real server (`payload` is required by the spec, the real one
 only fails at vm.boot); vm.info echoes the config as given (the real one fills in defaults); hot-plug,
-snapshot, migration and resize endpoints answer 500 (not simulated).
+migration and resize endpoints answer 500 (not simulated). vm.snapshot writes the real layout (config.json,
+state.json with the double's own small state, a sparse memory-ranges of the memory size); vm.restore, on a
+process without a VM, reads it back and opens the TAPs and disks (README.md, "snapshot" and "restore").
 
 Knobs (environment):
   CHDOUBLE_BOOT_DELAY      seconds vm.boot takes (default 0)
+  CHDOUBLE_RESTORE_DELAY   seconds vm.restore takes, after the devices exist (default 0)
   CHDOUBLE_POWEROFF_DELAY  seconds the guest takes to power off after the power button (default 0.05)
   CHDOUBLE_START_DELAY     seconds before the API is served (default 0)
   CHDOUBLE_FAULT           comma-separated faults:
@@ -69,7 +72,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
 from tests.chdouble.disk import DiskOpener, OpenDisk, close_disks, device_manager, lock_disks
-from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_error
+from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_error, rust_str
 from tests.chdouble.validate import validate
 
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
@@ -88,6 +91,12 @@ JSON_ERRORS_SINCE = 47  # vmm/src/api/http/mod.rs error_response: the JSON array
 THISERROR_API_SINCE = 46  # api/mod.rs, api/http/mod.rs: thiserror texts embedding their source in v46
 NET_DEFAULT_WARNING = 48  # vmm/src/vm_config.rs: only v48's default_netconfig_ip/mask warn
 FEATURES = ("kvm",)
+RESTORE_FIELDS_SINCE = 52  # vmm/src/config.rs RestoreConfig: `memory_restore_mode` and `resume` from v52
+RESTORE_DELETES_SINCE = 44  # vmm/src/lib.rs vm_restore: a failed restore deletes the VM (map_err) from v44
+SNAPSHOT_ROUTES = {"vm.snapshot": "VmSnapshotConfig", "vm.restore": "RestoreConfig"}  # endpoint -> schema
+SNAPSHOT_CONFIG_FILE = "config.json"  # vmm/src/migration/mod.rs
+SNAPSHOT_STATE_FILE = "state.json"  # vmm/src/migration/mod.rs
+MEMORY_SNAPSHOT_FILE = "memory-ranges"  # vmm/src/memory_manager.rs SNAPSHOT_FILENAME
 FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-button", "hang-on-shutdown"})
 DEFAULT_MEMORY = 512 << 20
 
@@ -167,6 +176,7 @@ def _seconds(name: str, default: float) -> float:
 @dataclass(frozen=True)
 class Settings:
     boot_delay: float = 0.0
+    restore_delay: float = 0.0
     poweroff_delay: float = 0.05
     start_delay: float = 0.0
     faults: frozenset[str] = frozenset()
@@ -185,6 +195,7 @@ class Settings:
             )
         return cls(
             boot_delay=_seconds("CHDOUBLE_BOOT_DELAY", 0.0),
+            restore_delay=_seconds("CHDOUBLE_RESTORE_DELAY", 0.0),
             poweroff_delay=_seconds("CHDOUBLE_POWEROFF_DELAY", 0.05),
             start_delay=_seconds("CHDOUBLE_START_DELAY", 0.0),
             faults=faults,
@@ -308,6 +319,16 @@ class Answer:
     then: Callable[[], None] | None = None
 
 
+def _url_to_path(url: str, text: str, variant: str) -> str | RustError:
+    """vmm/src/migration/mod.rs `url_to_path`: the path after `file://`, which must be a directory."""
+    if not url.startswith("file://"):
+        return RustError(variant, text, RustError("", f"Could not extract path from URL: {url}"))
+    path = url[len("file://") :]
+    if not os.path.isdir(path):
+        return RustError(variant, text, RustError("", f"Destination is not a directory: {rust_str(path)}"))
+    return path
+
+
 def _json(status: int, value: Any) -> Answer:
     return Answer(status, json.dumps(value).encode())
 
@@ -416,6 +437,8 @@ class Vmm:
                 return BAD_REQUEST
             if kind == PUT_ACTION and body is not None:
                 return BAD_REQUEST
+            if kind == PUT_BODY and name in SNAPSHOT_ROUTES:
+                return self._with_body(name, SNAPSHOT_ROUTES[name], body)
             if kind == PUT_BODY:
                 return self._unsimulated(name, body)
         elif kind == CREATE:
@@ -450,6 +473,23 @@ class Vmm:
         except ValueError as exc:
             return _errors(400, "Failed to deserialize JSON", str(exc))
         return _errors(500, API_ERROR, f"chdouble: {name} is not simulated")
+
+    def _with_body(self, name: str, schema: str, body: bytes | None) -> Answer:
+        """`vm_action_put_handler_body!` (vmm/src/api/http/http_endpoint.rs): no body is 400, a body serde
+        cannot read is 400 ["Failed to deserialize JSON", ..]; checked against our schema (stricter)."""
+        if body is None:
+            return BAD_REQUEST
+        try:
+            request = json.loads(body)
+        except ValueError as exc:
+            return _errors(400, "Failed to deserialize JSON", str(exc))
+        try:
+            problems = self.spec.errors(schema, request)
+        except SpecUnavailableError as exc:
+            return _errors(500, "chdouble: cannot validate against the cloud-hypervisor spec", str(exc))
+        if problems:
+            return _errors(400, "Failed to deserialize JSON", *problems)
+        return self.op_vm_snapshot(request) if name == "vm.snapshot" else self.op_vm_restore(request)
 
     # --- endpoints ------------------------------------------------------------------------------
 
@@ -510,13 +550,15 @@ class Vmm:
                     "behavior will be deprecated soon.",
                 )
 
-    def _pre_create_consoles(self, config: dict[str, Any]) -> Answer | None:
+    def _pre_create_consoles(
+        self, config: dict[str, Any], *, api: str = "The VM could not be created"
+    ) -> Answer | None:
         """vmm/src/console_devices.rs `pre_create_console_devices`, run by vm.create (vmm/src/lib.rs).
 
         The console device refuses `Socket` (NoSocketOptionSupportForConsoleDevice); `File` is created with
         truncation; `Pty` opens a pty and writes its path back into the config's `file`, as vm.info shows.
+        `vm_restore` runs it too, for the restored config.
         """
-        api = "The VM could not be created"
         console = config.get("console") or {}
         if console.get("mode") == "Socket" and self.settings.release >= CONSOLE_CHECK_AT_CREATE_SINCE:
             refused = RustError(
@@ -837,6 +879,152 @@ class Vmm:
                 self.poweroff_pending = False
                 self._schedule_poweroff()
             return NO_CONTENT
+
+    # --- snapshot and restore (vmm/src/lib.rs vm_snapshot/vm_restore, vmm/src/vm.rs, migration/mod.rs) --
+
+    def op_vm_snapshot(self, request: dict[str, Any]) -> Answer:
+        """`Vmm::vm_snapshot`: only a VM that exists ("VM is not running" otherwise), only paused
+        (`Vm::snapshot`: "Trying to snapshot while VM is running", after the `snapshotting` event); then
+        `Vm::send` writes config.json and state.json and the memory manager memory-ranges, each
+        `create_new` in the existing directory of the `file://` URL. The VM stays paused."""
+        api = "The VM could not be snapshotted"
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1810", f"API request event: VmSnapshot {request}")
+            if self.state is None or self.config is None:
+                return self._fail(500, api, "VM is not running")
+            self.events.emit("vm", "snapshotting")
+            if self.state != "Paused":
+                refused = RustError(
+                    "Snapshot",
+                    "Failed to snapshot migratable component",
+                    RustError("", "Trying to snapshot while VM is running"),
+                )
+                return self._fail(500, api, RustError("Snapshot", "Cannot snapshot VM", refused))
+            self.events.emit("vm", "snapshotted")
+            failed = self._send_snapshot(str(request.get("destination_url", "")))
+            if failed is not None:
+                return self._fail(500, api, RustError("SnapshotSend", "Cannot send VM snapshot", failed))
+            return NO_CONTENT
+
+    def _send_snapshot(self, url: str) -> RustError | None:
+        """`Transportable::send` of `Vm` and of `MemoryManager`: the files, or the MigrateSend error."""
+        assert self.config is not None
+        directory = _url_to_path(url, "Failed to send migratable component snapshot", "MigrateSend")
+        if isinstance(directory, RustError):
+            return directory
+        memory = int((self.config.get("memory") or {}).get("size", DEFAULT_MEMORY))
+        state = {  # the double's own stand-in for the Snapshot tree (cpu, memory and device managers)
+            "snapshots": {
+                "cpu-manager": {"snapshots": {}, "snapshot_data": None},
+                "memory-manager": {"snapshots": {}, "snapshot_data": {"chdouble_memory_size": memory}},
+                "device-manager": {"snapshots": {}, "snapshot_data": None},
+            },
+            "snapshot_data": {"chdouble": {"release": self.settings.release, "state": self.state}},
+        }
+        files = (
+            (
+                SNAPSHOT_CONFIG_FILE,
+                "Error creating VM config snapshot file",
+                json.dumps(self.config).encode(),
+            ),
+            (SNAPSHOT_STATE_FILE, "Error creating VM state snapshot file", json.dumps(state).encode()),
+            (MEMORY_SNAPSHOT_FILE, "", b""),
+        )
+        for name, context, data in files:
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                text = context or f"Error creating memory snapshot file {rust_str(path)}"
+                return RustError(
+                    "MigrateSend",
+                    "Failed to send migratable component snapshot",
+                    RustError("", text, io_error(exc)),
+                )
+            with os.fdopen(fd, "wb") as out:
+                if name == MEMORY_SNAPSHOT_FILE:
+                    out.truncate(memory)  # the guest's RAM, sparse: the double has no guest memory
+                else:
+                    out.write(data)
+        return None
+
+    def op_vm_restore(self, request: dict[str, Any]) -> Answer:
+        """`Vmm::vm_restore` on a VMM without a VM (else "VM is already created"): config.json and
+        state.json read from the `file://` directory (`recv_vm_config`, `recv_vm_state`), the config
+        validated and the devices made as `Vm::new` does at boot (consoles pre-created, TAPs opened by the
+        names in the config, disks opened), then `Vm::restore` locks the disks (from v46); the VM is
+        Paused, and from v52 `resume: true` runs it (`vm_resume`). A failure from v44 deletes the VM
+        again; v40 to v43 keep its config once it was read."""
+        api = "The VM could not be restored"
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1670", f"API request event: VmRestore {request}")
+            if self.config is not None or self.state is not None:
+                return self._fail(500, api, "VM is already created")
+            url = str(request.get("source_url", ""))
+            config = self._recv(url, SNAPSHOT_CONFIG_FILE, "VM config")
+            if isinstance(config, RustError):
+                return self._fail(500, api, RustError("Restore", "Cannot restore VM", config))
+            snapshot = self._recv(url, SNAPSHOT_STATE_FILE, "VM state")
+            if isinstance(snapshot, RustError):
+                return self._fail(500, api, RustError("Restore", "Cannot restore VM", snapshot))
+            self.config = config
+            failed = self._restore_vm(config)
+            if failed is not None:
+                if self.settings.release >= RESTORE_DELETES_SINCE:
+                    self._vm_delete()
+                return failed
+            if request.get("resume") and self.settings.release >= RESTORE_FIELDS_SINCE:
+                self.events.emit("vm", "resuming")
+                self.state = "Running"
+                self.events.emit("vm", "resumed")
+            return NO_CONTENT
+
+    def _restore_vm(self, config: dict[str, Any]) -> Answer | None:
+        api = "The VM could not be restored"
+        refused = self._pre_create_consoles(config, api=api)
+        if refused is not None:
+            return refused
+        invalid = validate(config, self.settings.release, self.log.warn_at)
+        if invalid is not None:
+            return self._fail(500, api, invalid)
+        failed = self._create_devices()  # Vm::new with the snapshot
+        if failed is None:
+            self.events.emit("vm", "restoring")  # Vm::restore: the disk locks again, then the vCPUs
+            failed = self._lock_disks()
+        if failed is not None:
+            return self._fail(500, api, failed)
+        if self.settings.restore_delay:
+            time.sleep(self.settings.restore_delay)
+        self.state = "Paused"
+        self.booted_at = time.monotonic()
+        self.events.emit("vm", "restored")
+        return None
+
+    def _recv(self, url: str, name: str, what: str) -> dict[str, Any] | RustError:
+        """`recv_vm_config`/`recv_vm_state` (vmm/src/migration/mod.rs): `url_to_path` (its error is a
+        MigrateSend, whatever the direction), then the file opened, read and deserialised."""
+        directory = _url_to_path(url, "Failed to send migratable component snapshot", "MigrateSend")
+        if isinstance(directory, RustError):
+            return directory
+        path = os.path.join(directory, name)
+        receive = "Failed to receive migratable component snapshot"
+        try:
+            with open(path, "rb") as source:
+                data = source.read()
+        except OSError as exc:
+            context = RustError("", f"Error opening {what} snapshot file {rust_str(path)}", io_error(exc))
+            return RustError("MigrateReceive", receive, context)
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            context = RustError("", f"Error deserialising {what} snapshot", RustError("", str(exc)))
+            return RustError("MigrateReceive", receive, context)
+        if not isinstance(value, dict):
+            context = RustError(
+                "", f"Error deserialising {what} snapshot", RustError("", "expected a struct")
+            )
+            return RustError("MigrateReceive", receive, context)
+        return value
 
     def op_vm_power_button(self) -> Answer:
         with self.lock:

@@ -24,6 +24,7 @@ from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import Handle, LaunchSpec, VmState
 from procurator.hypervisor.cloud_hypervisor import ENV_BINARY, CloudHypervisor, EventReader, resolve_binary
 from tests.chdouble import BINARY, sample_config
+from tests.support import chspec
 
 
 @pytest.fixture(autouse=True)
@@ -715,3 +716,199 @@ def test_the_serial_log_survives_guest_resets_and_is_bounded(
     assert text.index("-- procurator: serial port re-created (guest reset) --") > first_panic
     assert text.count("Kernel panic") >= 2
     assert all(p.stat().st_size <= 600 for p in logs)
+
+
+# --- snapshot and restore (vm.snapshot, vm.restore) ------------------------------------------------
+# The bodies are checked against our schema of the API, and the official spec's when one is found; the
+# release rules (`memory_restore_mode` and `resume` from v52), the states the calls need, their failures.
+
+SNAPSHOT_SCHEMAS = {"vm.snapshot": "VmSnapshotConfig", "vm.restore": "RestoreConfig"}
+
+
+def sent(tmp_path: Path, pid: int) -> list[tuple[str, dict[str, object] | None]]:
+    """(endpoint, body) of every PUT the process `pid` answered, in the order received (each handler
+    thread records once it has answered, so the file's order may differ)."""
+    answered = sorted(records(tmp_path, "request"), key=lambda r: r["t_recv"])
+    return [
+        (r["path"].removeprefix("/api/v1/"), None if r["body"] is None else json.loads(r["body"]))
+        for r in answered
+        if r["pid"] == pid and r["method"] == "PUT"
+    ]
+
+
+@pytest.mark.parametrize("release", [40, 46, 51, 52, 53])
+def test_snapshot_then_restore_in_a_fresh_process(  # noqa: PLR0917 - fixtures
+    backend: CloudHypervisor,
+    spec: LaunchSpec,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    release: int,
+    clean: None,
+) -> None:
+    monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
+    target = tmp_path / "snap"
+    target.mkdir()
+    first = backend.start(spec)
+    backend.pause(first)
+    backend.snapshot(first, target)
+    assert backend.info(first).state is VmState.PAUSED  # it stays paused
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "memory-ranges", "state.json"]
+    saved = json.loads((target / "config.json").read_text())
+    assert saved["serial"] == {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")}
+    assert (target / "memory-ranges").stat().st_size == spec.config["memory"]["size"]
+    backend.kill(first)
+
+    second = backend.restore(spec, target, paused=False)
+    assert second.pid != first.pid
+    assert backend.info(second).state is VmState.RUNNING
+    assert ("vm", "restored") in events(spec.vm_dir)
+    restore_body: dict[str, object] = {"source_url": f"file://{target}"}
+    if release >= 52:
+        restore_body["memory_restore_mode"] = "Copy"
+    if release >= 53:
+        restore_body["resume"] = True
+    assert [e for e, _ in sent(tmp_path, first.pid)] == ["vm.create", "vm.boot", "vm.pause", "vm.snapshot"]
+    assert sent(tmp_path, first.pid)[-1][1] == {"destination_url": f"file://{target}"}
+    puts = sent(tmp_path, second.pid)
+    assert puts == [("vm.restore", restore_body), *([] if release >= 53 else [("vm.resume", None)])]
+    for endpoint, body in [*sent(tmp_path, first.pid), *puts]:
+        if endpoint in SNAPSHOT_SCHEMAS:
+            assert chspec.errors(SNAPSHOT_SCHEMAS[endpoint], body) == []
+            assert chspec.full_body_errors(SNAPSHOT_SCHEMAS[endpoint], body) == []
+    assert backend.shutdown(second, timeout=5.0).graceful
+
+
+def test_restore_paused_leaves_the_guest_paused(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    target = tmp_path / "snap"
+    target.mkdir()
+    first = backend.start(spec)
+    backend.pause(first)
+    backend.snapshot(first, target)
+    backend.kill(first)
+    second = backend.restore(spec, target, paused=True)
+    try:
+        assert backend.info(second).state is VmState.PAUSED
+        assert [e for e, _ in sent(tmp_path, second.pid)] == ["vm.restore"]
+        assert "resume" not in (sent(tmp_path, second.pid)[0][1] or {})
+    finally:
+        backend.kill(second)
+
+
+def test_a_running_vm_is_not_snapshotted(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    """`Vm::snapshot` (vmm/src/vm.rs) refuses a VM that is not paused, after its `snapshotting` event."""
+    target = tmp_path / "snap"
+    target.mkdir()
+    handle = backend.start(spec)
+    try:
+        with pytest.raises(HypervisorApiError) as refused:
+            backend.snapshot(handle, target)
+        assert refused.value.details[-3:] == (
+            "Cannot snapshot VM",
+            "Failed to snapshot migratable component",
+            "Trying to snapshot while VM is running",
+        )
+        assert list(target.iterdir()) == []
+        assert backend.info(handle).state is VmState.RUNNING
+    finally:
+        backend.kill(handle)
+
+
+def test_a_snapshot_into_a_used_directory_is_refused(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    """`Vm::send` creates config.json `create_new`: an older snapshot there is never overwritten."""
+    target = tmp_path / "snap"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    handle = backend.start(spec)
+    try:
+        backend.pause(handle)
+        with pytest.raises(HypervisorApiError) as refused:
+            backend.snapshot(handle, target)
+        assert refused.value.details[-4:] == (
+            "Cannot send VM snapshot",
+            "Failed to send migratable component snapshot",
+            "Error creating VM config snapshot file",
+            "File exists (os error 17)",
+        )
+        assert (target / "config.json").read_text() == "{}"
+    finally:
+        backend.kill(handle)
+
+
+def test_a_restore_from_a_directory_without_snapshot_leaves_nothing(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        HypervisorStartError, match=r"config.json is missing; this is no cloud-hypervisor snapshot"
+    ):
+        backend.restore(spec, empty, paused=False)
+    (empty / "config.json").write_text(json.dumps(spec.config))  # a config but no state.json
+    with pytest.raises(HypervisorStartError, match=r"Error opening VM state snapshot file .*state\.json"):
+        backend.restore(spec, empty, paused=False)
+
+
+def test_a_restore_while_the_source_still_holds_its_volume_is_refused(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    """From v46 `Vm::restore` takes the disk locks again (vmm/src/vm.rs): a restore beside the VM it was
+    taken of, still running on the same writable volume, fails and leaves that VM running."""
+    volume = tmp_path / "data.img"
+    with volume.open("wb") as f:
+        f.truncate(1 << 20)
+    disk = {"id": "vol-data", "path": str(volume), "readonly": False, "image_type": "Raw"}
+    source = replace(spec, config={**spec.config, "disks": [*spec.config["disks"], disk]})
+    target = tmp_path / "snap"
+    target.mkdir()
+    other_dir = spec.vm_dir.with_name("other")
+    other_dir.mkdir()
+    handle = backend.start(source)
+    try:
+        backend.pause(handle)
+        backend.snapshot(handle, target)
+        backend.resume(handle)
+        copy = replace(source, name="other", vm_dir=other_dir, serial_log=other_dir / "serial.log")
+        with pytest.raises(HypervisorStartError, match=r"Another instance likely holds a lock.*data\.img"):
+            backend.restore(copy, target, paused=False)
+        assert leftovers(other_dir) == ([], [])
+        assert backend.info(handle).state is VmState.RUNNING
+    finally:
+        backend.kill(handle)
+
+
+def test_a_restore_on_a_vmm_that_has_a_vm_is_refused(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    """`vm_restore` (vmm/src/lib.rs) needs a VMM without a VM: the real restore runs on a fresh process."""
+    target = tmp_path / "snap"
+    target.mkdir()
+    handle = backend.start(spec)
+    try:
+        backend.pause(handle)
+        backend.snapshot(handle, target)
+        with backend._api(handle) as api, pytest.raises(HypervisorApiError) as refused:
+            api.put("vm.restore", {"source_url": f"file://{target}"})
+        assert refused.value.details[-2:] == ("The VM could not be restored", "VM is already created")
+    finally:
+        backend.kill(handle)
+
+
+def test_a_snapshot_with_passed_in_net_fds_is_refused(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
+) -> None:
+    """Descriptors passed to the old process are gone after it: Procurator refuses instead of sending
+    `net_fds`, which it never passes."""
+    target = tmp_path / "snap"
+    target.mkdir()
+    config = {**spec.config, "net": [{"id": "eth0", "fds": [3, 4]}]}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        HypervisorStartError, match=r"net\[0\] uses passed-in fds, which do not survive a restore"
+    ):
+        backend.restore(spec, target, paused=False)

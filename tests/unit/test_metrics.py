@@ -297,6 +297,12 @@ class FakeHypervisor:
     def resume(self, handle: Handle) -> None:
         raise NotImplementedError
 
+    def snapshot(self, handle: Handle, directory: Path) -> None:
+        raise NotImplementedError
+
+    def restore(self, spec: LaunchSpec, directory: Path, *, paused: bool) -> Handle:
+        raise NotImplementedError
+
     def console_path(self, handle: Handle) -> Path:
         return handle.vm_dir / "console.sock"
 
