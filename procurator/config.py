@@ -8,9 +8,13 @@
  "apiSocket": "/run/procurator/api.sock",
  "metricsListen": null,
  "healthTimeout": 600,
- "snapshotKeep": 3}
+ "snapshotKeep": 3,
+ "statusListen": null,
+ "statusActions": false}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
+`statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
+`statusActions` enables its forms (restart, apply, rollback) for the socket and loopback peers.
 `healthTimeout` caps, in seconds, how long one start waits for its health checks, whatever a bundle's
 checks allow (their intervals times their retries). `snapshotKeep` is how many snapshots
 `procurator snapshot` keeps per VM (the oldest beyond it are removed; `--keep` overrides it).
@@ -52,6 +56,8 @@ class WorkerConfig:
     metrics_listen: str | None = None  # host:port for the worker's /metrics over TCP
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT  # seconds: the cap on one start's health wait
     snapshot_keep: int = DEFAULT_SNAPSHOT_KEEP  # snapshots kept per VM
+    status_listen: str | None = None  # host:port for the status page over TCP
+    status_actions: bool = False  # the status page's forms
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -66,6 +72,8 @@ class WorkerConfig:
             "metricsListen",
             "healthTimeout",
             "snapshotKeep",
+            "statusListen",
+            "statusActions",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -118,6 +126,18 @@ class WorkerConfig:
         metrics_listen = data.get("metricsListen")
         if metrics_listen is not None and (not isinstance(metrics_listen, str) or ":" not in metrics_listen):
             raise ValidationError(source, "metricsListen", f"{metrics_listen!r} is not host:port")
+        status_listen = data.get("statusListen")
+        if status_listen is not None and (not isinstance(status_listen, str) or ":" not in status_listen):
+            raise ValidationError(
+                source, "statusListen", f"{status_listen!r} is not host:port, e.g. 127.0.0.1:9478"
+            )
+        if status_listen is not None and status_listen == metrics_listen:
+            raise ValidationError(
+                source, "statusListen", "is metricsListen's address too; give it another port"
+            )
+        status_actions = data.get("statusActions", False)
+        if not isinstance(status_actions, bool):
+            raise ValidationError(source, "statusActions", f"expected true or false, not {status_actions!r}")
         return cls(
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
@@ -127,6 +147,8 @@ class WorkerConfig:
             metrics_listen=metrics_listen,
             health_timeout=float(health_timeout),
             snapshot_keep=snapshot_keep,
+            status_listen=status_listen,
+            status_actions=status_actions,
         )
 
     @classmethod

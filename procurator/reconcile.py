@@ -702,7 +702,8 @@ def apply(
     started = time.monotonic()
     with sweep.locked(host.state, host.net, lock_timeout):
         observed = observe(host)
-        the_plan = plan(deployment, observed)
+        # with the replacements' diffs (read only for them), for `apply --json` and the status page
+        the_plan = plan(deployment, observed, files=read_bundle_files)
         bundles = check_bundles(deployment, the_plan)
         steps = _steps(host, the_plan, bundles, wait)
         done: dict[str, ActionResult] = {}

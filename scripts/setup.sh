@@ -22,7 +22,8 @@ command -v apt-get >/dev/null || die "this script installs with apt-get; on anot
 # --- Debian packages -------------------------------------------------------------------------------
 packages=(nix-bin qemu-system-x86 busybox-static cpio gzip xz-utils zstd nftables iproute2 e2fsprogs
           procps psmisc util-linux curl socat jq ca-certificates
-          openssh-client openssh-server)  # ssh for `procurator deploy`; sshd for its tests' fake hosts
+          openssh-client openssh-server  # ssh for `procurator deploy`; sshd for its tests' fake hosts
+          chromium)  # headless, for the worker status page's browser tests
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

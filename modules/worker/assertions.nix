@@ -66,6 +66,8 @@ let
   # "host:port" or "[v6]:port"; the port must be one an unprivileged process may bind.
   listen = if cfg.metrics.listen == null then null else match "(\\[[0-9A-Fa-f:.]+]|[A-Za-z0-9_.-]+):([0-9]{1,5})" cfg.metrics.listen;
   listenPort = toIntBase10 (elemAt listen 1);
+  statusListen = if cfg.status.listen == null then null else match "(\\[[0-9A-Fa-f:.]+]|[A-Za-z0-9_.-]+):([0-9]{1,5})" cfg.status.listen;
+  statusPort = toIntBase10 (elemAt statusListen 1);
 
   ipForward = config.boot.kernel.sysctl."net.ipv4.ip_forward" or null;
   noSpace = s: match ".*[[:space:]].*" s == null;
@@ -99,6 +101,10 @@ in
 
         # Metrics
         (check (cfg.metrics.listen == null || (listen != null && listenPort >= 1024 && listenPort <= 65535)) "services.procurator.metrics.listen must be \"host:port\" or \"[v6]:port\" with a port from 1024 to 65535 (the worker cannot bind privileged ports), got ${quote cfg.metrics.listen}")
+
+        # Status page
+        (check (cfg.status.listen == null || (statusListen != null && statusPort >= 1024 && statusPort <= 65535)) "services.procurator.status.listen must be \"host:port\" or \"[v6]:port\" with a port from 1024 to 65535 (the worker cannot bind privileged ports), got ${quote cfg.status.listen}")
+        (check (cfg.status.listen == null || cfg.status.listen != cfg.metrics.listen) "services.procurator.status.listen and metrics.listen are both ${quote cfg.status.listen}; give the status page another port")
       ];
 
     warnings = optional (net.uplink != null && config.networking.nftables.enable && config.networking.nftables.flushRuleset) "procurator worker: networking.nftables.flushRuleset is on, so every reload of nftables.service deletes Procurator's table inet procurator (the VMs' NAT and forwarding) until the worker's next reconcile; set networking.nftables.flushRuleset = false";

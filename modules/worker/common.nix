@@ -24,6 +24,8 @@ let
   settings = {
     schema = 1;
     inherit (cfg) stateDir user healthTimeout;
+    statusListen = cfg.status.listen;
+    statusActions = cfg.status.actions;
     hypervisor = {
       inherit (cfg.hypervisor) backend accel;
       binary = hypervisorBinary;

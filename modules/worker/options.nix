@@ -201,5 +201,28 @@ in
         opened in the firewall, and must be 1024 or above.
       '';
     };
+
+    status.listen = mkOption {
+      type = types.nullOr types.str;
+      default = "127.0.0.1:9478";
+      example = "[::1]:9478";
+      description = ''
+        Where the worker serves its status page over TCP (`host:port`, `[v6]:port`; it is always
+        served on the API socket too). Loopback by default: look at it from elsewhere through an SSH
+        tunnel (`ssh -L 9478:127.0.0.1:9478 worker1`, then http://127.0.0.1:9478/). A wildcard
+        address (0.0.0.0, [::]) serves it to the network, read-only. null: the socket only. The port
+        is not opened in the firewall, and must be 1024 or above.
+      '';
+    };
+
+    status.actions = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether the status page offers its forms (restart a VM, apply the desired deployment, roll
+        back). They are taken only over the API socket or from a loopback address, with the page's
+        CSRF token.
+      '';
+    };
   };
 }

@@ -36,6 +36,12 @@ from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Limits
     help="Also serve /metrics over TCP here [default: the configuration's metricsListen].",
 )
 @click.option(
+    "--status-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Also serve the status page over TCP here [default: the configuration's statusListen].",
+)
+@click.option(
     "--interval",
     type=click.FloatRange(min=1.0),
     default=DEFAULT_INTERVAL,
@@ -77,6 +83,7 @@ def worker(  # noqa: PLR0917 - one parameter per option, as Click passes them
     config: Path | None,
     api_socket: Path | None,
     metrics_listen: str | None,
+    status_listen: str | None,
     interval: float,
     poll: float,
     parallel: int,
@@ -98,6 +105,8 @@ def worker(  # noqa: PLR0917 - one parameter per option, as Click passes them
     settings = Settings(
         api_socket=api_socket or h.config.api_socket,
         metrics_listen=metrics_listen or h.config.metrics_listen,
+        status_listen=status_listen or h.config.status_listen,
+        status_actions=h.config.status_actions,
         interval=interval,
         poll=poll,
         limits=Limits(window=crash_window, max_backoff=max_backoff),

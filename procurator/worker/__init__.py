@@ -4,7 +4,9 @@
                supervision actions (restart, give up, leave down)
 - `exits.py`   how a supervised VM ended (exit status, the backend's `guest_end`) and what is kept of it
 - `records.py` the VM records, re-read only when they change
+- `probes.py`  the health of running VMs as the worker last saw it (for the status page)
 - `views.py`   what the API serves: status, supervision, metrics
+- `status.py`  the status page (jinja2 templates in templates/)
 - `api.py`     the HTTP API on the UNIX socket, knowing the daemon only as its `Service` protocol
 - `client.py`  the API's client, for every command that talks to a running worker
 """

@@ -2,14 +2,22 @@
 
 The server is the standard library's `ThreadingHTTPServer` bound to an AF_UNIX socket (mode 0600; a
 stale socket file is replaced, a live one means another worker runs and is refused); an optional TCP
-listener serves `/metrics` only. Requests are parsed by `http.server`; this module only routes them.
+listener (metricsListen) serves `/metrics` only, another (statusListen) the status page, the read-only
+JSON it polls and, from loopback peers, its actions. Requests are parsed by `http.server`; this module
+only routes them.
 
-    GET  /status                    {"worker": {...}, "vms": [VmStatus.to_json()...], "supervision": {...}}
+    GET  /status                    {"worker": {...}, "vms": [VmStatus.to_json()...], "supervision": {...},
+                                     "details": {NAME: {last_exit, health, cpu_seconds, memory_bytes}}}
     GET  /plan[?deployment=PATH]    the plan to PATH (default: the desired deployment)
     POST /apply                     {"deployment": PATH, "wait"?: "none"|"booted"|"healthy"} -> the report
     GET  /history                   the deployment profile's generations
     POST /pause, /resume            {"vm": NAME} -> the VM as `ps --json` shows it (paused or running)
     GET  /metrics                   Prometheus text exposition
+    GET  /                          the status page (HTML, worker/status.py)
+    GET  /vm/NAME                   one VM's page, with the tail of its serial log
+    GET  /vm/NAME/log?offset=N      what the serial log gained since byte N, as JSON text
+    POST /actions/restart|apply|rollback   the page's forms: only with statusActions, a CSRF token, and
+                                    over the UNIX socket or from a loopback address
 
 Errors answer `{"error": message, "type": error class}` with 400 (bad request, invalid input), 404
 (unknown path or object), 405 (wrong method), 409 (conflict, state lock busy), 503 (busy or stopping) or
@@ -32,7 +40,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from procurator import metrics, sockets
 from procurator.errors import (
@@ -46,13 +54,34 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.lifecycle import WaitFor
+from procurator.worker import status
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 SERVE_POLL = 0.2  # how often serve_forever looks for a shutdown request
 
+HTML = "text/html; charset=utf-8"
+
+
+class ForbiddenError(UsageError):
+    """A status page action that is not allowed here (answered 403)."""
+
+
+def _route(path: str) -> tuple[str, str]:
+    """The route a path takes, and the VM name in /vm/NAME paths ("" otherwise)."""
+    parts = path.split("/")
+    if len(parts) in (3, 4) and parts[1] == "vm" and parts[2]:
+        name = unquote(parts[2])
+        if len(parts) == 3:
+            return "/vm/*", name
+        if parts[3] == "log":
+            return "/vm/*/log", name
+    return path, ""
+
+
 _STATUS = {
+    ForbiddenError: 403,
     UsageError: 400,
     ValidationError: 400,
     NotFoundError: 404,
@@ -98,6 +127,24 @@ class Service(Protocol):
 
     def metrics_text(self) -> str: ...
 
+    @property
+    def status_actions(self) -> bool: ...
+
+    @property
+    def csrf(self) -> status.Csrf: ...
+
+    def page(self) -> str: ...
+
+    def vm_page(self, name: str) -> str: ...
+
+    def vm_log(self, name: str, offset: int) -> dict[str, Any]: ...
+
+    def restart_vm(self, name: str) -> None: ...
+
+    def apply_desired(self) -> Any: ...
+
+    def rollback(self) -> Any: ...
+
 
 # --- the server --------------------------------------------------------------------------------------
 
@@ -108,6 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "procurator-worker"
     timeout = 60.0  # a client that stops sending (or reading) mid-request is dropped after this
     query: dict[str, list[str]]
+    name: str  # the NAME of /vm/NAME routes
     sys_version = ""
 
     # Routes: path -> {method: handler name}
@@ -119,8 +167,20 @@ class _Handler(BaseHTTPRequestHandler):
         "/pause": {"POST": "post_pause"},
         "/resume": {"POST": "post_resume"},
         "/metrics": {"GET": "get_metrics"},
+        "/": {"GET": "get_page"},
+        "/vm/*": {"GET": "get_vm_page"},
+        "/vm/*/log": {"GET": "get_vm_log"},
+        "/actions/restart": {"POST": "post_restart"},
+        "/actions/apply": {"POST": "post_apply_desired"},
+        "/actions/rollback": {"POST": "post_rollback"},
     }
-    METRICS_ONLY = frozenset({"/metrics"})
+    # What each kind of listener serves: the UNIX socket everything; a TCP listener only these.
+    SERVED: ClassVar[dict[str, frozenset[str] | None]] = {
+        "api": None,
+        "metrics": frozenset({"/metrics"}),
+        "status": frozenset({"/", "/vm/*", "/vm/*/log", "/status", "/history", "/metrics",
+                             "/actions/restart", "/actions/apply", "/actions/rollback"}),
+    }  # fmt: skip
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("api: " + format, *args)
@@ -139,8 +199,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
-        routes = self.ROUTES.get(url.path)
-        if routes is None or (self.server.metrics_only and url.path not in self.METRICS_ONLY):
+        route, self.name = _route(url.path)
+        routes = self.ROUTES.get(route)
+        served = self.SERVED[self.server.kind]
+        if routes is None or (served is not None and route not in served):
             self._error(404, "NotFound", f"no such endpoint {url.path!r}; see GET /status")
             return
         name = routes.get(method)
@@ -199,6 +261,60 @@ class _Handler(BaseHTTPRequestHandler):
     def get_metrics(self, worker: Service) -> None:
         self._send(200, worker.metrics_text().encode(), metrics.CONTENT_TYPE)
 
+    # --- the status page ---
+
+    def get_page(self, worker: Service) -> None:
+        self._send(200, worker.page().encode(), HTML)
+
+    def get_vm_page(self, worker: Service) -> None:
+        self._send(200, worker.vm_page(self.name).encode(), HTML)
+
+    def get_vm_log(self, worker: Service) -> None:
+        values = self.query.get("offset", ["0"])
+        if not values[-1].isdigit():
+            raise UsageError(f"offset: {values[-1]!r} is not a byte offset")
+        self._json(200, worker.vm_log(self.name, int(values[-1])))
+
+    def post_restart(self, worker: Service) -> None:
+        form = self._form(worker)
+        name = (form.get("vm") or [""])[-1]
+        if not name:
+            raise UsageError("the restart form names no VM")
+        worker.restart_vm(name)
+        self._see_other(f"/vm/{quote(name)}")
+
+    def post_apply_desired(self, worker: Service) -> None:
+        self._form(worker)
+        worker.apply_desired()
+        self._see_other("/")
+
+    def post_rollback(self, worker: Service) -> None:
+        self._form(worker)
+        worker.rollback()
+        self._see_other("/")
+
+    def _form(self, worker: Service) -> dict[str, list[str]]:
+        """A page form's fields, once the action is allowed: statusActions on, the socket or a loopback
+        peer, a url-encoded body with the page's CSRF token."""
+        if not worker.status_actions:
+            raise ForbiddenError(
+                "the status page's actions are off; set statusActions in the worker configuration"
+            )
+        if not self.server.trusted(self.client_address):
+            raise ForbiddenError("actions are taken only over the worker's socket or from a loopback address")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit() or int(length) > MAX_BODY:
+            raise UsageError("a form body with Content-Length is required")
+        form = status.parse_form(self.rfile.read(int(length)))
+        worker.csrf.check(form)
+        return form
+
+    def _see_other(self, where: str) -> None:
+        self.send_response(303, HTTPStatus(303).phrase)
+        self.send_header("Location", where)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     # --- plumbing ---
 
     def _body(self) -> Any:
@@ -237,10 +353,14 @@ class _UnixServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, path: Path, worker: Service, *, metrics_only: bool = False) -> None:
+    kind = "api"
+
+    def __init__(self, path: Path, worker: Service) -> None:
         self.worker = worker
-        self.metrics_only = metrics_only
         super().__init__(str(path), _Handler)  # type: ignore[arg-type]  # AF_UNIX takes a path
+
+    def trusted(self, _client: Any) -> bool:
+        return True  # the socket is 0600: only its owner connects
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look the "host" up in DNS: a UNIX socket has no host or port.
@@ -257,11 +377,20 @@ class _TcpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, worker: Service) -> None:
+    def __init__(
+        self, address: tuple[str, int], family: socket.AddressFamily, worker: Service, kind: str
+    ) -> None:
         self.address_family = family
         self.worker = worker
-        self.metrics_only = True
+        self.kind = kind  # "metrics" or "status": what it serves (_Handler.SERVED)
         super().__init__(address, _Handler)
+
+    def trusted(self, client: Any) -> bool:
+        """Whether a page action may come from `client`: a loopback peer only."""
+        try:
+            return ipaddress.ip_address(str(client[0]).split("%")[0]).is_loopback
+        except (ValueError, IndexError, TypeError):
+            return False
 
 
 class Server:
@@ -301,9 +430,15 @@ def parse_listen(text: str) -> tuple[str, int, socket.AddressFamily]:
     return host, int(port_text), family
 
 
-def serve(worker: Service, api_socket: Path, metrics_listen: str | None) -> list[Server]:
-    """Start the API on `api_socket` (and /metrics on `metrics_listen`); refuses if a worker runs there."""
-    listen = parse_listen(metrics_listen) if metrics_listen else None  # a typo fails before anything
+def serve(
+    worker: Service, api_socket: Path, metrics_listen: str | None, status_listen: str | None = None
+) -> list[Server]:
+    """Start the API on `api_socket`, /metrics on `metrics_listen` and the status page on `status_listen`
+    (TCP, each optional); refuses if a worker runs there."""
+    tcp: list[tuple[str, str, tuple[str, int, socket.AddressFamily]]] = []
+    for kind, listen in (("metrics", metrics_listen), ("status", status_listen)):
+        if listen:
+            tcp.append((kind, listen, parse_listen(listen)))  # a typo fails before anything
     api_socket.parent.mkdir(parents=True, exist_ok=True)
     claimed = sockets.claim(api_socket)
     if claimed is sockets.Claim.IN_USE:
@@ -315,14 +450,12 @@ def serve(worker: Service, api_socket: Path, metrics_listen: str | None) -> list
     except OSError as exc:
         raise ConfigError(f"{api_socket}: cannot serve the API: {exc.strerror or exc}") from exc
     servers = [Server(unix, str(api_socket), api_socket)]
-    if listen is not None:
-        host, port, family = listen
+    for kind, listen, (host, port, family) in tcp:
         try:
-            tcp = _TcpServer((host, port), family, worker)
+            server = _TcpServer((host, port), family, worker, kind)
         except OSError as exc:
-            servers[0].close()
-            raise ConfigError(
-                f"metrics listen {metrics_listen}: cannot listen: {exc.strerror or exc}"
-            ) from exc
-        servers.append(Server(tcp, f"{host}:{port}"))
+            for started in servers:
+                started.close()
+            raise ConfigError(f"{kind} listen {listen}: cannot listen: {exc.strerror or exc}") from exc
+        servers.append(Server(server, f"{host}:{port}"))
     return servers

@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procurator import history, lifecycle, metrics, network, notify, process, reconcile, sweep
+from procurator import history, lifecycle, logfiles, metrics, network, notify, process, reconcile, sweep
 from procurator.errors import NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
 from procurator.state import VmRecord
 from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Decision, ExitKind, Limits, Verdict, decide
-from procurator.worker import api, views
+from procurator.worker import api, probes, status, views
 from procurator.worker.exits import Exit, Tracked, observe_exit, reap
 from procurator.worker.records import RecordCache
 from procurator.worker.views import ApplyReport, Figures
@@ -73,6 +73,9 @@ class Settings:
     wait: WaitFor = WaitFor.HEALTHY  # what reconciles wait for (POST /apply may say otherwise)
     adopt_grace: float = 30.0  # an alive hypervisor that does not answer this long is treated as crashed
     counters_ttl: float = 10.0
+    status_listen: str | None = None  # "host:port" for a TCP listener serving the status page (read-only)
+    status_actions: bool = False  # the page's forms (restart, apply, rollback), over the socket or loopback
+    health_every: float = probes.PROBE_EVERY  # seconds between two rounds of health probes (the page)
 
 
 class Worker:
@@ -105,6 +108,8 @@ class Worker:
         self._restarted_total = 0
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
         self._servers: list[api.Server] = []
+        self.health = probes.HealthWatch(host, every=settings.health_every, wall=wall)
+        self.csrf = status.Csrf()
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -112,7 +117,10 @@ class Worker:
         """Serve the API, sweep, adopt and reconcile, then supervise until `stop()`."""
         self.host.state.ensure()
         _raise_open_files_limit()
-        self._servers = api.serve(self, self.settings.api_socket, self.settings.metrics_listen)
+        self._servers = api.serve(
+            self, self.settings.api_socket, self.settings.metrics_listen, self.settings.status_listen
+        )
+        self.health.start()
         try:
             log.info("worker: serving on %s", self.settings.api_socket)
             with self._working():
@@ -152,6 +160,7 @@ class Worker:
             # Let a reconcile or restart that is under way finish (bounded); the VMs keep running.
             if self._work.acquire(timeout=STOP_GRACE):
                 self._work.release()
+            self.health.stop()
             self._pids.close()
             log.info("worker: stopped; VMs keep running")
 
@@ -500,6 +509,7 @@ class Worker:
             durations=self._durations,
             restarted_total=self._restarted_total,
             tracked=dict(self._tracked),
+            health=self.health.seen(),
         )
 
     def status_json(self) -> dict[str, Any]:
@@ -510,6 +520,54 @@ class Worker:
 
     def metrics_text(self) -> str:
         return views.metrics_text(self.figures(), self.host, self.counters)
+
+    # --- the status page (worker/status.py) --------------------------------------------------------
+
+    @property
+    def status_actions(self) -> bool:
+        return self.settings.status_actions
+
+    def page(self) -> str:
+        return status.index(
+            self.status_json(), self.history(), actions=self.status_actions, csrf=self.csrf.token
+        )
+
+    def vm_page(self, name: str) -> str:
+        now = self.status_json()
+        vm = next((v for v in now["vms"] if v["name"] == name), None)
+        if vm is None:
+            raise NotFoundError(f"no VM named {name!r} on this host")
+        path = lifecycle.serial_log(self.host, name)
+        lines = logfiles.tail(path, status.LOG_LINES)
+        offset = path.stat().st_size if path.exists() else 0
+        return status.vm_page(
+            vm, now["details"].get(name, {}), lines, offset, actions=self.status_actions, csrf=self.csrf.token
+        )
+
+    def vm_log(self, name: str, offset: int) -> dict[str, Any]:
+        return status.log_since(lifecycle.serial_log(self.host, name), offset)
+
+    def restart_vm(self, name: str) -> None:
+        """The page's restart: stop the VM (its record, lease and volumes kept) and boot it again."""
+        with self._working(timeout=WORK_WAIT):
+            lifecycle.stop(self.host, name)
+            lifecycle.start(self.host, name, wait=WaitFor.BOOTED)
+            self._tracked.pop(name, None)
+
+    def apply_desired(self) -> ApplyReport:
+        """The page's apply: reconcile to the deployment profile's current generation now."""
+        deployment = self.desired()
+        if deployment is None:
+            raise NotFoundError(f"no desired deployment: {self.profile_path()} does not exist yet")
+        with self._working(timeout=WORK_WAIT):
+            return self._reconcile("api", deployment, self.settings.wait)
+
+    def rollback(self) -> Any:
+        """The page's rollback: the generation before the current one (as `procurator rollback`)."""
+        with self._working(timeout=WORK_WAIT):
+            result = reconcile.rollback(self.host, parallel=self.settings.parallel, wait=self.settings.wait)
+            self._profile_seen = self._profile_target()
+            return result.to_json()
 
 
 def _raise_open_files_limit() -> None:

@@ -15,6 +15,7 @@ from procurator.models import Deployment
 from procurator.state import Damaged
 from procurator.supervision import Verdict, recent
 from procurator.worker.exits import Tracked
+from procurator.worker.probes import Seen
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Figures:
     durations: metrics.Histogram
     restarted_total: int
     tracked: Mapping[str, Tracked]
+    health: Mapping[str, Seen]
 
 
 def supervision_json(fig: Figures) -> dict[str, Any]:
@@ -101,6 +103,7 @@ def status_json(fig: Figures, host: Host) -> dict[str, Any]:
             "restarts": fig.restarted_total,
         },
         "vms": vms_json(host),
+        "details": details_json(fig, host),
         "supervision": supervision_json(fig),
     }
 
@@ -109,6 +112,31 @@ def vms_json(host: Host) -> list[dict[str, Any]]:
     statuses, damaged = lifecycle.listing(host)
     rows = [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged]
     return sorted(rows, key=lambda row: str(row["name"]))
+
+
+def details_json(fig: Figures, host: Host) -> dict[str, dict[str, Any]]:
+    """What the status page shows beside `ps --json`'s fields: per VM its last exit, the health the
+    worker last saw (worker/probes.py), and its hypervisor's CPU time and resident memory."""
+    statuses, _ = lifecycle.listing(host)
+    out: dict[str, dict[str, Any]] = {}
+    for status in statuses:
+        r = status.record
+        entry: dict[str, Any] = {
+            "last_exit": r.last_exit,
+            "health": None,
+            "cpu_seconds": None,
+            "memory_bytes": None,
+        }
+        seen = fig.health.get(r.name)
+        if seen is not None and status.status is lifecycle.Status.RUNNING and seen.pid == r.pid:
+            entry["health"] = seen.to_json()
+        if status.status is lifecycle.Status.RUNNING:
+            figures = metrics.process_figures(r.pid, r.start_time)
+            if figures is not None:
+                entry["cpu_seconds"] = round(figures.cpu_seconds, 2)
+                entry["memory_bytes"] = figures.rss_bytes
+        out[r.name] = entry
+    return out
 
 
 def metrics_text(fig: Figures, host: Host, counters: metrics.CountersCache) -> str:

@@ -321,6 +321,31 @@ def test_worker_configuration_file() -> None:
     assert settings["network"]["bridge"] == "procurator0"
 
 
+def test_worker_status_page_settings() -> None:
+    settings = json.loads(worker("{ }", 'e.config.environment.etc."procurator/worker.json".source.text'))
+    assert (settings["statusListen"], settings["statusActions"]) == ("127.0.0.1:9478", False)
+    config = '{ services.procurator.status = { listen = "[::1]:9500"; actions = true; }; }'
+    settings = json.loads(worker(config, 'e.config.environment.etc."procurator/worker.json".source.text'))
+    assert (settings["statusListen"], settings["statusActions"]) == ("[::1]:9500", True)
+    off = json.loads(worker("{ services.procurator.status.listen = null; }",
+                            'e.config.environment.etc."procurator/worker.json".source.text'))  # fmt: skip
+    assert off["statusListen"] is None
+
+
+def test_worker_status_listen_must_be_an_unprivileged_port_apart_from_metrics() -> None:
+    assert worker('{ services.procurator.status.listen = "127.0.0.1:80"; }', "e.failedAssertions") == [
+        'procurator worker: services.procurator.status.listen must be "host:port" or "[v6]:port" with a '
+        'port from 1024 to 65535 (the worker cannot bind privileged ports), got "127.0.0.1:80"'
+    ]
+    both = (
+        '{ services.procurator = { status.listen = "127.0.0.1:9500"; metrics.listen = "127.0.0.1:9500"; }; }'
+    )
+    assert worker(both, "e.failedAssertions") == [
+        'procurator worker: services.procurator.status.listen and metrics.listen are both "127.0.0.1:9500"; '
+        "give the status page another port"
+    ]
+
+
 def test_worker_daemon_unit() -> None:
     service = unit("services", "procurator-worker", module="worker")
     config = service["serviceConfig"]
