@@ -7,11 +7,16 @@
              "uplink": null, "nat": false, "isolate": false, "netns": null},
  "apiSocket": "/run/procurator/api.sock",
  "metricsListen": null,
- "healthTimeout": 600}
+ "healthTimeout": 600,
+ "cgroups": {"mode": "auto", "base": "procurator.slice"}}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `healthTimeout` caps, in seconds, how long one start waits for its health checks, whatever a bundle's
 checks allow (their intervals times their retries).
+`cgroups.mode`: `auto` boxes each hypervisor in a cgroup of its own when the host mounts the memory and
+cpu controllers (and runs it without one, with a warning, when not), `required` refuses to start a VM
+without one, `off` never makes one. `cgroups.base` is where cgroup v2 groups go under the unified
+hierarchy (the NixOS module points it at the worker unit's delegated subtree); v1 ignores it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ class HypervisorSettings:
     accel: str = "auto"  # qemu only: auto | kvm | tcg
 
 
+CGROUP_MODES = ("auto", "required", "off")
+
+
+@dataclass(frozen=True)
+class CgroupSettings:
+    mode: str = "auto"
+    base: str = "procurator.slice"  # v2: relative to the cgroup2 mount
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
@@ -47,6 +61,7 @@ class WorkerConfig:
     api_socket: Path = DEFAULT_API_SOCKET
     metrics_listen: str | None = None  # host:port for the worker's /metrics over TCP
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT  # seconds: the cap on one start's health wait
+    cgroups: CgroupSettings = field(default_factory=CgroupSettings)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -60,6 +75,7 @@ class WorkerConfig:
             "apiSocket",
             "metricsListen",
             "healthTimeout",
+            "cgroups",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -102,6 +118,7 @@ class WorkerConfig:
         if metrics_listen is not None and (not isinstance(metrics_listen, str) or ":" not in metrics_listen):
             raise ValidationError(source, "metricsListen", f"{metrics_listen!r} is not host:port")
         return cls(
+            cgroups=_cgroups(source, data.get("cgroups") or {}),
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
             user=data.get("user"),
@@ -124,3 +141,21 @@ class WorkerConfig:
         except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
             raise ConfigError(f"{path}: cannot read the worker configuration: {exc}") from exc
         return cls.parse(str(path), data)
+
+
+def _cgroups(source: str, data: Any) -> CgroupSettings:
+    if not isinstance(data, dict):
+        raise ValidationError(source, "cgroups", 'expected an object like {"mode": "auto"}')
+    unknown = sorted(set(data) - {"mode", "base"})
+    if unknown:
+        raise ValidationError(source, f"cgroups.{unknown[0]}", "unknown setting; known: base, mode")
+    mode = data.get("mode", "auto")
+    if mode not in CGROUP_MODES:
+        raise ValidationError(source, "cgroups.mode", f"{mode!r} is not one of {', '.join(CGROUP_MODES)}")
+    base = data.get("base", "procurator.slice")
+    parts = base.split("/") if isinstance(base, str) else []
+    if not parts or any(p in ("", ".", "..") or not p.isprintable() for p in parts):
+        raise ValidationError(
+            source, "cgroups.base", f"{base!r} is not a relative cgroup path like procurator.slice"
+        )
+    return CgroupSettings(mode=mode, base=base)
