@@ -14,7 +14,7 @@ import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -88,11 +88,14 @@ def spawn(
     cwd: Path | None = None,
     user: str | None = None,
     netns: str | None = None,
+    join: Callable[[int], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived process in its own session (it survives our exit and our signals).
 
     With `netns`, the process runs inside that named network namespace (`ip netns exec` execs in
-    place, so the pid is the process's own).
+    place, so the pid is the process's own). `join` is called with the child's pid as soon as it is
+    started (it puts the hypervisor into its VM's cgroup before its guest runs); when it fails, the
+    child is killed and reaped and the error raised.
     """
     args = tuple(str(a) for a in argv)
     group: int | None = None
@@ -117,7 +120,7 @@ def spawn(
     log.debug("spawn: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
-        return subprocess.Popen(
+        child = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -136,6 +139,15 @@ def spawn(
         ) from exc
     except (OSError, ValueError) as exc:
         raise ProcessError(f"{args[0]}: cannot start: {exc}", argv=args) from exc
+    if join is not None:
+        try:
+            join(child.pid)
+        except BaseException:
+            child.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5.0)
+            raise
+    return child
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

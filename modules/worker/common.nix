@@ -39,6 +39,12 @@ let
         ;
     };
     inherit apiSocket;
+    # Each hypervisor in a cgroup of its own (procurator/cgroup.py) inside the worker unit's delegated
+    # subtree (service.nix: Slice, Delegate, DelegateSubgroup); a host without it refuses to start VMs.
+    cgroups = {
+      mode = "required";
+      base = "procurator.slice/procurator-worker.service";
+    };
   };
   configPath = "/etc/procurator/worker.json";
 
@@ -75,7 +81,9 @@ let
     ProtectKernelTunables = true;
     ProtectKernelModules = true;
     ProtectKernelLogs = true;
-    ProtectControlGroups = true;
+    # Writable: the VMs' cgroups (memory, CPU, I/O limits) are made and removed below the worker unit's
+    # delegated cgroup, by the worker and by the units that start or stop VMs (apply, shutdown).
+    ProtectControlGroups = false;
     ProtectClock = true;
     ProtectHostname = true;
     RestrictNamespaces = true;
@@ -95,6 +103,8 @@ let
   #   CAP_DAC_OVERRIDE  open what the hypervisors own as `user`: QEMU creates its QMP socket itself,
   #                     and a restart touches log files already handed over; without it root is an
   #                     ordinary "other" user for those files
+  #   CAP_SYS_NICE      pin a QEMU VM's vCPU threads (sched_setaffinity of another user's threads,
+  #                     resources.cpuAffinity); cloud-hypervisor pins its own
   # Not CAP_SYS_ADMIN: no mounts (volumes are image files formatted with mkfs, the guest mounts
   # them), and no network namespaces (the worker uses the host's). Not CAP_SYS_MODULE: the kernel
   # loads bridge, tun and nf_tables modules on demand. No ambient capabilities: the worker is root,
@@ -107,6 +117,7 @@ let
     "CAP_CHOWN"
     "CAP_KILL"
     "CAP_DAC_OVERRIDE"
+    "CAP_SYS_NICE"
   ];
 
   # The worker's sandbox. Its processes include the hypervisors, so the devices are theirs: KVM and
