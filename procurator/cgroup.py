@@ -44,6 +44,7 @@ DEFAULT_V2_BASE = "procurator.slice"
 PREFIX = "vm-"
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "blkio")
 V2_CONTROLLERS = ("memory", "cpu", "io")
+V2_OPTIONAL = frozenset({"memory.swap.max", "io.weight"})  # a kernel may lack them (swap, iocost)
 CPU_PERIOD_US = 100_000
 REMOVE_TIMEOUT = 5.0  # seconds a group gets to empty after its hypervisor exited (zombie reaping, exit)
 CPU_WEIGHT_DEFAULT = 100
@@ -94,6 +95,8 @@ class Group:
 class Driver(Protocol):
     @property
     def version(self) -> int: ...
+
+    def dirs(self, name: str) -> tuple[Path, ...]: ...
 
     def create(self, name: str, limits: Limits) -> Group: ...
 
@@ -219,6 +222,9 @@ class V2:
     def _dir(self, name: str) -> Path:
         return self.base_dir / (PREFIX + name)
 
+    def dirs(self, name: str) -> tuple[Path, ...]:
+        return (self._dir(name),)
+
     def prepare(self) -> None:
         """Make `base` (and the slices above it) and enable the controllers down to it (idempotent)."""
         parts = Path(self.base).parts
@@ -247,6 +253,8 @@ class V2:
         directory = self._dir(name)
         _mkdir(directory)
         for file, value in self._values(limits).items():
+            if file in V2_OPTIONAL and not (directory / file).exists():
+                continue  # no swap accounting, or no weight-based I/O control (iocost) on this kernel
             _write(directory / file, value)
         return Group(name, (directory,))
 
@@ -273,6 +281,10 @@ class V2:
             found = _read(directory / file).strip()
             if found != want:
                 raise CgroupError(f"{directory / file}: reads {found!r} after writing {want!r}")
+        if not (directory / "io.weight").exists():
+            if limits.io_weight == IO_WEIGHT_DEFAULT:
+                return ()
+            return ("io weight: no io.weight on this host (its kernel has no iocost)",)
         io = " ".join(_read(directory / "io.weight").split()[:2])
         wrote = values["io.weight"]
         if io != wrote:
@@ -311,7 +323,7 @@ class V1:
     mounts: Mapping[str, Path]  # controller -> its hierarchy's mount point (joint mounts repeat one)
     version: int = field(default=1, init=False)
 
-    def _dirs(self, name: str) -> tuple[Path, ...]:
+    def dirs(self, name: str) -> tuple[Path, ...]:
         seen: list[Path] = []
         for controller in V1_CONTROLLERS:
             mount = self.mounts.get(controller)
@@ -330,7 +342,7 @@ class V1:
                     f"the cgroup v1 {controller} controller is not mounted (see /proc/mounts); mount it "
                     f"at {ROOT / controller}"
                 )
-        dirs = self._dirs(name)
+        dirs = self.dirs(name)
         for directory in dirs:
             _mkdir(directory.parent)
             _mkdir(directory)
@@ -397,19 +409,19 @@ class V1:
 
     def pids(self, name: str) -> list[int]:
         found: set[int] = set()
-        for directory in self._dirs(name):
+        for directory in self.dirs(name):
             found.update(_procs(directory))
         return sorted(found)
 
     def remove(self, name: str, timeout: float = REMOVE_TIMEOUT) -> bool:
-        dirs = self._dirs(name)
+        dirs = self.dirs(name)
         gone = _wait_removed(dirs, timeout)
         for directory in dirs:  # the shared `procurator` parent goes with the last VM's group
             _rmdir(directory.parent)
         return gone
 
     def leftovers(self) -> list[str]:
-        return _vm_groups([d.parent for d in self._dirs("x")])
+        return _vm_groups([d.parent for d in self.dirs("x")])
 
 
 def _vm_groups(parents: Iterable[Path]) -> list[str]:
