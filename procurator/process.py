@@ -195,6 +195,9 @@ def wait_gone(pid: int, start_time: int | None, timeout: float, *, poll: float =
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         if not alive(pid, start_time):
+            # It may have turned zombie since the waitpid above: reap it now, or it stays one.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             return True
         if time.monotonic() >= deadline:
             return False
