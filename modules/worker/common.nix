@@ -81,9 +81,7 @@ let
     ProtectKernelTunables = true;
     ProtectKernelModules = true;
     ProtectKernelLogs = true;
-    # Writable: the VMs' cgroups (memory, CPU, I/O limits) are made and removed below the worker unit's
-    # delegated cgroup, by the worker and by the units that start or stop VMs (apply, shutdown).
-    ProtectControlGroups = false;
+    ProtectControlGroups = true;
     ProtectClock = true;
     ProtectHostname = true;
     RestrictNamespaces = true;
@@ -125,6 +123,9 @@ let
   # /dev/null, /dev/zero, /dev/urandom and the other pseudo-devices.
   workerSandbox = sandbox // {
     CapabilityBoundingSet = capabilities;
+    # Writable cgroupfs: the VMs' cgroups (memory, CPU, I/O limits) are made and removed below the
+    # worker unit's delegated cgroup, by the worker and by the unit that stops the VMs with the host.
+    ProtectControlGroups = false;
     DevicePolicy = "closed";
     DeviceAllow = [
       "/dev/kvm rw"
