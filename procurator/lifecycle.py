@@ -169,7 +169,10 @@ def limits(bundle: Bundle) -> cgroup.Limits:
 def unbox(host: Host, name: str) -> None:
     """Remove VM `name`'s cgroup once its hypervisor is gone (bounded; a group still holding a process
     is left, with a warning, for `down` or the sweep). For the worker when a hypervisor exited."""
-    drv = cgroups(host)
+    try:
+        drv = cgroups(host)
+    except CgroupError:  # `required` on a host without cgroups: no group was ever made
+        return
     if drv is not None and not drv.remove(name):
         log.warning("%s: its cgroup still holds processes %s; left for the sweep", name, drv.pids(name))
 
@@ -307,6 +310,8 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
         if drv is not None:  # before the hypervisor: it joins its group before its guest runs
             box = drv.create(name, limits(bundle))
             undo.callback(drv.remove, name)
+        elif host.config.cgroups.mode == "auto":
+            log.warning("%s: runs without a cgroup (this host mounts no memory and cpu controllers)", name)
         spec = LaunchSpec(
             name=name,
             vm_dir=vm_dir,
@@ -591,11 +596,22 @@ def listing(host: Host) -> tuple[list[VmStatus], list[Damaged]]:
     """`status` of every readable record, and apart the VMs whose record is damaged."""
     now = host.clock()
     records, damaged = host.state.scan()
-    statuses = [classify(record, _running(record), now) for record in records]
-    drv = cgroups(host) if any(s.status is Status.RUNNING for s in statuses) else None
-    if drv is not None:
-        statuses = [_with_usage(drv, s) for s in statuses]
-    return statuses, damaged
+    return with_usage(host, [classify(record, _running(record), now) for record in records]), damaged
+
+
+def with_usage(host: Host, statuses: list[VmStatus]) -> list[VmStatus]:
+    """`statuses` with each running VM's usage read from its cgroup (`ps --json` `resources`, metrics)."""
+    if not any(s.status is Status.RUNNING for s in statuses):
+        return statuses
+    try:  # no figures is no failed listing: a host without cgroups, or a group removed under us
+        drv = cgroups(host)
+        boxed = set() if drv is None else set(drv.leftovers())  # only existing groups are read
+    except CgroupError as exc:
+        log.debug("no usage: %s", exc)
+        return statuses
+    if drv is None:
+        return statuses
+    return [_with_usage(drv, s) if s.record.name in boxed else s for s in statuses]
 
 
 def _with_usage(drv: cgroup.Driver, status: VmStatus) -> VmStatus:
