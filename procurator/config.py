@@ -10,7 +10,8 @@
  "healthTimeout": 600,
  "snapshotKeep": 3,
  "statusListen": null,
- "statusActions": false}
+ "statusActions": false,
+ "cgroups": {"mode": "auto", "base": "procurator.slice"}}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
@@ -18,6 +19,10 @@
 `healthTimeout` caps, in seconds, how long one start waits for its health checks, whatever a bundle's
 checks allow (their intervals times their retries). `snapshotKeep` is how many snapshots
 `procurator snapshot` keeps per VM (the oldest beyond it are removed; `--keep` overrides it).
+`cgroups.mode`: `auto` boxes each hypervisor in a cgroup of its own when the host mounts the memory and
+cpu controllers (and runs it without one, with a warning, when not), `required` refuses to start a VM
+without one, `off` never makes one. `cgroups.base` is where cgroup v2 groups go under the unified
+hierarchy (the NixOS module points it at the worker unit's delegated subtree); v1 ignores it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ class HypervisorSettings:
     accel: str = "auto"  # qemu only: auto | kvm | tcg
 
 
+CGROUP_MODES = ("auto", "required", "off")
+
+
+@dataclass(frozen=True)
+class CgroupSettings:
+    mode: str = "auto"
+    base: str = "procurator.slice"  # v2: relative to the cgroup2 mount
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
@@ -58,6 +72,7 @@ class WorkerConfig:
     snapshot_keep: int = DEFAULT_SNAPSHOT_KEEP  # snapshots kept per VM
     status_listen: str | None = None  # host:port for the status page over TCP
     status_actions: bool = False  # the status page's forms
+    cgroups: CgroupSettings = field(default_factory=CgroupSettings)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -74,6 +89,7 @@ class WorkerConfig:
             "snapshotKeep",
             "statusListen",
             "statusActions",
+            "cgroups",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -139,6 +155,7 @@ class WorkerConfig:
         if not isinstance(status_actions, bool):
             raise ValidationError(source, "statusActions", f"expected true or false, not {status_actions!r}")
         return cls(
+            cgroups=_cgroups(source, data.get("cgroups") or {}),
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
             user=data.get("user"),
@@ -164,3 +181,21 @@ class WorkerConfig:
         except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
             raise ConfigError(f"{path}: cannot read the worker configuration: {exc}") from exc
         return cls.parse(str(path), data)
+
+
+def _cgroups(source: str, data: Any) -> CgroupSettings:
+    if not isinstance(data, dict):
+        raise ValidationError(source, "cgroups", 'expected an object like {"mode": "auto"}')
+    unknown = sorted(set(data) - {"mode", "base"})
+    if unknown:
+        raise ValidationError(source, f"cgroups.{unknown[0]}", "unknown setting; known: base, mode")
+    mode = data.get("mode", "auto")
+    if mode not in CGROUP_MODES:
+        raise ValidationError(source, "cgroups.mode", f"{mode!r} is not one of {', '.join(CGROUP_MODES)}")
+    base = data.get("base", "procurator.slice")
+    parts = base.split("/") if isinstance(base, str) else []
+    if not parts or any(p in ("", ".", "..") or not p.isprintable() for p in parts):
+        raise ValidationError(
+            source, "cgroups.base", f"{base!r} is not a relative cgroup path like procurator.slice"
+        )
+    return CgroupSettings(mode=mode, base=base)

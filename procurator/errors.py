@@ -123,6 +123,10 @@ class InvalidStateError(HypervisorApiError):
     """The hypervisor refused an action because the VM is in the wrong state (cloud-hypervisor's 500)."""
 
 
+class CgroupError(ProcuratorError):
+    """A VM's cgroup could not be made, joined, limited, read or removed (the message names the file)."""
+
+
 class WaitTimeoutError(ProcuratorError):
     """A bounded wait ran out. The message says what was waited for and for how long."""
 

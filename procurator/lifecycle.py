@@ -7,6 +7,8 @@ on any failure, so a failed `up` leaves no process, TAP, socket or record behind
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -21,9 +23,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from procurator import network, process, snapshots, sweep
+from procurator import cgroup, network, process, snapshots, sweep
 from procurator.config import WorkerConfig
 from procurator.errors import (
+    CgroupError,
     ConfigError,
     ConflictError,
     DamagedStateError,
@@ -31,6 +34,7 @@ from procurator.errors import (
     NotFoundError,
     ProcuratorError,
     StateError,
+    ValidationError,
 )
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult, VmState
@@ -65,6 +69,7 @@ class VmStatus:
     record: VmRecord
     status: Status  # of the process: RUNNING while it runs, paused guest or not
     uptime: float | None
+    usage: cgroup.Usage | None = None  # from the VM's cgroup while it runs (None: no group)
 
     @property
     def state(self) -> str:
@@ -83,6 +88,7 @@ class VmStatus:
             "pid": r.pid if self.status is Status.RUNNING else None,
             "uptime": round(self.uptime, 1) if self.uptime is not None else None,
             "restarts": r.restarts,
+            "resources": None if self.usage is None else self.usage.to_json(),
         }
 
 
@@ -134,6 +140,72 @@ class Host:
         return 0 if owner is None else owner[0]
 
 
+def cgroups(host: Host) -> cgroup.Driver | None:
+    """The cgroup driver for this host's hierarchy, as the configuration's `cgroups.mode` allows."""
+    settings = host.config.cgroups
+    if settings.mode == "off":
+        return None
+    found = cgroup.driver(settings.base)
+    if found is None and settings.mode == "required":
+        raise CgroupError(
+            "this host mounts neither cgroup v2 with the memory and cpu controllers nor cgroup v1's memory "
+            "and cpu (see /proc/mounts); mount them, or set the worker configuration's cgroups.mode to auto"
+        )
+    return found
+
+
+def limits(bundle: Bundle) -> cgroup.Limits:
+    """The bundle's resources as its group's limits (docs/bundle.md, `resources`)."""
+    res = bundle.meta.resources
+    quota = res.cpu_quota_percent
+    return cgroup.Limits(
+        memory_max=res.memory_max(int(bundle.vm_config["memory"]["size"])),
+        cpu_quota_us=None if quota is None else quota * cgroup.CPU_PERIOD_US // 100,
+        cpu_weight=res.cpu_weight,
+        io_weight=res.io_weight,
+    )
+
+
+def unbox(host: Host, name: str) -> None:
+    """Remove VM `name`'s cgroup once its hypervisor is gone (bounded; a group still holding a process
+    is left, with a warning, for `down` or the sweep). For the worker when a hypervisor exited."""
+    try:
+        drv = cgroups(host)
+    except CgroupError:  # `required` on a host without cgroups: no group was ever made
+        return
+    if drv is not None and not drv.remove(name):
+        log.warning("%s: its cgroup still holds processes %s; left for the sweep", name, drv.pids(name))
+
+
+def _check_affinity(bundle: Bundle) -> None:
+    pinned = set(bundle.meta.resources.cpu_affinity)
+    online = _online_cpus()
+    if pinned and online is not None and not pinned <= online:
+        raise ValidationError(
+            str(bundle.path / "procurator.json"),
+            "resources.cpuAffinity",
+            f"names CPUs {sorted(pinned - online)}, which this host does not have (online: "
+            f"{sorted(online)}); rebuild the VM with this host's CPUs",
+        )
+
+
+def _online_cpus() -> set[int] | None:
+    try:
+        text = Path("/sys/devices/system/cpu/online").read_text().strip()
+    except OSError:
+        return None
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def _locked(host: Host) -> contextlib.AbstractContextManager[None]:
+    base = None if host.config.cgroups.mode == "off" else host.config.cgroups.base
+    return sweep.locked(host.state, host.net, cgroup_base=base)
+
+
 def _running(record: VmRecord) -> bool:
     return record.pid > 0 and process.alive(record.pid, record.start_time)
 
@@ -144,8 +216,9 @@ def _guest_address(host: Host, ip: str) -> GuestAddress:
 
 
 def _forget(host: Host, name: str, record: VmRecord | None = None) -> None:
-    """Remove what a VM that is no longer running left: its TAPs and its directory (not its volumes)."""
+    """Remove what a VM that is no longer running left: its TAPs, cgroup and directory (not its volumes)."""
     _detach(host, name, record)
+    unbox(host, name)
     host.state.remove_vm_dir(name)
 
 
@@ -170,7 +243,7 @@ def up(
 ) -> VmRecord:
     """Boot `bundle` as a new VM. Refuses a name that is already running."""
     name = bundle.name
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         existing = host.state.load_record(name)
         if existing is not None and _running(existing):
             raise ConflictError(
@@ -231,6 +304,14 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             address=_guest_address(host, lease.ip) if nics else None,
         )
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
+        _check_affinity(bundle)
+        drv = cgroups(host)
+        box: cgroup.Group | None = None
+        if drv is not None:  # before the hypervisor: it joins its group before its guest runs
+            box = drv.create(name, limits(bundle))
+            undo.callback(drv.remove, name)
+        elif host.config.cgroups.mode == "auto":
+            log.warning("%s: runs without a cgroup (this host mounts no memory and cpu controllers)", name)
         spec = LaunchSpec(
             name=name,
             vm_dir=vm_dir,
@@ -239,9 +320,13 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
             user=host.config.user,
             netns=host.net.netns,
+            join=None if drv is None or box is None else functools.partial(drv.join, box),
         )
         handle = hv.start(spec)
         undo.callback(hv.kill, handle)
+        if drv is not None and box is not None:  # measure what was acted on: in its group, limits as set
+            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle)):
+                log.warning("%s: %s", name, note)
 
         now = host.clock()
         record = VmRecord(
@@ -341,7 +426,7 @@ def pause(host: Host, name: str) -> bool:
     The record says so (`ps` shows `paused`, a worker restarted meanwhile keeps it paused), and the
     hypervisor is asked back for its state afterwards (measure, act, verify).
     """
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         record = _require(host, name)
         if not _running(record):
             raise ConflictError(f"VM {name!r} is not running; only a running VM can be paused")
@@ -356,7 +441,7 @@ def pause(host: Host, name: str) -> bool:
 
 def resume(host: Host, name: str) -> bool:
     """Run a paused VM's guest again; False when it was not paused (nothing done)."""
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         record = _require(host, name)
         if not _running(record):
             raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
@@ -378,7 +463,7 @@ def _expect_state(hv: Hypervisor, record: VmRecord, want: VmState, what: str) ->
 def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
     """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes, snapshots and
     lease."""
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         try:
             record = host.state.load_record(name)
         except DamagedStateError:
@@ -414,13 +499,14 @@ def _release_lease(host: Host, name: str) -> None:
 
 def stop(host: Host, name: str) -> StopResult | None:
     """Stop the VM but keep its record, lease and volumes, so `start` boots the same generation again."""
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         record = _require(host, name)
         # The intent is written first: if it cannot be (a full disk), the VM is left running and the
         # record as it was; once written, nothing (the worker) starts the VM again behind the user's back.
         host.state.save_record(record.with_(desired="stopped", last_exit="stopped by user"))
         result = _shutdown(host, record)
         _detach(host, name, record)
+        unbox(host, name)
         host.state.save_record(
             record.with_(
                 pid=0, start_time=0, taps=(), desired="stopped", last_exit="stopped by user", paused=False
@@ -435,7 +521,7 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
     A start that fails keeps the record (not running, `last_exit` saying why), so the VM is not
     forgotten: `start` can be tried again and `down` removes it.
     """
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         record = _require(host, name)
         if _running(record):
             raise ConflictError(f"VM {name!r} is already running; nothing to start")
@@ -460,7 +546,7 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
     Unlike `stop`, the desired state is kept (the record says `last_exit` = HOST_SHUTDOWN), so the worker
     boots them again when the host comes back. Each stop is bounded by its VM's shutdown timeout.
     """
-    with sweep.locked(host.state, host.net):
+    with _locked(host):
         records, damaged = host.state.scan()
         for bad in damaged:  # its process is unknown: left to run, the guest's own shutdown ends it
             log.warning("%s: not stopped: %s", bad.name, bad.error)
@@ -479,6 +565,7 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
         for record in running:
             network.detach_vm(host.net, record.name)
             if record.name not in errors:
+                unbox(host, record.name)
                 host.state.save_record(
                     record.with_(pid=0, start_time=0, taps=(), last_exit=HOST_SHUTDOWN, paused=False)
                 )
@@ -511,7 +598,33 @@ def listing(host: Host) -> tuple[list[VmStatus], list[Damaged]]:
     """`status` of every readable record, and apart the VMs whose record is damaged."""
     now = host.clock()
     records, damaged = host.state.scan()
-    return [classify(record, _running(record), now) for record in records], damaged
+    return with_usage(host, [classify(record, _running(record), now) for record in records]), damaged
+
+
+def with_usage(host: Host, statuses: list[VmStatus]) -> list[VmStatus]:
+    """`statuses` with each running VM's usage read from its cgroup (`ps --json` `resources`, metrics)."""
+    if not any(s.status is Status.RUNNING for s in statuses):
+        return statuses
+    try:  # no figures is no failed listing: a host without cgroups, or a group removed under us
+        drv = cgroups(host)
+        boxed = set() if drv is None else set(drv.leftovers())  # only existing groups are read
+    except CgroupError as exc:
+        log.debug("no usage: %s", exc)
+        return statuses
+    if drv is None:
+        return statuses
+    return [_with_usage(drv, s) if s.record.name in boxed else s for s in statuses]
+
+
+def _with_usage(drv: cgroup.Driver, status: VmStatus) -> VmStatus:
+    if status.status is not Status.RUNNING:
+        return status
+    try:
+        usage = drv.usage(status.record.name)
+    except CgroupError as exc:  # a group removed under us: no figures, not a failed listing
+        log.debug("%s: no usage: %s", status.record.name, exc)
+        usage = None
+    return dataclasses.replace(status, usage=usage)
 
 
 def damaged_json(bad: Damaged) -> dict[str, Any]:
@@ -526,6 +639,7 @@ def damaged_json(bad: Damaged) -> dict[str, Any]:
         "pid": None,
         "uptime": None,
         "restarts": None,
+        "resources": None,
         "problem": bad.error.message,
     }
 
@@ -795,6 +909,11 @@ def _restore(
             for path in (vm_dir, *volumes.values()):
                 os.chown(path, *owner)
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
+        drv = cgroups(host)  # a restored VM is boxed as a booted one is
+        box: cgroup.Group | None = None
+        if drv is not None:
+            box = drv.create(name, limits(bundle))
+            undo.callback(drv.remove, name)
         spec = LaunchSpec(
             name=name,
             vm_dir=vm_dir,
@@ -803,9 +922,13 @@ def _restore(
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
             user=host.config.user,
             netns=host.net.netns,
+            join=None if drv is None or box is None else functools.partial(drv.join, box),
         )
         handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)
+        if drv is not None and box is not None:
+            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle)):
+                log.warning("%s: %s", name, note)
         restored = record.with_(
             pid=handle.pid,
             start_time=handle.start_time,

@@ -33,6 +33,12 @@ MAX_VOLUME_MIB = 1 << 24
 MAX_SECONDS = 3600  # health intervals and timeouts, restart backoff, shutdown timeout
 MAX_HEALTH_RETRIES = 1000
 MAX_RESTARTS = 1000
+# Resources (docs/bundle.md): the VM's cgroup (procurator/cgroup.py) and its vCPUs' host CPUs.
+MIB = 1024 * 1024
+VMM_OVERHEAD_MIB = 128  # the default memory limit is guest RAM plus this (the VMM, QEMU's TCG buffers)
+MIN_MEMORY_MAX_MIB = 16  # below this no hypervisor starts at all
+MAX_WEIGHT = 10000  # cgroup v2 cpu.weight and io.weight: 1-10000, 100 the default
+MAX_HOST_CPU = 4095  # a host CPU index (the kernel's NR_CPUS on x86_64 distributions is at most 8192)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _IFACE_ID = re.compile(r"^[a-z0-9]{1,8}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -203,6 +209,45 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What the VM's hypervisor may use on the host: its cgroup's limits and its vCPUs' host CPUs."""
+
+    memory_max_mib: int | None = None  # None: guest RAM + VMM_OVERHEAD_MIB
+    cpu_quota_percent: int | None = None  # of one host CPU (150: one and a half); None: no quota
+    cpu_weight: int = 100
+    io_weight: int = 100
+    cpu_affinity: tuple[int, ...] = ()  # host CPUs every vCPU may run on; (): any
+
+    def memory_max(self, guest_bytes: int) -> int:
+        """The group's memory limit in bytes: the bundle's, or guest RAM plus the stated overhead."""
+        if self.memory_max_mib is not None:
+            return self.memory_max_mib * MIB
+        return guest_bytes + VMM_OVERHEAD_MIB * MIB
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Resources:
+        def optional(key: str, maximum: int) -> int | None:
+            return None if r.data.get(key) is None else r.integer(key, maximum=maximum)
+
+        memory = optional("memoryMaxMiB", MAX_MEMORY // MIB + VMM_OVERHEAD_MIB)
+        if memory is not None and memory < MIN_MEMORY_MAX_MIB:
+            raise r.fail("memoryMaxMiB", f"must be at least {MIN_MEMORY_MAX_MIB}, found {memory}")
+        affinity = r.array("cpuAffinity")
+        for index, cpu in enumerate(affinity):
+            if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= MAX_HOST_CPU:
+                raise r.fail("cpuAffinity", f"[{index}] {cpu!r} is not a host CPU number 0-{MAX_HOST_CPU}")
+        if len(set(affinity)) != len(affinity):
+            raise r.fail("cpuAffinity", f"names a CPU more than once: {affinity}")
+        return cls(
+            memory_max_mib=memory,
+            cpu_quota_percent=optional("cpuQuotaPercent", 100 * MAX_VCPUS),
+            cpu_weight=r.integer("cpuWeight", 100, maximum=MAX_WEIGHT),
+            io_weight=r.integer("ioWeight", 100, maximum=MAX_WEIGHT),
+            cpu_affinity=tuple(sorted(affinity)),
+        )
+
+
+@dataclass(frozen=True)
 class VmMeta:
     """procurator.json: what Procurator needs beyond the hypervisor config."""
 
@@ -212,6 +257,7 @@ class VmMeta:
     restart: Restart
     health: tuple[HealthCheck, ...]
     shutdown_timeout: int
+    resources: Resources = Resources()  # absent from bundles built before it: every default
 
     @classmethod
     def parse(cls, source: str, data: Any) -> VmMeta:
@@ -283,6 +329,7 @@ class VmMeta:
             restart=restart,
             health=tuple(health),
             shutdown_timeout=r.integer("shutdownTimeout", 30, maximum=MAX_SECONDS),
+            resources=Resources.parse(r.obj("resources")),
         )
 
 
@@ -307,6 +354,14 @@ def _check_vm_config(source: str, data: Any, meta: VmMeta) -> dict[str, Any]:
     size = memory.integer("size", minimum=MIN_MEMORY, maximum=MAX_MEMORY)
     if size % PAGE_SIZE:
         raise memory.fail("size", f"{size} bytes is not a multiple of the {PAGE_SIZE}-byte page")
+    limit = meta.resources.memory_max_mib
+    if limit is not None and limit * MIB <= size:
+        raise ValidationError(
+            source.replace("vm-config.json", "procurator.json"),
+            "resources.memoryMaxMiB",
+            f"{limit} MiB is not above the guest's {size // MIB} MiB of RAM; allow it and the VMM's "
+            f"overhead (about {VMM_OVERHEAD_MIB} MiB), or leave it out for that default",
+        )
     ids = [f"vol-{v.name}" for v in meta.volumes]  # the ids the host gives the volumes' disks
     for item in r.items("disks"):
         ids.append(_device_id(item))

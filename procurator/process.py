@@ -17,7 +17,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -92,11 +92,14 @@ def spawn(
     cwd: Path | None = None,
     user: str | None = None,
     netns: str | None = None,
+    join: Callable[[int], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived process in its own session (it survives our exit and our signals).
 
     With `netns`, the process runs inside that named network namespace (`ip netns exec` execs in
-    place, so the pid is the process's own).
+    place, so the pid is the process's own). `join` is called with the child's pid as soon as it is
+    started (it puts the hypervisor into its VM's cgroup before its guest runs); when it fails, the
+    child is killed and reaped and the error raised.
     """
     args = tuple(str(a) for a in argv)
     group: int | None = None
@@ -121,7 +124,7 @@ def spawn(
     log.debug("spawn: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
-        return subprocess.Popen(
+        child = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -140,6 +143,15 @@ def spawn(
         ) from exc
     except (OSError, ValueError) as exc:
         raise ProcessError(f"{args[0]}: cannot start: {exc}", argv=args) from exc
+    if join is not None:
+        try:
+            join(child.pid)
+        except BaseException:
+            child.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5.0)
+            raise
+    return child
 
 
 @dataclass(frozen=True)
@@ -202,7 +214,12 @@ def wait_gone(pid: int, start_time: int | None, timeout: float, *, poll: float =
     def gone() -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        return not alive(pid, start_time)
+        if alive(pid, start_time):
+            return False
+        # It may have turned zombie since the waitpid above: reap it now, or it stays one.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return True
 
     return waits.poll_until(gone, timeout, poll=poll)
 

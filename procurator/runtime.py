@@ -73,6 +73,11 @@ def runtime_config(
         disk.setdefault("image_type", "Raw")
     if not disks:
         del config["disks"]
+    pinned = bundle.meta.resources.cpu_affinity
+    if pinned:  # cloud-hypervisor's CpuAffinity (from v40.0); the qemu backend pins the vCPU threads itself
+        cpus = config["cpus"]
+        count = int(cpus.get("max_vcpus", cpus["boot_vcpus"]))
+        cpus["affinity"] = [{"vcpu": i, "host_cpus": list(pinned)} for i in range(count)]
     config["serial"] = {"mode": "File", "file": str(serial_log)}
     config["console"] = {"mode": "Pty"}
     if address is not None and nics:

@@ -1,10 +1,11 @@
 """Remove what a killed predecessor left, before anything else takes the state lock's work in hand.
 
 A process killed mid-start (kill -9 of `procurator apply` or `up`, or of the worker) can leave a
-hypervisor running with no record naming it, its VM directory and its TAPs. `sweep` removes exactly
-those: hypervisors that lead their own session and name a VM directory's API socket or event file but are
-not the process a record names, VM directories without a record, and Procurator TAPs of VMs without a
-record. `locked` takes the state lock and sweeps only when its previous holder died holding it (the state
+hypervisor running with no record naming it, its VM directory, its TAPs and its cgroup. `sweep` removes
+exactly those: hypervisors that lead their own session and name a VM directory's API socket or event file
+but are not the process a record names, VM directories without a record, Procurator TAPs of VMs without
+a record, and the cgroups of VMs whose hypervisor does not run (a kill -9 of a hypervisor leaves its
+group). `locked` takes the state lock and sweeps only when its previous holder died holding it (the state
 lock knows: `StateDir.interrupted`), so every command that changes this host starts from a clean state and
 one re-run converges, while a lock released normally costs no /proc scan and no netlink dump.
 """
@@ -18,8 +19,8 @@ import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from procurator import network, process
-from procurator.errors import ProcuratorError
+from procurator import cgroup, network, process
+from procurator.errors import CgroupError, ProcuratorError
 from procurator.net.config import NetworkConfig
 from procurator.state import LOCK_TIMEOUT, StateDir
 
@@ -29,18 +30,27 @@ KILL_WAIT = 5.0  # seconds a swept hypervisor gets to vanish after SIGKILL
 
 
 @contextlib.contextmanager
-def locked(state: StateDir, net: NetworkConfig, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+def locked(
+    state: StateDir,
+    net: NetworkConfig,
+    timeout: float = LOCK_TIMEOUT,
+    *,
+    cgroup_base: str | None = cgroup.DEFAULT_V2_BASE,
+) -> Iterator[None]:
     """Hold the state lock; when its previous holder was killed holding it, sweep first."""
     outermost = not state.held()
     with state.lock(timeout):
         if outermost and state.interrupted():
             log.warning("the last holder of %s died holding it; sweeping what it left", state.lock_path)
-            sweep(state, net)
+            sweep(state, net, cgroup_base=cgroup_base)
         yield
 
 
-def sweep(state: StateDir, net: NetworkConfig) -> list[str]:
-    """Kill unrecorded hypervisors, remove VM directories and TAPs without a record; what was done."""
+def sweep(
+    state: StateDir, net: NetworkConfig, *, cgroup_base: str | None = cgroup.DEFAULT_V2_BASE
+) -> list[str]:
+    """Kill unrecorded hypervisors, remove VM directories and TAPs without a record and the cgroups of
+    VMs whose hypervisor is gone; what was done. `cgroup_base`: the v2 base (None: cgroups off)."""
     done: list[str] = []
     with state.lock():
         readable, damaged = state.scan()
@@ -74,8 +84,29 @@ def sweep(state: StateDir, net: NetworkConfig) -> list[str]:
         for vm in sorted({t.vm for t in taps} - kept):
             network.detach_vm(net, vm)
             done.append(f"removed the TAPs of {vm}, which has no record")
+        live = {r.name for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
+        done += _sweep_groups(cgroup_base, live | aside)
     for line in done:
         log.info("sweep: %s", line)
+    return done
+
+
+def _sweep_groups(base: str | None, keep: set[str]) -> list[str]:
+    """Remove the cgroups of VMs not in `keep` (their hypervisors are gone or were just killed)."""
+    if base is None:
+        return []
+    done: list[str] = []
+    try:
+        drv = cgroup.driver(base)
+        for name in [] if drv is None else drv.leftovers():
+            if name in keep:
+                continue
+            if drv is not None and drv.remove(name, timeout=KILL_WAIT):
+                done.append(f"removed the cgroup of {name}, whose hypervisor is gone")
+            elif drv is not None:
+                log.warning("sweep: the cgroup of %s still holds %s", name, drv.pids(name))
+    except CgroupError as exc:
+        log.warning("sweep: cannot clean the VMs' cgroups: %s", exc)
     return done
 
 

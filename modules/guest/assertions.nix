@@ -67,6 +67,10 @@ in
       (check (spec.isVmName cfg.name) "procurator.vm.name must be a DNS label of at most ${toString spec.vmNameMaxLength} characters (lowercase letters, digits, '-'), got ${quote cfg.name}; it defaults to networking.hostName")
       (check (platform.isx86_64 || platform.isAarch64) "cloud-hypervisor guests are x86_64-linux or aarch64-linux, this system is ${platform.system}")
       (check (!config.boot.isContainer) "a microVM boots its own kernel; boot.isContainer must be false")
+      (check (cfg.resources.memoryMaxMiB == null || cfg.resources.memoryMaxMiB > cfg.memoryMiB) "procurator.vm.resources.memoryMaxMiB (${toString cfg.resources.memoryMaxMiB}) must be above procurator.vm.memoryMiB (${toString cfg.memoryMiB}), leaving room for the hypervisor itself; null uses memoryMiB + ${toString spec.vmmOverheadMiB}")
+      (check (cfg.resources.memoryMaxMiB == null || cfg.resources.memoryMaxMiB >= spec.minMemoryMaxMiB) "procurator.vm.resources.memoryMaxMiB must be at least ${toString spec.minMemoryMaxMiB}")
+      (check (cfg.resources.cpuQuotaPercent == null || cfg.resources.cpuQuotaPercent <= 100 * spec.maxVcpus) "procurator.vm.resources.cpuQuotaPercent must be at most ${toString (100 * spec.maxVcpus)}")
+      (check (lib.all (x: x <= spec.maxHostCpu) cfg.resources.cpuAffinity && duplicates cfg.resources.cpuAffinity == [ ]) "procurator.vm.resources.cpuAffinity must name distinct host CPUs 0-${toString spec.maxHostCpu}, got ${quote cfg.resources.cpuAffinity}")
       (forbidden "boot.kernelParams" config.boot.kernelParams)
       (forbidden "procurator.vm.kernelParams" cfg.kernelParams)
       # nixpkgs' profiles/hardened.nix blacklists erofs, the store disk's file system. Whether stage 1

@@ -88,6 +88,15 @@ let
         interfaces = map (i: { inherit (i) id mac; }) cfg.interfaces;
         volumes = map (v: { inherit (v) name sizeMiB fsType mountPoint; }) (lib.attrValues cfg.volumes);
         restart = { inherit (cfg.restart) policy maxRestarts backoffSeconds; };
+        resources = {
+          inherit (cfg.resources)
+            memoryMaxMiB
+            cpuQuotaPercent
+            cpuWeight
+            ioWeight
+            cpuAffinity
+            ;
+        };
         health = map healthCheck cfg.health;
       };
 

@@ -236,6 +236,54 @@ in
       };
     };
 
+    resources = {
+      memoryMaxMiB = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        example = 768;
+        description = ''
+          The memory limit (MiB) of the cgroup the host runs the VM's hypervisor in: the guest's RAM
+          (memoryMiB) plus what the hypervisor itself needs. Must be above memoryMiB; null lets the
+          host use memoryMiB plus 128 MiB. Past it the kernel's OOM killer ends the hypervisor, and
+          only it: other VMs run on.
+        '';
+      };
+      cpuQuotaPercent = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        example = 150;
+        description = ''
+          CPU time the hypervisor may use, in percent of one host CPU (cgroup cpu.max; 150 is one and a
+          half CPUs), or null for no quota.
+        '';
+      };
+      cpuWeight = mkOption {
+        type = types.ints.between 1 10000;
+        default = 100;
+        description = "The VM's share of contended CPU time against other VMs (cgroup cpu.weight).";
+      };
+      ioWeight = mkOption {
+        type = types.ints.between 1 10000;
+        default = 100;
+        description = ''
+          The VM's share of contended disk time (cgroup io.weight; on cgroup v1 hosts only where the I/O
+          scheduler offers a weight).
+        '';
+      };
+      cpuAffinity = mkOption {
+        type = types.listOf types.ints.unsigned;
+        default = [ ];
+        example = [
+          2
+          3
+        ];
+        description = ''
+          Host CPUs the VM's vCPUs run on (every vCPU may use each of them), or [ ] for any. The host
+          refuses to start a VM naming a CPU it does not have.
+        '';
+      };
+    };
+
     shutdownTimeout = mkOption {
       type = types.ints.positive;
       default = 30;

@@ -41,6 +41,12 @@ let
         ;
     };
     inherit apiSocket;
+    # Each hypervisor in a cgroup of its own (procurator/cgroup.py) inside the worker unit's delegated
+    # subtree (service.nix: Slice, Delegate, DelegateSubgroup); a host without it refuses to start VMs.
+    cgroups = {
+      mode = "required";
+      base = "procurator.slice/procurator-worker.service";
+    };
   };
   configPath = "/etc/procurator/worker.json";
 
@@ -97,6 +103,8 @@ let
   #   CAP_DAC_OVERRIDE  open what the hypervisors own as `user`: QEMU creates its QMP socket itself,
   #                     and a restart touches log files already handed over; without it root is an
   #                     ordinary "other" user for those files
+  #   CAP_SYS_NICE      pin a QEMU VM's vCPU threads (sched_setaffinity of another user's threads,
+  #                     resources.cpuAffinity); cloud-hypervisor pins its own
   # Not CAP_SYS_ADMIN: no mounts (volumes are image files formatted with mkfs, the guest mounts
   # them), and no network namespaces (the worker uses the host's). Not CAP_SYS_MODULE: the kernel
   # loads bridge, tun and nf_tables modules on demand. No ambient capabilities: the worker is root,
@@ -109,6 +117,7 @@ let
     "CAP_CHOWN"
     "CAP_KILL"
     "CAP_DAC_OVERRIDE"
+    "CAP_SYS_NICE"
   ];
 
   # The worker's sandbox. Its processes include the hypervisors, so the devices are theirs: KVM and
@@ -116,6 +125,9 @@ let
   # /dev/null, /dev/zero, /dev/urandom and the other pseudo-devices.
   workerSandbox = sandbox // {
     CapabilityBoundingSet = capabilities;
+    # Writable cgroupfs: the VMs' cgroups (memory, CPU, I/O limits) are made and removed below the
+    # worker unit's delegated cgroup, by the worker and by the unit that stops the VMs with the host.
+    ProtectControlGroups = false;
     DevicePolicy = "closed";
     DeviceAllow = [
       "/dev/kvm rw"

@@ -54,12 +54,29 @@ in
           # configuration on switch): the VMs keep running and the next daemon adopts them from their
           # records. procurator-shutdown below stops them with the host.
           KillMode = "process";
+          # The unit's cgroup is the worker's to divide (systemd's Delegate=yes): the daemon itself in
+          # the `supervisor` leaf (DelegateSubgroup=, systemd 254), each hypervisor beside it in
+          # vm-<name> with that VM's memory, CPU and I/O limits. The unit lives in procurator.slice
+          # so that every VM's group is under /sys/fs/cgroup/procurator.slice/.
+          Slice = "procurator.slice";
+          Delegate = "yes";
+          DelegateSubgroup = "supervisor";
           # Every hypervisor thread counts against the unit, which holds all the VMs.
           TasksMax = "infinity";
           RuntimeDirectory = "procurator";
           RuntimeDirectoryMode = "0750";
         } // lib.optionalAttrs (common.stateDirectory != null) {
           StateDirectory = common.stateDirectory;
+        };
+      };
+
+      # The slice of the worker unit, and so of every VM's cgroup, with the controllers accounted.
+      systemd.slices.procurator = {
+        description = "Procurator microVMs";
+        sliceConfig = {
+          MemoryAccounting = true;
+          CPUAccounting = true;
+          IOAccounting = true;
         };
       };
 

@@ -42,6 +42,11 @@ rec {
   maxSeconds = 3600;
   maxHealthRetries = 1000;
   maxRestarts = 1000;
+  # resources: the VM's cgroup (procurator/cgroup.py) and its vCPUs' host CPUs (docs/bundle.md).
+  vmmOverheadMiB = 128; # the host's default memory limit is memoryMiB + this (models.VMM_OVERHEAD_MIB)
+  minMemoryMaxMiB = 16;
+  maxWeight = 10000; # cgroup v2 cpu.weight, io.weight
+  maxHostCpu = 4095;
   restartPolicies = [
     "always"
     "on-failure"

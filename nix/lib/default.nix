@@ -36,5 +36,10 @@ in
     restartPolicies
     healthTypes
     reservedCmdlineKeys
+    vmmOverheadMiB
+    minMemoryMaxMiB
+    maxWeight
+    maxHostCpu
+    maxVcpus
     ;
 }

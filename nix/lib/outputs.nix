@@ -84,6 +84,7 @@ rec {
         restart
         health
         shutdownTimeout
+        resources
         ;
       interfaces = map (
         i: { inherit (i) id; } // optionalAttrs (i.mac != null) { inherit (i) mac; }

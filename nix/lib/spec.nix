@@ -35,6 +35,7 @@ let
     restart = { };
     health = [ ];
     shutdownTimeout = 30;
+    resources = { };
   };
   topKeys = [
     "name"
@@ -45,6 +46,13 @@ let
     policy = "always";
     maxRestarts = 5;
     backoffSeconds = 1;
+  };
+  resourcesDefaults = {
+    memoryMaxMiB = null;
+    cpuQuotaPercent = null;
+    cpuWeight = 100;
+    ioWeight = 100;
+    cpuAffinity = [ ];
   };
   healthDefaults = {
     intervalSeconds = 2;
@@ -210,6 +218,49 @@ let
       ++ bounded "${where}.timeoutSeconds" " (seconds)" c.maxSeconds v.timeoutSeconds
       ++ bounded "${where}.retries" "" c.maxHealthRetries v.retries;
 
+  checkResources =
+    memoryMiB: r:
+    let
+      v = resourcesDefaults // r;
+      weight =
+        field: x:
+        expect (isInt x && x >= 1 && x <= c.maxWeight)
+          "resources.${field} must be an integer from 1 to ${toString c.maxWeight} (100 is the default share), got ${c.show x}";
+    in
+    if !isAttrs r then
+      [ "resources must be an attribute set like { memoryMaxMiB = 512; }, got ${c.show r}" ]
+    else
+      unknownKeys "resources has " (attrNames resourcesDefaults) r
+      ++ (
+        if v.memoryMaxMiB == null then
+          [ ]
+        else
+          bounded "resources.memoryMaxMiB" " (MiB)" (c.maxMemoryMiB + c.vmmOverheadMiB) v.memoryMaxMiB
+          ++ expect (!(isInt v.memoryMaxMiB) || v.memoryMaxMiB >= c.minMemoryMaxMiB)
+            "resources.memoryMaxMiB must be at least ${toString c.minMemoryMaxMiB}, got ${c.show v.memoryMaxMiB}"
+          ++ expect (!(isInt v.memoryMaxMiB) || !(isInt memoryMiB) || v.memoryMaxMiB > memoryMiB)
+            ("resources.memoryMaxMiB (${c.show v.memoryMaxMiB}) must be above memoryMiB (${c.show memoryMiB}): "
+              + "the guest's RAM plus the VMM's overhead (about ${toString c.vmmOverheadMiB} MiB, the default "
+              + "when memoryMaxMiB is null)")
+      )
+      ++ (
+        if v.cpuQuotaPercent == null then
+          [ ]
+        else
+          bounded "resources.cpuQuotaPercent" " (percent of one host CPU)" (100 * c.maxVcpus) v.cpuQuotaPercent
+      )
+      ++ weight "cpuWeight" v.cpuWeight
+      ++ weight "ioWeight" v.ioWeight
+      ++ (
+        if !isList v.cpuAffinity then
+          [ "resources.cpuAffinity must be a list of host CPU numbers, got ${c.show v.cpuAffinity}" ]
+        else
+          map (x: "resources.cpuAffinity: ${c.show x} is not a host CPU number (0-${toString c.maxHostCpu})") (
+            filter (x: !(c.isNonNegativeInt x && x <= c.maxHostCpu)) v.cpuAffinity
+          )
+          ++ unique "resources.cpuAffinity" "CPU" v.cpuAffinity
+      );
+
   # The whitespace-separated words of a string.
   words = s: filter (w: isString w && w != "") (split "[[:space:]]+" s);
   keyOf = w: head (match "([^=]*).*" w);
@@ -259,6 +310,7 @@ let
     ++ unique "volumes" "name" (valuesOf volumes "name")
     ++ unique "volumes" "mountPoint" (filter isString (map mountPointOf volumes))
     ++ checkRestart v.restart
+    ++ checkResources v.memoryMiB v.resources
     ++ eachItem "health" v.health checkHealth;
 
   normalise =
@@ -293,6 +345,7 @@ let
         // vol
       ) v.volumes;
       restart = restartDefaults // v.restart;
+      resources = resourcesDefaults // v.resources;
       health = map (
         h: if h.type == "http" then healthDefaults // httpDefaults // h else healthDefaults // h
       ) v.health;

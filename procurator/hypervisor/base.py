@@ -8,6 +8,7 @@ to the same process again through `adopt`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -42,6 +43,8 @@ class LaunchSpec:
     shutdown_timeout: float = 30.0
     user: str | None = None  # run the hypervisor as this user (None: as ourselves)
     netns: str | None = None  # run it inside this named network namespace (None: the host's)
+    # Called with the hypervisor's pid right after spawn, before its guest runs: joins the VM's cgroup.
+    join: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def api_socket(self) -> Path:

@@ -243,6 +243,7 @@ class CloudHypervisor:
                     pass_fds=(listener.fileno(),),
                     user=spec.user,
                     netns=spec.netns,
+                    join=spec.join,
                 )
             except ProcessError as exc:
                 raise HypervisorStartError(f"vm {spec.name!r}: cannot start cloud-hypervisor: {exc}") from exc

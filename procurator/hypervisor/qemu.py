@@ -142,12 +142,28 @@ def build_argv(
 
 
 def _smp(cpus: Mapping[str, Any]) -> str:
-    _only("cpus", cpus, handled={"boot_vcpus", "max_vcpus"}, defaults=_CPUS_DEFAULTS)
+    _only("cpus", cpus, handled={"boot_vcpus", "max_vcpus", "affinity"}, defaults=_CPUS_DEFAULTS)
+    affinity(cpus)  # not a command-line option: the backend pins the vCPU threads before the guest runs
     boot = _int("cpus.boot_vcpus", cpus.get("boot_vcpus", 1), minimum=1)
     most = _int("cpus.max_vcpus", cpus.get("max_vcpus", boot), minimum=1)
     if most < boot:
         raise _untranslatable("cpus.max_vcpus", f"{most} is less than boot_vcpus {boot}")
     return str(boot) if most == boot else f"{boot},maxcpus={most}"
+
+
+def affinity(cpus: Mapping[str, Any]) -> dict[int, frozenset[int]]:
+    """`cpus.affinity` ([{vcpu, host_cpus}], cloud-hypervisor's CpuAffinity) as {vCPU index: host CPUs}."""
+    out: dict[int, frozenset[int]] = {}
+    for index, item in enumerate(_items("cpus.affinity", cpus.get("affinity", []))):
+        where = f"cpus.affinity[{index}]"
+        _only(where, item, handled={"vcpu", "host_cpus"}, defaults={})
+        vcpu = _int(f"{where}.vcpu", item.get("vcpu"), minimum=0)
+        hosts = item.get("host_cpus")
+        if not isinstance(hosts, list) or not hosts:
+            problem = f"expected a non-empty list of CPUs, got {_show(hosts)}"
+            raise _untranslatable(f"{where}.host_cpus", problem)
+        out[vcpu] = frozenset(_int(f"{where}.host_cpus", cpu, minimum=0) for cpu in hosts)
+    return out
 
 
 def _memory(memory: Mapping[str, Any]) -> str:
@@ -542,12 +558,15 @@ class Qemu:
     def start(self, spec: LaunchSpec) -> Handle:
         argv = build_argv(spec.config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
         _require_taps(spec, _taps_in(argv).values())
+        argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
             try:
-                proc = process.spawn(argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns)
+                proc = process.spawn(
+                    argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns, join=spec.join
+                )
             except ProcessError as exc:
                 raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
         try:
@@ -580,6 +599,10 @@ class Qemu:
 
             def running() -> bool:
                 seen[0] = status = _status(client)
+                if status == "prelaunch":  # started with -S: pin, then let the guest run
+                    pin_vcpus(client, spec.name, affinity(_section("cpus", spec.config.get("cpus"))))
+                    client.execute("cont")
+                    return False
                 if _STATES.get(status) == VmState.SHUTDOWN:
                     raise HypervisorStartError(f"{spec.name}: qemu reports the VM {status} while starting")
                 return status == "running"
@@ -733,7 +756,9 @@ class Qemu:
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
             try:
-                proc = process.spawn(argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns)
+                proc = process.spawn(
+                    argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns, join=spec.join
+                )
             except ProcessError as exc:
                 raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
         try:
@@ -803,6 +828,29 @@ class Qemu:
             log.warning("%s: QMP %s failed: %s", handle.vm_dir.name, command, exc)
             return False
         return True
+
+
+def pin_vcpus(client: qmp.QmpClient, name: str, wanted: Mapping[int, frozenset[int]]) -> None:
+    """sched_setaffinity of each vCPU thread (query-cpus-fast's thread-id) to its host CPUs, read back."""
+    if not wanted:
+        return
+    threads = {int(c["cpu-index"]): int(c["thread-id"]) for c in client.execute("query-cpus-fast")}
+    for vcpu, cpus in sorted(wanted.items()):
+        tid = threads.get(vcpu)
+        if tid is None:
+            raise HypervisorStartError(f"{name}: cpus.affinity names vCPU {vcpu}, which qemu does not have")
+        try:
+            os.sched_setaffinity(tid, cpus)
+            found = os.sched_getaffinity(tid)
+        except OSError as exc:
+            raise HypervisorStartError(
+                f"{name}: cannot pin vCPU {vcpu} (thread {tid}) to CPUs {sorted(cpus)}: {exc.strerror}; "
+                "use CPUs this host has (resources.cpuAffinity)"
+            ) from exc
+        if found != cpus:
+            raise HypervisorStartError(
+                f"{name}: vCPU {vcpu} may run on CPUs {sorted(found)}, not {sorted(cpus)} as pinned"
+            )
 
 
 def _require_taps(spec: LaunchSpec, taps: Iterable[str]) -> None:

@@ -202,8 +202,23 @@ def test_apply_restart_crash_loop_metrics_and_sigterm(
     status = daemon.status()
     assert status["worker"]["deployment"]["path"] == str(example_build.deployment)
     assert status["worker"]["last_apply"]["success"] is True
-    fields = {"name", "state", "generation", "bundle", "backend", "ip", "pid", "uptime", "restarts"}
+    fields = {
+        "name",
+        "state",
+        "generation",
+        "bundle",
+        "backend",
+        "ip",
+        "pid",
+        "uptime",
+        "restarts",
+        "resources",
+    }
     assert set(status["vms"][0]) == fields  # lifecycle.VmStatus.to_json, as `procurator ps --json`
+    # This daemon runs under `ip netns exec`, which mounts a fresh sysfs without /sys/fs/cgroup: it finds
+    # no hierarchy, and in cgroups.mode auto runs the VMs without groups, so no usage is shown.
+    # (tests/e2e/test_resources.py has the groups, started from the host's mount namespace.)
+    assert [vm["resources"] for vm in status["vms"]] == [None, None]
     with daemon.client() as client:
         generations = client.history()["generations"]
     assert [(g["number"], g["deployment"], g["current"]) for g in generations] == [

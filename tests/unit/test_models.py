@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from procurator import cgroup, lifecycle
+from procurator.config import CgroupSettings, WorkerConfig
 from procurator.errors import ValidationError
-from procurator.models import Bundle, Deployment, RestartPolicy, store_hash
+from procurator.models import MIB, VMM_OVERHEAD_MIB, Bundle, Deployment, Resources, RestartPolicy, store_hash
 from tests.support.bundles import meta, vm_config, write_bundle, write_deployment
 
 
@@ -117,3 +119,56 @@ def test_deployment_naming_a_vm_twice_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValidationError, match=r"deployment.json: web: appears twice"):
         Deployment.load(path)
+
+
+# --- resources (docs/bundle.md) ---------------------------------------------------------------------
+
+
+def test_a_bundle_without_resources_gets_every_default(tmp_path: Path) -> None:
+    bundle = Bundle.load(write_bundle(tmp_path))  # as built before the field existed
+    assert bundle.meta.resources == Resources()
+    assert bundle.meta.resources.memory_max(256 * MIB) == (256 + VMM_OVERHEAD_MIB) * MIB
+    limits = lifecycle.limits(bundle)
+    assert limits == cgroup.Limits(memory_max=(256 + 128) * MIB)
+
+
+def test_resources_are_parsed_and_translated(tmp_path: Path) -> None:
+    resources = {"memoryMaxMiB": 512, "cpuQuotaPercent": 150, "cpuWeight": 300, "ioWeight": 20,
+                 "cpuAffinity": [3, 1]}  # fmt: skip
+    bundle = Bundle.load(write_bundle(tmp_path, meta_data=meta(resources=resources)))
+    assert bundle.meta.resources == Resources(512, 150, 300, 20, (1, 3))
+    assert lifecycle.limits(bundle) == cgroup.Limits(
+        memory_max=512 * MIB, cpu_quota_us=150_000, cpu_weight=300, io_weight=20
+    )
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"memoryMaxMiB": 256}, "resources.memoryMaxMiB: 256 MiB is not above the guest's 256 MiB of RAM"),
+        ({"memoryMaxMiB": 8}, "resources.memoryMaxMiB: must be at least 16, found 8"),
+        ({"cpuQuotaPercent": 0}, "resources.cpuQuotaPercent: must be at least 1, found 0"),
+        ({"cpuWeight": 10001}, "resources.cpuWeight: must be at most 10000, found 10001"),
+        ({"ioWeight": "high"}, "resources.ioWeight: expected int, found str"),
+        ({"cpuAffinity": [0, 0]}, "resources.cpuAffinity: names a CPU more than once: [0, 0]"),
+        ({"cpuAffinity": [True]}, "resources.cpuAffinity: [0] True is not a host CPU number 0-4095"),
+    ],
+)
+def test_bad_resources_are_refused_naming_the_field(
+    tmp_path: Path, resources: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Bundle.load(write_bundle(tmp_path, meta_data=meta(resources=resources)))
+    assert f"procurator.json: {message}" in str(caught.value)
+
+
+def test_the_worker_configuration_cgroups_setting() -> None:
+    assert WorkerConfig.parse("w.json", {}).cgroups == CgroupSettings("auto", "procurator.slice")
+    got = WorkerConfig.parse("w.json", {"cgroups": {"mode": "required", "base": "a.slice/b.service"}})
+    assert got.cgroups == CgroupSettings("required", "a.slice/b.service")
+    with pytest.raises(
+        ValidationError, match=r"w.json: cgroups.mode: 'on' is not one of auto, required, off"
+    ):
+        WorkerConfig.parse("w.json", {"cgroups": {"mode": "on"}})
+    with pytest.raises(ValidationError, match=r"cgroups.base: '../x' is not a relative cgroup path"):
+        WorkerConfig.parse("w.json", {"cgroups": {"base": "../x"}})

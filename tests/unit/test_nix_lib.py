@@ -62,6 +62,13 @@ DEFAULT_SPEC: dict[str, Any] = {
     "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1},
     "health": [],
     "shutdownTimeout": 30,
+    "resources": {
+        "memoryMaxMiB": None,
+        "cpuQuotaPercent": None,
+        "cpuWeight": 100,
+        "ioWeight": 100,
+        "cpuAffinity": [],
+    },
 }
 
 
@@ -170,6 +177,21 @@ def test_procurator_json() -> None:
         "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1},
         "health": [{"type": "tcp", "port": 22, "intervalSeconds": 2, "timeoutSeconds": 2, "retries": 30}],
         "shutdownTimeout": 30,
+        "resources": DEFAULT_SPEC["resources"],
+    }
+
+
+def test_procurator_json_resources() -> None:
+    resources = (
+        "resources = { memoryMaxMiB = 512; cpuQuotaPercent = 150; cpuWeight = 200; cpuAffinity = [ 1 0 ]; };"
+    )
+    got = nix_eval(f"lib.procuratorJson {{ {BASE} {resources} }}")["resources"]
+    assert got == {
+        "memoryMaxMiB": 512,
+        "cpuQuotaPercent": 150,
+        "cpuWeight": 200,
+        "ioWeight": 100,
+        "cpuAffinity": [1, 0],
     }
 
 
@@ -262,6 +284,29 @@ ERRORS = [
     ),
     ('memoryMiB = "256";', "web", 'memoryMiB must be a positive integer (MiB), got "256"'),
     ("shutdownTimeout = -1;", "web", "shutdownTimeout must be a positive integer (seconds), got -1"),
+    (
+        "resources = { memoryMaxMiB = 256; };",
+        "web",
+        "resources.memoryMaxMiB (256) must be above memoryMiB (256): the guest's RAM plus the VMM's overhead"
+        " (about 128 MiB, the default when memoryMaxMiB is null)",
+    ),
+    (
+        "resources = { memoryMaxMiB = 8; };",
+        "web",
+        "2 problems: - resources.memoryMaxMiB must be at least 16, got 8",
+    ),
+    ("resources = { memory = 8; };", "web", "resources has unknown attribute 'memory' (known: cpuAffinity, "),
+    ("resources = { cpuQuotaPercent = 0; };", "web", "resources.cpuQuotaPercent must be a positive integer"),
+    ("resources = { cpuQuotaPercent = 30000; };", "web", "resources.cpuQuotaPercent must be at most 25400"),
+    ("resources = { cpuWeight = 20000; };", "web", "resources.cpuWeight must be an integer from 1 to 10000"),
+    ("resources = { ioWeight = 0; };", "web", "resources.ioWeight must be an integer from 1 to 10000"),
+    ("resources = { cpuAffinity = [ 0 0 ]; };", "web", "resources.cpuAffinity: CPU 0 is used more than once"),
+    (
+        "resources = { cpuAffinity = [ (-1) ]; };",
+        "web",
+        "resources.cpuAffinity: -1 is not a host CPU number (0-4095)",
+    ),
+    ("resources = 512;", "web", "resources must be an attribute set like { memoryMaxMiB = 512; }, got 512"),
     (
         'kernel = "/boot/vmlinuz";',
         "web",

@@ -293,6 +293,28 @@ def test_guest_vm_kernel_params_may_quote_a_value_with_spaces() -> None:
     assert guest(config, "e.config.procurator.vm.spec.cmdline").endswith(' dyndbg="file init.c +p"')
 
 
+def test_guest_resources_reach_the_spec() -> None:
+    config = (
+        "{ procurator.vm = { memoryMiB = 256; resources = { memoryMaxMiB = 400; cpuAffinity = [ 1 ]; }; }; }"
+    )
+    resources = guest(config, "e.config.procurator.vm.spec.resources")
+    assert resources == {
+        "memoryMaxMiB": 400,
+        "cpuQuotaPercent": None,
+        "cpuWeight": 100,
+        "ioWeight": 100,
+        "cpuAffinity": [1],
+    }
+
+
+def test_guest_memory_limit_below_guest_ram_is_refused() -> None:
+    failures = guest_failures("{ procurator.vm = { memoryMiB = 512; resources.memoryMaxMiB = 256; }; }")
+    assert any(
+        f.startswith("procurator VM 'web': procurator.vm.resources.memoryMaxMiB (256) must be above")
+        for f in failures
+    ), failures
+
+
 def test_guest_erofs_must_not_be_blacklisted() -> None:
     # nixpkgs' profiles/hardened.nix blacklists erofs, the file system of the guest's /nix/store.
     failures = guest_failures('{ boot.blacklistedKernelModules = [ "ax25" "erofs" ]; }')
@@ -355,6 +377,26 @@ def test_worker_daemon_unit() -> None:
     assert config["StateDirectory"] == "procurator"
     assert "CAP_SYS_ADMIN" not in config["CapabilityBoundingSet"]
     assert service["wantedBy"] == ["multi-user.target"]
+    # The VMs' cgroups live in the unit's delegated subtree, the daemon in its own leaf.
+    assert config["Slice"] == "procurator.slice"
+    assert config["Delegate"] == "yes"
+    assert config["DelegateSubgroup"] == "supervisor"
+    assert config["ProtectControlGroups"] is False
+    assert "CAP_SYS_NICE" in config["CapabilityBoundingSet"]
+
+
+def test_worker_slice_and_cgroup_setting() -> None:
+    text = worker("{ }", 'e.config.environment.etc."procurator/worker.json".source.text')
+    assert json.loads(text)["cgroups"] == {
+        "mode": "required",
+        "base": "procurator.slice/procurator-worker.service",
+    }
+    slice_unit = unit("slices", "procurator", module="worker")
+    assert slice_unit["sliceConfig"] == {
+        "MemoryAccounting": True,
+        "CPUAccounting": True,
+        "IOAccounting": True,
+    }
 
 
 def test_worker_pull_unit_applies_the_flake_attribute() -> None:

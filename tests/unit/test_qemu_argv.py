@@ -437,3 +437,15 @@ def test_a_qemu_that_fails_means_no_kvm_and_says_why(tmp_path: Path) -> None:
 def test_a_device_that_is_not_kvm_is_refused(tmp_path: Path) -> None:
     assert qemu.kvm_device_problem(tmp_path / "kvm") == f"{tmp_path / 'kvm'}: No such file or directory"
     assert qemu.kvm_device_problem(Path(os.devnull)).startswith("/dev/null: KVM_GET_API_VERSION failed")
+
+
+def test_cpu_affinity_is_no_command_line_option_but_is_checked() -> None:
+    """The backend pins the vCPU threads itself before `cont` (qemu.pin_vcpus); the argv is unchanged."""
+    config = runtime_config()
+    pinned = copy.deepcopy(config)
+    pinned["cpus"]["affinity"] = [{"vcpu": 0, "host_cpus": [1]}]
+    assert argv_for(pinned) == argv_for(config)
+    assert qemu.affinity(pinned["cpus"]) == {0: frozenset({1})}
+    pinned["cpus"]["affinity"] = [{"vcpu": 0, "host_cpus": []}]
+    with pytest.raises(HypervisorError, match=r"cpus.affinity\[0\].host_cpus"):
+        qemu.build_argv(pinned, qmp_socket=SOCKET, accel="tcg")

@@ -12,7 +12,7 @@ from procurator.runtime import GuestAddress, NicBinding, runtime_config
 from procurator.state import StateDir
 from procurator.volumes import ensure_volume
 from tests.support import chspec
-from tests.support.bundles import write_bundle
+from tests.support.bundles import meta, vm_config, write_bundle
 
 
 def test_runtime_config_fills_host_fields_and_validates(tmp_path: Path) -> None:
@@ -78,3 +78,23 @@ def test_each_filesystem_is_made_with_its_own_force_flag(
         "dext4.img",
         "dxfs.img",
     ]
+
+
+def test_cpu_affinity_becomes_cloud_hypervisors_cpus_affinity(tmp_path: Path) -> None:
+    """Every vCPU gets the bundle's host CPUs (CpuAffinity {vcpu, host_cpus}, vmm/src/vm_config.rs, in
+    every release from v40.0), and the body passes the API schema."""
+    config_data = vm_config(nets=0)
+    config_data["cpus"] = {"boot_vcpus": 2, "max_vcpus": 2}
+    meta_data = meta(nets=0, resources={"cpuAffinity": [1, 0]})
+    bundle = Bundle.load(write_bundle(tmp_path, config=config_data, meta_data=meta_data))
+    config = runtime_config(
+        bundle, nics=[], volumes={"data": tmp_path / "d.img"}, serial_log=tmp_path / "s", address=None
+    )
+    assert config["cpus"]["affinity"] == [{"vcpu": 0, "host_cpus": [0, 1]}, {"vcpu": 1, "host_cpus": [0, 1]}]
+    assert chspec.errors("VmConfig", config) == []
+    assert "affinity" not in bundle.vm_config["cpus"]
+    unpinned = Bundle.load(write_bundle(tmp_path / "b", config=config_data, meta_data=meta(nets=0)))
+    plain = runtime_config(
+        unpinned, nics=[], volumes={"data": tmp_path / "d.img"}, serial_log=tmp_path / "s", address=None
+    )
+    assert "affinity" not in plain["cpus"]

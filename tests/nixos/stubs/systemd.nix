@@ -1,4 +1,4 @@
-# systemd.services, systemd.timers, systemd.tmpfiles.rules, systemd.package, as NixOS declares them
+# systemd.services, systemd.timers, systemd.slices, systemd.tmpfiles.rules, systemd.package, as NixOS declares them
 # (nixos/lib/systemd-unit-options.nix): only the unit options the project's modules use.
 { lib, pkgs, ... }:
 let
@@ -98,6 +98,14 @@ let
       default = { };
     };
   };
+
+  slice = {
+    imports = [ commonUnit ];
+    options.sliceConfig = mkOption {
+      type = types.attrsOf unitOption;
+      default = { };
+    };
+  };
 in
 {
   options.systemd = {
@@ -111,6 +119,10 @@ in
     };
     timers = mkOption {
       type = types.attrsOf (types.submodule timer);
+      default = { };
+    };
+    slices = mkOption {
+      type = types.attrsOf (types.submodule slice);
       default = { };
     };
     tmpfiles.rules = mkOption {
