@@ -40,7 +40,15 @@ from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult, VmState
 from procurator.models import Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
-from procurator.state import Damaged, StateDir, VmRecord, atomic_write_json, read_json, write_problem
+from procurator.state import (
+    LOCK_TIMEOUT,
+    Damaged,
+    StateDir,
+    VmRecord,
+    atomic_write_json,
+    read_json,
+    write_problem,
+)
 from procurator.volumes import ensure_volumes, purge_volumes, volume_path
 
 HypervisorFactory = Callable[[str], Hypervisor]
@@ -201,9 +209,24 @@ def _online_cpus() -> set[int] | None:
     return cpus
 
 
-def _locked(host: Host) -> contextlib.AbstractContextManager[None]:
-    base = None if host.config.cgroups.mode == "off" else host.config.cgroups.base
-    return sweep.locked(host.state, host.net, cgroup_base=base)
+def cgroup_base(host: Host) -> str | None:
+    """Where this host's VM groups live (cgroup v2), None with cgroups off: what a sweep looks through."""
+    return None if host.config.cgroups.mode == "off" else host.config.cgroups.base
+
+
+def locked(host: Host, timeout: float = LOCK_TIMEOUT) -> contextlib.AbstractContextManager[None]:
+    """The state lock, swept first when its previous holder died holding it (`sweep.locked`)."""
+    return sweep.locked(host.state, host.net, timeout, cgroup_base=cgroup_base(host))
+
+
+def oom_kills(host: Host, name: str) -> int:
+    """How many times the kernel's OOM killer acted in VM `name`'s group (0 without one)."""
+    try:
+        drv = cgroups(host)
+        usage = None if drv is None or name not in set(drv.leftovers()) else drv.usage(name)
+    except CgroupError:
+        return 0
+    return 0 if usage is None else usage.oom_kills
 
 
 def _running(record: VmRecord) -> bool:
@@ -243,7 +266,7 @@ def up(
 ) -> VmRecord:
     """Boot `bundle` as a new VM. Refuses a name that is already running."""
     name = bundle.name
-    with _locked(host):
+    with locked(host):
         existing = host.state.load_record(name)
         if existing is not None and _running(existing):
             raise ConflictError(
@@ -426,7 +449,7 @@ def pause(host: Host, name: str) -> bool:
     The record says so (`ps` shows `paused`, a worker restarted meanwhile keeps it paused), and the
     hypervisor is asked back for its state afterwards (measure, act, verify).
     """
-    with _locked(host):
+    with locked(host):
         record = _require(host, name)
         if not _running(record):
             raise ConflictError(f"VM {name!r} is not running; only a running VM can be paused")
@@ -441,7 +464,7 @@ def pause(host: Host, name: str) -> bool:
 
 def resume(host: Host, name: str) -> bool:
     """Run a paused VM's guest again; False when it was not paused (nothing done)."""
-    with _locked(host):
+    with locked(host):
         record = _require(host, name)
         if not _running(record):
             raise ConflictError(f"VM {name!r} is not running; start it with `procurator start {name}`")
@@ -463,7 +486,7 @@ def _expect_state(hv: Hypervisor, record: VmRecord, want: VmState, what: str) ->
 def down(host: Host, name: str, *, purge: bool = False) -> StopResult | None:
     """Stop the VM (gracefully, bounded) and forget it. `purge` also drops its volumes, snapshots and
     lease."""
-    with _locked(host):
+    with locked(host):
         try:
             record = host.state.load_record(name)
         except DamagedStateError:
@@ -499,7 +522,7 @@ def _release_lease(host: Host, name: str) -> None:
 
 def stop(host: Host, name: str) -> StopResult | None:
     """Stop the VM but keep its record, lease and volumes, so `start` boots the same generation again."""
-    with _locked(host):
+    with locked(host):
         record = _require(host, name)
         # The intent is written first: if it cannot be (a full disk), the VM is left running and the
         # record as it was; once written, nothing (the worker) starts the VM again behind the user's back.
@@ -521,7 +544,7 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
     A start that fails keeps the record (not running, `last_exit` saying why), so the VM is not
     forgotten: `start` can be tried again and `down` removes it.
     """
-    with _locked(host):
+    with locked(host):
         record = _require(host, name)
         if _running(record):
             raise ConflictError(f"VM {name!r} is already running; nothing to start")
@@ -546,7 +569,7 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
     Unlike `stop`, the desired state is kept (the record says `last_exit` = HOST_SHUTDOWN), so the worker
     boots them again when the host comes back. Each stop is bounded by its VM's shutdown timeout.
     """
-    with _locked(host):
+    with locked(host):
         records, damaged = host.state.scan()
         for bad in damaged:  # its process is unknown: left to run, the guest's own shutdown ends it
             log.warning("%s: not stopped: %s", bad.name, bad.error)
@@ -693,7 +716,7 @@ def snapshot(
     keep = host.config.snapshot_keep if keep is None else keep
     if keep < 1:
         raise ConfigError(f"--keep {keep}: keep at least 1 snapshot per VM")
-    with sweep.locked(host.state, host.net):
+    with locked(host):
         record = _require(host, name)
         if not _running(record):
             raise ConflictError(
@@ -793,7 +816,7 @@ def restore(
     A failed restore keeps the record (not running, `last_exit` says why), as a failed `start` does; a
     restore killed midway is swept (its hypervisor, its TAPs) by the next command, and a re-run converges.
     """
-    with sweep.locked(host.state, host.net):
+    with locked(host):
         record = _require(host, name)
         if _running(record):
             raise ConflictError(
@@ -959,7 +982,7 @@ def _restore(
 def start_from_snapshot(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
     """Boot a stopped VM from the newest snapshot of its generation when it has one, else as `start` does
     (for the worker's `restart.fromSnapshot`). A snapshot that fails to restore falls back to a boot."""
-    with sweep.locked(host.state, host.net):
+    with locked(host):
         record = _require(host, name)
         if not _running(record) and snapshots.latest(host.state, name, record.bundle) is not None:
             try:

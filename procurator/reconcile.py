@@ -45,7 +45,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from procurator import history, lifecycle, process, sweep
+from procurator import history, lifecycle, process
 from procurator.errors import NotFoundError, ProcuratorError, StateError, UsageError, ValidationError
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment, store_hash
@@ -700,7 +700,7 @@ def apply(
     if parallel < 1:
         raise UsageError(f"parallel must be at least 1, got {parallel}")
     started = time.monotonic()
-    with sweep.locked(host.state, host.net, lock_timeout):
+    with lifecycle.locked(host, lock_timeout):
         observed = observe(host)
         # with the replacements' diffs (read only for them), for `apply --json` and the status page
         the_plan = plan(deployment, observed, files=read_bundle_files)
@@ -740,7 +740,7 @@ def rollback(
 ) -> ApplyResult:
     """Apply an earlier generation of the deployment history (`to`, default the one before the current)
     and, if that succeeds, make it the current generation. Its number is the result's `history`."""
-    with sweep.locked(host.state, host.net, lock_timeout):
+    with lifecycle.locked(host, lock_timeout):
         target = history.select(history.generations(host.state), to)
         deployment = Deployment.load(Path(target.deployment))
         result = apply(host, deployment, parallel=parallel, wait=wait, record=False)

@@ -195,7 +195,7 @@ class Worker:
 
     def sweep(self) -> list[str]:
         """Remove what a daemon or command killed mid-operation left (see `procurator.sweep`)."""
-        return sweep.sweep(self.host.state, self.host.net)
+        return sweep.sweep(self.host.state, self.host.net, cgroup_base=lifecycle.cgroup_base(self.host))
 
     def adopt(self) -> list[str]:
         """Adopt the recorded VMs still running: alive (pid and start time) and answering their backend."""
@@ -450,11 +450,16 @@ class Worker:
                 log.warning("%s: cannot stop its hypervisor pid %d: %s", record.name, record.pid, exc)
                 return
             reap(record.pid, record.start_time)
+            if lifecycle.oom_kills(self.host, record.name) > 0:  # read before the group goes or is reused
+                exit_ = tracked.exit = Exit(
+                    exit_.kind, f"{exit_.detail}; OOM-killed (memory limit)", exit_.process_gone
+                )
             if decision.verdict is Verdict.RESTART:
                 self._restart(record, tracked, exit_)
                 return
             with contextlib.suppress(ProcuratorError):
                 network.detach_vm(self.host.net, record.name)
+            lifecycle.unbox(self.host, record.name)  # not restarted: its (empty) group goes
             if decision.verdict is Verdict.GIVE_UP:
                 log.error("%s: giving up: %s", record.name, decision.reason)
                 failed = record.with_(

@@ -202,6 +202,12 @@ def vm_families(
     rss = metrics.Family(
         p + "vm_memory_rss_bytes", "Resident memory of the VM's hypervisor process.", kind.GAUGE
     )
+    memory = metrics.Family(p + "vm_cgroup_memory_bytes", "Memory the VM's cgroup uses (all its processes).",
+                            kind.GAUGE)  # fmt: skip
+    limit = metrics.Family(
+        p + "vm_cgroup_memory_limit_bytes", "The memory limit of the VM's cgroup.", kind.GAUGE
+    )
+    ooms = metrics.Family(p + "vm_oom_kills_total", "OOM kills inside the VM's cgroup.", kind.COUNTER)
     for status in statuses:
         r = status.record
         vm = {"vm": r.name}
@@ -219,6 +225,11 @@ def vm_families(
         if figures is not None:
             cpu.add(figures.cpu_seconds, vm)
             rss.add(figures.rss_bytes, vm)
+        if status.usage is not None:  # from its cgroup
+            memory.add(status.usage.memory_bytes, vm)
+            if status.usage.memory_max is not None:
+                limit.add(status.usage.memory_max, vm)
+            ooms.add(status.usage.oom_kills, vm)
     for bad in damaged:  # set aside: not supervised until `procurator down NAME`
         state.add(1, {"vm": bad.name, "state": lifecycle.DAMAGED})
-    return [up, state, uptime, restarts, cpu, rss]
+    return [up, state, uptime, restarts, cpu, rss, memory, limit, ooms]
