@@ -47,6 +47,7 @@ COMMANDS = {
     "worker": "procurator.cli.worker:worker",
     "deploy": "procurator.cli.deploy:deploy",
     "doctor": "procurator.cli.doctor:doctor",
+    "init": "procurator.cli.init:init",
 }
 
 

@@ -1,10 +1,9 @@
 {
-  description = "Two Procurator microVMs and the deployment that runs both on one worker host";
+  description = "Procurator microVMs (web, files) and the worker host worker1 that runs them";
 
   inputs = {
-    # Where Procurator comes from: its git repository, or a local checkout ("path:/src/procurator").
-    # To use your own nixpkgs instead of Procurator's pin, add an input `nixpkgs` and
-    # procurator.inputs.nixpkgs.follows = "nixpkgs";
+    # Where Procurator comes from. To use your own nixpkgs instead of Procurator's pin, add an input
+    # `nixpkgs` and procurator.inputs.nixpkgs.follows = "nixpkgs";
     procurator.url = "git+file:///src/procurator";
   };
 
@@ -12,7 +11,7 @@
     { self, procurator }:
     let
       system = "x86_64-linux";
-      # One bundle per VM: nix build .#web, nix build .#files
+      # One bundle per VM: nix build .#<name>
       vms = {
         web = procurator.lib.mkVm {
           inherit system;
@@ -26,13 +25,24 @@
     in
     {
       packages.${system} = vms // {
-        # What the worker host "worker1" runs: nix build .#deployment, nix copy it to the worker,
-        # and there `procurator up <deployment store path>` boots both VMs.
+        # What worker1 runs: nix build .#deployment, nix copy it there, and there
+        # `procurator up <deployment store path>` (or the worker: services.procurator.deployment).
         deployment = procurator.lib.mkDeployment {
           inherit system vms;
           host = "worker1";
         };
         default = self.packages.${system}.deployment;
       };
+
+      # The fleet for `nix run .#deploy` (procurator deploy): set the SSH target of worker1.
+      procuratorHosts = procurator.lib.mkHosts {
+        inherit system;
+        hosts.worker1 = {
+          target = "root@worker1";
+          inherit vms;
+        };
+      };
+
+      apps.${system}.deploy = procurator.apps.${system}.deploy;
     };
 }

@@ -1,36 +1,31 @@
-# A file server VM with a persistent volume: what it serves survives restarts and new generations.
+# The VM files: a NixOS system (nginx serving a page on port 80), checked over HTTP by the host
+# before it replaces a running generation.
 { pkgs, ... }:
 {
-  networking.hostName = "files";
+  networking.hostName = "files"; # also the VM's name (procurator.vm.name defaults to it)
   system.stateVersion = "25.05";
 
   procurator.vm = {
-    memoryMiB = 384;
-    volumes.files = {
-      sizeMiB = 512;
-      mountPoint = "/srv/files";
-    };
+    vcpus = 1;
+    memoryMiB = 512;
     health = [
       {
-        type = "tcp";
-        port = 8080;
+        type = "http";
+        port = 80;
+        path = "/";
       }
     ];
-    restart = {
-      policy = "on-failure";
-      maxRestarts = 3;
-    };
+    # A volume, kept across restarts and new generations (docs/bundle.md):
+    # volumes.data = { sizeMiB = 512; mountPoint = "/srv/data"; };
   };
 
-  systemd.services.files = {
-    description = "Static files from the volume on port 8080";
-    wantedBy = [ "multi-user.target" ];
-    after = [ "network.target" ];
-    unitConfig.RequiresMountsFor = [ "/srv/files" ];
-    serviceConfig = {
-      ExecStart = "${pkgs.busybox}/bin/busybox httpd -f -p 8080 -h /srv/files";
-      DynamicUser = true;
-      Restart = "on-failure";
+  services.nginx = {
+    enable = true;
+    virtualHosts.files = {
+      default = true;
+      root = pkgs.writeTextDir "index.html" ''
+        <h1>Hello from the files microVM</h1>
+      '';
     };
   };
 }

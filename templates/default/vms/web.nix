@@ -1,4 +1,5 @@
-# A web server VM: nginx on port 80, checked over HTTP by the host before it replaces a running one.
+# The VM web: a NixOS system (nginx serving a page on port 80), checked over HTTP by the host
+# before it replaces a running generation.
 { pkgs, ... }:
 {
   networking.hostName = "web"; # also the VM's name (procurator.vm.name defaults to it)
@@ -14,6 +15,8 @@
         path = "/";
       }
     ];
+    # A volume, kept across restarts and new generations (docs/bundle.md):
+    # volumes.data = { sizeMiB = 512; mountPoint = "/srv/data"; };
   };
 
   services.nginx = {

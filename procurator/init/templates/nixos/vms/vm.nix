@@ -1,0 +1,31 @@
+# The VM {{ vm }}: a NixOS system (nginx serving a page on port 80), checked over HTTP by the host
+# before it replaces a running generation.
+{ pkgs, ... }:
+{
+  networking.hostName = "{{ vm }}"; # also the VM's name (procurator.vm.name defaults to it)
+  system.stateVersion = "25.05";
+
+  procurator.vm = {
+    vcpus = 1;
+    memoryMiB = 512;
+    health = [
+      {
+        type = "http";
+        port = 80;
+        path = "/";
+      }
+    ];
+    # A volume, kept across restarts and new generations (docs/bundle.md):
+    # volumes.data = { sizeMiB = 512; mountPoint = "/srv/data"; };
+  };
+
+  services.nginx = {
+    enable = true;
+    virtualHosts.{{ vm }} = {
+      default = true;
+      root = pkgs.writeTextDir "index.html" ''
+        <h1>Hello from the {{ vm }} microVM</h1>
+      '';
+    };
+  };
+}
