@@ -116,6 +116,14 @@ def test_procurator_json(example_build: ExampleBuild) -> None:
             }
         ],
         "shutdownTimeout": 20,
+        # the box per VM (docs/bundle.md): no memory limit given, so guest RAM plus the VMM overhead
+        "resources": {
+            "memoryMaxMiB": None,
+            "cpuQuotaPercent": None,
+            "cpuWeight": 100,
+            "ioWeight": 100,
+            "cpuAffinity": [],
+        },
     }
     api = load(example_build.api / "procurator.json")
     assert api["name"] == "api"
