@@ -37,6 +37,7 @@ from procurator.net.config import NetworkConfig
 
 BACKENDS = ("cloud-hypervisor", "qemu")
 DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
+DEFAULT_STATE_DIR = Path("/var/lib/procurator")  # state.py re-exports it
 DEFAULT_HEALTH_TIMEOUT = 600.0
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEALTH_TIMEOUT = 86400.0

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from procurator import waits
+from procurator.config import DEFAULT_STATE_DIR as DEFAULT_STATE_DIR  # noqa: PLC0414 - re-exported
 from procurator.errors import DamagedStateError, LockBusyError, StateError, ValidationError
 from procurator.hypervisor.base import Handle
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = Path("/var/lib/procurator")
 LOCK_TIMEOUT = 30.0
 RECORD_SCHEMA = 1
 A = TypeVar("A")

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from procurator.state import DEFAULT_STATE_DIR
+from procurator.config import DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ COMMANDS = {
     "snapshot": "procurator.cli.snapshots:snapshot",
     "restore": "procurator.cli.snapshots:restore",
     "snapshots": "procurator.cli.snapshots:listing",
-    "ps": "procurator.cli.vms:ps",
+    "ps": "procurator.cli.ps:ps",
     "logs": "procurator.cli.vms:logs",
     "console": "procurator.cli.vms:console",
     "shutdown": "procurator.cli.vms:shutdown",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.shell_completion import CompletionItem
 
-from procurator.cli.app import Globals
+from procurator.cli.paths import where
 from procurator.config import WorkerConfig
 from procurator.errors import ProcuratorError
 from procurator.hypervisor.registry import factory
@@ -17,9 +17,7 @@ from procurator.state import DEFAULT_STATE_DIR, StateDir
 
 
 def host(ctx: click.Context) -> Host:
-    g: Globals = ctx.find_root().obj
-    config = WorkerConfig.load(g.config)
-    state_dir = g.state_dir if g.state_dir_given or config.state_dir is None else config.state_dir
+    config, state_dir = where(ctx)
     return Host(state=StateDir(state_dir), config=config, hypervisors=factory(config.hypervisor))
 
 

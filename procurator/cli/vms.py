@@ -10,7 +10,7 @@ import click
 from procurator import console as consoles
 from procurator import lifecycle, logfiles
 from procurator.cli.context import host, vm_names
-from procurator.cli.render import emit_json, emit_table, note
+from procurator.cli.render import emit_json, note
 from procurator.config import BACKENDS
 from procurator.errors import UsageError
 from procurator.hypervisor.base import StopResult
@@ -35,17 +35,6 @@ def _stopped_json(name: str, result: StopResult | None) -> dict[str, object]:
         "graceful": None if result is None else result.graceful,
         "steps": [] if result is None else list(result.steps),
     }
-
-
-def _fmt_uptime(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 @click.command()
@@ -171,39 +160,6 @@ def _pause_or_resume(
             note(f"{name}: {done}" if changed else f"{name}: already {done}; nothing to do")
     if as_json:
         emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (stable fields, see README).")
-@click.pass_context
-def ps(ctx: click.Context, as_json: bool) -> None:
-    """List the VMs on this host."""
-    statuses, damaged = lifecycle.listing(host(ctx))
-    rows = sorted(
-        [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged],
-        key=lambda row: str(row["name"]),
-    )
-    for bad in damaged:
-        note(f"{bad.name}: {bad.error}")
-    if as_json:
-        emit_json(rows)
-        return
-    emit_table(
-        ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS"],
-        [
-            [
-                j["name"],
-                j["state"],
-                (j["generation"] or "-")[:12],
-                j["backend"] or "-",
-                j["ip"],
-                j["pid"],
-                _fmt_uptime(j["uptime"]),
-                "-" if j["restarts"] is None else j["restarts"],
-            ]
-            for j in rows
-        ],
-    )
 
 
 @click.command()

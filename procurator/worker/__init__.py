@@ -13,9 +13,32 @@
 
 from __future__ import annotations
 
-from procurator.worker.daemon import Settings, Worker
-from procurator.worker.exits import Exit, observe_exit
-from procurator.worker.records import RecordCache
-from procurator.worker.views import ApplyReport
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from procurator.worker.daemon import Settings, Worker
+    from procurator.worker.exits import Exit, observe_exit
+    from procurator.worker.records import RecordCache
+    from procurator.worker.views import ApplyReport
+
+# Imported on first use: `procurator ps` reads a running worker through worker/client.py and must not
+# pay for the daemon's imports (jinja2, the API server).
+_LAZY = {
+    "Settings": "procurator.worker.daemon",
+    "Worker": "procurator.worker.daemon",
+    "Exit": "procurator.worker.exits",
+    "observe_exit": "procurator.worker.exits",
+    "RecordCache": "procurator.worker.records",
+    "ApplyReport": "procurator.worker.views",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procurator.worker' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = ["ApplyReport", "Exit", "RecordCache", "Settings", "Worker", "observe_exit"]

@@ -8,6 +8,7 @@ only routes them.
 
     GET  /status                    {"worker": {...}, "vms": [VmStatus.to_json()...], "supervision": {...},
                                      "details": {NAME: {last_exit, health, cpu_seconds, memory_bytes}}}
+    GET  /vms                       {"schema": 1, "state_dir", "vms": [...]}: the rows `ps --json` prints
     GET  /plan[?deployment=PATH]    the plan to PATH (default: the desired deployment)
     POST /apply                     {"deployment": PATH, "wait"?: "none"|"booted"|"healthy"} -> the report
     GET  /history                   the deployment profile's generations
@@ -117,6 +118,8 @@ class Service(Protocol):
 
     def status_json(self) -> dict[str, Any]: ...
 
+    def vms_json(self) -> dict[str, Any]: ...
+
     def plan(self, deployment_path: Path | None) -> Any: ...
 
     def apply(self, deployment_path: Path, *, wait: WaitFor | None = None) -> Any: ...
@@ -161,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Routes: path -> {method: handler name}
     ROUTES: ClassVar[dict[str, dict[str, str]]] = {
         "/status": {"GET": "get_status"},
+        "/vms": {"GET": "get_vms"},
         "/plan": {"GET": "get_plan"},
         "/apply": {"POST": "post_apply"},
         "/history": {"GET": "get_history"},
@@ -178,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
     SERVED: ClassVar[dict[str, frozenset[str] | None]] = {
         "api": None,
         "metrics": frozenset({"/metrics"}),
-        "status": frozenset({"/", "/vm/*", "/vm/*/log", "/status", "/history", "/metrics",
+        "status": frozenset({"/", "/vm/*", "/vm/*/log", "/status", "/vms", "/history", "/metrics",
                              "/actions/restart", "/actions/apply", "/actions/rollback"}),
     }  # fmt: skip
 
@@ -227,6 +231,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def get_status(self, worker: Service) -> None:
         self._json(200, worker.status_json())
+
+    def get_vms(self, worker: Service) -> None:
+        self._json(200, worker.vms_json())
 
     def get_plan(self, worker: Service) -> None:
         values = self.query.get("deployment", [])

@@ -99,6 +99,8 @@ class Worker:
         self._tracked: dict[str, Tracked] = {}
         self._pids = process.PidWatch()
         self._records = RecordCache(host.state)
+        self._listing = RecordCache(host.state)  # GET /vms's own (the API's threads, under its lock)
+        self._listing_lock = threading.Lock()
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
         self._desired: Deployment | None = None
@@ -519,6 +521,21 @@ class Worker:
 
     def status_json(self) -> dict[str, Any]:
         return views.status_json(self.figures(), self.host)
+
+    def vms_json(self) -> dict[str, Any]:
+        """GET /vms: the VMs exactly as `procurator ps --json` lists them, from records parsed again only
+        when they changed (the answer `ps` asks a running worker for)."""
+        with self._listing_lock:
+            records = self._listing.records()
+            damaged = list(self._listing.damaged.values())
+        now = self.host.clock()
+        statuses = [
+            lifecycle.classify(r, r.pid > 0 and process.alive(r.pid, r.start_time), now) for r in records
+        ]
+        rows = [s.to_json() for s in lifecycle.with_usage(self.host, statuses)]
+        rows += [lifecycle.damaged_json(d) for d in damaged]
+        rows.sort(key=lambda row: str(row["name"]))
+        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": rows}
 
     def supervision_json(self) -> dict[str, Any]:
         return views.supervision_json(self.figures())
