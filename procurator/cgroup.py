@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -42,6 +43,24 @@ ROOT = Path("/sys/fs/cgroup")
 V1_PARENT = "procurator"  # v1: <controller mount>/procurator/vm-<name>
 DEFAULT_V2_BASE = "procurator.slice"
 PREFIX = "vm-"
+# A group's directory is vm-<name> for the state directory /var/lib/procurator and vm-<name>.<scope>
+# for any other (`scope_of`): two Procurator states on one host (tests, a second worker) never share a
+# VM's group. "." is in no VM name (a DNS label), so the two never collide.
+SCOPE_SEP = "."
+
+
+def scope_of(state_root: Path, default: Path = Path("/var/lib/procurator")) -> str:
+    """The scope of the VM groups of the state directory `state_root` ("" for the default one)."""
+    root = state_root.resolve()
+    if root == default:
+        return ""
+    return hashlib.sha256(str(root).encode()).hexdigest()[:10]
+
+
+def _group_dir(name: str, scope: str) -> str:
+    return PREFIX + name + (SCOPE_SEP + scope if scope else "")
+
+
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "blkio")
 V2_CONTROLLERS = ("memory", "cpu", "io")
 V2_OPTIONAL = frozenset({"memory.swap.max", "io.weight"})  # a kernel may lack them (swap, iocost)
@@ -213,6 +232,7 @@ class V2:
 
     mount: Path
     base: str = DEFAULT_V2_BASE
+    scope: str = ""  # scope_of(the state directory)
     version: int = field(default=2, init=False)
 
     @property
@@ -220,7 +240,7 @@ class V2:
         return self.mount / self.base
 
     def _dir(self, name: str) -> Path:
-        return self.base_dir / (PREFIX + name)
+        return self.base_dir / _group_dir(name, self.scope)
 
     def dirs(self, name: str) -> tuple[Path, ...]:
         return (self._dir(name),)
@@ -310,7 +330,7 @@ class V2:
         return _wait_removed([self._dir(name)], timeout)
 
     def leftovers(self) -> list[str]:
-        return _vm_groups([self.base_dir])
+        return _vm_groups([self.base_dir], self.scope)
 
 
 # --- v1 ----------------------------------------------------------------------------------------------
@@ -321,6 +341,7 @@ class V1:
     """Controllers mounted apart: `<mount>/procurator/vm-<name>` in each of memory, cpu, cpuacct, blkio."""
 
     mounts: Mapping[str, Path]  # controller -> its hierarchy's mount point (joint mounts repeat one)
+    scope: str = ""  # scope_of(the state directory)
     version: int = field(default=1, init=False)
 
     def dirs(self, name: str) -> tuple[Path, ...]:
@@ -329,11 +350,11 @@ class V1:
             mount = self.mounts.get(controller)
             if mount is not None and mount not in seen:
                 seen.append(mount)
-        return tuple(m / V1_PARENT / (PREFIX + name) for m in seen)
+        return tuple(m / V1_PARENT / _group_dir(name, self.scope) for m in seen)
 
     def _at(self, controller: str, name: str) -> Path | None:
         mount = self.mounts.get(controller)
-        return None if mount is None else mount / V1_PARENT / (PREFIX + name)
+        return None if mount is None else mount / V1_PARENT / _group_dir(name, self.scope)
 
     def create(self, name: str, limits: Limits) -> Group:
         for controller in ("memory", "cpu"):
@@ -421,10 +442,11 @@ class V1:
         return gone
 
     def leftovers(self) -> list[str]:
-        return _vm_groups([d.parent for d in self.dirs("x")])
+        return _vm_groups([d.parent for d in self.dirs("x")], self.scope)
 
 
-def _vm_groups(parents: Iterable[Path]) -> list[str]:
+def _vm_groups(parents: Iterable[Path], scope: str) -> list[str]:
+    """The VM names of the groups of `scope` under `parents`."""
     names: set[str] = set()
     for parent in parents:
         try:
@@ -433,7 +455,12 @@ def _vm_groups(parents: Iterable[Path]) -> list[str]:
             continue
         except OSError as exc:
             raise CgroupError(f"{parent}: cannot list: {exc.strerror}") from exc
-        names.update(e.name[len(PREFIX) :] for e in entries if e.is_dir() and e.name.startswith(PREFIX))
+        for entry in entries:
+            if not entry.is_dir() or not entry.name.startswith(PREFIX):
+                continue
+            name, sep, its = entry.name[len(PREFIX) :].partition(SCOPE_SEP)
+            if its == scope and bool(sep) == bool(scope):
+                names.add(name)
     return sorted(names)
 
 
@@ -481,23 +508,23 @@ def _v2_has_controllers(mount: Path) -> bool:
 
 
 @functools.cache
-def _detect(mounts_text: str, v2_base: str) -> Driver | None:
+def _detect(mounts_text: str, v2_base: str, scope: str = "") -> Driver | None:
     v2, v1 = parse_mounts(mounts_text)
     if v2 is not None and _v2_has_controllers(v2):
-        return V2(v2, v2_base)
+        return V2(v2, v2_base, scope)
     if "memory" in v1 and "cpu" in v1:
-        return V1(v1)
+        return V1(v1, scope)
     return None
 
 
-def driver(v2_base: str = DEFAULT_V2_BASE, *, mounts: Path = MOUNTS) -> Driver | None:
+def driver(v2_base: str = DEFAULT_V2_BASE, *, mounts: Path = MOUNTS, scope: str = "") -> Driver | None:
     """The driver for what this host mounts (v2 when its unified hierarchy holds memory and cpu, else
-    v1 when memory and cpu are mounted); None when neither is."""
+    v1 when memory and cpu are mounted); None when neither is. `scope`: see `scope_of`."""
     try:
         text = mounts.read_text()
     except OSError as exc:
         raise CgroupError(f"{mounts}: cannot read: {exc.strerror}") from exc
-    return _detect(text, v2_base)
+    return _detect(text, v2_base, scope)
 
 
 def check_joined(drv: Driver, group: Group, pid: int, limits: Limits) -> tuple[str, ...]:

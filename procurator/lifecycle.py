@@ -38,7 +38,7 @@ from procurator.errors import (
 )
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult, VmState
-from procurator.models import Bundle, Volume
+from procurator.models import VMM_OVERHEAD_MIB, VMM_OVERHEAD_MIB_BY_BACKEND, Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
 from procurator.state import (
     LOCK_TIMEOUT,
@@ -153,7 +153,7 @@ def cgroups(host: Host) -> cgroup.Driver | None:
     settings = host.config.cgroups
     if settings.mode == "off":
         return None
-    found = cgroup.driver(settings.base)
+    found = cgroup.driver(settings.base, scope=cgroup.scope_of(host.state.root))
     if found is None and settings.mode == "required":
         raise CgroupError(
             "this host mounts neither cgroup v2 with the memory and cpu controllers nor cgroup v1's memory "
@@ -162,12 +162,13 @@ def cgroups(host: Host) -> cgroup.Driver | None:
     return found
 
 
-def limits(bundle: Bundle) -> cgroup.Limits:
-    """The bundle's resources as its group's limits (docs/bundle.md, `resources`)."""
+def limits(bundle: Bundle, backend: str = "cloud-hypervisor") -> cgroup.Limits:
+    """The bundle's resources as its group's limits on `backend` (docs/bundle.md, `resources`)."""
     res = bundle.meta.resources
     quota = res.cpu_quota_percent
+    overhead = VMM_OVERHEAD_MIB_BY_BACKEND.get(backend, VMM_OVERHEAD_MIB)
     return cgroup.Limits(
-        memory_max=res.memory_max(int(bundle.vm_config["memory"]["size"])),
+        memory_max=res.memory_max(int(bundle.vm_config["memory"]["size"]), overhead),
         cpu_quota_us=None if quota is None else quota * cgroup.CPU_PERIOD_US // 100,
         cpu_weight=res.cpu_weight,
         io_weight=res.io_weight,
@@ -331,7 +332,7 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
         drv = cgroups(host)
         box: cgroup.Group | None = None
         if drv is not None:  # before the hypervisor: it joins its group before its guest runs
-            box = drv.create(name, limits(bundle))
+            box = drv.create(name, limits(bundle, backend))
             undo.callback(drv.remove, name)
         elif host.config.cgroups.mode == "auto":
             log.warning("%s: runs without a cgroup (this host mounts no memory and cpu controllers)", name)
@@ -348,7 +349,7 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
         handle = hv.start(spec)
         undo.callback(hv.kill, handle)
         if drv is not None and box is not None:  # measure what was acted on: in its group, limits as set
-            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle)):
+            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle, backend)):
                 log.warning("%s: %s", name, note)
 
         now = host.clock()
@@ -935,7 +936,7 @@ def _restore(
         drv = cgroups(host)  # a restored VM is boxed as a booted one is
         box: cgroup.Group | None = None
         if drv is not None:
-            box = drv.create(name, limits(bundle))
+            box = drv.create(name, limits(bundle, record.backend))
             undo.callback(drv.remove, name)
         spec = LaunchSpec(
             name=name,
@@ -950,7 +951,7 @@ def _restore(
         handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)
         if drv is not None and box is not None:
-            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle)):
+            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle, record.backend)):
                 log.warning("%s: %s", name, note)
         restored = record.with_(
             pid=handle.pid,

@@ -35,7 +35,11 @@ MAX_HEALTH_RETRIES = 1000
 MAX_RESTARTS = 1000
 # Resources (docs/bundle.md): the VM's cgroup (procurator/cgroup.py) and its vCPUs' host CPUs.
 MIB = 1024 * 1024
-VMM_OVERHEAD_MIB = 128  # the default memory limit is guest RAM plus this (the VMM, QEMU's TCG buffers)
+# The default memory limit is guest RAM plus the VMM's own, by backend: cloud-hypervisor's is small (its
+# devices and buffers); QEMU's, under TCG (software emulation), holds a translation cache of up to 1 GiB
+# and was OOM-killed at 128 MiB here while booting a 256 MiB guest, so it gets more.
+VMM_OVERHEAD_MIB = 128
+VMM_OVERHEAD_MIB_BY_BACKEND = {"cloud-hypervisor": VMM_OVERHEAD_MIB, "qemu": 512}
 MIN_MEMORY_MAX_MIB = 16  # below this no hypervisor starts at all
 MAX_WEIGHT = 10000  # cgroup v2 cpu.weight and io.weight: 1-10000, 100 the default
 MAX_HOST_CPU = 4095  # a host CPU index (the kernel's NR_CPUS on x86_64 distributions is at most 8192)
@@ -218,11 +222,11 @@ class Resources:
     io_weight: int = 100
     cpu_affinity: tuple[int, ...] = ()  # host CPUs every vCPU may run on; (): any
 
-    def memory_max(self, guest_bytes: int) -> int:
-        """The group's memory limit in bytes: the bundle's, or guest RAM plus the stated overhead."""
+    def memory_max(self, guest_bytes: int, overhead_mib: int = VMM_OVERHEAD_MIB) -> int:
+        """The group's memory limit in bytes: the bundle's, or guest RAM plus the backend's overhead."""
         if self.memory_max_mib is not None:
             return self.memory_max_mib * MIB
-        return guest_bytes + VMM_OVERHEAD_MIB * MIB
+        return guest_bytes + overhead_mib * MIB
 
     @classmethod
     def parse(cls, r: _Reader) -> Resources:

@@ -85,19 +85,19 @@ def sweep(
             network.detach_vm(net, vm)
             done.append(f"removed the TAPs of {vm}, which has no record")
         live = {r.name for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
-        done += _sweep_groups(cgroup_base, live | aside)
+        done += _sweep_groups(cgroup_base, cgroup.scope_of(state.root), live | aside)
     for line in done:
         log.info("sweep: %s", line)
     return done
 
 
-def _sweep_groups(base: str | None, keep: set[str]) -> list[str]:
+def _sweep_groups(base: str | None, scope: str, keep: set[str]) -> list[str]:
     """Remove the cgroups of VMs not in `keep` (their hypervisors are gone or were just killed)."""
     if base is None:
         return []
     done: list[str] = []
     try:
-        drv = cgroup.driver(base)
+        drv = cgroup.driver(base, scope=scope)
         for name in [] if drv is None else drv.leftovers():
             if name in keep:
                 continue
