@@ -20,16 +20,17 @@ def probe(check: HealthCheck, ip: str, netns: str | None) -> str | None:
     with sock:
         if check.type == "tcp":
             return None
-        request = f"GET {check.path} HTTP/1.0\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
+        import http.client  # noqa: PLC0415 - only for HTTP checks (`ps` need not import it)
+
+        conn = http.client.HTTPConnection(ip, check.port, timeout=check.timeout_seconds)
+        conn.sock = sock  # connected already, in the VMs' network namespace
         try:
-            sock.sendall(request.encode())
-            head = sock.recv(256).decode("latin-1")
+            conn.request("GET", check.path, headers={"Connection": "close"})
+            status = conn.getresponse().status
+        except http.client.HTTPException:
+            return f"http {ip}:{check.port}{check.path}: not an HTTP answer"
         except OSError as exc:
             return f"http {ip}:{check.port}{check.path}: {exc.strerror or exc}"
-    parts = head.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        return f"http {ip}:{check.port}{check.path}: not an HTTP answer"
-    status = int(parts[1])
     if status != check.expect_status:
         return f"http {ip}:{check.port}{check.path}: status {status}, expected {check.expect_status}"
     return None

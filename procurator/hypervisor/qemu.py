@@ -37,6 +37,7 @@ from procurator.errors import (
 )
 from procurator.hypervisor import qmp
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.net import netlink
 
 log = logging.getLogger(__name__)
 
@@ -856,17 +857,16 @@ def pin_vcpus(client: qmp.QmpClient, name: str, wanted: Mapping[int, frozenset[i
 def _require_taps(spec: LaunchSpec, taps: Iterable[str]) -> None:
     """Refuse to start unless every TAP exists where QEMU will run: as root, QEMU would silently create a
     missing one, attached to nothing, instead of failing (Procurator creates TAPs, docs/worker.md)."""
-    for tap in taps:
-        if spec.netns is None:
-            exists = Path("/sys/class/net", tap).exists()
-        else:
-            found = process.run(["ip", "-n", spec.netns, "link", "show", "dev", tap], check=False, timeout=10)
-            exists = found.returncode == 0
-        if not exists:
-            where = "on this host" if spec.netns is None else f"in network namespace {spec.netns}"
-            raise HypervisorStartError(
-                f"{spec.name}: TAP {tap} does not exist {where}; create it before starting"
-            )
+    wanted = list(taps)
+    if not wanted:
+        return
+    with netlink.session(spec.netns) as nl:  # the one way Procurator looks at links (net/netlink.py)
+        missing = [tap for tap in wanted if nl.link(tap) is None]
+    for tap in missing:
+        where = "on this host" if spec.netns is None else f"in network namespace {spec.netns}"
+        raise HypervisorStartError(
+            f"{spec.name}: TAP {tap} does not exist {where}; create it before starting"
+        )
 
 
 def _status(client: qmp.QmpClient) -> str:
