@@ -10,13 +10,26 @@ from procurator.errors import WaitTimeoutError
 from procurator.models import HealthCheck
 from procurator.netns import connect_tcp
 
+# While a start waits for its checks, they are tried every WAIT_POLL seconds (a failed connect to a
+# booting guest is immediate once its network is up: a reset), and a connect is given at most
+# WAIT_CONNECT seconds (a guest that does not answer ARP yet would otherwise hold a probe for the whole
+# timeoutSeconds, and its service's start be noticed that much later). The budget stays the checks'
+# own, intervalSeconds times retries; the HTTP answer still gets timeoutSeconds.
+WAIT_POLL = 0.05
+WAIT_CONNECT = 0.25
 
-def probe(check: HealthCheck, ip: str, netns: str | None) -> str | None:
-    """Run one check once. None when it passes, else what went wrong."""
+
+def probe(
+    check: HealthCheck, ip: str, netns: str | None, *, connect_timeout: float | None = None
+) -> str | None:
+    """Run one check once. None when it passes, else what went wrong. `connect_timeout` bounds the TCP
+    connect apart from the check's timeout (see WAIT_CONNECT)."""
+    limit = check.timeout_seconds if connect_timeout is None else min(connect_timeout, check.timeout_seconds)
     try:
-        sock = connect_tcp(netns, ip, check.port, check.timeout_seconds)
+        sock = connect_tcp(netns, ip, check.port, limit)
     except OSError as exc:
         return f"{check.type} {ip}:{check.port}: {exc.strerror or exc}"
+    sock.settimeout(check.timeout_seconds)
     with sock:
         if check.type == "tcp":
             return None
@@ -47,9 +60,9 @@ def wait_healthy(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Wait until every check passes once. Bounded by `timeout` (default: the checks' own budget, their
-    intervals times their retries), and never longer than `cap` (the worker configuration's
-    healthTimeout); a wait cut short by the cap says so."""
+    """Wait until every check passes once, trying them every WAIT_POLL seconds. Bounded by `timeout`
+    (default: the checks' own budget, their intervals times their retries), and never longer than `cap`
+    (the worker configuration's healthTimeout); a wait cut short by the cap says so."""
     if not checks:
         return
     budget = timeout if timeout is not None else max(c.interval_seconds * c.retries for c in checks)
@@ -63,7 +76,7 @@ def wait_healthy(
     def passed() -> bool:
         still = []
         for check in pending:
-            problem = probe(check, ip, netns)
+            problem = probe(check, ip, netns, connect_timeout=WAIT_CONNECT)
             if problem is not None:
                 still.append(check)
                 last[0] = problem
@@ -81,7 +94,7 @@ def wait_healthy(
         passed,
         budget,
         what,
-        poll=min(c.interval_seconds for c in checks),
+        poll=min(WAIT_POLL, *(c.interval_seconds for c in checks)),
         last=lambda: last[0],
         clock=clock,
         sleep=sleep,
