@@ -206,7 +206,8 @@ def test_procurator_json_replace_blue_green() -> None:
 
 def test_blue_green_is_refused_with_writable_volumes() -> None:
     error = nix_error(
-        f'lib.mkSpec {{ {BASE} volumes = [ {{ name = "data"; sizeMiB = 8; }} ]; replace.strategy = "blue-green"; }}'
+        f'lib.mkSpec {{ {BASE} volumes = [ {{ name = "data"; sizeMiB = 8; }} ]; '
+        'replace.strategy = "blue-green"; }'
     )
     assert error == (
         "procurator VM 'web': replace.strategy = \"blue-green\" cannot be used with writable volumes (data): "
