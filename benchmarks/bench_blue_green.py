@@ -57,9 +57,12 @@ def main() -> int:
     )  # fmt: skip
 
     def procurator(*args: str) -> str:
-        return subprocess.run(
-            [str(PROCURATOR), *args], env=env, check=True, capture_output=True, text=True, timeout=400
-        ).stdout
+        done = subprocess.run(
+            [str(PROCURATOR), *args], env=env, check=False, capture_output=True, text=True, timeout=400
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"procurator {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
 
     gaps: list[float] = []
     failed = 0
@@ -80,6 +83,10 @@ def main() -> int:
                 raise SystemExit(f"run {run}: the replace did not switch: {web}")
             polls = parse(out)
             failed += sum(1 for p in polls if not p.ok)
+            for i, p in enumerate(polls):
+                if not p.ok:
+                    moved = next((j for j, q in enumerate(polls) if q.release == polls[-1].release), -1)
+                    print(f"  run {run}: poll {i} of {len(polls)} failed ({p.error}); first new at {moved}")
             gaps.append(max_gap(polls))
     finally:
         subprocess.run(
