@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import selectors
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ def web(extra: str) -> list[str]:
 
 def apply(host: VmHost, deployment: object, code: int = 0) -> dict[str, Any]:
     done = host.run("apply", str(deployment), "--json", timeout=400)
-    assert done.returncode == code, done.stderr
+    assert done.returncode == code, done.stderr + done.stdout
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -131,3 +132,91 @@ def test_blue_green_replace_moves_the_address_without_a_failed_request(
     assert "dnat" not in host.ns.exec("nft", "list", "ruleset")
     host.ok("down", "api", timeout=120)
     assert host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
+
+
+KILLED_APPLY = """
+import sys, time
+from procurator.net import netlink
+from procurator.cli import main
+
+stop_at, deployment = sys.argv[1:3]
+
+def hook(step):
+    if step == stop_at:
+        print("at", step, flush=True)
+        time.sleep(120)
+
+netlink.STEP_HOOK = hook
+sys.argv = ["procurator", "apply", deployment]
+main()
+"""
+
+
+def kill_apply_at(host: VmHost, deployment: object, step: str) -> None:
+    """Run `procurator apply` until it reaches `step` (bounded), then SIGKILL it."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_APPLY, step, str(deployment)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env=host.env(PYTHONPATH=str(REPO)),
+    )
+    assert child.stdout is not None
+    try:
+        line = ""
+        with selectors.DefaultSelector() as sel:
+            sel.register(child.stdout, selectors.EVENT_READ)
+            if sel.select(timeout=300):
+                line = child.stdout.readline()
+        assert line.strip() == f"at {step}", f"apply did not reach {step} (rc {child.poll()})"
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        child.stdout.close()
+
+
+@pytest.mark.parametrize("step", ["tap-persistent", "blue-green-recorded", "blue-green-drained"])
+def test_a_blue_green_replace_killed_at_each_step_converges_on_a_rerun(
+    vm_host: VmHost, nix_build_example: NixBuild, step: str
+) -> None:
+    host = vm_host
+    (first,) = nix_build_example("deployment", args=web('cmdline = "procurator.release=1";'))
+    web2, second = nix_build_example("web", "deployment", args=web('cmdline = "procurator.release=2";'))
+    apply(host, first)
+    service = host.ps()["web"]["ip"]
+
+    kill_apply_at(host, second, step)
+    again = apply(host, second)
+    assert again["failed"] is False
+
+    vms = host.ps()
+    assert sorted(vms) == ["api", "web"]
+    assert (vms["web"]["state"], vms["web"]["bundle"], vms["web"]["service_ip"]) == (
+        "running",
+        str(web2),
+        service,
+    )
+    new_ip = vms["web"]["ip"]
+    assert new_ip != service
+    assert len([p for p in host.processes() if "/vms/web" in p]) == 1  # one hypervisor: the old one is gone
+    assert len(host.taps()) == 2
+    assert sorted(p.name for p in (host.state / "vms").iterdir()) == ["api", "web", "web@b"]
+    leases = json.loads((host.state / "leases.json").read_text())["leases"]
+    assert sorted(leases) == ["api", "web", "web@b"]
+    assert leases["web@b"]["ip"] == new_ip
+    ruleset = host.ns.exec("nft", "list", "ruleset")
+    assert ruleset.count(f"ip daddr {service} dnat ip to {new_ip}") == 2, ruleset
+    ok, release, error = get_in(host, service)
+    assert (ok, release) == (True, "2"), error
+
+    host.ok("down", "web", "api", timeout=120)
+    assert host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
+    assert "dnat" not in host.ns.exec("nft", "list", "ruleset")
+
+
+def get_in(host: VmHost, address: str) -> tuple[bool, str | None, str]:
+    """One poll of `address` from inside the namespace."""
+    code = f"from tests.support.poller import get; import json; print(json.dumps(get({address!r}, 5)))"
+    ok, release, error = json.loads(host.ns.exec(sys.executable, "-c", code))
+    return bool(ok), release, str(error)
