@@ -6,7 +6,9 @@ the bundle diffs of replacements come from a loader passed in. One action per VM
 
   create   the deployment names a VM this host has no record of
   replace  the recorded generation differs from the deployment's (the bundle's store hash changed):
-           stop the old generation, start the new one on the same lease and volumes
+           stop the old generation, start the new one on the same lease and volumes; or, when the new
+           bundle's `replace.strategy` is blue-green, boot it beside the old one and move the address
+           (`lifecycle.blue_green`). `with_strategies` puts the strategy on each replace for the plan.
   start    the recorded generation is the deployment's but its process is gone: it exited (crashed,
            killed) or was stopped with `procurator stop`. The deployment decides: it runs again.
            (To keep a VM off, take it out of the deployment.)
