@@ -173,7 +173,9 @@ def test_apply_change_one_vm_history_and_rollback(
     # Rollback (default: the previous generation) applies it again and makes it current.
     back = host.run("rollback", *BOOTED)
     assert back.returncode == 0, back.stderr
-    assert back.stdout.splitlines()[1].startswith(f"~ replace web ({new} -> {old}: bundle hash changed) [recreate]: ok")
+    assert back.stdout.splitlines()[1].startswith(
+        f"~ replace web ({new} -> {old}: bundle hash changed) [recreate]: ok"
+    )
     assert "deployment history generation 1" in back.stderr
     assert_consistent(host, example_build.bundles)
     assert host.ps()["api"]["pid"] == before["api"]["pid"]
