@@ -42,11 +42,13 @@ from procurator.models import VMM_OVERHEAD_MIB, VMM_OVERHEAD_MIB_BY_BACKEND, Bun
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
 from procurator.state import (
     LOCK_TIMEOUT,
+    SLOT_MARK,
     Damaged,
     StateDir,
     VmRecord,
     atomic_write_json,
     read_json,
+    runtime_name,
     write_problem,
 )
 from procurator.volumes import ensure_volumes, purge_volumes, volume_path
@@ -93,6 +95,8 @@ class VmStatus:
             "bundle": r.bundle,
             "backend": r.backend,
             "ip": r.ip or None,
+            "service_ip": r.service_ip or r.ip or None,
+            "taps": list(r.taps),
             "pid": r.pid if self.status is Status.RUNNING else None,
             "uptime": round(self.uptime, 1) if self.uptime is not None else None,
             "restarts": r.restarts,
@@ -240,10 +244,14 @@ def _guest_address(host: Host, ip: str) -> GuestAddress:
 
 
 def _forget(host: Host, name: str, record: VmRecord | None = None) -> None:
-    """Remove what a VM that is no longer running left: its TAPs, cgroup and directory (not its volumes)."""
+    """Remove what a VM that is no longer running left: its TAPs, cgroup and directory (not its volumes);
+    of a blue-green generation also its own lease and the service DNAT (the VM's lease is kept)."""
     _detach(host, name, record)
-    unbox(host, name)
+    unbox(host, name if record is None else record.runtime)
     host.state.remove_vm_dir(name)
+    if record is not None and record.slot:
+        _drop_runtime(host, record.runtime)
+        apply_services(host)
 
 
 def _end_strays(host: Host, name: str) -> list[int]:
@@ -254,7 +262,54 @@ def _end_strays(host: Host, name: str) -> list[int]:
 
 def _detach(host: Host, name: str, record: VmRecord | None) -> None:
     """Remove the VM's TAPs: those its record names, or (no record of them) any carrying its alias."""
-    network.detach_vm(host.net, name, record.taps if record is not None and record.taps else None)
+    vm = name if record is None else record.runtime
+    network.detach_vm(host.net, vm, record.taps if record is not None and record.taps else None)
+
+
+def services(host: Host) -> list[tuple[str, str]]:
+    """The service DNATs the records ask for: (the VM's lease, its blue-green generation's address)."""
+    records, _ = host.state.scan()
+    return sorted((r.service_ip, r.ip) for r in records if r.slot and r.service_ip and r.ip)
+
+
+def apply_services(host: Host) -> None:
+    """Make the nftables table's service DNATs those of the records, in one transaction (measured first)."""
+    wanted = services(host)
+    if wanted or network.current_services(host.net):
+        with host.shared:
+            network.net_up(host.net, services=wanted)
+
+
+def _drop_runtime(host: Host, runtime: str) -> None:
+    """What a blue-green generation `runtime` (`<name>@<slot>`) had apart: its TAPs, cgroup, directory and
+    its own lease (the VM's lease, the service address, is the VM's and stays)."""
+    if SLOT_MARK not in runtime:
+        return
+    network.detach_vm(host.net, runtime)
+    unbox(host, runtime)
+    host.state.remove_vm_dir(runtime)
+    _release_lease(host, runtime)
+
+
+def _collapse(host: Host, record: VmRecord) -> VmRecord:
+    """A blue-green record of a VM whose process is gone, made plain again: the next boot is on the VM's
+    own lease (the service address) and directory, and the DNAT and the generation's lease go."""
+    if not record.slot:
+        return record
+    _drop_runtime(host, record.runtime)
+    plain = record.with_(
+        slot="",
+        service_ip="",
+        ip=record.service_ip,
+        vm_dir=str(host.state.vm_dir(record.name)),
+        api_socket=str(host.state.vm_dir(record.name) / Path(record.api_socket).name),
+        pid=0,
+        start_time=0,
+        taps=(),
+    )
+    host.state.save_record(plain)
+    apply_services(host)
+    return plain
 
 
 def up(
@@ -280,35 +335,132 @@ def up(
         return _start(host, bundle, backend or host.config.hypervisor.backend, wait, restarts)
 
 
-def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: int) -> VmRecord:
+@dataclass(frozen=True)
+class Switch:
+    """What a blue-green replace did: both generations, the service address, and when it moved."""
+
+    service_ip: str
+    old: VmRecord
+    new: VmRecord
+    switched_at: float  # host.clock() at the nftables change
+    drained: float  # seconds the old generation ran on after it
+
+    def to_json(self) -> dict[str, Any]:
+        def gen(r: VmRecord) -> dict[str, Any]:
+            return {
+                "bundle": r.bundle,
+                "generation": r.generation,
+                "pid": r.pid,
+                "ip": r.ip,
+                "taps": list(r.taps),
+            }
+
+        return {
+            "strategy": "blue-green",
+            "service_ip": self.service_ip,
+            "old": gen(self.old),
+            "new": gen(self.new),
+            "switched_at": round(self.switched_at, 3),
+            "drained_seconds": round(self.drained, 3),
+        }
+
+
+def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Switch:
+    """Replace the running generation of `bundle`'s VM without a gap (docs/architecture.md).
+
+    The new generation boots as `<name>@<slot>` on a lease of its own and must pass its health checks
+    (a failure removes it: the old generation never noticed). Then the record names it (the commit point),
+    the VM's service address is DNATed to it in one nftables transaction, the old generation drains for
+    `replace.drainSeconds` and is stopped, and what it had apart (its TAPs, its cgroup, its directory, its
+    own lease when it was a blue-green generation too) goes. A kill -9 before the record is written leaves
+    a stray the sweep removes; after it, an old generation the sweep stops, and the sweep writes the DNAT.
+    """
     name = bundle.name
+    with locked(host):
+        old = _require(host, name)
+        if not _running(old):
+            raise ConflictError(f"VM {name!r} is not running; a blue-green replace needs the old generation")
+        slot = "c" if old.slot == "b" else "b"
+        service_ip = old.service_ip or old.ip
+        # a generation an interrupted earlier try left in this slot (the sweep removes it too)
+        sweep.kill_strays(host.state, runtime_name(name, slot))
+        _drop_runtime(host, runtime_name(name, slot))
+        new = _start(
+            host,
+            bundle,
+            backend or host.config.hypervisor.backend,
+            WaitFor.HEALTHY,
+            0,
+            slot=slot,
+            service_ip=service_ip,
+        )
+        try:
+            host.state.save_record(new)  # the switch is committed: this is the VM's generation now
+            network.step("blue-green-recorded")
+            apply_services(host)
+            switched = host.clock()
+            mark = time.monotonic()
+        except BaseException:
+            if host.state.load_record(name) == new:  # the record was written: put the old one back
+                host.state.save_record(old)
+                with contextlib.suppress(ProcuratorError):
+                    apply_services(host)
+            host.hypervisors(new.backend).kill(new.handle)
+            _drop_runtime(host, new.runtime)
+            raise
+        time.sleep(bundle.meta.replace.drain_seconds)  # bounded: at most 3600 s (models.MAX_SECONDS)
+        network.step("blue-green-drained")
+        _shutdown(host, old)
+        network.detach_vm(host.net, old.runtime, old.taps or None)
+        unbox(host, old.runtime)
+        if old.slot:
+            _drop_runtime(host, old.runtime)
+        else:  # the old generation ran in the VM's own directory, which holds the record
+            _clear_vm_dir(host, name)
+        return Switch(service_ip, old, new, switched, time.monotonic() - mark)
+
+
+def _start(
+    host: Host,
+    bundle: Bundle,
+    backend: str,
+    wait: WaitFor,
+    restarts: int,
+    *,
+    slot: str = "",
+    service_ip: str = "",
+) -> VmRecord:
+    """Boot `bundle`. With `slot` (blue-green) it boots as `<name>@<slot>` beside the running generation,
+    on a lease of its own, and its record is returned unsaved: the caller's switch writes it."""
+    name = bundle.name
+    runtime = runtime_name(name, slot)
     hv = host.hypervisors(backend)
-    vm_dir = host.state.vm_dir(name)
+    vm_dir = host.state.vm_dir(runtime)
     with contextlib.ExitStack() as undo:
         try:
             vm_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"{vm_dir}: cannot create the VM's directory: {write_problem(exc)}") from exc
-        if host.state.record_path(name).exists():  # a start of a recorded VM: its record stays
+        if not slot and host.state.record_path(name).exists():  # a start of a recorded VM: its record stays
             undo.callback(_clear_vm_dir, host, name)
         else:
-            undo.callback(host.state.remove_vm_dir, name)
+            undo.callback(host.state.remove_vm_dir, runtime)
 
         with host.shared:
             leases = host.leases()
-            had_lease = leases.get(name) is not None
-            lease = leases.acquire(name)
+            had_lease = leases.get(runtime) is not None
+            lease = leases.acquire(runtime)
             if not had_lease:
-                undo.callback(_release_lease, host, name)
+                undo.callback(_release_lease, host, runtime)
             if bundle.meta.interfaces and not host.network_ready and network.net_up(host.net).created:
                 undo.callback(_drop_network_if_unused, host, name)
 
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
             taps = network.attach_vm(
-                host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+                host.net, runtime, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
             )
-            undo.callback(network.detach_vm, host.net, name)
+            undo.callback(network.detach_vm, host.net, runtime)
             for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
                 nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
 
@@ -332,12 +484,12 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
         drv = cgroups(host)
         box: cgroup.Group | None = None
         if drv is not None:  # before the hypervisor: it joins its group before its guest runs
-            box = drv.create(name, limits(bundle, backend))
-            undo.callback(drv.remove, name)
+            box = drv.create(runtime, limits(bundle, backend))
+            undo.callback(drv.remove, runtime)
         elif host.config.cgroups.mode == "auto":
             log.warning("%s: runs without a cgroup (this host mounts no memory and cpu controllers)", name)
         spec = LaunchSpec(
-            name=name,
+            name=runtime,
             vm_dir=vm_dir,
             config=config,
             serial_log=serial_log,
@@ -370,8 +522,11 @@ def _start(host: Host, bundle: Bundle, backend: str, wait: WaitFor, restarts: in
             started_at=now,
             restarts=restarts,
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
+            slot=slot,
+            service_ip=service_ip if slot else "",
         )
-        host.state.save_record(record)
+        if not slot:
+            host.state.save_record(record)
         if wait is WaitFor.HEALTHY and nics:
             wait_healthy(
                 bundle.meta.health,
@@ -530,7 +685,8 @@ def stop(host: Host, name: str) -> StopResult | None:
         host.state.save_record(record.with_(desired="stopped", last_exit="stopped by user"))
         result = _shutdown(host, record)
         _detach(host, name, record)
-        unbox(host, name)
+        unbox(host, record.runtime)
+        record = _collapse(host, record)
         host.state.save_record(
             record.with_(
                 pid=0, start_time=0, taps=(), desired="stopped", last_exit="stopped by user", paused=False
@@ -552,6 +708,7 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
         bundle = Bundle.load(Path(record.bundle))
         _end_strays(host, name)
         network.detach_vm(host.net, name)
+        record = _collapse(host, record)  # a blue-green generation boots again on the VM's own lease
         try:
             return _start(host, bundle, record.backend, wait, record.restarts)
         except ProcuratorError as exc:
@@ -587,9 +744,9 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             list(pool.map(one, running))
         for record in running:
-            network.detach_vm(host.net, record.name)
+            network.detach_vm(host.net, record.runtime)
             if record.name not in errors:
-                unbox(host, record.name)
+                unbox(host, record.runtime)
                 host.state.save_record(
                     record.with_(pid=0, start_time=0, taps=(), last_exit=HOST_SHUTDOWN, paused=False)
                 )
@@ -637,14 +794,14 @@ def with_usage(host: Host, statuses: list[VmStatus]) -> list[VmStatus]:
         return statuses
     if drv is None:
         return statuses
-    return [_with_usage(drv, s) if s.record.name in boxed else s for s in statuses]
+    return [_with_usage(drv, s) if s.record.runtime in boxed else s for s in statuses]
 
 
 def _with_usage(drv: cgroup.Driver, status: VmStatus) -> VmStatus:
     if status.status is not Status.RUNNING:
         return status
     try:
-        usage = drv.usage(status.record.name)
+        usage = drv.usage(status.record.runtime)
     except CgroupError as exc:  # a group removed under us: no figures, not a failed listing
         log.debug("%s: no usage: %s", status.record.name, exc)
         usage = None
@@ -660,6 +817,8 @@ def damaged_json(bad: Damaged) -> dict[str, Any]:
         "bundle": None,
         "backend": None,
         "ip": None,
+        "service_ip": None,
+        "taps": [],
         "pid": None,
         "uptime": None,
         "restarts": None,

@@ -251,6 +251,27 @@ class Resources:
         )
 
 
+class ReplaceStrategy(StrEnum):
+    RECREATE = "recreate"
+    BLUE_GREEN = "blue-green"
+
+
+@dataclass(frozen=True)
+class Replace:
+    """How an apply replaces the running generation (docs/architecture.md, "Blue-green replace")."""
+
+    strategy: ReplaceStrategy = ReplaceStrategy.RECREATE
+    drain_seconds: int = 5
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Replace:
+        try:
+            strategy = ReplaceStrategy(r.text("strategy", "recreate"))
+        except ValueError as exc:
+            raise r.fail("strategy", "must be recreate or blue-green") from exc
+        return cls(strategy, r.integer("drainSeconds", 5, minimum=0, maximum=MAX_SECONDS))
+
+
 @dataclass(frozen=True)
 class VmMeta:
     """procurator.json: what Procurator needs beyond the hypervisor config."""
@@ -262,6 +283,7 @@ class VmMeta:
     health: tuple[HealthCheck, ...]
     shutdown_timeout: int
     resources: Resources = Resources()  # absent from bundles built before it: every default
+    replace: Replace = Replace()  # absent from bundles built before it: recreate
 
     @classmethod
     def parse(cls, source: str, data: Any) -> VmMeta:
@@ -334,7 +356,23 @@ class VmMeta:
             health=tuple(health),
             shutdown_timeout=r.integer("shutdownTimeout", 30, maximum=MAX_SECONDS),
             resources=Resources.parse(r.obj("resources")),
+            replace=_replace(r, volumes, interfaces),
         )
+
+
+def _replace(r: _Reader, volumes: list[Volume], interfaces: list[Interface]) -> Replace:
+    """`replace`, refused as mkSpec refuses it: blue-green runs two generations at once."""
+    found = Replace.parse(r.obj("replace"))
+    if found.strategy is ReplaceStrategy.BLUE_GREEN and volumes:
+        names = ", ".join(v.name for v in volumes)
+        raise r.fail(
+            "replace.strategy",
+            f"blue-green cannot be used with writable volumes ({names}): a volume allows one writer; "
+            "rebuild with strategy recreate",
+        )
+    if found.strategy is ReplaceStrategy.BLUE_GREEN and any(i.mac for i in interfaces):
+        raise r.fail("replace.strategy", "blue-green cannot be used with fixed interface MACs; drop them")
+    return found
 
 
 def _check_vm_config(source: str, data: Any, meta: VmMeta) -> dict[str, Any]:

@@ -570,7 +570,7 @@ def _status(nl: Netlink, cfg: NetworkConfig) -> NetStatus:
     )
 
 
-def _ensure_forwarding(nl: Netlink, cfg: NetworkConfig, uplink: str) -> None:
+def _ensure_forwarding(nl: Netlink, uplink: str) -> None:
     if nl.link(uplink) is None:
         raise NetworkError(
             f"uplink {uplink} does not exist in {nl.where}; fix network.uplink in the worker config"
@@ -579,7 +579,13 @@ def _ensure_forwarding(nl: Netlink, cfg: NetworkConfig, uplink: str) -> None:
         nl.write_sysctl(IP_FORWARD, "1")
         if nl.read_sysctl(IP_FORWARD) != "1":
             raise NetworkError(f"{IP_FORWARD} in {nl.where} did not stay 1; something resets it")
-    script = nft.render_table(bridge=cfg.bridge, uplink=uplink, subnet=cfg.network, masquerade=cfg.nat)
+
+
+def _ensure_table(nl: Netlink, cfg: NetworkConfig, services: Sequence[nft.Service]) -> None:
+    """The table as `cfg` and `services` say, replaced in one transaction when it differs (verified)."""
+    script = nft.render_table(
+        bridge=cfg.bridge, uplink=cfg.uplink, subnet=cfg.network, masquerade=cfg.nat, services=services
+    )
     want, count = nft.fingerprint(script), nft.rule_count(script)
     if nft.current_fingerprint(cfg.netns) == want and len(nft.table_rules(cfg.netns)) == count:
         return
@@ -587,8 +593,15 @@ def _ensure_forwarding(nl: Netlink, cfg: NetworkConfig, uplink: str) -> None:
     rules = nft.table_rules(cfg.netns)
     if nft.current_fingerprint(cfg.netns) != want or len(rules) != count:
         raise NetworkError(f"nftables table inet procurator in {nl.where} is not as written")
-    if cfg.nat and not nft.has_masquerade(rules, cfg.network, uplink):
+    if cfg.uplink is not None and cfg.nat and not nft.has_masquerade(rules, cfg.network, cfg.uplink):
         raise NetworkError(f"nftables table inet procurator in {nl.where} lacks the masquerade rule")
+    if nft.services_of(rules) != sorted(services):
+        raise NetworkError(f"nftables table inet procurator in {nl.where} lacks a service DNAT")
+
+
+def current_services(cfg: NetworkConfig) -> list[nft.Service]:
+    """The service DNATs the kernel's table has now (none without nft or the table)."""
+    return nft.services_of(nft.table_rules(cfg.netns)) if nft.available() else []
 
 
 def _converge_isolation(nl: Netlink, cfg: NetworkConfig, bridge: Link) -> None:
@@ -597,20 +610,25 @@ def _converge_isolation(nl: Netlink, cfg: NetworkConfig, bridge: Link) -> None:
             nl.set_isolated(link.index, cfg.isolate, what=f"setting isolation of TAP {link.name}")
 
 
-def net_up(cfg: NetworkConfig) -> NetStatus:
+def net_up(cfg: NetworkConfig, services: Sequence[nft.Service] | None = None) -> NetStatus:
     """Bridge, and with an uplink forwarding (ip_forward, nftables table with NAT if `nat`). Idempotent.
 
-    Without an uplink, a table left by an earlier configuration is removed. ip_forward is never turned
-    off again (other things on the host may rely on it).
+    `services`: the service DNATs of VMs replaced blue-green (docs/architecture.md); None keeps those
+    the table has. Without an uplink and without services, a table left by an earlier configuration is
+    removed. ip_forward is never turned off again (other things on the host may rely on it).
     """
     with session(cfg.netns) as nl:
         created = nl.link(cfg.bridge) is None
         bridge = _ensure_bridge(nl, cfg)
         _converge_isolation(nl, cfg, bridge)
         if cfg.uplink is not None:
-            _ensure_forwarding(nl, cfg, cfg.uplink)
+            _ensure_forwarding(nl, cfg.uplink)
+        if services is None:  # kept as the kernel has them: only the VMs' owner (lifecycle) changes them
+            services = current_services(cfg)
+        if cfg.uplink is not None or services:
+            _ensure_table(nl, cfg, services)
         elif nft.table_present(cfg.netns):
-            log.info("removing nftables table inet procurator (no uplink configured)")
+            log.info("removing nftables table inet procurator (no uplink configured, no service DNAT)")
             nft.delete_table(cfg.netns)
         return dataclasses.replace(_status(nl, cfg), created=created)
 

@@ -6,7 +6,9 @@ the bundle diffs of replacements come from a loader passed in. One action per VM
 
   create   the deployment names a VM this host has no record of
   replace  the recorded generation differs from the deployment's (the bundle's store hash changed):
-           stop the old generation, start the new one on the same lease and volumes
+           stop the old generation, start the new one on the same lease and volumes; or, when the new
+           bundle's `replace.strategy` is blue-green, boot it beside the old one and move the address
+           (`lifecycle.blue_green`). `with_strategies` puts the strategy on each replace for the plan.
   start    the recorded generation is the deployment's but its process is gone: it exited (crashed,
            killed) or was stopped with `procurator stop`. The deployment decides: it runs again.
            (To keep a VM off, take it out of the deployment.)
@@ -40,7 +42,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -48,7 +50,7 @@ from typing import Any, Protocol, TypeVar
 from procurator import history, lifecycle, process
 from procurator.errors import NotFoundError, ProcuratorError, StateError, UsageError, ValidationError
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
-from procurator.models import Bundle, Deployment, store_hash
+from procurator.models import Bundle, Deployment, ReplaceStrategy, store_hash
 from procurator.state import LOCK_TIMEOUT, VmRecord, parse_record
 
 log = logging.getLogger(__name__)
@@ -87,14 +89,16 @@ class Action:
     new: str | None
     reason: str
     diff: str = ""  # replace only, when a loader was given: unified diff of the bundle's JSON files
+    strategy: str = ""  # replace only, once the new bundle is read (`with_strategies`): recreate | blue-green
 
     @property
     def changes(self) -> bool:
         return self.kind is not ActionKind.KEEP
 
     def line(self) -> str:
-        """`~ replace web (a1b2... -> c3d4...: bundle hash changed)`."""
-        return f"{SYMBOLS[self.kind]} {self.kind.value} {self.name} ({self.reason})"
+        """`~ replace web (a1b2... -> c3d4...: bundle hash changed) [blue-green]`."""
+        tail = f" [{self.strategy}]" if self.strategy else ""
+        return f"{SYMBOLS[self.kind]} {self.kind.value} {self.name} ({self.reason}){tail}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +108,7 @@ class Action:
             "new": self.new,
             "reason": self.reason,
             "diff": self.diff,
+            "strategy": self.strategy or None,
         }
 
     @classmethod
@@ -116,6 +121,7 @@ class Action:
             new=r.opt_text("new"),
             reason=r.text("reason"),
             diff=r.opt_text("diff") or "",
+            strategy=r.opt_text("strategy") or "",
         )
 
 
@@ -410,11 +416,22 @@ def check_bundles(deployment: Deployment, the_plan: Plan) -> dict[str, Bundle]:
     return out
 
 
+def with_strategies(the_plan: Plan, bundles: Mapping[str, Bundle]) -> Plan:
+    """Each replace with the strategy its new bundle asks for (`replace.strategy`). Pure."""
+    return Plan(
+        tuple(
+            replace(a, strategy=bundles[a.name].meta.replace.strategy.value)
+            if a.kind is ActionKind.REPLACE and a.name in bundles
+            else a
+            for a in the_plan.actions
+        )
+    )
+
+
 def make_plan(host: Host, deployment: Deployment, *, diffs: bool = True) -> Plan:
     """Observe this host and plan `deployment` (no lock, no change). Bundles to start are checked."""
     the_plan = plan(deployment, observe(host), files=read_bundle_files if diffs else None)
-    check_bundles(deployment, the_plan)
-    return the_plan
+    return with_strategies(the_plan, check_bundles(deployment, the_plan))
 
 
 class Outcome(StrEnum):
@@ -429,6 +446,7 @@ class ActionResult:
     outcome: Outcome
     error: str = ""
     seconds: float = 0.0
+    switch: Mapping[str, Any] | None = None  # a blue-green replace: both generations, the switch time
 
     @property
     def line(self) -> str:
@@ -444,6 +462,7 @@ class ActionResult:
             "outcome": self.outcome.value,
             "error": self.error or None,
             "seconds": round(self.seconds, 3),
+            "switch": None if self.switch is None else dict(self.switch),
         }
 
     @classmethod
@@ -454,6 +473,7 @@ class ActionResult:
             outcome=r.enum("outcome", Outcome),
             error=r.opt_text("error") or "",
             seconds=r.number("seconds"),
+            switch=None if data.get("switch") is None else r.get("switch", dict, "an object"),
         )
 
 
@@ -565,12 +585,15 @@ class _Boot:
 
 @dataclass(frozen=True)
 class _Replace:
-    """Stop the old generation (keeping lease and volumes), start the new; on failure the old again."""
+    """Stop the old generation (keeping lease and volumes), start the new; on failure the old again.
+    Blue-green (the new bundle's `replace.strategy`, with the old generation running): the new one boots
+    beside it and takes over its address (`lifecycle.blue_green`); on failure it is removed."""
 
     host: Host
     action: Action
     bundle: Bundle
     wait: WaitFor
+    report: dict[str, Any] = field(default_factory=dict)  # the switch, for the action's result
 
     def should_do(self) -> bool:
         return _running_as(self.host, self.action.name, str(self.bundle.path)) is None
@@ -578,6 +601,21 @@ class _Replace:
     def do(self) -> None:
         name, new = self.action.name, str(self.bundle.path)
         old = self.host.state.load_record(name)
+        if (
+            self.bundle.meta.replace.strategy is ReplaceStrategy.BLUE_GREEN
+            and old is not None
+            and process.alive(old.pid, old.start_time)
+            and self.bundle.meta.interfaces
+        ):
+            try:
+                switch = lifecycle.blue_green(self.host, self.bundle)
+            except ProcuratorError as exc:
+                raise _RolledBackError(
+                    f"new generation {_short(new)} failed: {exc}; it was removed, and the old generation "
+                    f"{_short(old.bundle)} served throughout"
+                ) from exc
+            self.report.update(switch.to_json())
+            return
         if old is not None:
             lifecycle.down(self.host, name)
         try:
@@ -649,7 +687,10 @@ def _run_step(step: _Step) -> ActionResult:
     except Exception as exc:  # a bug must not leave the other steps unreported
         log.exception("%s: %s failed unexpectedly", name, step.action.kind.value)
         return ActionResult(step.action, Outcome.FAILED, f"internal error: {exc!r}", time.monotonic() - start)
-    return ActionResult(step.action, Outcome.OK, "", time.monotonic() - start)
+    report = getattr(step, "report", None)
+    return ActionResult(
+        step.action, Outcome.OK, "", time.monotonic() - start, dict(report) if report else None
+    )
 
 
 _ORDER = {ActionKind.REMOVE: 0, ActionKind.REPLACE: 1, ActionKind.START: 2, ActionKind.CREATE: 3}
@@ -705,6 +746,7 @@ def apply(
         # with the replacements' diffs (read only for them), for `apply --json` and the status page
         the_plan = plan(deployment, observed, files=read_bundle_files)
         bundles = check_bundles(deployment, the_plan)
+        the_plan = with_strategies(the_plan, bundles)
         steps = _steps(host, the_plan, bundles, wait)
         done: dict[str, ActionResult] = {}
         if steps:

@@ -135,6 +135,15 @@ class VmRecord:
     desired: str = "running"  # running | stopped | failed (the worker gave up: a crash loop)
     last_exit: str = ""
     paused: bool = False  # the guest is paused (`procurator pause`); its process runs
+    # Blue-green (docs/architecture.md): the generation runs as `<name>@<slot>` (its directory, TAPs,
+    # cgroup and lease), on `ip`, and `service_ip` (the VM's own lease) is DNATed to it. "" for neither.
+    slot: str = ""
+    service_ip: str = ""
+
+    @property
+    def runtime(self) -> str:
+        """The name the running generation's directory, TAPs, cgroup and lease go by."""
+        return runtime_name(self.name, self.slot)
 
     @property
     def handle(self) -> Handle:
@@ -181,6 +190,13 @@ class VmRecord:
 
 
 RECORD_DESIRED = ("running", "stopped", "failed")
+SLOT_MARK = "@"  # never in a VM name (a DNS label): `web@b` cannot be another VM
+
+
+def runtime_name(name: str, slot: str) -> str:
+    return f"{name}{SLOT_MARK}{slot}" if slot else name
+
+
 _RECORD_FIELDS: dict[str, str] = {
     "name": "str",
     "bundle": "str",
@@ -201,6 +217,8 @@ _RECORD_FIELDS: dict[str, str] = {
     "desired": "str",
     "last_exit": "str",
     "paused": "bool",
+    "slot": "str",
+    "service_ip": "str",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1

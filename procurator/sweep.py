@@ -22,7 +22,7 @@ from pathlib import Path
 from procurator import cgroup, network, process
 from procurator.errors import CgroupError, ProcuratorError
 from procurator.net.config import NetworkConfig
-from procurator.state import LOCK_TIMEOUT, StateDir
+from procurator.state import LOCK_TIMEOUT, SLOT_MARK, StateDir, VmRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def sweep(
         # A VM whose record is damaged is left as it is (its hypervisor, directory and TAPs) until
         # `procurator down NAME` decides: what runs there may be the VM, and a sweep must not guess.
         aside = {d.name for d in damaged}
-        kept = set(records) | aside
+        # a blue-green generation runs as `<name>@<slot>`: its directory, TAPs, cgroup and lease
+        runtimes = {r.runtime for r in records.values()}
+        kept = set(records) | runtimes | aside
         for bad in damaged:
             log.warning("sweep: leaving %s alone: %s", bad.name, bad.error)
         vms_dir = state.vms_dir
@@ -81,13 +83,35 @@ def sweep(
         except ProcuratorError as exc:
             log.info("cannot list TAPs: %s", exc)
             taps = []
-        for vm in sorted({t.vm for t in taps} - kept):
+        for vm in sorted({t.vm for t in taps} - runtimes - aside):
             network.detach_vm(net, vm)
             done.append(f"removed the TAPs of {vm}, which has no record")
-        live = {r.name for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
+        done += _sweep_generations(state, net, runtimes, list(records.values()))
+        live = {r.runtime for r in records.values() if r.pid > 0 and process.alive(r.pid, r.start_time)}
         done += _sweep_groups(cgroup_base, cgroup.scope_of(state.root), live | aside)
     for line in done:
         log.info("sweep: %s", line)
+    return done
+
+
+def _sweep_generations(
+    state: StateDir, net: NetworkConfig, runtimes: set[str], records: list[VmRecord]
+) -> list[str]:
+    """The leases of blue-green generations no record names, and the service DNATs as the records say
+    (an apply killed between writing the record and the nftables change, or during the drain)."""
+    done: list[str] = []
+    try:
+        leases = network.Leases(state.leases_path, net)
+        for name in sorted(leases.all()):
+            if SLOT_MARK in name and name not in runtimes:
+                leases.release(name)
+                done.append(f"released the lease of {name}, which no record names")
+        wanted = sorted((r.service_ip, r.ip) for r in records if r.slot and r.service_ip and r.ip)
+        if wanted != network.current_services(net):
+            network.net_up(net, services=wanted)
+            done.append(f"set the service DNATs to {wanted}")
+    except ProcuratorError as exc:
+        log.warning("sweep: cannot clean blue-green leftovers: %s", exc)
     return done
 
 
@@ -112,7 +136,9 @@ def _sweep_groups(base: str | None, scope: str, keep: set[str]) -> list[str]:
 
 def kill_strays(state: StateDir, name: str) -> list[int]:
     """Kill every hypervisor running in VM `name`'s directory (its record says none should); their pids."""
-    found = [pid for pid, _ in hypervisors_in(state.vms_dir, [name])]
+    vms = state.vms_dir
+    generations = [p.name for p in vms.glob(f"{name}{SLOT_MARK}*")] if vms.is_dir() else []
+    found = [pid for pid, _ in hypervisors_in(state.vms_dir, [name, *generations])]
     for pid in found:
         log.warning("%s: killing hypervisor pid %d, which its record does not name", name, pid)
         _kill(pid)

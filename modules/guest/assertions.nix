@@ -71,6 +71,8 @@ in
       (check (cfg.resources.memoryMaxMiB == null || cfg.resources.memoryMaxMiB >= spec.minMemoryMaxMiB) "procurator.vm.resources.memoryMaxMiB must be at least ${toString spec.minMemoryMaxMiB}")
       (check (cfg.resources.cpuQuotaPercent == null || cfg.resources.cpuQuotaPercent <= 100 * spec.maxVcpus) "procurator.vm.resources.cpuQuotaPercent must be at most ${toString (100 * spec.maxVcpus)}")
       (check (lib.all (x: x <= spec.maxHostCpu) cfg.resources.cpuAffinity && duplicates cfg.resources.cpuAffinity == [ ]) "procurator.vm.resources.cpuAffinity must name distinct host CPUs 0-${toString spec.maxHostCpu}, got ${quote cfg.resources.cpuAffinity}")
+      (check (cfg.replace.strategy != "blue-green" || cfg.volumes == { }) "procurator.vm.replace.strategy = \"blue-green\" cannot be used with writable volumes (${concatStringsSep ", " (lib.attrNames cfg.volumes)}): a volume allows one writer, and blue-green runs the old and the new generation at once; use \"recreate\" or move the data off the VM")
+      (check (cfg.replace.strategy != "blue-green" || lib.all (i: i.mac == null) cfg.interfaces) "procurator.vm.replace.strategy = \"blue-green\" cannot be used with fixed interface MACs: both generations would be on the bridge with one MAC; leave procurator.vm.interfaces.*.mac null")
       (forbidden "boot.kernelParams" config.boot.kernelParams)
       (forbidden "procurator.vm.kernelParams" cfg.kernelParams)
       # nixpkgs' profiles/hardened.nix blacklists erofs, the store disk's file system. Whether stage 1

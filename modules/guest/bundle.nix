@@ -97,6 +97,7 @@ let
             cpuAffinity
             ;
         };
+        replace = { inherit (cfg.replace) strategy drainSeconds; };
         health = map healthCheck cfg.health;
       };
 

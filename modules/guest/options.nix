@@ -284,6 +284,31 @@ in
       };
     };
 
+    replace = {
+      strategy = mkOption {
+        type = types.enum [
+          "recreate"
+          "blue-green"
+        ];
+        default = "recreate";
+        description = ''
+          How an apply replaces the running generation with a new one. "recreate" stops the old one
+          and boots the new one on the same address; "blue-green" boots the new one beside the old one
+          (a second TAP, a fresh lease), waits for its health checks, moves the VM's address to it in
+          one nftables change and stops the old one after drainSeconds. Refused with writable volumes
+          (a volume has one writer) and with fixed interface MACs.
+        '';
+      };
+      drainSeconds = mkOption {
+        type = types.ints.between 0 3600;
+        default = 5;
+        description = ''
+          Blue-green only: seconds the old generation keeps running after the switch, so connections
+          it holds can finish, before it is stopped.
+        '';
+      };
+    };
+
     shutdownTimeout = mkOption {
       type = types.ints.positive;
       default = 30;

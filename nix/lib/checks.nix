@@ -47,6 +47,10 @@ rec {
   minMemoryMaxMiB = 16;
   maxWeight = 10000; # cgroup v2 cpu.weight, io.weight
   maxHostCpu = 4095;
+  replaceStrategies = [
+    "recreate"
+    "blue-green"
+  ];
   restartPolicies = [
     "always"
     "on-failure"

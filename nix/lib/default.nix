@@ -34,6 +34,7 @@ in
     volumeNameMaxLength
     volumeFsTypes
     restartPolicies
+    replaceStrategies
     healthTypes
     reservedCmdlineKeys
     vmmOverheadMiB

@@ -85,6 +85,7 @@ rec {
         health
         shutdownTimeout
         resources
+        replace
         ;
       interfaces = map (
         i: { inherit (i) id; } // optionalAttrs (i.mac != null) { inherit (i) mac; }

@@ -36,6 +36,7 @@ let
     health = [ ];
     shutdownTimeout = 30;
     resources = { };
+    replace = { };
   };
   topKeys = [
     "name"
@@ -46,6 +47,11 @@ let
     policy = "always";
     maxRestarts = 5;
     backoffSeconds = 1;
+  };
+  # How a new generation replaces the running one (docs/architecture.md, "Blue-green replace").
+  replaceDefaults = {
+    strategy = "recreate";
+    drainSeconds = 5;
   };
   resourcesDefaults = {
     memoryMaxMiB = null;
@@ -261,6 +267,30 @@ let
           ++ unique "resources.cpuAffinity" "CPU" v.cpuAffinity
       );
 
+  # blue-green runs two generations at once: refused where they would share what has one owner.
+  checkReplace =
+    r: volumes: interfaces:
+    let
+      v = replaceDefaults // r;
+      volumeNames = valuesOf volumes "name";
+      macs = filter (m: m != null) (map (i: if isAttrs i then i.mac or null else null) (if isList interfaces then interfaces else [ ]));
+    in
+    if !isAttrs r then
+      [ "replace must be an attribute set like { strategy = \"blue-green\"; }, got ${c.show r}" ]
+    else
+      unknownKeys "replace has " (attrNames replaceDefaults) r
+      ++ expect (elem v.strategy c.replaceStrategies)
+        "replace.strategy must be one of ${list c.replaceStrategies}, got ${c.show v.strategy}"
+      ++ expect (c.isNonNegativeInt v.drainSeconds && v.drainSeconds <= c.maxSeconds)
+        "replace.drainSeconds must be an integer from 0 to ${toString c.maxSeconds}, got ${c.show v.drainSeconds}"
+      ++ expect (v.strategy != "blue-green" || volumeNames == [ ])
+        ("replace.strategy = \"blue-green\" cannot be used with writable volumes (${list volumeNames}): "
+          + "a volume allows one writer, and blue-green runs the old and the new generation at once; "
+          + "use strategy \"recreate\" or move the data off the VM")
+      ++ expect (v.strategy != "blue-green" || macs == [ ])
+        ("replace.strategy = \"blue-green\" cannot be used with fixed interface MACs (${list macs}): "
+          + "both generations would share the bridge with one MAC; drop interfaces.*.mac");
+
   # The whitespace-separated words of a string.
   words = s: filter (w: isString w && w != "") (split "[[:space:]]+" s);
   keyOf = w: head (match "([^=]*).*" w);
@@ -311,6 +341,7 @@ let
     ++ unique "volumes" "mountPoint" (filter isString (map mountPointOf volumes))
     ++ checkRestart v.restart
     ++ checkResources v.memoryMiB v.resources
+    ++ checkReplace v.replace v.volumes v.interfaces
     ++ eachItem "health" v.health checkHealth;
 
   normalise =
@@ -346,6 +377,7 @@ let
       ) v.volumes;
       restart = restartDefaults // v.restart;
       resources = resourcesDefaults // v.resources;
+      replace = replaceDefaults // v.replace;
       health = map (
         h: if h.type == "http" then healthDefaults // httpDefaults // h else healthDefaults // h
       ) v.health;

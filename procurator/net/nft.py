@@ -1,4 +1,5 @@
-"""Procurator's nftables table: NAT (masquerade) and forwarding between the bridge and the uplink.
+"""Procurator's nftables table: NAT (masquerade), forwarding between the bridge and the uplink, and the
+DNAT of blue-green service addresses.
 
 Procurator owns exactly one table, ``inet procurator``, and only ever replaces or deletes it whole, in
 one ``nft -f -`` transaction: "create it if missing, delete it, define it" is atomic and idempotent, so
@@ -13,7 +14,8 @@ import hashlib
 import json
 import re
 import shutil
-from ipaddress import IPv4Network
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from procurator import process
@@ -26,29 +28,57 @@ TABLE_NAME = "procurator"
 NFT_TIMEOUT = 30.0
 
 
-def render_table(*, bridge: str, uplink: str, subnet: IPv4Network, masquerade: bool) -> str:
+Service = tuple[str, str]  # (the address clients use, the guest address it is DNATed to)
+
+
+def render_table(
+    *,
+    bridge: str,
+    uplink: str | None,
+    subnet: IPv4Network,
+    masquerade: bool,
+    services: Sequence[Service] = (),
+) -> str:
     """The whole ``inet procurator`` table as an nft script that replaces any previous version.
 
-    Forwarding: the subnet may leave by the uplink; with NAT only replies come back (new connections from
-    the uplink to the VMs are dropped, as behind any NAT); without NAT (routed) both ways are accepted.
-    Both chains keep policy accept, so traffic that is not ours is left to the host's other rules.
+    Forwarding (with an uplink): the subnet may leave by the uplink; with NAT only replies come back (new
+    connections from the uplink to the VMs are dropped, as behind any NAT); without NAT (routed) both ways
+    are accepted. Both chains keep policy accept, so traffic that is not ours is left to the host's other
+    rules. `services`: each (service address, guest address) of a VM replaced blue-green is a DNAT in
+    prerouting (traffic routed through the host) and output (traffic the host itself sends); connections
+    made before a change keep their conntrack entry, so the old generation finishes what it has.
     """
-    forward = [
-        f'iifname "{bridge}" oifname "{uplink}" ip saddr {subnet} accept',
-        f'iifname "{uplink}" oifname "{bridge}" ct state established,related accept',
-        f'iifname "{uplink}" oifname "{bridge}" ' + ("drop" if masquerade else f"ip daddr {subnet} accept"),
-    ]
-    body = [
-        "\tchain forward {",
-        "\t\ttype filter hook forward priority filter; policy accept;",
-        *(f"\t\t{rule}" for rule in forward),
-        "\t}",
-    ]
-    if masquerade:
+    body: list[str] = []
+    if uplink is not None:
+        forward = [
+            f'iifname "{bridge}" oifname "{uplink}" ip saddr {subnet} accept',
+            f'iifname "{uplink}" oifname "{bridge}" ct state established,related accept',
+            f'iifname "{uplink}" oifname "{bridge}" '
+            + ("drop" if masquerade else f"ip daddr {subnet} accept"),
+        ]
+        body += [
+            "\tchain forward {",
+            "\t\ttype filter hook forward priority filter; policy accept;",
+            *(f"\t\t{rule}" for rule in forward),
+            "\t}",
+        ]
+    if uplink is not None and masquerade:
         body += [
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority srcnat; policy accept;",
             f'\t\tip saddr {subnet} oifname "{uplink}" masquerade',
+            "\t}",
+        ]
+    if services:
+        dnat = [f"\t\tip daddr {IPv4Address(a)} dnat ip to {IPv4Address(b)}" for a, b in sorted(services)]
+        body += [
+            "\tchain prerouting {",
+            "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+            *dnat,
+            "\t}",
+            "\tchain output {",
+            "\t\ttype nat hook output priority -100; policy accept;",
+            *dnat,
             "\t}",
         ]
     digest = hashlib.sha256("\n".join(body).encode()).hexdigest()[:16]
@@ -61,6 +91,29 @@ def render_table(*, bridge: str, uplink: str, subnet: IPv4Network, masquerade: b
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def services_of(rules: list[dict[str, Any]]) -> list[Service]:
+    """The (service, guest) DNATs of our prerouting chain in `rules` (`table_rules`), sorted."""
+    out: set[Service] = set()
+    for rule in rules:
+        if rule.get("chain") != "prerouting":
+            continue
+        daddr = target = None
+        for e in rule.get("expr", []):
+            if not isinstance(e, dict):
+                continue
+            match = e.get("match")
+            if isinstance(match, dict) and isinstance(match.get("right"), str):
+                left = match.get("left")
+                if isinstance(left, dict) and left.get("payload", {}).get("field") == "daddr":
+                    daddr = match["right"]
+            dnat = e.get("dnat")
+            if isinstance(dnat, dict) and isinstance(dnat.get("addr"), str):
+                target = dnat["addr"]
+        if daddr and target:
+            out.add((daddr, target))
+    return sorted(out)
 
 
 def fingerprint(script: str) -> str | None:

@@ -452,7 +452,7 @@ class Worker:
                 log.warning("%s: cannot stop its hypervisor pid %d: %s", record.name, record.pid, exc)
                 return
             reap(record.pid, record.start_time)
-            if lifecycle.oom_kills(self.host, record.name) > 0:  # read before the group goes or is reused
+            if lifecycle.oom_kills(self.host, record.runtime) > 0:  # read before the group goes or is reused
                 exit_ = tracked.exit = Exit(
                     exit_.kind, f"{exit_.detail}; OOM-killed (memory limit)", exit_.process_gone
                 )
@@ -461,7 +461,7 @@ class Worker:
                 return
             with contextlib.suppress(ProcuratorError):
                 network.detach_vm(self.host.net, record.name)
-            lifecycle.unbox(self.host, record.name)  # not restarted: its (empty) group goes
+            lifecycle.unbox(self.host, record.runtime)  # not restarted: its (empty) group goes
             if decision.verdict is Verdict.GIVE_UP:
                 log.error("%s: giving up: %s", record.name, decision.reason)
                 failed = record.with_(

@@ -103,7 +103,7 @@ def test_apply_replace_and_roll_back_real_guests(
     plan = host.ok("plan", str(dep2))
     assert [line for line in plan.splitlines() if line[:1] in "+~-=>"] == [
         f"= keep api ({example_build.api.name[:12]} running)",
-        f"~ replace web ({example_build.web.name[:12]} -> {web2.name[:12]}: bundle hash changed)",
+        f"~ replace web ({example_build.web.name[:12]} -> {web2.name[:12]}: bundle hash changed) [recreate]",
     ]
     second = apply(host, dep2)
     assert [(a["name"], a["kind"], a["outcome"]) for a in second["actions"]] == [

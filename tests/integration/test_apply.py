@@ -136,7 +136,7 @@ def test_apply_change_one_vm_history_and_rollback(
     old, new = example_build.web.name[:12], release2.web.name[:12]
     assert [line for line in lines if not line.startswith("    ")] == [
         f"= keep api ({example_build.api.name[:12]} running)",
-        f"~ replace web ({old} -> {new}: bundle hash changed)",
+        f"~ replace web ({old} -> {new}: bundle hash changed) [recreate]",
     ]
     assert f"    --- {example_build.web}/vm-config.json" in lines
     assert f"    +++ {release2.web}/vm-config.json" in lines
@@ -173,7 +173,9 @@ def test_apply_change_one_vm_history_and_rollback(
     # Rollback (default: the previous generation) applies it again and makes it current.
     back = host.run("rollback", *BOOTED)
     assert back.returncode == 0, back.stderr
-    assert back.stdout.splitlines()[1].startswith(f"~ replace web ({new} -> {old}: bundle hash changed): ok")
+    assert back.stdout.splitlines()[1].startswith(
+        f"~ replace web ({new} -> {old}: bundle hash changed) [recreate]: ok"
+    )
     assert "deployment history generation 1" in back.stderr
     assert_consistent(host, example_build.bundles)
     assert host.ps()["api"]["pid"] == before["api"]["pid"]

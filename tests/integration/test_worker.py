@@ -209,6 +209,8 @@ def test_apply_restart_crash_loop_metrics_and_sigterm(
         "bundle",
         "backend",
         "ip",
+        "service_ip",
+        "taps",
         "pid",
         "uptime",
         "restarts",

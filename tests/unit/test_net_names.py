@@ -213,3 +213,51 @@ def test_nft_commands_run_in_the_namespace(monkeypatch: pytest.MonkeyPatch) -> N
         ),
         (["nft", "-f", "-"], "table inet procurator\n"),
     ]
+
+
+def test_nft_script_dnats_each_service_address_in_prerouting_and_output() -> None:
+    subnet = IPv4Network("10.100.0.0/16")
+    services = [("10.100.0.2", "10.100.0.7"), ("10.100.0.4", "10.100.0.9")]
+    script = nft.render_table(
+        bridge="procurator0", uplink=None, subnet=subnet, masquerade=False, services=services
+    )
+    lines = script.splitlines()
+    assert lines[:3] == ["table inet procurator", "delete table inet procurator", "table inet procurator {"]
+    assert "forward" not in script  # no uplink: no forwarding rules, only the services
+    pre = lines.index("\tchain prerouting {")
+    out = lines.index("\tchain output {")
+    assert lines[pre + 1] == "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+    assert lines[out + 1] == "\t\ttype nat hook output priority -100; policy accept;"
+    dnat = ["\t\tip daddr 10.100.0.2 dnat ip to 10.100.0.7", "\t\tip daddr 10.100.0.4 dnat ip to 10.100.0.9"]
+    assert lines[pre + 2 : pre + 4] == dnat
+    assert lines[out + 2 : out + 4] == dnat
+    assert nft.rule_count(script) == 4
+    moved = nft.render_table(
+        bridge="procurator0",
+        uplink=None,
+        subnet=subnet,
+        masquerade=False,
+        services=[("10.100.0.2", "10.100.0.8")],
+    )
+    assert nft.fingerprint(moved) != nft.fingerprint(script)
+
+
+def test_nft_services_are_read_back_from_the_rules() -> None:
+    rule = {
+        "family": "inet",
+        "table": "procurator",
+        "chain": "prerouting",
+        "expr": [
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                    "right": "10.100.0.2",
+                }
+            },
+            {"dnat": {"family": "ip", "addr": "10.100.0.7"}},
+        ],
+    }
+    output = {**rule, "chain": "output"}
+    assert nft.services_of([rule, output]) == [("10.100.0.2", "10.100.0.7")]
+    assert nft.services_of([output]) == []

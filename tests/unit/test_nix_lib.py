@@ -69,6 +69,7 @@ DEFAULT_SPEC: dict[str, Any] = {
         "ioWeight": 100,
         "cpuAffinity": [],
     },
+    "replace": {"strategy": "recreate", "drainSeconds": 5},
 }
 
 
@@ -178,6 +179,7 @@ def test_procurator_json() -> None:
         "health": [{"type": "tcp", "port": 22, "intervalSeconds": 2, "timeoutSeconds": 2, "retries": 30}],
         "shutdownTimeout": 30,
         "resources": DEFAULT_SPEC["resources"],
+        "replace": DEFAULT_SPEC["replace"],
     }
 
 
@@ -193,6 +195,35 @@ def test_procurator_json_resources() -> None:
         "ioWeight": 100,
         "cpuAffinity": [1, 0],
     }
+
+
+def test_procurator_json_replace_blue_green() -> None:
+    got = nix_eval(
+        f'lib.procuratorJson {{ {BASE} replace = {{ strategy = "blue-green"; drainSeconds = 0; }}; }}'
+    )
+    assert got["replace"] == {"strategy": "blue-green", "drainSeconds": 0}
+
+
+def test_blue_green_is_refused_with_writable_volumes() -> None:
+    error = nix_error(
+        f'lib.mkSpec {{ {BASE} volumes = [ {{ name = "data"; sizeMiB = 8; }} ]; '
+        'replace.strategy = "blue-green"; }'
+    )
+    assert error == (
+        "procurator VM 'web': replace.strategy = \"blue-green\" cannot be used with writable volumes (data): "
+        "a volume allows one writer, and blue-green runs the old and the new generation at once; "
+        'use strategy "recreate" or move the data off the VM'
+    )
+
+
+def test_blue_green_is_refused_with_a_fixed_mac() -> None:
+    error = nix_error(
+        f'lib.mkSpec {{ {BASE} interfaces = [ {{ id = "eth0"; mac = "02:00:00:00:00:01"; }} ]; '
+        'replace.strategy = "blue-green"; }'
+    )
+    assert error.startswith(
+        "procurator VM 'web': replace.strategy = \"blue-green\" cannot be used with fixed"
+    ), error
 
 
 API = "/nix/store/44444444444444444444444444444444-procurator-vm-api"
@@ -436,6 +467,21 @@ ERRORS = [
         'health = [ { type = "http"; port = 80; path = "health"; } ];',
         "web",
         "health[0].path must start with /",
+    ),
+    (
+        'replace = { strategy = "rolling"; };',
+        "web",
+        'replace.strategy must be one of recreate, blue-green, got "rolling"',
+    ),
+    (
+        "replace = { drainSeconds = -1; };",
+        "web",
+        "replace.drainSeconds must be an integer from 0 to 3600, got -1",
+    ),
+    (
+        "replace = { drain = 1; };",
+        "web",
+        "replace has unknown attribute 'drain' (known: drainSeconds, strategy)",
     ),
     (
         'health = [ { type = "http"; port = 80; expectStatus = 99; } ];',

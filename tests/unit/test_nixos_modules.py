@@ -307,6 +307,27 @@ def test_guest_resources_reach_the_spec() -> None:
     }
 
 
+def test_guest_replace_strategy_reaches_the_spec() -> None:
+    assert guest("{ }", "e.config.procurator.vm.spec.replace") == {"strategy": "recreate", "drainSeconds": 5}
+    config = '{ procurator.vm.replace = { strategy = "blue-green"; drainSeconds = 2; }; }'
+    assert guest_failures(config) == []
+    assert guest(config, "e.config.procurator.vm.spec.replace") == {
+        "strategy": "blue-green",
+        "drainSeconds": 2,
+    }
+
+
+def test_guest_blue_green_with_volumes_is_refused() -> None:
+    failures = guest_failures(
+        '{ procurator.vm = { replace.strategy = "blue-green"; volumes.data = { sizeMiB = 8; }; }; }'
+    )
+    assert (
+        "procurator VM 'web': procurator.vm.replace.strategy = \"blue-green\" cannot be used with writable "
+        "volumes (data): a volume allows one writer, and blue-green runs the old and the new generation at "
+        'once; use "recreate" or move the data off the VM'
+    ) in failures, failures
+
+
 def test_guest_memory_limit_below_guest_ram_is_refused() -> None:
     failures = guest_failures("{ procurator.vm = { memoryMiB = 512; resources.memoryMaxMiB = 256; }; }")
     assert any(

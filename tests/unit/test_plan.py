@@ -425,11 +425,11 @@ def test_apply_result_json_and_flags() -> None:
         "history": 4,
         "error": None,
         "actions": [
-            {**keep.to_json(), "outcome": "ok", "error": None, "seconds": 0.0},
-            {**create.to_json(), "outcome": "ok", "error": None, "seconds": 1.235},
+            {**keep.to_json(), "outcome": "ok", "error": None, "seconds": 0.0, "switch": None},
+            {**create.to_json(), "outcome": "ok", "error": None, "seconds": 1.235, "switch": None},
         ],
     }
-    assert set(keep.to_json()) == {"kind", "name", "old", "new", "reason", "diff"}
+    assert set(keep.to_json()) == {"kind", "name", "old", "new", "reason", "diff", "strategy"}
     failed = ApplyResult("/d", (ActionResult(create, Outcome.FAILED, "boom"),), 1.0)
     assert failed.failed
     assert failed.actions[0].line == "+ create web (not on this host: aaaaaaaaaaaa): failed in 0.0s: boom"
@@ -581,3 +581,68 @@ def test_current_reads_links_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert history.record(state, Path("/nix/store/cccccccccccccccccccccccccccccccc-d")) == 7
     assert history.is_recordable(Path("/nix/store/cccccccccccccccccccccccccccccccc-d"))
     assert not history.is_recordable(tmp_path / "d")
+
+
+# -- replace strategies (docs/architecture.md, "Blue-green replace") ------------------------------------
+
+
+def test_each_replace_shows_the_strategy_of_its_new_bundle(tmp_path: Path) -> None:
+    green = Bundle.load(
+        write_bundle(
+            tmp_path,
+            "web",
+            meta_data=meta("web", volumes=[], replace={"strategy": "blue-green", "drainSeconds": 1}),
+        )
+    )
+    plain = Bundle.load(write_bundle(tmp_path, "api", meta_data=meta("api")))
+    desired = {"web": str(green.path), "api": str(plain.path), "new": store("a", "new")}
+    seen = [observed("web", store("a", "web")), observed("api", store("a", "api"))]
+    annotated = reconcile.with_strategies(plan(desired, seen), {"web": green, "api": plain})
+    lines = [a.line() for a in annotated.actions]
+    assert lines == [
+        f"~ replace api (aaaaaaaaaaaa -> {plain.path.name[:12]}: bundle hash changed) [recreate]",
+        f"+ create new (not on this host: {HASHES['a'][:12]})",
+        f"~ replace web (aaaaaaaaaaaa -> {green.path.name[:12]}: bundle hash changed) [blue-green]",
+    ]
+    web = annotated.actions[2]
+    assert web.to_json()["strategy"] == "blue-green"
+    assert Action.from_json(web.to_json(), "test", "actions[2]") == web
+    assert annotated.actions[1].to_json()["strategy"] is None
+
+
+def test_a_blue_green_result_carries_both_generations_through_json() -> None:
+    action = Action(
+        ActionKind.REPLACE, "web", store("a", "web"), store("b", "web"), "x", strategy="blue-green"
+    )
+    switch = {
+        "strategy": "blue-green",
+        "service_ip": "10.100.0.2",
+        "old": {
+            "bundle": store("a", "web"),
+            "generation": HASHES["a"],
+            "pid": 10,
+            "ip": "10.100.0.2",
+            "taps": [],
+        },
+        "new": {
+            "bundle": store("b", "web"),
+            "generation": HASHES["b"],
+            "pid": 11,
+            "ip": "10.100.0.3",
+            "taps": [],
+        },
+        "switched_at": 1.5,
+        "drained_seconds": 1.0,
+    }
+    result = ActionResult(action, Outcome.OK, "", 2.0, switch)
+    back = ActionResult.from_json(result.to_json(), "test", "actions[0]")
+    assert back == result
+    assert back.to_json()["switch"]["new"]["ip"] == "10.100.0.3"
+
+
+def test_blue_green_with_volumes_is_refused_when_the_bundle_is_loaded(tmp_path: Path) -> None:
+    path = write_bundle(tmp_path, "web", meta_data=meta("web", replace={"strategy": "blue-green"}))
+    with pytest.raises(ValidationError) as caught:
+        Bundle.load(path)
+    assert "replace.strategy" in str(caught.value)
+    assert "writable volumes (data)" in str(caught.value)
