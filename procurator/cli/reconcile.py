@@ -7,6 +7,8 @@ or nothing could be done), 2 usage error. With `--exit-code`, a success that cha
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from procurator import history as deployment_history
@@ -14,9 +16,12 @@ from procurator import reconcile
 from procurator.cli.context import host
 from procurator.cli.render import emit_json, emit_table, note
 from procurator.errors import ApplyError, UsageError
-from procurator.lifecycle import WaitFor
+from procurator.lifecycle import Host, WaitFor
 from procurator.models import Deployment
 from procurator.resolve import resolve
+
+if TYPE_CHECKING:
+    from procurator.worker.client import WorkerClient
 
 EXIT_CHANGED = 4
 
@@ -52,6 +57,14 @@ def _deployment(ref: str) -> Deployment:
     return resolved.deployment
 
 
+def _worker(h: Host) -> WorkerClient | None:
+    """A client of the worker daemon on the configured API socket, if one answers (else the command runs
+    here)."""
+    from procurator.worker import client as worker_client  # noqa: PLC0415 - httpx only when a worker may be asked
+
+    return worker_client.connect(h.config.api_socket)
+
+
 def _indent(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines())
 
@@ -65,9 +78,17 @@ def plan(ctx: click.Context, deployment: str, as_json: bool, exit_code: bool) ->
     """Show what `apply DEPLOYMENT` would do to each VM (and the bundle diff of each replacement)."""
     h = host(ctx)
     d = _deployment(deployment)
-    the_plan = reconcile.make_plan(h, d)
+    client = _worker(h)
+    if client is None:
+        report = reconcile.PlanReport.of(d, reconcile.make_plan(h, d))
+    else:  # the worker owns the VMs: its view of them is the one an apply would act on
+        with client:
+            report = reconcile.PlanReport.from_json(
+                client.plan(d.path), f"GET /plan on {h.config.api_socket}"
+            )
+    the_plan = report.plan
     if as_json:
-        emit_json(reconcile.PlanReport.of(d, the_plan).to_json())
+        emit_json(report.to_json())
     else:
         for action in the_plan.actions:
             click.echo(action.line())
@@ -121,9 +142,7 @@ def apply(  # noqa: PLR0917 - click passes each option as a parameter
     """
     h = host(ctx)
     d = _deployment(deployment)
-    from procurator.worker import client as worker_client  # noqa: PLC0415 - httpx only when a worker may be asked
-
-    client = worker_client.connect(h.config.api_socket)
+    client = _worker(h)
     if client is None:
         result = reconcile.apply(h, d, parallel=parallel, wait=WaitFor(wait))
     else:
@@ -146,8 +165,17 @@ def apply(  # noqa: PLR0917 - click passes each option as a parameter
 def rollback(  # noqa: PLR0917 - click passes each option as a parameter
     ctx: click.Context, to: int | None, parallel: int, wait: str, as_json: bool, exit_code: bool
 ) -> None:
-    """Apply an earlier deployment from the history (default: the one before the current one)."""
-    result = reconcile.rollback(host(ctx), to=to, parallel=parallel, wait=WaitFor(wait))
+    """Apply an earlier deployment from the history (default: the one before the current one).
+
+    When a worker daemon answers on the configured API socket, the rollback runs in the worker."""
+    h = host(ctx)
+    client = _worker(h)
+    if client is None:
+        result = reconcile.rollback(h, to=to, parallel=parallel, wait=WaitFor(wait))
+    else:
+        note(f"rolling back through the worker on {h.config.api_socket}")
+        with client:
+            result = reconcile.ApplyResult.from_json(client.rollback(to, wait=WaitFor(wait)))
     _finish(ctx, result, as_json=as_json, exit_code=exit_code, what="rollback")
 
 

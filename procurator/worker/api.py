@@ -12,6 +12,7 @@ only routes them.
     GET  /plan[?deployment=PATH]    the plan to PATH (default: the desired deployment)
     POST /apply                     {"deployment": PATH, "wait"?: "none"|"booted"|"healthy"} -> the report
     GET  /history                   the deployment profile's generations
+    POST /rollback                  {"to"?: N, "wait"?: ...} -> the ApplyResult (as `rollback --json`)
     POST /pause, /resume            {"vm": NAME} -> the VM as `ps --json` shows it (paused or running)
     GET  /metrics                   Prometheus text exposition
     GET  /                          the status page (HTML, worker/status.py)
@@ -146,7 +147,7 @@ class Service(Protocol):
 
     def apply_desired(self) -> Any: ...
 
-    def rollback(self) -> Any: ...
+    def rollback(self, to: int | None = None, wait: WaitFor | None = None) -> Any: ...
 
 
 # --- the server --------------------------------------------------------------------------------------
@@ -167,6 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
         "/vms": {"GET": "get_vms"},
         "/plan": {"GET": "get_plan"},
         "/apply": {"POST": "post_apply"},
+        "/rollback": {"POST": "post_rollback_to"},
         "/history": {"GET": "get_history"},
         "/pause": {"POST": "post_pause"},
         "/resume": {"POST": "post_resume"},
@@ -248,6 +250,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
         report = worker.apply(_path_arg(body["deployment"]), wait=WaitFor(wait) if wait else None)
         self._json(200, report.to_json())
+
+    def post_rollback_to(self, worker: Service) -> None:
+        body = self._body()
+        if not isinstance(body, dict):
+            raise UsageError('POST /rollback expects {"to"?: N, "wait"?: "none"|"booted"|"healthy"}')
+        to, wait = body.get("to"), body.get("wait")
+        if to is not None and (isinstance(to, bool) or not isinstance(to, int) or to < 1):
+            raise UsageError(f"to: {to!r} is not a generation number (see GET /history)")
+        if wait is not None and wait not in {w.value for w in WaitFor}:
+            raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
+        self._json(200, worker.rollback(to, WaitFor(wait) if wait else None))
 
     def post_pause(self, worker: Service) -> None:
         self._json(200, worker.pause(self._vm_name(), pause=True))

@@ -69,6 +69,14 @@ class WorkerClient:
             body["wait"] = wait.value
         return self._request("POST", "/apply", json=body, timeout=timeout).json()
 
+    def rollback(
+        self, to: int | None = None, *, wait: WaitFor | None = None, timeout: float = APPLY_TIMEOUT
+    ) -> Any:
+        body: dict[str, Any] = {"to": to}
+        if wait is not None:
+            body["wait"] = wait.value
+        return self._request("POST", "/rollback", json=body, timeout=timeout).json()
+
     def pause(self, name: str) -> Any:
         return self._request("POST", "/pause", json={"vm": name}).json()
 

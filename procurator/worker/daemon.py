@@ -584,11 +584,17 @@ class Worker:
         with self._working(timeout=WORK_WAIT):
             return self._reconcile("api", deployment, self.settings.wait)
 
-    def rollback(self) -> Any:
-        """The page's rollback: the generation before the current one (as `procurator rollback`)."""
+    def rollback(self, to: int | None = None, wait: WaitFor | None = None) -> Any:
+        """POST /rollback and the page's rollback: generation `to` (default the one before the current),
+        as `procurator rollback` does; the ApplyResult as JSON."""
         with self._working(timeout=WORK_WAIT):
-            result = reconcile.rollback(self.host, parallel=self.settings.parallel, wait=self.settings.wait)
+            result = reconcile.rollback(
+                self.host, to=to, parallel=self.settings.parallel, wait=wait or self.settings.wait
+            )
             self._profile_seen = self._profile_target()
+            for action in result.actions:
+                if action.action.changes:
+                    self._tracked.pop(action.action.name, None)
             return result.to_json()
 
 

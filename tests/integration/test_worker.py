@@ -576,6 +576,18 @@ def test_cli_apply_goes_through_the_worker_and_host_shutdown_comes_back(
     assert_converged(vm_host, example_build.bundles)
     assert {vm["name"] for vm in daemon.status()["vms"]} == {"api", "web"}
 
+    # plan, ps and rollback ask the worker too; what they print is what they print without one
+    planned = json.loads(vm_host.ok("plan", str(example_build.deployment), "--json"))
+    with daemon.client() as client:
+        assert planned == client.plan(example_build.deployment)
+    assert [(a["name"], a["kind"]) for a in planned["actions"]] == [("api", "keep"), ("web", "keep")]
+    assert vm_host.ps() == {vm["name"]: vm for vm in daemon.status()["vms"]}
+    back = vm_host.run("rollback", "--json")
+    assert back.returncode == 1  # generation 1 is the only one: nothing to roll back to
+    assert "rolling back through the worker" in back.stderr
+    assert "error: " in back.stderr
+    assert back.stderr.count("\n") == 2, back.stderr
+
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=30) == 0
     assert_converged(vm_host, example_build.bundles)  # the VMs outlive the daemon
