@@ -1,4 +1,4 @@
-"""`procurator init`: a starter project written from jinja2 templates (`init/templates/`).
+"""`procurator init`: a starter project written from jinja2 templates (`init/templates/*.j2`).
 
 `--nixos` (the default): a flake with Procurator as its input, one NixOS module per VM (`vms/<name>.nix`),
 the deployment of one worker host and its `procuratorHosts` entry for `nix run .#deploy`; the flake's own
@@ -67,9 +67,11 @@ class Project:
         values = {"host": self.host, "vms": list(self.vms), "procurator_url": self.procurator_url,
                   "source": self.source}  # fmt: skip
         top = ("flake.nix", "README.md") if self.kind == "nixos" else ("default.nix", "README.md")
-        out = {name: _ENV.get_template(f"{self.kind}/{name}").render(values) for name in top}
+        out = {name: _ENV.get_template(f"{self.kind}/{name}.j2").render(values) for name in top}
         for vm in self.vms:
-            out[f"vms/{vm}.nix"] = _ENV.get_template(f"{self.kind}/vms/vm.nix").render({**values, "vm": vm})
+            out[f"vms/{vm}.nix"] = _ENV.get_template(f"{self.kind}/vms/vm.nix.j2").render(
+                {**values, "vm": vm}
+            )
         return out
 
 
