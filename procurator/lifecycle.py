@@ -190,6 +190,41 @@ def unbox(host: Host, name: str) -> None:
         log.warning("%s: its cgroup still holds processes %s; left for the sweep", name, drv.pids(name))
 
 
+@dataclass(frozen=True)
+class Box:
+    """A starting VM's cgroup, made before its hypervisor (which joins it before its guest runs), undone
+    with the start; `check` verifies, once it runs, that it is in its group with the limits as set."""
+
+    runtime: str
+    limits: cgroup.Limits
+    drv: cgroup.Driver | None = None
+    group: cgroup.Group | None = None
+
+    @classmethod
+    def make(cls, host: Host, runtime: str, limits: cgroup.Limits, undo: contextlib.ExitStack) -> Box:
+        drv = cgroups(host)
+        if drv is None:
+            if host.config.cgroups.mode == "auto":
+                log.warning(
+                    "%s: runs without a cgroup (this host mounts no memory and cpu controllers)", runtime
+                )
+            return cls(runtime, limits)
+        group = drv.create(runtime, limits)
+        undo.callback(drv.remove, runtime)
+        return cls(runtime, limits, drv, group)
+
+    @property
+    def join(self) -> Callable[[int], None] | None:
+        return (
+            None if self.drv is None or self.group is None else functools.partial(self.drv.join, self.group)
+        )
+
+    def check(self, pid: int) -> None:
+        if self.drv is not None and self.group is not None:
+            for note in cgroup.check_joined(self.drv, self.group, pid, self.limits):
+                log.warning("%s: %s", self.runtime, note)
+
+
 def _check_affinity(bundle: Bundle) -> None:
     pinned = set(bundle.meta.resources.cpu_affinity)
     online = _online_cpus()
@@ -481,13 +516,7 @@ def _start(
         )
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         _check_affinity(bundle)
-        drv = cgroups(host)
-        box: cgroup.Group | None = None
-        if drv is not None:  # before the hypervisor: it joins its group before its guest runs
-            box = drv.create(runtime, limits(bundle, backend))
-            undo.callback(drv.remove, runtime)
-        elif host.config.cgroups.mode == "auto":
-            log.warning("%s: runs without a cgroup (this host mounts no memory and cpu controllers)", name)
+        box = Box.make(host, runtime, limits(bundle, backend), undo)
         spec = LaunchSpec(
             name=runtime,
             vm_dir=vm_dir,
@@ -496,13 +525,11 @@ def _start(
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
             user=host.config.user,
             netns=host.net.netns,
-            join=None if drv is None or box is None else functools.partial(drv.join, box),
+            join=box.join,
         )
         handle = hv.start(spec)
         undo.callback(hv.kill, handle)
-        if drv is not None and box is not None:  # measure what was acted on: in its group, limits as set
-            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle, backend)):
-                log.warning("%s: %s", name, note)
+        box.check(handle.pid)
 
         now = host.clock()
         record = VmRecord(
@@ -1092,11 +1119,7 @@ def _restore(
             for path in (vm_dir, *volumes.values()):
                 os.chown(path, *owner)
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
-        drv = cgroups(host)  # a restored VM is boxed as a booted one is
-        box: cgroup.Group | None = None
-        if drv is not None:
-            box = drv.create(name, limits(bundle, record.backend))
-            undo.callback(drv.remove, name)
+        box = Box.make(host, name, limits(bundle, record.backend), undo)  # boxed as a booted VM is
         spec = LaunchSpec(
             name=name,
             vm_dir=vm_dir,
@@ -1105,13 +1128,11 @@ def _restore(
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
             user=host.config.user,
             netns=host.net.netns,
-            join=None if drv is None or box is None else functools.partial(drv.join, box),
+            join=box.join,
         )
         handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)
-        if drv is not None and box is not None:
-            for note in cgroup.check_joined(drv, box, handle.pid, limits(bundle, record.backend)):
-                log.warning("%s: %s", name, note)
+        box.check(handle.pid)
         restored = record.with_(
             pid=handle.pid,
             start_time=handle.start_time,

@@ -558,8 +558,15 @@ class Qemu:
 
     def start(self, spec: LaunchSpec) -> Handle:
         argv = build_argv(spec.config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
-        _require_taps(spec, _taps_in(argv).values())
         argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
+        return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc))
+
+    def _launch(
+        self, spec: LaunchSpec, argv: list[str], doing: str, until: Callable[[subprocess.Popen[bytes]], int]
+    ) -> Handle:
+        """Spawn QEMU with `argv` for `spec` and wait (`until`, bounded) for it; its Handle. On any failure
+        nothing is left running, and an exit while `doing` quotes the end of the hypervisor log."""
+        _require_taps(spec, _taps_in(argv).values())
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
         with spec.hypervisor_log.open("ab") as log_file:
@@ -571,24 +578,20 @@ class Qemu:
             except ProcessError as exc:
                 raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
         try:
-            start_time = self._wait_running(spec, proc)
+            start_time = until(proc)
         except BaseException as exc:
             exited = _reap(proc, 0.5)  # a QMP error may be the process on its way out
             _discard(proc, spec.api_socket)
             if exited is not None and isinstance(exc, ProcuratorError):
                 tail = _log_tail(spec.hypervisor_log, log_offset)
                 raise HypervisorStartError(
-                    f"{spec.name}: qemu exited with status {exited} while starting: {tail}"
+                    f"{spec.name}: qemu exited with status {exited} while {doing}: {tail}"
                 ) from exc
             raise
-        log.info("%s: qemu running as pid %d", spec.name, proc.pid)
-        return Handle(
-            backend=BACKEND,
-            pid=proc.pid,
-            start_time=start_time,
-            api_socket=spec.api_socket,
-            vm_dir=spec.vm_dir,
+        log.info(
+            "%s: qemu %s pid %d", spec.name, "running as" if doing == "starting" else "restored as", proc.pid
         )
+        return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
 
     def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes]) -> int:
         """Wait (bounded) until QMP answers and reports the VM running; the process's start time."""
@@ -751,30 +754,9 @@ class Qemu:
             raise HypervisorStartError(f"{spec.name}: {source} is missing; this is no qemu snapshot")
         argv = build_argv(spec.config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
         argv += ["-incoming", "defer"]
-        _require_taps(spec, _taps_in(argv).values())
-        spec.vm_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_stale_socket(spec)
-        with spec.hypervisor_log.open("ab") as log_file:
-            log_offset = log_file.tell()
-            try:
-                proc = process.spawn(
-                    argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns, join=spec.join
-                )
-            except ProcessError as exc:
-                raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
-        try:
-            start_time = self._incoming(spec, proc, source, paused=paused)
-        except BaseException as exc:
-            exited = _reap(proc, 0.5)
-            _discard(proc, spec.api_socket)
-            if exited is not None and isinstance(exc, ProcuratorError):
-                tail = _log_tail(spec.hypervisor_log, log_offset)
-                raise HypervisorStartError(
-                    f"{spec.name}: qemu exited with status {exited} while restoring: {tail}"
-                ) from exc
-            raise
-        log.info("%s: qemu restored as pid %d", spec.name, proc.pid)
-        return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
+        return self._launch(
+            spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused)
+        )
 
     def _incoming(
         self, spec: LaunchSpec, proc: subprocess.Popen[bytes], source: Path, *, paused: bool
