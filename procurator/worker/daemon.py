@@ -563,7 +563,13 @@ class Worker:
         lines = logfiles.tail(path, status.LOG_LINES)
         offset = path.stat().st_size if path.exists() else 0
         return status.vm_page(
-            vm, now["details"].get(name, {}), lines, offset, actions=self.status_actions, csrf=self.csrf.token
+            vm,
+            now["details"].get(name, {}),
+            lines,
+            offset,
+            actions=self.status_actions,
+            csrf=self.csrf.token,
+            now=self.wall(),
         )
 
     def vm_log(self, name: str, offset: int) -> dict[str, Any]:

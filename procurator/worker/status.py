@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,19 @@ def parse_form(body: bytes) -> dict[str, list[str]]:
         raise UsageError(f"the form is not url-encoded: {exc}") from exc
 
 
-def _row(vm: Mapping[str, Any], details: Mapping[str, Any]) -> dict[str, Any]:
-    """One VM as the templates show it: `ps --json`'s fields and the status page's details."""
+def _row(vm: Mapping[str, Any], details: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """One VM as the templates show it: `ps --json`'s fields and the status page's details; `now` is the
+    worker's wall clock, for the age of the last health check."""
     health = details.get("health")
+    checked = "" if health is None else f" ({_duration(max(0.0, now - float(health['at'])))} ago)"
     cpu = details.get("cpu_seconds")
     memory = details.get("memory_bytes")
     return {
         **vm,
         "last_exit": details.get("last_exit", ""),
-        "health_text": "" if health is None else ("ok" if health["ok"] else f"failing: {health['detail']}"),
+        "health_text": ""
+        if health is None
+        else ("ok" if health["ok"] else f"failing: {health['detail']}") + checked,
         "health_class": "" if health is None else ("ok" if health["ok"] else "bad"),
         "cpu": "" if cpu is None else f"{cpu:.1f} s",
         "memory": f"{memory / 1048576:.0f} MiB" if memory else "",
@@ -90,9 +95,10 @@ def _row(vm: Mapping[str, Any], details: Mapping[str, Any]) -> dict[str, Any]:
 def index(status: Mapping[str, Any], history: Mapping[str, Any], *, actions: bool, csrf: str) -> str:
     details = status.get("details", {})
     generations = list(history.get("generations", []))
+    now = float(status["worker"]["started_at"]) + float(status["worker"]["uptime"])
     return _ENV.get_template("index.html").render(
         worker=status["worker"],
-        vms=[_row(vm, details.get(vm["name"], {})) for vm in status["vms"]],
+        vms=[_row(vm, details.get(vm["name"], {}), now) for vm in status["vms"]],
         last_apply=status["worker"].get("last_apply"),
         generations=generations,
         current=next((g for g in generations if g.get("current")), None),
@@ -109,9 +115,11 @@ def vm_page(
     *,
     actions: bool,
     csrf: str,
+    now: float | None = None,
 ) -> str:
+    when = time.time() if now is None else now
     return _ENV.get_template("vm.html").render(
-        vm=_row(vm, details), lines=lines, offset=offset, actions=actions, csrf=csrf
+        vm=_row(vm, details, when), lines=lines, offset=offset, actions=actions, csrf=csrf
     )
 
 

@@ -55,7 +55,7 @@ def test_the_index_shows_every_field_and_escapes_what_vms_say() -> None:
     assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in page
     assert page.count("<script>") == 1  # the page's own
     for shown in ("10.0.0.2", "bbbbbbbbbbbb", "1h 2m", "1.2 s", "50 MiB", "failing: ", "generation 2",
-                  "what changed in web", "replace", "1d 1h"):  # fmt: skip
+                  "what changed in web", "replace", "1d 1h", "(1d 1h ago)"):  # fmt: skip
         assert shown in page, shown
     assert 'href="/vm/web#bundle" title="/nix/store/b-new"' in page
     assert 'name="csrf"' not in page  # no forms without statusActions
