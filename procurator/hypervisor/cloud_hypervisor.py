@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -159,6 +159,26 @@ class CloudHypervisor:
         owner = _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         body = wire_config(spec)
+        serial = body.get("serial", {}).get("mode") == "Socket"
+
+        def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
+            self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
+            if start_time is not None and serial:
+                self._spawn_keeper(spec, proc.pid, start_time)
+            self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
+
+        return self._run(spec, owner, version, steps, "running")
+
+    def _run(
+        self,
+        spec: LaunchSpec,
+        owner: tuple[int, int] | None,
+        version: Version,
+        steps: Callable[[ApiClient, subprocess.Popen[bytes], int | None], None],
+        done: str,
+    ) -> Handle:
+        """A fresh cloud-hypervisor process for `spec`, its API awaited, then `steps` (create and boot, or
+        restore); on any failure nothing is left behind."""
         with contextlib.ExitStack() as undo:
             listener = _bind_api_socket(spec.api_socket)
             undo.callback(self._remove_sockets, spec.vm_dir)
@@ -168,22 +188,13 @@ class CloudHypervisor:
             start_time = process.process_start_time(proc.pid)
             with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
                 self._await_api(api, proc, spec)
-                self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
-                if start_time is not None and body.get("serial", {}).get("mode") == "Socket":
-                    self._spawn_keeper(spec, proc.pid, start_time)
-                self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
+                steps(api, proc, start_time)
             if start_time is None or proc.poll() is not None:
                 raise self._died(spec, proc)
             undo.pop_all()
         self._children[proc.pid] = (proc, start_time)
-        log.info("vm %s: cloud-hypervisor running as pid %d", spec.name, proc.pid)
-        return Handle(
-            backend=BACKEND,
-            pid=proc.pid,
-            start_time=start_time,
-            api_socket=spec.api_socket,
-            vm_dir=spec.vm_dir,
-        )
+        log.info("vm %s: cloud-hypervisor %s as pid %d", spec.name, done, proc.pid)
+        return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
 
     def _spawn_keeper(self, spec: LaunchSpec, pid: int, start_time: int) -> None:
         """The serial keeper (procurator/serial_keeper.py), connected before the guest boots."""
@@ -406,26 +417,15 @@ class CloudHypervisor:
         if resume_in_body:
             body["resume"] = True
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as undo:
-            listener = _bind_api_socket(spec.api_socket)
-            undo.callback(self._remove_sockets, spec.vm_dir)
-            with listener:
-                proc = self._spawn(spec, listener, owner, version)
-            undo.callback(self._kill_child, proc)
-            start_time = process.process_start_time(proc.pid)
-            with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
-                self._await_api(api, proc, spec)
-                self._start_step(api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout)
-                if start_time is not None and socket_serial:
-                    self._spawn_keeper(spec, proc.pid, start_time)
-                if not paused and not resume_in_body:
-                    self._start_step(api, proc, spec, "vm.resume", body=None, timeout=self.api_timeout)
-            if start_time is None or proc.poll() is not None:
-                raise self._died(spec, proc)
-            undo.pop_all()
-        self._children[proc.pid] = (proc, start_time)
-        log.info("vm %s: cloud-hypervisor restored as pid %d", spec.name, proc.pid)
-        return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
+
+        def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
+            self._start_step(api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout)
+            if start_time is not None and socket_serial:
+                self._spawn_keeper(spec, proc.pid, start_time)
+            if not paused and not resume_in_body:
+                self._start_step(api, proc, spec, "vm.resume", body=None, timeout=self.api_timeout)
+
+        return self._run(spec, owner, version, steps, "restored")
 
     def console_path(self, handle: Handle) -> Path:
         """The pty of the virtio console: cloud-hypervisor writes its path into vm.info's `console.file`."""
