@@ -11,7 +11,8 @@
  "snapshotKeep": 3,
  "statusListen": null,
  "statusActions": false,
- "cgroups": {"mode": "auto", "base": "procurator.slice"}}
+ "cgroups": {"mode": "auto", "base": "procurator.slice"},
+ "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3}}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
@@ -23,6 +24,9 @@ checks allow (their intervals times their retries). `snapshotKeep` is how many s
 cpu controllers (and runs it without one, with a warning, when not), `required` refuses to start a VM
 without one, `off` never makes one. `cgroups.base` is where cgroup v2 groups go under the unified
 hierarchy (the NixOS module points it at the worker unit's delegated subtree); v1 ignores it.
+`watchdog`: the worker pings each running (or paused) VM's hypervisor every `interval` seconds
+(cloud-hypervisor `vmm.ping`, QEMU QMP `query-status`), each ping bounded by `timeout` seconds; after
+`failures` failed pings in a row it kills the hypervisor, and the restart policy decides what follows.
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ class CgroupSettings:
 
 
 @dataclass(frozen=True)
+class WatchdogSettings:
+    """The worker's pings of each hypervisor's API (see the module docstring)."""
+
+    enable: bool = True
+    interval: float = 10.0  # seconds between two pings of one VM
+    timeout: float = 3.0  # seconds one ping may take
+    failures: int = 3  # failed pings in a row that get the hypervisor killed
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
@@ -73,6 +87,7 @@ class WorkerConfig:
     status_listen: str | None = None  # host:port for the status page over TCP
     status_actions: bool = False  # the status page's forms
     cgroups: CgroupSettings = field(default_factory=CgroupSettings)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -90,6 +105,7 @@ class WorkerConfig:
             "statusListen",
             "statusActions",
             "cgroups",
+            "watchdog",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -156,6 +172,7 @@ class WorkerConfig:
             raise ValidationError(source, "statusActions", f"expected true or false, not {status_actions!r}")
         return cls(
             cgroups=_cgroups(source, data.get("cgroups") or {}),
+            watchdog=_watchdog(source, data.get("watchdog") or {}),
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
             user=data.get("user"),
@@ -199,3 +216,31 @@ def _cgroups(source: str, data: Any) -> CgroupSettings:
             source, "cgroups.base", f"{base!r} is not a relative cgroup path like procurator.slice"
         )
     return CgroupSettings(mode=mode, base=base)
+
+
+def _watchdog(source: str, data: Any) -> WatchdogSettings:
+    if not isinstance(data, dict):
+        raise ValidationError(source, "watchdog", 'expected an object like {"interval": 10}')
+    known = ("enable", "failures", "interval", "timeout")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValidationError(source, f"watchdog.{unknown[0]}", f"unknown setting; known: {', '.join(known)}")
+    enable = data.get("enable", True)
+    if not isinstance(enable, bool):
+        raise ValidationError(source, "watchdog.enable", f"expected true or false, not {enable!r}")
+    seconds = {}
+    for key, default in (("interval", WatchdogSettings.interval), ("timeout", WatchdogSettings.timeout)):
+        value = data.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.1 <= value <= 3600:
+            raise ValidationError(
+                source, f"watchdog.{key}", f"expected seconds from 0.1 to 3600, not {value!r}"
+            )
+        seconds[key] = float(value)
+    failures = data.get("failures", WatchdogSettings.failures)
+    if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= 100:
+        raise ValidationError(
+            source, "watchdog.failures", f"expected a count from 1 to 100, not {failures!r}"
+        )
+    return WatchdogSettings(
+        enable=enable, interval=seconds["interval"], timeout=seconds["timeout"], failures=failures
+    )

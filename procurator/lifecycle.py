@@ -96,6 +96,7 @@ class VmStatus:
             "pid": r.pid if self.status is Status.RUNNING else None,
             "uptime": round(self.uptime, 1) if self.uptime is not None else None,
             "restarts": r.restarts,
+            "last_exit": r.last_exit or None,
             "resources": None if self.usage is None else self.usage.to_json(),
         }
 
@@ -662,6 +663,7 @@ def damaged_json(bad: Damaged) -> dict[str, Any]:
         "pid": None,
         "uptime": None,
         "restarts": None,
+        "last_exit": None,
         "resources": None,
         "problem": bad.error.message,
     }

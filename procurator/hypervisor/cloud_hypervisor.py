@@ -322,9 +322,12 @@ class CloudHypervisor:
 
     # --- queries --------------------------------------------------------------------------------
 
-    def ping(self, handle: Handle) -> dict[str, Any]:
-        """vmm.ping: {build_version, version, pid, features}."""
-        with self._api(handle) as api:
+    def ping(self, handle: Handle, *, timeout: float | None = None) -> dict[str, Any]:
+        """vmm.ping: {build_version, version, pid, features}; bounded by `timeout` (default api_timeout).
+
+        The VMM thread answers it (vmm/src/api/mod.rs `VmmPing`): a hung VMM does not, whatever its
+        HTTP thread still accepts."""
+        with self._api(handle, timeout=timeout) as api:
             answer = api.get("vmm.ping")
         if not isinstance(answer, dict):
             raise HypervisorError(

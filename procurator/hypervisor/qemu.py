@@ -814,8 +814,16 @@ class Qemu:
             return False
         return True
 
-    def _session(self, handle: Handle) -> qmp.QmpClient:
-        return qmp.connect(handle.api_socket, self.api_timeout, alive=lambda: _ours(handle))
+    def ping(self, handle: Handle, *, timeout: float | None = None) -> str:
+        """QMP `query-status` in a fresh session (connect, handshake and answer each within `timeout`,
+        default api_timeout): the RunState, e.g. "running" or "paused". QEMU's main loop answers QMP, so a
+        stuck main loop does not."""
+        with self._session(handle, timeout) as client:
+            return _status(client)
+
+    def _session(self, handle: Handle, timeout: float | None = None) -> qmp.QmpClient:
+        bound = self.api_timeout if timeout is None else timeout
+        return qmp.connect(handle.api_socket, bound, alive=lambda: _ours(handle))
 
     def _qmp_step(self, handle: Handle, command: str) -> bool:
         """Send `command` in a fresh session; whether QEMU took it (a failure is logged, not raised)."""
