@@ -12,7 +12,8 @@
  "statusListen": null,
  "statusActions": false,
  "cgroups": {"mode": "auto", "base": "procurator.slice"},
- "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3}}
+ "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3},
+ "serialLogMaxBytes": 8388608}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
@@ -27,6 +28,8 @@ hierarchy (the NixOS module points it at the worker unit's delegated subtree); v
 `watchdog`: the worker pings each running (or paused) VM's hypervisor every `interval` seconds
 (cloud-hypervisor `vmm.ping`, QEMU QMP `query-status`), each ping bounded by `timeout` seconds; after
 `failures` failed pings in a row it kills the hypervisor, and the restart policy decides what follows.
+`serialLogMaxBytes` caps each VM's `serial.log` (both backends: a serial keeper writes it): past it the log
+becomes `serial.log.1` (the previous one dropped), so a VM's serial output takes at most twice this.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEALTH_TIMEOUT = 86400.0
 DEFAULT_SNAPSHOT_KEEP = 3
 MAX_SNAPSHOT_KEEP = 1000
+DEFAULT_SERIAL_LOG_MAX_BYTES = 8 << 20  # serial_keeper.DEFAULT_MAX_BYTES
+SERIAL_LOG_MAX_BYTES = (4096, 1 << 40)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class WorkerConfig:
     status_actions: bool = False  # the status page's forms
     cgroups: CgroupSettings = field(default_factory=CgroupSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
+    serial_log_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES  # serial.log rotates to serial.log.1 past it
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -106,6 +112,7 @@ class WorkerConfig:
             "statusActions",
             "cgroups",
             "watchdog",
+            "serialLogMaxBytes",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -153,6 +160,14 @@ class WorkerConfig:
                 "snapshotKeep",
                 f"expected a count of snapshots from 1 to {MAX_SNAPSHOT_KEEP}, not {snapshot_keep!r}",
             )
+        serial_max = data.get("serialLogMaxBytes", DEFAULT_SERIAL_LOG_MAX_BYTES)
+        low, high = SERIAL_LOG_MAX_BYTES
+        if not isinstance(serial_max, int) or isinstance(serial_max, bool) or not low <= serial_max <= high:
+            raise ValidationError(
+                source,
+                "serialLogMaxBytes",
+                f"expected bytes from {low} to {high} (1 TiB), not {serial_max!r}",
+            )
         state_dir = data.get("stateDir")
         api_socket = data.get("apiSocket")
         metrics_listen = data.get("metricsListen")
@@ -173,6 +188,7 @@ class WorkerConfig:
         return cls(
             cgroups=_cgroups(source, data.get("cgroups") or {}),
             watchdog=_watchdog(source, data.get("watchdog") or {}),
+            serial_log_max_bytes=serial_max,
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
             user=data.get("user"),

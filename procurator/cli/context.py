@@ -20,7 +20,11 @@ def host(ctx: click.Context) -> Host:
     g: Globals = ctx.find_root().obj
     config = WorkerConfig.load(g.config)
     state_dir = g.state_dir if g.state_dir_given or config.state_dir is None else config.state_dir
-    return Host(state=StateDir(state_dir), config=config, hypervisors=factory(config.hypervisor))
+    return Host(
+        state=StateDir(state_dir),
+        config=config,
+        hypervisors=factory(config.hypervisor, serial_max_bytes=config.serial_log_max_bytes),
+    )
 
 
 def vm_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
