@@ -58,9 +58,18 @@ class _Log:
                 self.size += written
 
     def _rotate(self) -> None:
-        os.rename(self.path, self.path.with_name(self.path.name + ".1"))
+        """The full log becomes `.1` and a fresh one takes its name, each by one rename, so that a reader
+        (`procurator logs -f`, the status page) never finds no `serial.log`."""
+        old = self.path.with_name(self.path.name + ".1")
+        linked = self.path.with_name(self.path.name + ".1.new")
+        fresh = self.path.with_name(self.path.name + ".new")
+        linked.unlink(missing_ok=True)
+        os.link(self.path, linked)
+        os.replace(linked, old)
+        fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
+        os.replace(fresh, self.path)
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
+        self._fd = fd
         self.size = 0
 
 
