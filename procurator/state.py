@@ -135,6 +135,9 @@ class VmRecord:
     desired: str = "running"  # running | stopped | failed (the worker gave up: a crash loop)
     last_exit: str = ""
     paused: bool = False  # the guest is paused (`procurator pause`); its process runs
+    # The id of the snapshot a host shutdown took (restart.fromSnapshot): the next start restores it, as
+    # long as the VM did not run since (any boot or other restore clears it). "" for none.
+    resume_from: str = ""
 
     @property
     def handle(self) -> Handle:
@@ -143,6 +146,8 @@ class VmRecord:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["taps"] = list(self.taps)
+        if not self.resume_from:  # only when set: records without it stay readable by older releases
+            del data["resume_from"]
         data["schema"] = RECORD_SCHEMA
         return data
 
@@ -201,6 +206,7 @@ _RECORD_FIELDS: dict[str, str] = {
     "desired": "str",
     "last_exit": "str",
     "paused": "bool",
+    "resume_from": "str",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1
