@@ -191,6 +191,9 @@ class Sleeper:
     def adopt(self, _handle: Handle) -> bool:
         return True
 
+    def ping(self, _handle: Handle, *, timeout: float | None = None) -> object:  # noqa: ARG002
+        return {}
+
 
 def replace(
     root: Path, vms: int, parallel: int, boot_delay: float, *, nets: int, sleeper: bool = False

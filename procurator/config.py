@@ -11,7 +11,9 @@
  "snapshotKeep": 3,
  "statusListen": null,
  "statusActions": false,
- "cgroups": {"mode": "auto", "base": "procurator.slice"}}
+ "cgroups": {"mode": "auto", "base": "procurator.slice"},
+ "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3},
+ "serialLogMaxBytes": 8388608}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
@@ -23,6 +25,11 @@ checks allow (their intervals times their retries). `snapshotKeep` is how many s
 cpu controllers (and runs it without one, with a warning, when not), `required` refuses to start a VM
 without one, `off` never makes one. `cgroups.base` is where cgroup v2 groups go under the unified
 hierarchy (the NixOS module points it at the worker unit's delegated subtree); v1 ignores it.
+`watchdog`: the worker pings each running (or paused) VM's hypervisor every `interval` seconds
+(cloud-hypervisor `vmm.ping`, QEMU QMP `query-status`), each ping bounded by `timeout` seconds; after
+`failures` failed pings in a row it kills the hypervisor, and the restart policy decides what follows.
+`serialLogMaxBytes` caps each VM's `serial.log` (both backends: a serial keeper writes it): past it the log
+becomes `serial.log.1` (the previous one dropped), so a VM's serial output takes at most twice this.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEALTH_TIMEOUT = 86400.0
 DEFAULT_SNAPSHOT_KEEP = 3
 MAX_SNAPSHOT_KEEP = 1000
+DEFAULT_SERIAL_LOG_MAX_BYTES = 8 << 20  # serial_keeper.DEFAULT_MAX_BYTES
+SERIAL_LOG_MAX_BYTES = (4096, 1 << 40)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,16 @@ class CgroupSettings:
 
 
 @dataclass(frozen=True)
+class WatchdogSettings:
+    """The worker's pings of each hypervisor's API (see the module docstring)."""
+
+    enable: bool = True
+    interval: float = 10.0  # seconds between two pings of one VM
+    timeout: float = 3.0  # seconds one ping may take
+    failures: int = 3  # failed pings in a row that get the hypervisor killed
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
@@ -74,6 +93,8 @@ class WorkerConfig:
     status_listen: str | None = None  # host:port for the status page over TCP
     status_actions: bool = False  # the status page's forms
     cgroups: CgroupSettings = field(default_factory=CgroupSettings)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
+    serial_log_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES  # serial.log rotates to serial.log.1 past it
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -91,6 +112,8 @@ class WorkerConfig:
             "statusListen",
             "statusActions",
             "cgroups",
+            "watchdog",
+            "serialLogMaxBytes",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -138,6 +161,14 @@ class WorkerConfig:
                 "snapshotKeep",
                 f"expected a count of snapshots from 1 to {MAX_SNAPSHOT_KEEP}, not {snapshot_keep!r}",
             )
+        serial_max = data.get("serialLogMaxBytes", DEFAULT_SERIAL_LOG_MAX_BYTES)
+        low, high = SERIAL_LOG_MAX_BYTES
+        if not isinstance(serial_max, int) or isinstance(serial_max, bool) or not low <= serial_max <= high:
+            raise ValidationError(
+                source,
+                "serialLogMaxBytes",
+                f"expected bytes from {low} to {high} (1 TiB), not {serial_max!r}",
+            )
         state_dir = data.get("stateDir")
         api_socket = data.get("apiSocket")
         metrics_listen = data.get("metricsListen")
@@ -157,6 +188,8 @@ class WorkerConfig:
             raise ValidationError(source, "statusActions", f"expected true or false, not {status_actions!r}")
         return cls(
             cgroups=_cgroups(source, data.get("cgroups") or {}),
+            watchdog=_watchdog(source, data.get("watchdog") or {}),
+            serial_log_max_bytes=serial_max,
             state_dir=Path(state_dir) if state_dir else None,
             hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
             user=data.get("user"),
@@ -200,3 +233,31 @@ def _cgroups(source: str, data: Any) -> CgroupSettings:
             source, "cgroups.base", f"{base!r} is not a relative cgroup path like procurator.slice"
         )
     return CgroupSettings(mode=mode, base=base)
+
+
+def _watchdog(source: str, data: Any) -> WatchdogSettings:
+    if not isinstance(data, dict):
+        raise ValidationError(source, "watchdog", 'expected an object like {"interval": 10}')
+    known = ("enable", "failures", "interval", "timeout")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValidationError(source, f"watchdog.{unknown[0]}", f"unknown setting; known: {', '.join(known)}")
+    enable = data.get("enable", True)
+    if not isinstance(enable, bool):
+        raise ValidationError(source, "watchdog.enable", f"expected true or false, not {enable!r}")
+    seconds = {}
+    for key, default in (("interval", WatchdogSettings.interval), ("timeout", WatchdogSettings.timeout)):
+        value = data.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.1 <= value <= 3600:
+            raise ValidationError(
+                source, f"watchdog.{key}", f"expected seconds from 0.1 to 3600, not {value!r}"
+            )
+        seconds[key] = float(value)
+    failures = data.get("failures", WatchdogSettings.failures)
+    if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= 100:
+        raise ValidationError(
+            source, "watchdog.failures", f"expected a count from 1 to 100, not {failures!r}"
+        )
+    return WatchdogSettings(
+        enable=enable, interval=seconds["interval"], timeout=seconds["timeout"], failures=failures
+    )

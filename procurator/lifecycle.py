@@ -100,6 +100,7 @@ class VmStatus:
             "pid": r.pid if self.status is Status.RUNNING else None,
             "uptime": round(self.uptime, 1) if self.uptime is not None else None,
             "restarts": r.restarts,
+            "last_exit": r.last_exit or None,
             "resources": None if self.usage is None else self.usage.to_json(),
         }
 
@@ -732,6 +733,11 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
         record = _require(host, name)
         if _running(record):
             raise ConflictError(f"VM {name!r} is already running; nothing to start")
+        if record.resume_from:
+            resumed = _resume_held(host, record, wait)
+            if resumed is not None:
+                return resumed
+            record = _require(host, name)
         bundle = Bundle.load(Path(record.bundle))
         _end_strays(host, name)
         network.detach_vm(host.net, name)
@@ -745,6 +751,25 @@ def start(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
             raise
 
 
+def _resume_held(host: Host, record: VmRecord, wait: WaitFor) -> VmRecord | None:
+    """Restore the snapshot a host shutdown took of this VM (`restart.fromSnapshot`); None when it
+    cannot be (gone, damaged, refused, failed: logged), after which the caller boots the VM instead."""
+    ident = record.resume_from
+    try:
+        return restore(host, record.name, ident=ident, wait=wait)[0]
+    except ProcuratorError as exc:
+        log.warning(
+            "%s: cannot restore snapshot %s taken at the host shutdown (%s); booting it instead",
+            record.name,
+            ident,
+            exc,
+        )
+    current = host.state.load_record(record.name)
+    if current is not None and current.resume_from:
+        host.state.save_record(current.with_(resume_from=""))
+    return None
+
+
 HOST_SHUTDOWN = "host shutdown"
 
 
@@ -753,6 +778,10 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
 
     Unlike `stop`, the desired state is kept (the record says `last_exit` = HOST_SHUTDOWN), so the worker
     boots them again when the host comes back. Each stop is bounded by its VM's shutdown timeout.
+
+    A VM whose bundle says `restart.fromSnapshot` is snapshotted first (paused, and left paused so that
+    its disks do not change after the snapshot), then killed; its record keeps the snapshot's id
+    (`resume_from`), which its next start restores. If the snapshot fails, it is stopped as the others.
     """
     with locked(host):
         records, damaged = host.state.scan()
@@ -762,25 +791,53 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
         results: dict[str, StopResult | None] = {}
         errors: dict[str, ProcuratorError] = {}
 
+        held: dict[str, str] = {}  # VM name -> the snapshot its next start restores
+
         def one(record: VmRecord) -> None:
             try:
-                results[record.name] = _shutdown(host, record)
+                ident = _snapshot_for_shutdown(host, record)
+                if ident:
+                    host.hypervisors(record.backend).kill(record.handle)
+                    held[record.name] = ident
+                    results[record.name] = StopResult(graceful=False, steps=(f"snapshot {ident}", "SIGKILL"))
+                else:
+                    results[record.name] = _shutdown(host, record)
             except ProcuratorError as exc:
                 errors[record.name] = exc
 
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            list(pool.map(one, running))
+            list(pool.map(host.state.lend(one), running))
         for record in running:
             network.detach_vm(host.net, record.runtime)
             if record.name not in errors:
                 unbox(host, record.runtime)
                 host.state.save_record(
-                    record.with_(pid=0, start_time=0, taps=(), last_exit=HOST_SHUTDOWN, paused=False)
+                    record.with_(
+                        pid=0,
+                        start_time=0,
+                        taps=(),
+                        last_exit=HOST_SHUTDOWN,
+                        paused=False,
+                        resume_from=held.get(record.name, ""),
+                    )
                 )
         if errors:
             detail = "; ".join(f"{name}: {exc}" for name, exc in sorted(errors.items()))
             raise HypervisorError(f"some VMs did not stop: {detail}")
         return results
+
+
+def _snapshot_for_shutdown(host: Host, record: VmRecord) -> str:
+    """The id of the snapshot taken of `record`'s VM for a host shutdown, or "" when its bundle does not
+    ask for one (`restart.fromSnapshot`) or it failed (logged: the VM is then stopped as the others)."""
+    try:
+        if not Bundle.load(Path(record.bundle)).meta.restart.from_snapshot:
+            return ""
+        taken = _take_snapshot(host, record, to=None, keep=host.config.snapshot_keep, stay_paused=True)
+    except ProcuratorError as exc:
+        log.warning("%s: no snapshot at the host shutdown (%s); stopping it instead", record.name, exc)
+        return ""
+    return taken.snapshot.id
 
 
 def _require(host: Host, name: str) -> VmRecord:
@@ -849,6 +906,7 @@ def damaged_json(bad: Damaged) -> dict[str, Any]:
         "pid": None,
         "uptime": None,
         "restarts": None,
+        "last_exit": None,
         "resources": None,
         "problem": bad.error.message,
     }
@@ -910,48 +968,56 @@ def snapshot(
                 f"VM {name!r} is not running; only a running VM can be snapshotted "
                 f"(start it with `procurator start {name}`)"
             )
-        config = _runtime_config(host, record)
-        if config.get("fs"):
-            raise ConflictError(
-                f"VM {name!r} has virtio-fs shares (`fs`), whose state lives in virtiofsd and cannot be "
-                "snapshotted; stop and start the VM instead"
-            )
-        hv = host.hypervisors(record.backend)
-        created = host.clock()
-        final = snapshots.new_dir(host.state, name, record.generation, created, to)
-        data = snapshots.partial_of(final) / snapshots.DATA
-        meta = snapshots.SnapshotMeta(
-            vm=name,
-            bundle=record.bundle,
-            generation=record.generation,
-            backend=record.backend,
-            created=created,
-            size=0,
-            paused=record.paused,
-            ip=record.ip,
+        return _take_snapshot(host, record, to=to, keep=keep, stay_paused=stay_paused)
+
+
+def _take_snapshot(
+    host: Host, record: VmRecord, *, to: Path | None, keep: int, stay_paused: bool
+) -> SnapshotResult:
+    """`snapshot`'s work on a running VM, under the state lock its caller holds (or was lent)."""
+    name = record.name
+    config = _runtime_config(host, record)
+    if config.get("fs"):
+        raise ConflictError(
+            f"VM {name!r} has virtio-fs shares (`fs`), whose state lives in virtiofsd and cannot be "
+            "snapshotted; stop and start the VM instead"
         )
-        paused_here = False
-        try:
-            if not record.paused:
-                hv.pause(record.handle)
-                paused_here = True
-                _expect_state(hv, record, VmState.PAUSED, "pause")
-                host.state.save_record(record.with_(paused=True))
-            owner = host.owner()
-            if owner is not None:  # the hypervisor, as the VM user, writes the snapshot here
-                os.chown(data, *owner)
-            atomic_write_json(data / snapshots.CONFIG, config)
-            hv.snapshot(record.handle, data)
-            taken = snapshots.finish(final, meta)
-        except BaseException:
-            snapshots.discard(final)
-            if paused_here:
-                _resume_after_snapshot(host, hv, record)
-            raise
-        if paused_here and not stay_paused:
+    hv = host.hypervisors(record.backend)
+    created = host.clock()
+    final = snapshots.new_dir(host.state, name, record.generation, created, to)
+    data = snapshots.partial_of(final) / snapshots.DATA
+    meta = snapshots.SnapshotMeta(
+        vm=name,
+        bundle=record.bundle,
+        generation=record.generation,
+        backend=record.backend,
+        created=created,
+        size=0,
+        paused=record.paused,
+        ip=record.ip,
+    )
+    paused_here = False
+    try:
+        if not record.paused:
+            hv.pause(record.handle)
+            paused_here = True
+            _expect_state(hv, record, VmState.PAUSED, "pause")
+            host.state.save_record(record.with_(paused=True))
+        owner = host.owner()
+        if owner is not None:  # the hypervisor, as the VM user, writes the snapshot here
+            os.chown(data, *owner)
+        atomic_write_json(data / snapshots.CONFIG, config)
+        hv.snapshot(record.handle, data)
+        taken = snapshots.finish(final, meta)
+    except BaseException:
+        snapshots.discard(final)
+        if paused_here:
             _resume_after_snapshot(host, hv, record)
-        pruned = snapshots.prune(host.state, name, keep) if to is None else []
-        return SnapshotResult(taken, tuple(pruned), paused=record.paused or stay_paused)
+        raise
+    if paused_here and not stay_paused:
+        _resume_after_snapshot(host, hv, record)
+    pruned = snapshots.prune(host.state, name, keep) if to is None else []
+    return SnapshotResult(taken, tuple(pruned), paused=record.paused or stay_paused)
 
 
 def _resume_after_snapshot(host: Host, hv: Hypervisor, record: VmRecord) -> None:
@@ -1145,6 +1211,7 @@ def _restore(
             desired="running",
             last_exit=f"restored from snapshot {snap.id}",
             paused=paused,
+            resume_from="",
         )
         host.state.save_record(restored)
         if wait is WaitFor.HEALTHY and taps and not paused:

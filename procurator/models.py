@@ -94,6 +94,12 @@ class _Reader:
         value: str = self._get(key, str, default, required and default is None)
         return value
 
+    def boolean(self, key: str, *, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, found {type(value).__name__}")
+        return value
+
     def opt_str(self, key: str) -> str | None:
         value: str | None = self._get(key, str, None, False)
         return value
@@ -199,6 +205,7 @@ class Restart:
     policy: RestartPolicy = RestartPolicy.ALWAYS
     max_restarts: int = 5
     backoff_seconds: float = 1.0
+    from_snapshot: bool = False  # host shutdown snapshots the VM, and its next start restores that snapshot
 
 
 @dataclass(frozen=True)
@@ -330,6 +337,7 @@ class VmMeta:
             policy,
             rr.integer("maxRestarts", 5, minimum=0, maximum=MAX_RESTARTS),
             float(rr.integer("backoffSeconds", 1, minimum=0, maximum=MAX_SECONDS)),
+            rr.boolean("fromSnapshot", default=False),
         )
         health = []
         for item in r.items("health"):

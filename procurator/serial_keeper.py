@@ -43,15 +43,34 @@ class _Log:
         self.size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.max_bytes and self.size > 0:
-            os.rename(self.path, self.path.with_name(self.path.name + ".1"))
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
-            self.size = 0
+        """Append `data`; the file never passes `max_bytes`: what does not fit goes to a fresh file, the
+        full one becoming `.1` (replacing the previous `.1`)."""
         view = memoryview(data)
         while view:
-            view = view[os.write(self._fd, view) :]
-        self.size += len(data)
+            room = self.max_bytes - self.size
+            if room <= 0:
+                self._rotate()
+                room = self.max_bytes
+            chunk = view[:room]
+            while chunk:
+                written = os.write(self._fd, chunk)
+                chunk, view = chunk[written:], view[written:]
+                self.size += written
+
+    def _rotate(self) -> None:
+        """The full log becomes `.1` and a fresh one takes its name, each by one rename, so that a reader
+        (`procurator logs -f`, the status page) never finds no `serial.log`."""
+        old = self.path.with_name(self.path.name + ".1")
+        linked = self.path.with_name(self.path.name + ".1.new")
+        fresh = self.path.with_name(self.path.name + ".new")
+        linked.unlink(missing_ok=True)
+        os.link(self.path, linked)
+        os.replace(linked, old)
+        fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
+        os.replace(fresh, self.path)
+        os.close(self._fd)
+        self._fd = fd
+        self.size = 0
 
 
 def _connect(path: Path) -> socket.socket | None:

@@ -145,6 +145,10 @@ class VmRecord:
         """The name the running generation's directory, TAPs, cgroup and lease go by."""
         return runtime_name(self.name, self.slot)
 
+    # The id of the snapshot a host shutdown took (restart.fromSnapshot): the next start restores it, as
+    # long as the VM did not run since (any boot or other restore clears it). "" for none.
+    resume_from: str = ""
+
     @property
     def handle(self) -> Handle:
         return Handle(self.backend, self.pid, self.start_time, Path(self.api_socket), Path(self.vm_dir))
@@ -152,6 +156,8 @@ class VmRecord:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["taps"] = list(self.taps)
+        if not self.resume_from:  # only when set: records without it stay readable by older releases
+            del data["resume_from"]
         data["schema"] = RECORD_SCHEMA
         return data
 
@@ -219,6 +225,7 @@ _RECORD_FIELDS: dict[str, str] = {
     "paused": "bool",
     "slot": "str",
     "service_ip": "str",
+    "resume_from": "str",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1

@@ -87,7 +87,7 @@ let
         ];
         interfaces = map (i: { inherit (i) id mac; }) cfg.interfaces;
         volumes = map (v: { inherit (v) name sizeMiB fsType mountPoint; }) (lib.attrValues cfg.volumes);
-        restart = { inherit (cfg.restart) policy maxRestarts backoffSeconds; };
+        restart = { inherit (cfg.restart) policy maxRestarts backoffSeconds fromSnapshot; };
         resources = {
           inherit (cfg.resources)
             memoryMaxMiB

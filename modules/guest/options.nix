@@ -234,6 +234,15 @@ in
         default = 1;
         description = "First delay before a restart; it doubles with each restart in a row.";
       };
+      fromSnapshot = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          At a host shutdown (`procurator shutdown`), snapshot the VM (memory and devices) before stopping
+          it, and restore that snapshot instead of booting when the host brings it back: the guest resumes
+          where it was. Only that snapshot is restored, and only if the VM did not run since.
+        '';
+      };
     };
 
     resources = {

@@ -23,7 +23,8 @@ let
       "${cfg.hypervisor.package}/bin/cloud-hypervisor";
   settings = {
     schema = 1;
-    inherit (cfg) stateDir user healthTimeout;
+    inherit (cfg) stateDir user healthTimeout serialLogMaxBytes;
+    watchdog = { inherit (cfg.watchdog) enable interval timeout failures; };
     statusListen = cfg.status.listen;
     statusActions = cfg.status.actions;
     hypervisor = {

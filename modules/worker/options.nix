@@ -191,6 +191,41 @@ in
       '';
     };
 
+    watchdog = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Ping every running or paused VM's hypervisor API (cloud-hypervisor vmm.ping, QEMU QMP
+          query-status) and kill one that stops answering; its restart policy decides what follows.
+        '';
+      };
+      interval = mkOption {
+        type = types.ints.between 1 3600;
+        default = 10;
+        description = "Seconds between two pings of one VM.";
+      };
+      timeout = mkOption {
+        type = types.ints.between 1 3600;
+        default = 3;
+        description = "Seconds one ping may take.";
+      };
+      failures = mkOption {
+        type = types.ints.between 1 100;
+        default = 3;
+        description = "Failed pings in a row after which the hypervisor is killed.";
+      };
+    };
+
+    serialLogMaxBytes = mkOption {
+      type = types.ints.between 4096 1099511627776;
+      default = 8388608;
+      description = ''
+        Where each VM's serial log (`<stateDir>/vms/<name>/serial.log`) rotates to serial.log.1, so
+        that a guest flooding its serial port uses at most twice this much disk.
+      '';
+    };
+
     metrics.listen = mkOption {
       type = types.nullOr types.str;
       default = null;

@@ -13,6 +13,7 @@ let
     filter
     head
     isAttrs
+    isBool
     isInt
     isList
     isPath
@@ -47,6 +48,7 @@ let
     policy = "always";
     maxRestarts = 5;
     backoffSeconds = 1;
+    fromSnapshot = false;
   };
   # How a new generation replaces the running one (docs/architecture.md, "Blue-green replace").
   replaceDefaults = {
@@ -200,7 +202,8 @@ let
         "restart.policy must be one of ${list c.restartPolicies}, got ${c.show v.policy}"
       ++ expect (c.isNonNegativeInt v.maxRestarts && v.maxRestarts <= c.maxRestarts)
         "restart.maxRestarts must be an integer from 0 to ${toString c.maxRestarts}, got ${c.show v.maxRestarts}"
-      ++ bounded "restart.backoffSeconds" " (seconds)" c.maxSeconds v.backoffSeconds;
+      ++ bounded "restart.backoffSeconds" " (seconds)" c.maxSeconds v.backoffSeconds
+      ++ expect (isBool v.fromSnapshot) "restart.fromSnapshot must be true or false, got ${c.show v.fromSnapshot}";
 
   checkHealth =
     where: h:

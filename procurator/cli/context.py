@@ -18,7 +18,11 @@ from procurator.state import DEFAULT_STATE_DIR, StateDir
 
 def host(ctx: click.Context) -> Host:
     config, state_dir = where(ctx)
-    return Host(state=StateDir(state_dir), config=config, hypervisors=factory(config.hypervisor))
+    return Host(
+        state=StateDir(state_dir),
+        config=config,
+        hypervisors=factory(config.hypervisor, serial_max_bytes=config.serial_log_max_bytes),
+    )
 
 
 def vm_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:

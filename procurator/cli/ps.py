@@ -44,7 +44,7 @@ def ps(ctx: click.Context, as_json: bool) -> None:
         emit_json(rows)
         return
     emit_table(
-        ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS"],
+        ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS", "LAST EXIT"],
         [
             [
                 j["name"],
@@ -55,7 +55,15 @@ def ps(ctx: click.Context, as_json: bool) -> None:
                 j["pid"],
                 _fmt_uptime(j["uptime"]),
                 "-" if j["restarts"] is None else j["restarts"],
+                _fmt_exit(j.get("last_exit")),
             ]
             for j in rows
         ],
     )
+
+
+def _fmt_exit(text: str | None, width: int = 60) -> str:
+    """The last exit in one table cell: `ps --json` has it whole."""
+    if not text:
+        return "-"
+    return text if len(text) <= width else text[: width - 3] + "..."

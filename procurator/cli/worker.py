@@ -112,6 +112,7 @@ def worker(  # noqa: PLR0917 - one parameter per option, as Click passes them
         limits=Limits(window=crash_window, max_backoff=max_backoff),
         parallel=parallel,
         wait=WaitFor(wait),
+        watchdog=h.config.watchdog,
     )
     daemon = Worker(h, settings)
 

@@ -121,6 +121,11 @@ class Hypervisor(Protocol):
         any failure nothing is left running."""
         ...
 
+    def ping(self, handle: Handle, *, timeout: float | None = None) -> object:
+        """Ask the hypervisor's API a question its main thread answers (the watchdog's ping), within
+        `timeout` seconds; raises ProcuratorError when it does not answer in time or at all."""
+        ...
+
     def adopt(self, handle: Handle) -> bool:
         """Whether the process in `handle` is still ours and answering (after our own restart)."""
         ...

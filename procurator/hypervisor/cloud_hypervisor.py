@@ -27,12 +27,10 @@ import logging
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from procurator.errors import (
 )
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.keepers import Keepers, wire_serial
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +120,10 @@ class CloudHypervisor:
         self.boot_timeout = boot_timeout
         self.step_timeout = step_timeout
         self.serial_max_bytes = serial_max_bytes
+        self._keepers = Keepers(serial_max_bytes)  # serial keepers we spawned, by VM dir
         # Processes we spawned and their start times, kept so that they are reaped (and not reported as
         # leaked by the runtime), and so that checking on them costs a waitpid rather than /proc reads.
         self._children: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
-        self._keepers: dict[Path, subprocess.Popen[bytes]] = {}  # serial keepers we spawned, by VM dir
         self._guest_ends = _GuestEnds()
 
     # --- start ----------------------------------------------------------------------------------
@@ -198,40 +197,19 @@ class CloudHypervisor:
 
     def _spawn_keeper(self, spec: LaunchSpec, pid: int, start_time: int) -> None:
         """The serial keeper (procurator/serial_keeper.py), connected before the guest boots."""
-        env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        argv = [
-            sys.executable, "-m", "procurator.serial_keeper",
-            "--socket", str(spec.vm_dir / SERIAL_SOCKET),
-            "--log", str(spec.serial_log),
-            "--pid", str(pid),
-            "--start-time", str(start_time),
-            "--max-bytes", str(self.serial_max_bytes),
-        ]  # fmt: skip
-        try:
-            keeper = process.spawn(argv, env=env, stdout=subprocess.PIPE)
-        except ProcessError as exc:
-            raise HypervisorStartError(f"vm {spec.name!r}: cannot start its serial keeper: {exc}") from exc
-        self._keepers[spec.vm_dir] = keeper
-        if keeper.stdout is None:  # pragma: no cover - spawned with stdout=PIPE
-            raise HypervisorStartError(f"vm {spec.name!r}: its serial keeper has no stdout")
-        with keeper.stdout:
-            ready, _, _ = select.select([keeper.stdout], [], [], self.start_timeout)
-            said = keeper.stdout.readline() if ready else b""
-        if said != b"connected\n":
-            raise HypervisorStartError(
-                f"vm {spec.name!r}: its serial keeper did not connect to {spec.vm_dir / SERIAL_SOCKET} "
-                f"within {self.start_timeout:.0f}s (exit status {keeper.poll()})"
-            )
+        self._keepers.start(
+            spec.name,
+            spec.vm_dir,
+            spec.serial_log,
+            pid=pid,
+            start_time=start_time,
+            timeout=self.start_timeout,
+        )
 
     def _remove_sockets(self, vm_dir: Path) -> None:
         """After the process is gone: wait for its serial keeper to exit, remove the sockets it left."""
-        serial_keeper.wait_gone(vm_dir, self.step_timeout)
-        keeper = self._keepers.pop(vm_dir, None)
-        if keeper is not None:  # our own child: reap it
-            with contextlib.suppress(Exception):
-                keeper.wait(timeout=self.step_timeout)
+        self._keepers.gone(vm_dir, self.step_timeout)
         sockets.remove(vm_dir / "api.sock")
-        sockets.remove(vm_dir / SERIAL_SOCKET)
 
     def _check_binary(self) -> None:
         if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
@@ -333,9 +311,12 @@ class CloudHypervisor:
 
     # --- queries --------------------------------------------------------------------------------
 
-    def ping(self, handle: Handle) -> dict[str, Any]:
-        """vmm.ping: {build_version, version, pid, features}."""
-        with self._api(handle) as api:
+    def ping(self, handle: Handle, *, timeout: float | None = None) -> dict[str, Any]:
+        """vmm.ping: {build_version, version, pid, features}; bounded by `timeout` (default api_timeout).
+
+        The VMM thread answers it (vmm/src/api/mod.rs `VmmPing`): a hung VMM does not, whatever its
+        HTTP thread still accepts."""
+        with self._api(handle, timeout=timeout) as api:
             answer = api.get("vmm.ping")
         if not isinstance(answer, dict):
             raise HypervisorError(
@@ -577,9 +558,6 @@ class CloudHypervisor:
         self._remove_sockets(handle.vm_dir)
 
 
-SERIAL_SOCKET = "serial.sock"
-
-
 def _snapshot_config(directory: Path) -> dict[str, Any]:
     """The VmConfig a cloud-hypervisor snapshot holds (`config.json`, as `recv_vm_config` reads it)."""
     path = directory / "config.json"
@@ -597,10 +575,7 @@ def _snapshot_config(directory: Path) -> dict[str, Any]:
 def wire_config(spec: LaunchSpec) -> dict[str, Any]:
     """The `vm.create` body for cloud-hypervisor: the runtime config, with a `File` serial port turned into
     a `Socket` in the VM directory that the serial keeper copies into that file (see serial_keeper.py)."""
-    body = copy.deepcopy(spec.config)
-    serial = body.get("serial") or {}
-    if serial.get("mode") == "File":
-        body["serial"] = {"mode": "Socket", "socket": str(spec.vm_dir / SERIAL_SOCKET)}
+    body, _ = wire_serial(copy.deepcopy(spec.config), spec.vm_dir)  # copied whether or not changed
     return body
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from procurator import logfiles, process, sockets, waits
+from procurator import logfiles, process, serial_keeper, sockets, waits
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -37,6 +37,7 @@ from procurator.errors import (
 )
 from procurator.hypervisor import qmp
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.keepers import Keepers, wire_serial
 from procurator.net import netlink
 
 log = logging.getLogger(__name__)
@@ -545,8 +546,12 @@ class Qemu:
         api_timeout: float = 5.0,
         step_timeout: float = 5.0,
         migration_timeout: float = 300.0,
+        serial_max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES,
     ) -> None:
         self.binary = binary or DEFAULT_BINARY
+        self.serial_max_bytes = serial_max_bytes
+        # A `File` serial port is a socket read by a serial keeper, which bounds the log (keepers.py).
+        self._keepers = Keepers(serial_max_bytes)
         self.migration_timeout = migration_timeout
         self.accel_setting = accel_setting(accel)
         self.start_timeout = start_timeout
@@ -557,9 +562,10 @@ class Qemu:
         return probe_accel(self.accel_setting, binary=self.binary)
 
     def start(self, spec: LaunchSpec) -> Handle:
-        argv = build_argv(spec.config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        config, keep = wire_serial(spec.config, spec.vm_dir)
+        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
         argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
-        return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc))
+        return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc, keep=keep))
 
     def _launch(
         self, spec: LaunchSpec, argv: list[str], doing: str, until: Callable[[subprocess.Popen[bytes]], int]
@@ -582,6 +588,7 @@ class Qemu:
         except BaseException as exc:
             exited = _reap(proc, 0.5)  # a QMP error may be the process on its way out
             _discard(proc, spec.api_socket)
+            self._keepers.gone(spec.vm_dir, self.step_timeout)
             if exited is not None and isinstance(exc, ProcuratorError):
                 tail = _log_tail(spec.hypervisor_log, log_offset)
                 raise HypervisorStartError(
@@ -593,8 +600,9 @@ class Qemu:
         )
         return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
 
-    def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes]) -> int:
-        """Wait (bounded) until QMP answers and reports the VM running; the process's start time."""
+    def _wait_running(self, spec: LaunchSpec, proc: subprocess.Popen[bytes], *, keep: bool) -> int:
+        """Wait (bounded) until QMP answers and reports the VM running; the process's start time. With
+        `keep`, the serial keeper is connected while the guest waits in prelaunch, before `cont`."""
         start_time = process.process_start_time(proc.pid)
         if start_time is None:
             raise HypervisorStartError(f"{spec.name}: qemu exited at once")
@@ -603,8 +611,10 @@ class Qemu:
 
             def running() -> bool:
                 seen[0] = status = _status(client)
-                if status == "prelaunch":  # started with -S: pin, then let the guest run
+                if status == "prelaunch":  # started with -S: pin, keep the serial, then let the guest run
                     pin_vcpus(client, spec.name, affinity(_section("cpus", spec.config.get("cpus"))))
+                    if keep:
+                        self._start_keeper(spec, proc.pid, start_time)
                     client.execute("cont")
                     return False
                 if _STATES.get(status) == VmState.SHUTDOWN:
@@ -615,6 +625,16 @@ class Qemu:
                 running, self.start_timeout, f"VM {spec.name} to run", last=lambda: f"QMP status {seen[0]}"
             )
             return start_time
+
+    def _start_keeper(self, spec: LaunchSpec, pid: int, start_time: int) -> None:
+        self._keepers.start(
+            spec.name,
+            spec.vm_dir,
+            spec.serial_log,
+            pid=pid,
+            start_time=start_time,
+            timeout=self.start_timeout,
+        )
 
     def _clear_stale_socket(self, spec: LaunchSpec) -> None:
         """Remove a QMP socket left by a dead process; refuse to start over one that is still served."""
@@ -666,7 +686,7 @@ class Qemu:
         """The ACPI power button, then `quit`, SIGTERM and SIGKILL, each bounded; graceful only if the
         guest powered off by itself within `timeout`."""
         if not _ours(handle):
-            handle.api_socket.unlink(missing_ok=True)
+            self._gone(handle)
             return StopResult(graceful=False, steps=("gone",))
         steps: list[str] = []
         try:
@@ -690,7 +710,7 @@ class Qemu:
                 raise WaitTimeoutError(f"qemu pid {handle.pid} to exit after SIGKILL", self.step_timeout)
             return StopResult(graceful=False, steps=tuple(steps))
         finally:
-            handle.api_socket.unlink(missing_ok=True)
+            self._gone(handle)
 
     def kill(self, handle: Handle) -> None:
         try:
@@ -699,7 +719,14 @@ class Qemu:
                 if not process.wait_gone(handle.pid, handle.start_time, self.step_timeout):
                     raise WaitTimeoutError(f"qemu pid {handle.pid} to exit after SIGKILL", self.step_timeout)
         finally:
-            handle.api_socket.unlink(missing_ok=True)
+            self._gone(handle)
+
+    def _gone(self, handle: Handle) -> None:
+        """After a stop: the QMP socket removed and, once the process is gone, its serial keeper collected
+        (it exits with QEMU, after reading what is left) and the serial socket removed."""
+        if not _ours(handle):
+            self._keepers.gone(handle.vm_dir, self.step_timeout)
+        handle.api_socket.unlink(missing_ok=True)
 
     def pause(self, handle: Handle) -> None:
         """QMP `stop`: the vCPUs stop (QEMU's "paused" run state)."""
@@ -752,20 +779,24 @@ class Qemu:
         source = directory / SNAPSHOT_FILE
         if not source.is_file():
             raise HypervisorStartError(f"{spec.name}: {source} is missing; this is no qemu snapshot")
-        argv = build_argv(spec.config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        config, keep = wire_serial(spec.config, spec.vm_dir)
+        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
         argv += ["-incoming", "defer"]
         return self._launch(
-            spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused)
+            spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused, keep=keep)
         )
 
     def _incoming(
-        self, spec: LaunchSpec, proc: subprocess.Popen[bytes], source: Path, *, paused: bool
+        self, spec: LaunchSpec, proc: subprocess.Popen[bytes], source: Path, *, paused: bool, keep: bool
     ) -> int:
-        """Feed the waiting QEMU `source` (bounded), then run or keep the guest paused; its start time."""
+        """Feed the waiting QEMU `source` (bounded), then run or keep the guest paused; its start time.
+        With `keep`, the serial keeper is connected first (the guest runs only after the migration)."""
         start_time = process.process_start_time(proc.pid)
         if start_time is None:
             raise HypervisorStartError(f"{spec.name}: qemu exited at once")
         with qmp.connect(spec.api_socket, self.start_timeout, alive=lambda: proc.poll() is None) as client:
+            if keep:
+                self._start_keeper(spec, proc.pid, start_time)
             client.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
             self._await_migration(client, f"{spec.name}: the restore from {source}")
             status = _status(client)
@@ -797,8 +828,16 @@ class Qemu:
             return False
         return True
 
-    def _session(self, handle: Handle) -> qmp.QmpClient:
-        return qmp.connect(handle.api_socket, self.api_timeout, alive=lambda: _ours(handle))
+    def ping(self, handle: Handle, *, timeout: float | None = None) -> str:
+        """QMP `query-status` in a fresh session (connect, handshake and answer each within `timeout`,
+        default api_timeout): the RunState, e.g. "running" or "paused". QEMU's main loop answers QMP, so a
+        stuck main loop does not."""
+        with self._session(handle, timeout) as client:
+            return _status(client)
+
+    def _session(self, handle: Handle, timeout: float | None = None) -> qmp.QmpClient:
+        bound = self.api_timeout if timeout is None else timeout
+        return qmp.connect(handle.api_socket, bound, alive=lambda: _ours(handle))
 
     def _qmp_step(self, handle: Handle, command: str) -> bool:
         """Send `command` in a fresh session; whether QEMU took it (a failure is logged, not raised)."""

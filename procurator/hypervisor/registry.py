@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from procurator.config import HypervisorSettings
+from procurator.config import DEFAULT_SERIAL_LOG_MAX_BYTES, HypervisorSettings
 from procurator.errors import ConfigError
 from procurator.hypervisor.base import Hypervisor
 
 
-def factory(settings: HypervisorSettings) -> Callable[[str], Hypervisor]:
-    """A function from backend name to one backend instance per name (instances keep their children)."""
+def factory(
+    settings: HypervisorSettings, *, serial_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES
+) -> Callable[[str], Hypervisor]:
+    """A function from backend name to one backend instance per name (instances keep their children).
+    `serial_max_bytes` is where each VM's serial log rotates (the worker config's serialLogMaxBytes)."""
     made: dict[str, Hypervisor] = {}
 
     def make(backend: str) -> Hypervisor:
@@ -22,11 +25,17 @@ def factory(settings: HypervisorSettings) -> Callable[[str], Hypervisor]:
             from procurator.hypervisor.cloud_hypervisor import CloudHypervisor, resolve_binary  # noqa: PLC0415
 
             binary = settings.binary if own else None
-            made[backend] = CloudHypervisor(resolve_binary(binary or "cloud-hypervisor"))
+            made[backend] = CloudHypervisor(
+                resolve_binary(binary or "cloud-hypervisor"), serial_max_bytes=serial_max_bytes
+            )
         elif backend == "qemu":
             from procurator.hypervisor.qemu import Qemu  # noqa: PLC0415
 
-            made[backend] = Qemu(binary=settings.binary if own else None, accel=settings.accel)
+            made[backend] = Qemu(
+                binary=settings.binary if own else None,
+                accel=settings.accel,
+                serial_max_bytes=serial_max_bytes,
+            )
         else:
             raise ConfigError(f"unknown hypervisor backend {backend!r}; use cloud-hypervisor or qemu")
         return made[backend]

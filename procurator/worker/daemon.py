@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from procurator import history, lifecycle, logfiles, metrics, network, notify, process, reconcile, sweep
+from procurator.config import WatchdogSettings
 from procurator.errors import NotFoundError, ProcuratorError, UsageError, WaitTimeoutError
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
@@ -51,6 +52,7 @@ from procurator.worker import api, probes, status, views
 from procurator.worker.exits import Exit, Tracked, observe_exit, reap
 from procurator.worker.records import RecordCache
 from procurator.worker.views import ApplyReport, Figures
+from procurator.worker.watchdog import Watchdog
 
 log = logging.getLogger("procurator.worker")
 
@@ -76,6 +78,7 @@ class Settings:
     status_listen: str | None = None  # "host:port" for a TCP listener serving the status page (read-only)
     status_actions: bool = False  # the page's forms (restart, apply, rollback), over the socket or loopback
     health_every: float = probes.PROBE_EVERY  # seconds between two rounds of health probes (the page)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)  # pings of each hypervisor's API
 
 
 class Worker:
@@ -108,6 +111,8 @@ class Worker:
         self._reconciles: dict[tuple[str, str], int] = {}
         self._durations = metrics.Histogram()
         self._restarted_total = 0
+        self._watchdog_kills = 0
+        self.watchdog = Watchdog(host, settings.watchdog, clock=clock)
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
         self._servers: list[api.Server] = []
         self.health = probes.HealthWatch(host, every=settings.health_every, wall=wall)
@@ -123,6 +128,7 @@ class Worker:
             self, self.settings.api_socket, self.settings.metrics_listen, self.settings.status_listen
         )
         self.health.start()
+        self.watchdog.start()
         try:
             log.info("worker: serving on %s", self.settings.api_socket)
             with self._working():
@@ -163,6 +169,7 @@ class Worker:
             if self._work.acquire(timeout=STOP_GRACE):
                 self._work.release()
             self.health.stop()
+            self.watchdog.stop()
             self._pids.close()
             log.info("worker: stopped; VMs keep running")
 
@@ -382,6 +389,8 @@ class Worker:
                     self.host.hypervisors(record.backend),
                     alive=(record.pid, record.start_time) not in exited,
                 )
+                if exit_ is None and (hung := self.watchdog.hung(record)) is not None:
+                    exit_ = Exit(ExitKind.CRASHED, hung, process_gone=False, hung=True)
             if exit_ is None:
                 if tracked is not None:
                     tracked.exit = tracked.decision = None
@@ -446,12 +455,18 @@ class Worker:
                 self._tracked.pop(seen.name, None)
                 return
             hv = self.host.hypervisors(record.backend)
+            if exit_.hung and self._answers(record):
+                return
             try:
                 hv.kill(record.handle)  # an idle hypervisor after a power-off; removes its socket
             except ProcuratorError as exc:
                 log.warning("%s: cannot stop its hypervisor pid %d: %s", record.name, record.pid, exc)
                 return
             reap(record.pid, record.start_time)
+            if exit_.hung:
+                self._watchdog_kills += 1
+                self.watchdog.forget(record)
+                log.error("%s: killed hypervisor pid %d: %s", record.name, record.pid, exit_.detail)
             if lifecycle.oom_kills(self.host, record.runtime) > 0:  # read before the group goes or is reused
                 exit_ = tracked.exit = Exit(
                     exit_.kind, f"{exit_.detail}; OOM-killed (memory limit)", exit_.process_gone
@@ -478,6 +493,16 @@ class Worker:
                 )
             self.host.state.save_record(failed)
             self._tracked.pop(record.name, None)
+
+    def _answers(self, record: VmRecord) -> bool:
+        """The watchdog's last word before a kill, under the state lock (no command is using the VMM):
+        one more ping; if it answers now, the failures are forgotten and nothing is done."""
+        if self.watchdog.ping(record) is not None:
+            return False
+        log.info("%s: its hypervisor answers again; not killed", record.name)
+        self.watchdog.forget(record)
+        self._tracked.pop(record.name, None)
+        return True
 
     def _restart(self, record: VmRecord, tracked: Tracked, exit_: Exit) -> None:
         now = self.clock()
@@ -515,6 +540,7 @@ class Worker:
             reconciles=dict(self._reconciles),
             durations=self._durations,
             restarted_total=self._restarted_total,
+            watchdog_kills=self._watchdog_kills,
             tracked=dict(self._tracked),
             health=self.health.seen(),
         )

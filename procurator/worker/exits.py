@@ -27,6 +27,7 @@ class Exit:
     kind: ExitKind
     detail: str  # for people: "killed by SIGKILL", "guest powered off", ...
     process_gone: bool = True  # False: the hypervisor still runs (cloud-hypervisor idle after power-off)
+    hung: bool = False  # the watchdog's: it runs and stopped answering its API (worker/watchdog.py)
 
 
 def child_exit(pid: int) -> tuple[int, int] | None:

@@ -60,6 +60,7 @@ class Figures:
     reconciles: Mapping[tuple[str, str], int]
     durations: metrics.Histogram
     restarted_total: int
+    watchdog_kills: int
     tracked: Mapping[str, Tracked]
     health: Mapping[str, Seen]
 
@@ -101,6 +102,7 @@ def status_json(fig: Figures, host: Host) -> dict[str, Any]:
             "last_apply": None if fig.last_apply is None else fig.last_apply.to_json(),
             "reconciles": sum(fig.reconciles.values()),
             "restarts": fig.restarted_total,
+            "watchdog_kills": fig.watchdog_kills,
         },
         "vms": vms_json(host),
         "details": details_json(fig, host),
@@ -179,11 +181,17 @@ def worker_families(fig: Figures) -> list[metrics.Family]:
         metrics.MetricType.COUNTER,
     )
     restarts.add(fig.restarted_total)
+    kills = metrics.Family(
+        p + "watchdog_kills_total",
+        "Hypervisors the worker killed because they stopped answering their API.",
+        metrics.MetricType.COUNTER,
+    )
+    kills.add(fig.watchdog_kills)
     up = metrics.Family(
         p + "worker_start_time_seconds", "When the daemon started (Unix time).", metrics.MetricType.GAUGE
     )
     up.add(fig.started_at)
-    return [total, duration, success, stamp, restarts, up]
+    return [total, duration, success, stamp, restarts, kills, up]
 
 
 def vm_families(

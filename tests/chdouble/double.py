@@ -50,6 +50,9 @@ Knobs (environment):
   CHDOUBLE_RECORD          append one JSON line per process start/ready/exit, request and guest power-off
   CHDOUBLE_VALIDATE        "0" skips the schema validation of vm.create (default on)
   CHDOUBLE_GUEST_RESET     seconds after each boot at which the guest panics and resets (a crash loop)
+  CHDOUBLE_HANG_AFTER      seconds after the API is first served at which the VMM thread hangs for good:
+                           connections are still accepted, no request is answered, SIGTERM is not acted
+                           on (only SIGKILL ends it); a test knob, no cloud-hypervisor rule
   CHDOUBLE_VERSION         the release to act as, a major number from 40 to 53 (default 53): gates flags
                            and rules as that release's code does (see tests/chdouble/README.md)
 """
@@ -184,6 +187,7 @@ class Settings:
     no_shutdown: bool = False
     release: int = DEFAULT_RELEASE
     guest_reset: float | None = None
+    hang_after: float | None = None
 
     @classmethod
     def from_env(cls, *, no_shutdown: bool) -> Settings:
@@ -204,6 +208,9 @@ class Settings:
             release=release(),
             guest_reset=_seconds("CHDOUBLE_GUEST_RESET", -1.0)
             if os.environ.get("CHDOUBLE_GUEST_RESET")
+            else None,
+            hang_after=_seconds("CHDOUBLE_HANG_AFTER", -1.0)
+            if os.environ.get("CHDOUBLE_HANG_AFTER")
             else None,
         )
 
@@ -1166,6 +1173,15 @@ class Vmm:
             self._vmm_shutdown()
         self.exit_process(0)
 
+    def hang(self) -> None:
+        """CHDOUBLE_HANG_AFTER: the VMM thread takes its lock and never lets go, as a VMM stuck in an
+        ioctl would; every request waits for it, so none is answered."""
+        self.log.warn_at("chdouble", "CHDOUBLE_HANG_AFTER: the VMM thread hangs; no request is answered")
+        self.recorder.write({"kind": "process", "what": "hang", "pid": os.getpid(), "t": time.monotonic()})
+        with self.lock:
+            while True:
+                time.sleep(3600)
+
     def _maybe_hang(self, what: str) -> None:
         if "hang-on-shutdown" not in self.settings.faults:
             return
@@ -1598,6 +1614,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.start_delay:
         time.sleep(settings.start_delay)
     server = ApiServer(listener, vmm, recorder)
+    if settings.hang_after is not None:
+        hang = threading.Timer(settings.hang_after, vmm.hang)
+        hang.name, hang.daemon = "hang", True
+        hang.start()
     recorder.write({"kind": "process", "what": "ready", "pid": os.getpid(), "t": time.monotonic()})
     server.serve_forever(poll_interval=0.5)
     return 0

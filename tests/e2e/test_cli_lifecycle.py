@@ -39,7 +39,18 @@ def test_up_ps_logs_down(vm_host: VmHost, example_build: ExampleBuild) -> None:
     assert len(host.taps()) == 2
 
     table = host.ok("ps").splitlines()
-    assert table[0].split() == ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS"]
+    assert table[0].split() == [
+        "NAME",
+        "STATE",
+        "GENERATION",
+        "BACKEND",
+        "IP",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST",
+        "EXIT",
+    ]
     assert [row.split()[:2] for row in table[1:]] == [["api", "running"], ["web", "running"]]
 
     logs = host.ok("logs", "web", "-n", "20")

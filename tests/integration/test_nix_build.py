@@ -103,7 +103,7 @@ def test_procurator_json(example_build: ExampleBuild) -> None:
         "name": "web",
         "interfaces": [{"id": "eth0"}],
         "volumes": [{"name": "data", "sizeMiB": 64, "fsType": "ext4", "mountPoint": "/mnt/data"}],
-        "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1},
+        "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1, "fromSnapshot": False},
         "health": [
             {
                 "type": "http",
@@ -117,6 +117,7 @@ def test_procurator_json(example_build: ExampleBuild) -> None:
         ],
         "shutdownTimeout": 20,
         # the box per VM (docs/bundle.md): no memory limit given, so guest RAM plus the VMM overhead
+        "replace": {"strategy": "recreate", "drainSeconds": 5},  # the default: no blue-green
         "resources": {
             "memoryMaxMiB": None,
             "cpuQuotaPercent": None,
@@ -128,7 +129,12 @@ def test_procurator_json(example_build: ExampleBuild) -> None:
     api = load(example_build.api / "procurator.json")
     assert api["name"] == "api"
     assert api["volumes"] == []
-    assert api["restart"] == {"policy": "on-failure", "maxRestarts": 3, "backoffSeconds": 1}
+    assert api["restart"] == {
+        "policy": "on-failure",
+        "maxRestarts": 3,
+        "backoffSeconds": 1,
+        "fromSnapshot": False,
+    }
     assert api["health"] == [
         {"type": "tcp", "port": 80, "intervalSeconds": 2, "timeoutSeconds": 2, "retries": 30}
     ]

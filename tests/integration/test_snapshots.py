@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import ExampleBuild
+from tests.integration.conftest import ExampleBuild, NixBuild
 from tests.support.host import PROCURATOR, REPO, VmHost
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
@@ -165,3 +165,31 @@ def test_a_restore_killed_midway_converges_on_a_rerun(vm_host: VmHost, example_b
     assert len(host.keepers()) == 1
     host.ok("down", "web")
     assert host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
+
+
+def test_restart_from_snapshot_through_a_host_shutdown(vm_host: VmHost, nix_build_example: NixBuild) -> None:
+    """cloud-hypervisor: `procurator shutdown` snapshots a fromSnapshot VM (vm.pause, vm.snapshot, then
+    SIGKILL: the guest never runs after its snapshot), `start` restores that very snapshot, once."""
+    host = vm_host
+    (web,) = nix_build_example("web", args=["--arg", "overrides", "{ web.restart.fromSnapshot = true; }"])
+    host.ok("up", str(web))
+    old = json.loads((host.state / "vms" / "web" / "record.json").read_text())
+    host.ok("snapshot", "web")  # an older snapshot: never the one restored after a shutdown
+    down = host.run("shutdown")
+    assert down.returncode == 0, down.stderr
+    record = json.loads((host.state / "vms" / "web" / "record.json").read_text())
+    taken = record["resume_from"]
+    assert down.stderr.splitlines() == [f"web: shut down (snapshot {taken} -> SIGKILL)"]
+    assert (record["pid"], record["last_exit"], record["desired"]) == (0, "host shutdown", "running")
+    assert hypervisors(host) == []
+
+    host.ok("start", "web")
+    record = json.loads((host.state / "vms" / "web" / "record.json").read_text())
+    assert record["last_exit"] == f"restored from snapshot {taken}"
+    assert "resume_from" not in record
+    assert record["pid"] != old["pid"]
+    assert len(hypervisors(host)) == 1
+    # A stop and start boot it cold: the snapshot was spent when the restored guest ran.
+    host.ok("stop", "web")
+    host.ok("start", "web")
+    assert json.loads((host.state / "vms" / "web" / "record.json").read_text())["last_exit"] == ""

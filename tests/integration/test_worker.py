@@ -214,6 +214,7 @@ def test_apply_restart_crash_loop_metrics_and_sigterm(
         "pid",
         "uptime",
         "restarts",
+        "last_exit",
         "resources",
     }
     assert set(status["vms"][0]) == fields  # lifecycle.VmStatus.to_json, as `procurator ps --json`

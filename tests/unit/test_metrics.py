@@ -309,6 +309,9 @@ class FakeHypervisor:
     def guest_end(self, _vm_dir: Path) -> GuestEnd | None:
         return None
 
+    def ping(self, handle: Handle, *, timeout: float | None = None) -> object:
+        raise NotImplementedError
+
     def adopt(self, handle: Handle) -> bool:
         return handle.pid > 0
 

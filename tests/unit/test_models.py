@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from procurator import cgroup, lifecycle
-from procurator.config import CgroupSettings, WorkerConfig
+from procurator.config import CgroupSettings, WatchdogSettings, WorkerConfig
 from procurator.errors import ValidationError
 from procurator.models import MIB, VMM_OVERHEAD_MIB, Bundle, Deployment, Resources, RestartPolicy, store_hash
 from tests.support.bundles import meta, vm_config, write_bundle, write_deployment
@@ -160,6 +160,24 @@ def test_bad_resources_are_refused_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         Bundle.load(write_bundle(tmp_path, meta_data=meta(resources=resources)))
     assert f"procurator.json: {message}" in str(caught.value)
+
+
+def test_the_worker_configuration_watchdog_setting() -> None:
+    assert WorkerConfig.parse("w.json", {}).watchdog == WatchdogSettings(True, 10.0, 3.0, 3)
+    got = WorkerConfig.parse("w.json", {"watchdog": {"interval": 5, "timeout": 1.5, "failures": 2}})
+    assert got.watchdog == WatchdogSettings(True, 5.0, 1.5, 2)
+    assert not WorkerConfig.parse("w.json", {"watchdog": {"enable": False}}).watchdog.enable
+    for bad, message in [
+        ({"interval": 0}, r"w.json: watchdog.interval: expected seconds from 0.1 to 3600, not 0"),
+        ({"timeout": True}, r"watchdog.timeout: expected seconds from 0.1 to 3600, not True"),
+        ({"failures": 0}, r"watchdog.failures: expected a count from 1 to 100, not 0"),
+        ({"enable": "yes"}, r"watchdog.enable: expected true or false, not 'yes'"),
+        ({"every": 3}, r"watchdog.every: unknown setting; known: enable, failures, interval, timeout"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            WorkerConfig.parse("w.json", {"watchdog": bad})
+    with pytest.raises(ValidationError, match=r"watchdog: expected an object"):
+        WorkerConfig.parse("w.json", {"watchdog": 3})
 
 
 def test_the_worker_configuration_cgroups_setting() -> None:

@@ -59,7 +59,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "disks": [],
     "interfaces": [{"id": "eth0", "mac": None}],
     "volumes": [],
-    "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1},
+    "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1, "fromSnapshot": False},
     "health": [],
     "shutdownTimeout": 30,
     "resources": {
@@ -95,7 +95,7 @@ def test_mk_spec_normalises() -> None:
         {"name": "data", "sizeMiB": 64, "fsType": "ext4", "mountPoint": "/mnt/data"},
         {"name": "logs", "sizeMiB": 8, "fsType": "xfs", "mountPoint": "/var/log"},
     ]
-    assert got["restart"] == {"policy": "never", "maxRestarts": 5, "backoffSeconds": 1}
+    assert got["restart"] == {"policy": "never", "maxRestarts": 5, "backoffSeconds": 1, "fromSnapshot": False}
     assert got["health"] == [
         {
             "type": "http",
@@ -175,7 +175,7 @@ def test_procurator_json() -> None:
         "name": "web",
         "interfaces": [{"id": "eth0", "mac": "02:00:00:00:00:01"}, {"id": "mgmt"}],
         "volumes": [{"name": "data", "sizeMiB": 64, "fsType": "ext4", "mountPoint": "/mnt/data"}],
-        "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1},
+        "restart": {"policy": "always", "maxRestarts": 5, "backoffSeconds": 1, "fromSnapshot": False},
         "health": [{"type": "tcp", "port": 22, "intervalSeconds": 2, "timeoutSeconds": 2, "retries": 30}],
         "shutdownTimeout": 30,
         "resources": DEFAULT_SPEC["resources"],
@@ -446,6 +446,7 @@ ERRORS = [
         "restart.backoffSeconds must be a positive integer (seconds), got 0",
     ),
     ("restart = { delay = 1; };", "web", "restart has unknown attribute 'delay'"),
+    ('restart = { fromSnapshot = "yes"; };', "web", 'restart.fromSnapshot must be true or false, got "yes"'),
     ('restart = "always";', "web", "restart must be an attribute set"),
     (
         'health = [ { type = "udp"; port = 53; } ];',

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from procurator.config import WorkerConfig
+
 pytestmark = pytest.mark.nixpkgs_lib
 
 REPO = Path(__file__).resolve().parents[2]
@@ -362,6 +364,9 @@ def test_worker_configuration_file() -> None:
     assert settings["stateDir"] == "/var/lib/procurator"
     assert settings["hypervisor"]["binary"].endswith("-cloud-hypervisor/bin/cloud-hypervisor")
     assert settings["network"]["bridge"] == "procurator0"
+    assert settings["watchdog"] == {"enable": True, "interval": 10, "timeout": 3, "failures": 3}
+    assert settings["serialLogMaxBytes"] == 8 << 20
+    WorkerConfig.parse("worker.json", settings)  # what the module writes, the worker reads
 
 
 def test_worker_status_page_settings() -> None:
