@@ -56,7 +56,9 @@ def config(vm_dir: Path, kernel: Path) -> dict[str, Any]:
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": 256 << 20},
         "payload": {"kernel": str(kernel), "cmdline": "console=ttyS0"},
-        "disks": [{"id": "store", "path": str(kernel), "readonly": True}],
+        "disks": [
+            {"id": "store", "path": str(kernel.with_name("store.img")), "readonly": True, "image_type": "Raw"}
+        ],
         "net": [{"id": "eth0", "tap": "pc-bench-eth0", "mac": "02:00:00:00:00:01"}],
         "serial": {"mode": "File", "file": str(vm_dir / "serial.log")},
         "console": {"mode": "Off"},
@@ -85,6 +87,8 @@ def run(count: int, workdir: Path, record: Path) -> list[Sample]:
     backend = CloudHypervisor(DOUBLE, start_timeout=30.0, step_timeout=5.0)
     kernel = workdir / "vmlinuz"
     kernel.write_bytes(b"not a kernel")
+    with kernel.with_name("store.img").open("wb") as image:  # the double opens, types and locks disks
+        image.truncate(1 << 20)
     spawned: dict[int, float] = {}
     real_spawn: Callable[..., subprocess.Popen[bytes]] = process.spawn
 

@@ -126,7 +126,7 @@ def synthetic(root: Path, name: str, generation: str, kernel: Path, nets: int) -
     config = vm_config(name, kernel=str(kernel), nets=nets)
     config["payload"]["initramfs"] = str(kernel)
     config["payload"]["cmdline"] += f" procurator.release={generation}"
-    config["disks"][0]["path"] = str(kernel)
+    config["disks"][0]["path"] = str(kernel.with_name("store.img"))  # read-only: shared by every VM
     data = meta(name, nets=nets, volumes=[], health=[], shutdownTimeout=5)
     return write_bundle(
         root,
@@ -203,6 +203,8 @@ def replace(
     root.mkdir(parents=True)
     kernel = root / "vmlinuz"
     kernel.write_bytes(b"\x7fELF not really a kernel")
+    with kernel.with_name("store.img").open("wb") as image:  # the double opens, types and locks disks
+        image.truncate(1 << 20)
     names = [f"vm{i:03d}" for i in range(vms)]
     deployments = {
         gen: write_deployment(
