@@ -220,6 +220,8 @@ def replace(
             {
                 "hypervisor": {"backend": "cloud-hypervisor", "binary": str(DOUBLE)},
                 "network": {"bridge": "pcbr0", "subnet": "10.126.0.0/24", "netns": ns.name},
+                # the sleeper's "hypervisor" is this process: it cannot join a VM's group
+                **({"cgroups": {"mode": "off"}} if sleeper else {}),
             },
         )
         hypervisors = factory(config.hypervisor)
