@@ -711,7 +711,9 @@ def test_the_serial_log_survives_guest_resets_and_is_bounded(
         time.sleep(0.02)
     backend.kill(handle)
     text = kept()
-    assert "Linux version chdouble: booting\n" in text  # the first boot, before any reset
+    # What the guest wrote before each reset is still there, before the keeper's marker of that reset
+    # (the first boot's own lines may be rotated out by now: how many resets came before the loop saw the
+    # rotation depends on the machine's load, and the two files hold only the newest 1200 bytes)
     first_panic = text.index("Kernel panic - not syncing: chdouble guest reset")
     assert text.index("-- procurator: serial port re-created (guest reset) --") > first_panic
     assert text.count("Kernel panic") >= 2
