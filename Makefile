@@ -6,9 +6,7 @@ PYTEST_ARGS ?=
 
 # The tests marked nixpkgs_lib evaluate the NixOS modules with nixpkgs' lib, which is not in this
 # repository nor reachable offline: they run when PROCURATOR_NIXPKGS_LIB names it (`make nixos-eval`
-# finds the pinned one), and otherwise `make test` says first that they will not.
-NIXPKGS_LIB_MARK := $(if $(PROCURATOR_NIXPKGS_LIB),,-m "not nixpkgs_lib")
-NIXPKGS_LIB_NOTE := $(if $(PROCURATOR_NIXPKGS_LIB),true,echo "not run: the nixpkgs_lib tests (NixOS modules evaluated with nixpkgs' lib) need PROCURATOR_NIXPKGS_LIB; see make nixos-eval")
+# finds the pinned one); otherwise tests/conftest.py deselects them and the run's summary says so.
 
 .PHONY: setup demo test lint unit nixos-eval bench clean
 
@@ -24,12 +22,10 @@ lint: setup
 	$(BIN)/mypy --strict
 
 test: lint
-	@$(NIXPKGS_LIB_NOTE)
-	$(BIN)/pytest $(NIXPKGS_LIB_MARK) $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: setup
-	@$(NIXPKGS_LIB_NOTE)
-	$(BIN)/pytest tests/unit $(NIXPKGS_LIB_MARK) $(PYTEST_ARGS)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 # The NixOS modules evaluated with nixpkgs' real lib: PROCURATOR_NIXPKGS_LIB, or the lib of the
 # nixpkgs that flake.lock pins (fetched by nix, so it needs the network the first time).
