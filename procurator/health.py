@@ -65,6 +65,8 @@ def wait_healthy(
     (the worker configuration's healthTimeout); a wait cut short by the cap says so."""
     if not checks:
         return
+    if any(c.type == "http" for c in checks):
+        import http.client  # noqa: F401, PLC0415 - now, not inside the probe that first connects (~10 ms)
     budget = timeout if timeout is not None else max(c.interval_seconds * c.retries for c in checks)
     capped = cap is not None and budget > cap
     if cap is not None:

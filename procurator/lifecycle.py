@@ -299,7 +299,12 @@ def _end_strays(host: Host, name: str) -> list[int]:
 def _detach(host: Host, name: str, record: VmRecord | None) -> None:
     """Remove the VM's TAPs: those its record names, or (no record of them) any carrying its alias."""
     vm = name if record is None else record.runtime
-    network.detach_vm(host.net, vm, record.taps if record is not None and record.taps else None)
+    network.detach_vm(
+        host.net,
+        vm,
+        record.taps if record is not None and record.taps else None,
+        ip=record.ip if record is not None else None,
+    )
 
 
 def services(host: Host) -> list[tuple[str, str]]:
@@ -494,9 +499,15 @@ def _start(
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
             taps = network.attach_vm(
-                host.net, runtime, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+                host.net,
+                runtime,
+                [i.id for i in bundle.meta.interfaces],
+                host.owner_uid(),
+                bundle.vcpus,
+                ip=lease.ip,
+                mac=bundle.meta.interfaces[0].mac,
             )
-            undo.callback(network.detach_vm, host.net, runtime)
+            undo.callback(network.detach_vm, host.net, runtime, ip=lease.ip)
             for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
                 nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
 
@@ -808,7 +819,7 @@ def shutdown_all(host: Host, *, parallel: int = 8) -> dict[str, StopResult | Non
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             list(pool.map(host.state.lend(one), running))
         for record in running:
-            network.detach_vm(host.net, record.runtime)
+            network.detach_vm(host.net, record.runtime, ip=record.ip)
             if record.name not in errors:
                 unbox(host, record.runtime)
                 host.state.save_record(
@@ -1169,9 +1180,15 @@ def _restore(
         taps: list[str] = []
         if bundle.meta.interfaces:
             made = network.attach_vm(
-                host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+                host.net,
+                name,
+                [i.id for i in bundle.meta.interfaces],
+                host.owner_uid(),
+                bundle.vcpus,
+                ip=lease.ip,
+                mac=bundle.meta.interfaces[0].mac,
             )
-            undo.callback(network.detach_vm, host.net, name)
+            undo.callback(network.detach_vm, host.net, name, ip=lease.ip)
             taps = [t.name for t in made]
         wanted = [str(n.get("tap")) for n in config.get("net") or [] if isinstance(n, dict) and n.get("tap")]
         if wanted != taps:  # TAP names derive from the VM's name and interface ids: the same every time

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from procurator.errors import ConflictError, NetworkError, ValidationError
@@ -482,12 +483,21 @@ def attach_vm(
     vcpus: int,
     *,
     multi_queue: bool | None = None,
+    ip: str | None = None,
+    mac: str | None = None,
 ) -> list[TapInfo]:
     """Create (or keep) a TAP for each interface of `vm`, in the order given; all or nothing.
 
     TAPs are multi-queue when the VM has more than one vCPU (override with `multi_queue`); the
     hypervisor must open them accordingly (net ``num_queues`` > 2). If any TAP fails, the TAPs this call
     created are removed again and the error is raised.
+
+    With `ip` (the VM's lease, which the guest puts on its first interface) the bridge's neighbour table
+    gets a permanent entry from `ip` to that interface's MAC (`mac`, by default the derived one), so the
+    host never has to ARP for the guest: a probe sent while the guest boots would otherwise leave the
+    entry INCOMPLETE, then FAILED, and the kernel asks again only once a second (its retrans_time), which
+    put up to a second between the guest's service starting and its health check passing. `detach_vm`
+    with the same `ip` removes it.
     """
     check_id(vm, what="vm")
     ids = [check_id(i, what="interface") for i in iface_ids]
@@ -507,6 +517,8 @@ def attach_vm(
                 out.append(info)
                 if info.created:
                     made.append(info)
+            if ip is not None and ids:
+                _pin_neighbour(nl, bridge, vm, IPv4Address(ip), mac or mac_address(vm, ids[0]))
         except BaseException:
             if made:
                 log.info("rolling back TAPs of %s: %s", vm, ", ".join(t.name for t in made))
@@ -518,15 +530,21 @@ def attach_vm(
         return out
 
 
-def detach_vm(cfg: NetworkConfig, vm: str, taps: Sequence[str] | None = None) -> list[str]:
+def detach_vm(
+    cfg: NetworkConfig, vm: str, taps: Sequence[str] | None = None, *, ip: str | None = None
+) -> list[str]:
     """Remove every TAP of `vm`; returns their names. The bridge stays.
 
     With `taps` (the names the VM's record lists), only those are looked up, each by name: a stop costs
     no listing of every link. Without, every link is listed and the VM's found by alias (after a crash,
-    when no record says which TAPs exist).
+    when no record says which TAPs exist). With `ip`, the permanent neighbour entry `attach_vm` made for
+    it goes too (an entry left by a caller that did not know the address is harmless: it names a lease
+    no running VM holds, and the next `attach_vm` for that address replaces it).
     """
     check_id(vm, what="vm")
     with session(cfg.netns) as nl:
+        if ip:
+            _unpin_neighbour(nl, cfg, vm, IPv4Address(ip))
         if taps is None:
             found = [t for t in _our_taps(nl) if t.vm == vm]
         else:
@@ -542,6 +560,23 @@ def detach_vm(cfg: NetworkConfig, vm: str, taps: Sequence[str] | None = None) ->
             if left:
                 raise NetworkError(f"TAPs of {vm} still present after deleting them: {', '.join(left)}")
         return [t.name for t in found]
+
+
+def _pin_neighbour(nl: Netlink, bridge: Link, vm: str, ip: IPv4Address, mac: str) -> None:
+    what = f"pinning {ip} to {mac} ({vm}) on {bridge.name}"
+    nl.pin_neighbour(bridge.index, ip, mac, what=what)
+    entry = nl.neighbour(bridge.index, ip)
+    if entry is None or not entry.permanent or (entry.mac or "").lower() != mac.lower():
+        raise NetworkError(f"{what}: the entry is not as set ({entry}); something else changed it")
+
+
+def _unpin_neighbour(nl: Netlink, cfg: NetworkConfig, vm: str, ip: IPv4Address) -> None:
+    bridge = nl.link(cfg.bridge)
+    if bridge is None:  # the bridge went, and its neighbour table with it
+        return
+    entry = nl.neighbour(bridge.index, ip)
+    if entry is not None and entry.permanent:
+        nl.delete_neighbour(bridge.index, ip, what=f"removing the neighbour entry of {ip} ({vm})")
 
 
 # -- NAT and the whole network -----------------------------------------------------------------------------

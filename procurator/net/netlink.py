@@ -63,6 +63,7 @@ IFF_TUN_EXCL = 0x8000  # fail with EBUSY if a device of that name exists: create
 IFF_UP = 0x1
 IFF_TUN_TYPE_TAP = 2  # IFLA_TUN_TYPE value of a TAP
 RT_TABLE_MAIN = 254
+NUD_PERMANENT = 0x80  # <linux/neighbour.h>
 
 # A step hook, called with a step name between the steps of TAP creation. Only tests set it (to kill the
 # process at a precise point and show the kernel cleans up); it is None in production.
@@ -112,6 +113,16 @@ class Route:
     dst: IPv4Network
     oif: int | None
     table: int
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One IPv4 entry of a device's neighbour (ARP) table."""
+
+    index: int
+    ip: IPv4Address
+    mac: str | None
+    permanent: bool
 
 
 # Attribute numbers of <linux/if_link.h> read by `_decode_link`.
@@ -548,6 +559,37 @@ class Netlink:
                 Route(IPv4Network(f"{m.get('RTA_DST')}/{dst_len}"), int(oif) if oif else None, int(table))
             )
         return out
+
+    # -- neighbours ----------------------------------------------------------------------------------
+
+    def neighbour(self, index: int, ip: IPv4Address) -> Neighbour | None:
+        """The entry for `ip` on device `index`, None when there is none."""
+        msgs = self._call(
+            f"looking up the neighbour entry of {ip}",
+            lambda: list(self._ipr.neigh("get", dst=str(ip), ifindex=index)),
+            ok=(errno.ENOENT,),
+        )
+        if not msgs:
+            return None
+        m = msgs[0]
+        mac = m.get("NDA_LLADDR")
+        return Neighbour(index, ip, str(mac) if mac else None, bool(int(m["state"]) & NUD_PERMANENT))
+
+    def pin_neighbour(self, index: int, ip: IPv4Address, mac: str, *, what: str) -> None:
+        """Make `ip` resolve to `mac` on device `index` without ARP: a permanent entry, replacing any."""
+        self._call(
+            what,
+            lambda: self._ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=index, state=NUD_PERMANENT),
+        )
+
+    def delete_neighbour(self, index: int, ip: IPv4Address, *, what: str) -> bool:
+        """Remove the entry for `ip` on device `index`; False if there was none."""
+        done = self._call(
+            what,
+            lambda: self._ipr.neigh("del", dst=str(ip), ifindex=index) or True,
+            ok=(errno.ENOENT, errno.ENODEV),
+        )
+        return done is not None
 
     # -- sysctls -------------------------------------------------------------------------------------
 

@@ -255,6 +255,34 @@ def test_detach_vm_removes_only_that_vms_taps_and_keeps_the_bridge(ns: Netns, cf
     assert network.delete_tap(cfg, db[0].name) is False
 
 
+def _neighbours(ns: Netns) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["ip", "-n", ns.name, "-j", "neigh", "show", "dev", "procurator0"],
+        capture_output=True, text=True, check=True, timeout=10,
+    ).stdout  # fmt: skip
+    return [n for n in json.loads(out or "[]") if n.get("dst")]
+
+
+def test_the_guests_address_is_pinned_to_its_mac_until_detach(ns: Netns, cfg: NetworkConfig) -> None:
+    network.ensure_bridge(cfg)
+    network.attach_vm(cfg, "web", ["eth0", "eth1"], UID, vcpus=1, ip="10.100.0.7")
+    network.attach_vm(cfg, "db", ["eth0"], UID, vcpus=1, ip="10.100.0.8", mac="02:00:00:00:00:42")
+    # again, as a restart does: the entry is replaced, never doubled
+    network.attach_vm(cfg, "web", ["eth0", "eth1"], UID, vcpus=1, ip="10.100.0.7")
+
+    pinned = {n["dst"]: (n["lladdr"], n["state"]) for n in _neighbours(ns)}
+    assert pinned == {
+        "10.100.0.7": (network.mac_address("web", "eth0"), ["PERMANENT"]),
+        "10.100.0.8": ("02:00:00:00:00:42", ["PERMANENT"]),
+    }
+
+    network.detach_vm(cfg, "web", ip="10.100.0.7")
+    assert [n["dst"] for n in _neighbours(ns)] == ["10.100.0.8"]
+    network.detach_vm(cfg, "web", ip="10.100.0.7")  # nothing left to remove: no error
+    network.detach_vm(cfg, "db", ip="10.100.0.8")
+    assert _neighbours(ns) == []
+
+
 def test_isolation_flag_is_set_and_converged(ns: Netns, cfg: NetworkConfig) -> None:
     isolated = NetworkConfig(netns=cfg.netns, isolate=True)
     network.net_up(isolated)

@@ -1,0 +1,115 @@
+"""What the benchmarks that boot real QEMU guests share: building the example bundles, a network namespace,
+a work directory and the environment the `procurator` executable runs in (this checkout's code, a state
+directory and a worker configuration of its own), and polling a guest's HTTP port.
+
+Not a benchmark itself (`make bench` runs benchmarks/bench_*.py). Run as root: a bench creates the
+namespace and deletes it, with everything in it, when it is done; the host's interfaces are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from procurator.netns import connect_tcp
+
+REPO = Path(__file__).resolve().parents[1]
+PROCURATOR = REPO / ".venv" / "bin" / "procurator"
+EXAMPLES = REPO / "examples" / "minimal.nix"
+
+
+def nix_build(*args: str) -> Path:
+    """`nix-build ARGS --no-out-link`: the one store path it prints."""
+    out = subprocess.run(
+        ["nix-build", *args, "--no-out-link"], capture_output=True, text=True, check=True, timeout=600
+    )
+    return Path(out.stdout.strip())
+
+
+def build_example(attr: str = "web", overrides: str | None = None) -> Path:
+    """An attribute of examples/minimal.nix (a VM's bundle, or `deployment`), with `overrides` if given."""
+    extra = ["--arg", "overrides", overrides] if overrides is not None else []
+    return nix_build(str(EXAMPLES), "-A", attr, *extra)
+
+
+def wait_http(ns: str, ip: str, *, status: int | None = None, deadline: float = 60.0) -> float:
+    """Poll (a connect every 50 ms) until the guest answers GET /health on port 80, with `status` when given;
+    the monotonic time it did."""
+    until = time.monotonic() + deadline
+    while time.monotonic() < until:
+        try:
+            with connect_tcp(ns, ip, 80, 0.5) as sock:
+                sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                head = sock.recv(16)
+                code = head.split(b" ")[1:2]
+                if head.startswith(b"HTTP/") and (status is None or code == [str(status).encode()]):
+                    return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"the guest at {ip} did not answer GET /health within {deadline:.0f}s")
+
+
+class Guests:
+    """A namespace, a work directory and a QEMU (TCG) worker configuration for `procurator` commands;
+    on exit every VM of its state is removed (`down --purge`), then the namespace and the directory."""
+
+    def __init__(self, bridge: str = "pcbench0", subnet: str = "10.126.0.0/24") -> None:
+        self.ns = f"pcbench-{secrets.token_hex(3)}"
+        self.bridge = bridge
+        self.subnet = subnet
+        self.work = Path(tempfile.mkdtemp(prefix="procurator-bench-"))
+        self.state = self.work / "state"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),  # this checkout's procurator, whichever the venv was installed from
+            "PROCURATOR_STATE_DIR": str(self.state),
+            "PROCURATOR_CONFIG": str(self.work / "worker.json"),
+        }
+        (self.work / "worker.json").write_text(
+            json.dumps({"hypervisor": {"backend": "qemu", "accel": "tcg"},
+                        "network": {"bridge": bridge, "subnet": subnet, "netns": self.ns}})
+        )  # fmt: skip
+
+    def __enter__(self) -> Guests:
+        subprocess.run(["ip", "netns", "add", self.ns], check=True, timeout=10)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        vms = self.state / "vms"
+        names = sorted({p.name.split("@")[0] for p in vms.iterdir() if p.is_dir()}) if vms.is_dir() else []
+        if names:
+            subprocess.run([str(PROCURATOR), "down", "--purge", *names], env=self.env, capture_output=True,
+                           timeout=300, check=False)  # fmt: skip
+        subprocess.run(["ip", "netns", "del", self.ns], timeout=10, check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(PROCURATOR), *args]
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """`procurator ARGS`, its output captured; a failure ends the benchmark with its output."""
+        done = subprocess.run(
+            self.argv(*args), env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"procurator {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done
+
+    def popen(
+        self, *args: str, stdout: int | None = None, stderr: int | None = None
+    ) -> subprocess.Popen[str]:
+        """`procurator ARGS` started, not waited for (text streams for any pipe asked for)."""
+        return subprocess.Popen(self.argv(*args), env=self.env, text=True, stdout=stdout, stderr=stderr)
+
+    def ps(self) -> dict[str, dict[str, object]]:
+        return {vm["name"]: vm for vm in json.loads(self.run("ps", "--json").stdout)}
