@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qemu_guests import REPO, Guests, build_example
+
 from tests.support.poller import INTERVAL, max_gap, parse
 
-REPO = Path(__file__).resolve().parents[1]
-PROCURATOR = REPO / ".venv" / "bin" / "procurator"
 RUNS = int(os.environ.get("BENCH_BLUE_GREEN_RUNS", "3"))
 TARGET = 0.25  # seconds
 
@@ -33,49 +31,25 @@ def build(release: int) -> Path:
         'volumes = [ ]; replace = { strategy = "blue-green"; drainSeconds = 1; }; '
         f'cmdline = "procurator.release={release}";'
     )
-    out = subprocess.run(
-        ["nix-build", str(REPO / "examples" / "minimal.nix"), "-A", "deployment", "--no-out-link",
-         "--arg", "overrides", f"{{ web = {{ {web} }}; }}"],
-        capture_output=True, text=True, check=True, timeout=600,
-    )  # fmt: skip
-    return Path(out.stdout.strip())
+    return build_example("deployment", f"{{ web = {{ {web} }}; }}")
 
 
 def main() -> int:
     deployments = [build(1), build(2)]
-    ns = f"pcbench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
-    work = Path(tempfile.mkdtemp(prefix="procurator-bench-"))
-    env = {
-        **os.environ,
-        "PROCURATOR_STATE_DIR": str(work / "state"),
-        "PROCURATOR_CONFIG": str(work / "worker.json"),
-    }
-    (work / "worker.json").write_text(
-        json.dumps({"hypervisor": {"backend": "qemu", "accel": "tcg"},
-                    "network": {"bridge": "pcbench0", "subnet": "10.126.0.0/24", "netns": ns}})
-    )  # fmt: skip
-
-    def procurator(*args: str) -> str:
-        done = subprocess.run(
-            [str(PROCURATOR), *args], env=env, check=False, capture_output=True, text=True, timeout=400
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"procurator {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
-
     gaps: list[float] = []
     failed = 0
-    try:
-        procurator("apply", str(deployments[0]))
-        service = {vm["name"]: vm for vm in json.loads(procurator("ps", "--json"))}["web"]["service_ip"]
+    with Guests() as guests:
+        guests.run("apply", str(deployments[0]), timeout=400)
+        service = guests.ps()["web"]["service_ip"]
+        poller = [sys.executable, "-m", "tests.support.poller", str(service)]
         for run in range(RUNS):
             client = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.support.poller", service],
+                ["ip", "netns", "exec", guests.ns, *poller],
                 cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             try:
-                result = json.loads(procurator("apply", str(deployments[(run + 1) % 2]), "--json"))
+                done = guests.run("apply", str(deployments[(run + 1) % 2]), "--json", timeout=400)
+                result = json.loads(done.stdout)
             finally:
                 out, _ = client.communicate("", timeout=30)
             web = next(a for a in result["actions"] if a["name"] == "web")
@@ -88,23 +62,6 @@ def main() -> int:
                     moved = next((j for j, q in enumerate(polls) if q.release == polls[-1].release), -1)
                     print(f"  run {run}: poll {i} of {len(polls)} failed ({p.error}); first new at {moved}")
             gaps.append(max_gap(polls))
-    finally:
-        subprocess.run(
-            [str(PROCURATOR), "down", "--purge", "web"],
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        subprocess.run(
-            [str(PROCURATOR), "down", "--purge", "api"],
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        subprocess.run(["ip", "netns", "del", ns], timeout=10, check=False)
-        subprocess.run(["rm", "-rf", str(work)], timeout=30, check=False)
 
     worst = max(gaps)
     print(f"blue-green switch gap (max time between two successful polls, {INTERVAL * 1000:.0f} ms polling), "
