@@ -66,6 +66,7 @@ def boot_once(guests: Guests, bundle: Path) -> tuple[float, float]:
             declared = time.monotonic()
     up.wait(timeout=180)
     exited = time.monotonic()
+    watcher.join(timeout=2)  # the serial keeper may write the line after the check saw the service
     stop.set()
     watcher.join(timeout=5)
     if up.returncode != 0 or declared is None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
+from typing import ClassVar
 
 import pytest
 
@@ -67,6 +70,45 @@ def test_a_passing_check_returns_at_once() -> None:
         fake = FakeTime()
         wait_healthy((check,), "127.0.0.1", None, cap=5.0, clock=fake.clock, sleep=fake.sleep)
         assert fake.sleeps == 0
+
+
+class _Status(http.server.BaseHTTPRequestHandler):
+    codes: ClassVar[list[int]] = [503, 503, 200]  # not ready twice, then ready
+    asked: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        self.send_response(self.codes[min(len(self.asked), len(self.codes)) - 1])
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_http_check_waits_through_refusals_and_wrong_statuses_until_it_passes() -> None:
+    """Nothing listens at first (refused), then the service answers 503 twice, then 200: the wait, on the
+    real clock and its own waiting between attempts, ends once the 200 came and not before."""
+    port = closed_port()
+    listening = threading.Event()
+
+    def serve_later() -> None:
+        listening.wait(timeout=10)
+        with http.server.HTTPServer(("127.0.0.1", port), _Status) as server:
+            while len(_Status.asked) < 3:
+                server.handle_request()
+
+    check = HealthCheck(type="http", port=port, path="/health", retries=10**9)
+    server = threading.Thread(target=serve_later, daemon=True)
+    server.start()
+    timer = threading.Timer(0.3, listening.set)
+    timer.start()
+    try:
+        wait_healthy((check,), "127.0.0.1", None, cap=20.0)
+    finally:
+        timer.cancel()
+        listening.set()
+    server.join(timeout=10)
+    assert _Status.asked == ["/health", "/health", "/health"]
 
 
 @pytest.mark.parametrize("value", [0, -1, 10**9, "600", True, None])
