@@ -3,13 +3,10 @@ path for a new listener, and removing a stale socket without ever removing anyth
 
 from __future__ import annotations
 
-import logging
 import socket
 import stat
 from enum import StrEnum
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def answers(path: Path, timeout: float = 0.5) -> bool:
@@ -33,7 +30,9 @@ def remove(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("%s: cannot remove the socket: %s", path, exc.strerror)
+        import logging  # noqa: PLC0415 - here only: `ps` answered by a worker imports this module, not logging
+
+        logging.getLogger(__name__).warning("%s: cannot remove the socket: %s", path, exc.strerror)
 
 
 class Claim(StrEnum):

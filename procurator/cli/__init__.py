@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
-
-import click
-
-from procurator.cli.app import cli
-from procurator.errors import EXIT_FAILURE, EXIT_USAGE, ProcuratorError
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    from procurator.cli import listing  # noqa: PLC0415 - before Click, which a plain `ps` does not need
+
+    if listing.answer(args):
+        return 0
+    return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    """The Click command (everything but `ps` answered by a worker)."""
+    import logging  # noqa: PLC0415 - see main
+    import traceback  # noqa: PLC0415
+
+    import click  # noqa: PLC0415
+
+    from procurator.cli.app import cli  # noqa: PLC0415
+    from procurator.errors import EXIT_FAILURE, EXIT_USAGE, ProcuratorError  # noqa: PLC0415
+
     debug = "--debug" in args
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     try:

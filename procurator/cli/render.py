@@ -1,4 +1,7 @@
-"""Rendering helpers: tables for people (stdout), JSON for scripts (stdout), prose on stderr."""
+"""Rendering helpers: tables for people (stdout), JSON for scripts (stdout), prose on stderr.
+
+Click is imported by the functions that print with it: `ps` answered by a worker renders with `table` and
+`json_text` without importing Click (cli/listing.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +9,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import click
+
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    import click  # noqa: PLC0415 - see the module's docstring
+
+    click.echo(json_text(obj))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -21,8 +28,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def emit_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    import click  # noqa: PLC0415 - see the module's docstring
+
     click.echo(table(headers, rows))
 
 
 def note(message: str) -> None:
+    import click  # noqa: PLC0415 - see the module's docstring
+
     click.echo(message, err=True)

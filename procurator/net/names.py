@@ -10,8 +10,6 @@ principle; they are never silently shared, because every TAP carries its owner i
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 
 from procurator.errors import ValidationError
@@ -49,9 +47,16 @@ def check_id(value: str, *, what: str) -> str:
     return value
 
 
-def _digest(kind: str, vm: str, iface_id: str, size: int) -> bytes:
-    data = "\0".join((kind, vm, iface_id)).encode()
+# hashlib (which loads OpenSSL) and base64 are imported where they are used: the worker configuration
+# needs this module's checks, and `ps` answered by a worker reads that configuration and derives nothing.
+def _blake2b(data: bytes, size: int) -> bytes:
+    import hashlib  # noqa: PLC0415 - deferred on purpose, see above
+
     return hashlib.blake2b(data, digest_size=size).digest()
+
+
+def _digest(kind: str, vm: str, iface_id: str, size: int) -> bytes:
+    return _blake2b("\0".join((kind, vm, iface_id)).encode(), size)
 
 
 def tap_name(vm: str, iface_id: str) -> str:
@@ -65,6 +70,8 @@ def tap_name(vm: str, iface_id: str) -> str:
     readable = _READABLE_RE.sub("", vm.lower())[:3]
     head = f"{TAP_PREFIX}{readable}-" if readable else TAP_PREFIX
     room = IFNAMSIZ - len(head)
+    import base64  # noqa: PLC0415 - deferred on purpose, see _blake2b
+
     encoded = base64.b32encode(_digest("tap", vm, iface_id, 10)).decode().lower()
     return head + encoded[:room]
 
@@ -80,7 +87,7 @@ def mac_address(vm: str, iface_id: str) -> str:
 
 def bridge_mac(bridge: str) -> str:
     """A fixed MAC for the bridge, so it does not change as ports come and go (ARP caches stay valid)."""
-    raw = bytearray(hashlib.blake2b(f"bridge\0{bridge}".encode(), digest_size=6).digest())
+    raw = bytearray(_blake2b(f"bridge\0{bridge}".encode(), 6))
     raw[0] = (raw[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in raw)
 

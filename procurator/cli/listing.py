@@ -1,0 +1,125 @@
+"""`procurator ps`'s rows as text, and `ps` answered by a running worker without Click.
+
+When a worker answers, `ps` is one request on its socket; Click (its import, the command table, parsing)
+was then about a sixth of the command's time. `answer(args)` recognises exactly the invocations it can
+answer as the Click command would: `ps` or `ps --json`, with the global `--config FILE` and
+`--state-dir DIR` (each at most once, before or after `ps`, as `--opt VALUE` or `--opt=VALUE`) and the
+environment's PROCURATOR_CONFIG / PROCURATOR_STATE_DIR, and a worker of that state directory answering.
+For anything else (another command, --help, --debug, an option it does not know, a configuration that
+does not load, no worker answering) it returns None and the Click command runs as before, so every error
+and every other output stays the Click command's. Both print through `render` below.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DAMAGED = "damaged"  # lifecycle.DAMAGED, the state of a VM whose record cannot be read
+HEADERS = ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS", "LAST EXIT"]
+_VALUED = ("--config", "--state-dir")
+
+
+def render(rows: list[dict[str, Any]], as_json: bool) -> tuple[str, list[str]]:
+    """What `ps` prints: (stdout without its final newline, the lines for stderr)."""
+    from procurator.cli.render import json_text, table  # noqa: PLC0415 - render imports click lazily
+
+    rows = sorted(rows, key=lambda row: str(row["name"]))
+    notes = [f"{row['name']}: {row['problem']}" for row in rows if row["state"] == DAMAGED]
+    if as_json:
+        return json_text(rows), notes
+    cells = [
+        [
+            j["name"],
+            j["state"],
+            (j["generation"] or "-")[:12],
+            j["backend"] or "-",
+            j["ip"],
+            j["pid"],
+            _fmt_uptime(j["uptime"]),
+            "-" if j["restarts"] is None else j["restarts"],
+            _fmt_exit(j.get("last_exit")),
+        ]
+        for j in rows
+    ]
+    return table(HEADERS, cells), notes
+
+
+def _fmt_uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _fmt_exit(text: str | None, width: int = 60) -> str:
+    """The last exit in one table cell: `ps --json` has it whole."""
+    if not text:
+        return "-"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def parse(args: list[str]) -> tuple[dict[str, str], bool] | None:
+    """({"--config": ..., "--state-dir": ...} as given, --json) for a plain `ps`; None for anything else."""
+    given: dict[str, str] = {}
+    seen_ps = as_json = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg == "ps" and not seen_ps:
+            seen_ps = True
+        elif arg == "--json" and seen_ps and not as_json:
+            as_json = True
+        elif name in _VALUED and name not in given:
+            if not eq:
+                i += 1
+                value = args[i] if i < len(args) else ""
+            if not value or value.startswith("-"):
+                return None
+            given[name] = value
+        else:
+            return None
+        i += 1
+    return (given, as_json) if seen_ps else None
+
+
+def answer(args: list[str]) -> bool:
+    """Print `ps` as a running worker answers it, if `args` are a plain `ps` and one answers; True if
+    it did (then exit 0), False when the Click command must run."""
+    parsed = parse(args)
+    if parsed is None:
+        return False
+    given, as_json = parsed
+    from procurator.config import DEFAULT_STATE_DIR, WorkerConfig  # noqa: PLC0415 - only for a plain ps
+    from procurator.errors import ProcuratorError  # noqa: PLC0415
+    from procurator.worker import client  # noqa: PLC0415
+
+    config_arg = given.get("--config") or os.environ.get("PROCURATOR_CONFIG") or None
+    state_arg = given.get("--state-dir") or os.environ.get("PROCURATOR_STATE_DIR") or None
+    config_path = Path(config_arg) if config_arg else None
+    state_path = Path(state_arg) if state_arg else None
+    if (config_path is not None and config_path.is_dir()) or (
+        state_path is not None and state_path.is_file()
+    ):
+        return False  # Click's path checks say what is wrong
+    try:
+        config = WorkerConfig.load(config_path)
+    except ProcuratorError:
+        return False
+    state_dir = state_path or config.state_dir or DEFAULT_STATE_DIR
+    rows = client.listing(config.api_socket, state_dir)
+    if rows is None:
+        return False
+    out, notes = render(rows, as_json)
+    for line in notes:
+        sys.stderr.write(line + "\n")
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return True
