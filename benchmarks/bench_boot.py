@@ -4,7 +4,7 @@ spread of the per-round ratios.
 
 Run as root: `.venv/bin/python benchmarks/bench_boot.py`. It builds the `web` example, and works in a
 network namespace it creates and deletes (the host's interfaces are never touched). Both sides poll the
-guest's HTTP port the same way (a connect every 50 ms), so the difference is what Procurator adds:
+guest's HTTP port the same way (qemu_guests.wait_http), so the difference is what Procurator adds:
 resolving the bundle, state, lock, network, the runtime config, spawning and waiting for QMP.
 """
 

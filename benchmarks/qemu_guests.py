@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from procurator.netns import connect_tcp
+from procurator.errors import WaitTimeoutError
+from procurator.health import wait_healthy
+from procurator.models import HealthCheck
 
 REPO = Path(__file__).resolve().parents[1]
 PROCURATOR = REPO / ".venv" / "bin" / "procurator"
@@ -39,22 +41,18 @@ def build_example(attr: str = "web", overrides: str | None = None) -> Path:
     return nix_build(str(EXAMPLES), "-A", attr, *extra)
 
 
-def wait_http(ns: str, ip: str, *, status: int | None = None, deadline: float = 60.0) -> float:
-    """Poll (a connect every 50 ms) until the guest answers GET /health on port 80, with `status` when given;
-    the monotonic time it did."""
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
-        try:
-            with connect_tcp(ns, ip, 80, 0.5) as sock:
-                sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                head = sock.recv(16)
-                code = head.split(b" ")[1:2]
-                if head.startswith(b"HTTP/") and (status is None or code == [str(status).encode()]):
-                    return time.monotonic()
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"the guest at {ip} did not answer GET /health within {deadline:.0f}s")
+def wait_http(ns: str, ip: str, *, deadline: float = 60.0) -> float:
+    """Poll until the guest answers GET /health on port 80 with 200; the monotonic time it did.
+
+    Polled as Procurator's own health waits poll (procurator/health.py: a connect attempt every 50 ms, each
+    kept in flight up to 250 ms): a blocking connect whose SYN the guest, still booting, lost would be
+    resent only after TCP's one-second retransmission timeout, putting the figure that late."""
+    check = HealthCheck(type="http", port=80, path="/health", timeout_seconds=2.0)
+    try:
+        wait_healthy((check,), ip, ns, timeout=deadline)
+    except WaitTimeoutError as exc:
+        raise SystemExit(f"the guest at {ip} did not answer GET /health: {exc}") from exc
+    return time.monotonic()
 
 
 class Guests:
