@@ -461,6 +461,23 @@ def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Swi
         return Switch(service_ip, old, new, switched, time.monotonic() - mark)
 
 
+def _attach(
+    host: Host, runtime: str, bundle: Bundle, ip: str, undo: contextlib.ExitStack
+) -> list[network.TapInfo]:
+    """The VM's TAPs, and its lease pinned to its first interface's MAC; both undone by `undo`."""
+    taps = network.attach_vm(
+        host.net,
+        runtime,
+        [i.id for i in bundle.meta.interfaces],
+        host.owner_uid(),
+        bundle.vcpus,
+        ip=ip,
+        mac=bundle.meta.interfaces[0].mac,
+    )
+    undo.callback(network.detach_vm, host.net, runtime, ip=ip)
+    return taps
+
+
 def _start(
     host: Host,
     bundle: Bundle,
@@ -498,16 +515,7 @@ def _start(
 
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
-            taps = network.attach_vm(
-                host.net,
-                runtime,
-                [i.id for i in bundle.meta.interfaces],
-                host.owner_uid(),
-                bundle.vcpus,
-                ip=lease.ip,
-                mac=bundle.meta.interfaces[0].mac,
-            )
-            undo.callback(network.detach_vm, host.net, runtime, ip=lease.ip)
+            taps = _attach(host, runtime, bundle, lease.ip, undo)
             for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
                 nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
 
@@ -1179,16 +1187,7 @@ def _restore(
             )
         taps: list[str] = []
         if bundle.meta.interfaces:
-            made = network.attach_vm(
-                host.net,
-                name,
-                [i.id for i in bundle.meta.interfaces],
-                host.owner_uid(),
-                bundle.vcpus,
-                ip=lease.ip,
-                mac=bundle.meta.interfaces[0].mac,
-            )
-            undo.callback(network.detach_vm, host.net, name, ip=lease.ip)
+            made = _attach(host, name, bundle, lease.ip, undo)
             taps = [t.name for t in made]
         wanted = [str(n.get("tap")) for n in config.get("net") or [] if isinstance(n, dict) and n.get("tap")]
         if wanted != taps:  # TAP names derive from the VM's name and interface ids: the same every time
