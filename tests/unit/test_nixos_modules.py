@@ -220,6 +220,18 @@ def test_guest_store_image_is_lz4hc_compressed() -> None:
     assert "mkfs.erofs --quiet --tar=f -zlz4hc " in script
 
 
+def test_guest_store_image_refers_to_none_of_the_paths_it_holds() -> None:
+    # Nix's scanner finds the hash of every path in the image's bytes (erofs directory entries are not
+    # compressed), so without this the image refers to the whole system and the bundle's closure holds
+    # the system twice: once as store paths, once inside the image. Honoured by Nix >= 2.18, the oldest
+    # that evaluates nixpkgs; unsafeDiscardReferences is read only with structured attributes.
+    image = guest(
+        select="{ inherit (e.config.system.build.procuratorBundle.env.passthru.storeImage.env) "
+        "__structuredAttrs unsafeDiscardReferences; }"
+    )
+    assert image == {"__structuredAttrs": True, "unsafeDiscardReferences": {"out": True}}
+
+
 def test_guest_aarch64_console_is_the_pl011() -> None:
     params = guest(select="e.config.boot.kernelParams", system="aarch64-linux")
     assert params == ["boot.panic_on_fail", "console=ttyAMA0"]
