@@ -14,6 +14,13 @@ only routes them.
     GET  /history                   the deployment profile's generations
     POST /rollback                  {"to"?: N, "wait"?: ...} -> the ApplyResult (as `rollback --json`)
     POST /pause, /resume            {"vm": NAME} -> the VM as `ps --json` shows it (paused or running)
+    POST /up                        {"bundle": PATH, "backend"?: NAME, "wait"?: ...} -> Started (below)
+    POST /vm/NAME/stop              {} -> Stopped: {"schema", "name", "was_running", "graceful", "steps"}
+    POST /vm/NAME/start             {"wait"?: ...} -> Started: {"schema", "changed", "vm": the `ps` row}
+    POST /vm/NAME/down              {"purge"?: bool} -> Stopped, with "purged"
+    POST /vm/NAME/pause, /resume    {} -> Started ("changed": false when it already was)
+                                    (worker/commands.py: the same results the commands make without a
+                                    worker; the daemon runs each under its work lock and the state lock)
     GET  /metrics                   Prometheus text exposition
     GET  /                          the status page (HTML, worker/status.py)
     GET  /vm/NAME                   one VM's page, with the tail of its serial log
@@ -45,6 +52,7 @@ from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from procurator import metrics, sockets
+from procurator.config import BACKENDS
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -56,7 +64,7 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.lifecycle import WaitFor
-from procurator.worker import status
+from procurator.worker import commands, status
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,9 @@ class ForbiddenError(UsageError):
     """A status page action that is not allowed here (answered 403)."""
 
 
+_VM_VERBS = frozenset({"log", "stop", "start", "down", "pause", "resume"})  # /vm/NAME/VERB
+
+
 def _route(path: str) -> tuple[str, str]:
     """The route a path takes, and the VM name in /vm/NAME paths ("" otherwise)."""
     parts = path.split("/")
@@ -77,8 +88,8 @@ def _route(path: str) -> tuple[str, str]:
         name = unquote(parts[2])
         if len(parts) == 3:
             return "/vm/*", name
-        if parts[3] == "log":
-            return "/vm/*/log", name
+        if parts[3] in _VM_VERBS:
+            return f"/vm/*/{parts[3]}", name
     return path, ""
 
 
@@ -103,12 +114,19 @@ def _status_of(exc: ProcuratorError) -> int:
 MAX_PATH = 4096  # PATH_MAX
 
 
-def _path_arg(value: str) -> Path:
-    """A deployment path from a request: absolute, without NUL, at most PATH_MAX bytes (else 400)."""
+def _path_arg(value: str, what: str = "deployment") -> Path:
+    """A deployment (bundle) path from a request: absolute, without NUL, at most PATH_MAX bytes (else 400)."""
     if not value.startswith("/") or "\0" in value or len(value.encode()) > MAX_PATH:
         shown = value if len(value) <= 80 else f"{value[:77]}..."
-        raise UsageError(f"deployment: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
+        raise UsageError(f"{what}: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
     return Path(value)
+
+
+def _wait_arg(body: dict[str, Any]) -> WaitFor | None:
+    wait = body.get("wait")
+    if wait is not None and wait not in {w.value for w in WaitFor}:
+        raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
+    return WaitFor(wait) if wait else None
 
 
 class Service(Protocol):
@@ -149,6 +167,18 @@ class Service(Protocol):
 
     def rollback(self, to: int | None = None, wait: WaitFor | None = None) -> Any: ...
 
+    # the VM commands (worker/commands.py): each answers its result's to_json()
+
+    def up_vm(self, bundle_path: Path, *, backend: str | None, wait: WaitFor | None) -> dict[str, Any]: ...
+
+    def stop_vm(self, name: str) -> dict[str, Any]: ...
+
+    def start_vm(self, name: str, *, wait: WaitFor | None) -> dict[str, Any]: ...
+
+    def down_vm(self, name: str, *, purge: bool) -> dict[str, Any]: ...
+
+    def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]: ...
+
 
 # --- the server --------------------------------------------------------------------------------------
 
@@ -176,6 +206,12 @@ class _Handler(BaseHTTPRequestHandler):
         "/": {"GET": "get_page"},
         "/vm/*": {"GET": "get_vm_page"},
         "/vm/*/log": {"GET": "get_vm_log"},
+        "/up": {"POST": "post_up"},
+        "/vm/*/stop": {"POST": "post_vm_stop"},
+        "/vm/*/start": {"POST": "post_vm_start"},
+        "/vm/*/down": {"POST": "post_vm_down"},
+        "/vm/*/pause": {"POST": "post_vm_pause"},
+        "/vm/*/resume": {"POST": "post_vm_resume"},
         "/actions/restart": {"POST": "post_restart"},
         "/actions/apply": {"POST": "post_apply_desired"},
         "/actions/rollback": {"POST": "post_rollback"},
@@ -245,10 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         if not isinstance(body, dict) or not isinstance(body.get("deployment"), str):
             raise UsageError('POST /apply expects {"deployment": "<store path>"}')
-        wait = body.get("wait")
-        if wait is not None and wait not in {w.value for w in WaitFor}:
-            raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
-        report = worker.apply(_path_arg(body["deployment"]), wait=WaitFor(wait) if wait else None)
+        report = worker.apply(_path_arg(body["deployment"]), wait=_wait_arg(body))
         self._json(200, report.to_json())
 
     def post_rollback_to(self, worker: Service) -> None:
@@ -267,6 +300,51 @@ class _Handler(BaseHTTPRequestHandler):
 
     def post_resume(self, worker: Service) -> None:
         self._json(200, worker.pause(self._vm_name(), pause=False))
+
+    # --- the VM commands ---
+
+    def post_up(self, worker: Service) -> None:
+        body = self._body()
+        if not isinstance(body, dict) or not isinstance(body.get("bundle"), str):
+            raise UsageError('POST /up expects {"bundle": "<store path>", "backend"?: ..., "wait"?: ...}')
+        backend = body.get("backend")
+        if backend is not None and backend not in BACKENDS:
+            raise UsageError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        bundle = _path_arg(body["bundle"], "bundle")
+        self._json(200, worker.up_vm(bundle, backend=backend, wait=_wait_arg(body)))
+
+    def post_vm_stop(self, worker: Service) -> None:
+        self._command_body("stop")
+        self._json(200, worker.stop_vm(self._named()))
+
+    def post_vm_start(self, worker: Service) -> None:
+        body = self._command_body("start", '{"wait"?: "none"|"booted"|"healthy"}')
+        self._json(200, worker.start_vm(self._named(), wait=_wait_arg(body)))
+
+    def post_vm_down(self, worker: Service) -> None:
+        body = self._command_body("down", '{"purge"?: true|false}')
+        purge = body.get("purge", False)
+        if not isinstance(purge, bool):
+            raise UsageError(f"purge: {json.dumps(purge)[:40]} is not true or false")
+        self._json(200, worker.down_vm(self._named(), purge=purge))
+
+    def post_vm_pause(self, worker: Service) -> None:
+        self._command_body("pause")
+        self._json(200, worker.pause_vm(self._named(), pause=True))
+
+    def post_vm_resume(self, worker: Service) -> None:
+        self._command_body("resume")
+        self._json(200, worker.pause_vm(self._named(), pause=False))
+
+    def _command_body(self, verb: str, shape: str = "{}") -> dict[str, Any]:
+        """The JSON object a /vm/NAME/VERB request carries (an empty body is {})."""
+        body = {} if self.headers.get("Content-Length") in (None, "0") else self._body()
+        if not isinstance(body, dict):
+            raise UsageError(f"POST /vm/NAME/{verb} expects {shape}")
+        return body
+
+    def _named(self) -> str:
+        return commands.check_name(self.name)
 
     def _vm_name(self) -> str:
         body = self._body()

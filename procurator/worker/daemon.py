@@ -48,7 +48,7 @@ from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
 from procurator.state import VmRecord
 from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Decision, ExitKind, Limits, Verdict, decide
-from procurator.worker import api, probes, status, views
+from procurator.worker import api, commands, probes, status, views
 from procurator.worker.exits import Exit, Tracked, observe_exit, reap
 from procurator.worker.records import RecordCache
 from procurator.worker.views import ApplyReport, Figures
@@ -302,6 +302,42 @@ class Worker:
         with self._working(timeout=WORK_WAIT):
             (lifecycle.pause if pause else lifecycle.resume)(self.host, name)
         return next(s.to_json() for s in lifecycle.status(self.host) if s.record.name == name)
+
+    # --- the VM commands (worker/commands.py; POST /up, /vm/NAME/stop|start|down|pause|resume) ---------
+    #
+    # Each runs under the work lock (no supervision pass or reconcile meanwhile) and, inside lifecycle,
+    # the state lock; then supervision of that VM starts afresh. `stop` and `down` write the VM's desired
+    # state before it goes down, so supervision never restarts it; `start` boots it and supervision takes
+    # it from there (a VM the worker gave up on, desired "failed", is supervised again).
+
+    def up_vm(self, bundle_path: Path, *, backend: str | None, wait: WaitFor | None) -> dict[str, Any]:
+        bundle = Bundle.load(bundle_path)
+        with self._working(timeout=WORK_WAIT):
+            started = commands.Here(self.host).vm_up(bundle, backend=backend, wait=wait or WaitFor.BOOTED)
+            self._tracked.pop(started.name, None)
+        return started.to_json()
+
+    def stop_vm(self, name: str) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            stopped = commands.Here(self.host).vm_stop(name)
+            self._tracked.pop(name, None)
+        return stopped.to_json()
+
+    def start_vm(self, name: str, *, wait: WaitFor | None) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            started = commands.Here(self.host).vm_start(name, wait=wait or WaitFor.BOOTED)
+            self._tracked.pop(name, None)
+        return started.to_json()
+
+    def down_vm(self, name: str, *, purge: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            stopped = commands.Here(self.host).vm_down(name, purge=purge)
+            self._tracked.pop(name, None)
+        return stopped.to_json()
+
+    def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            return commands.Here(self.host).vm_pause(name, pause=pause).to_json()
 
     def _reconcile(self, trigger: str, deployment: Deployment, wait: WaitFor) -> ApplyReport:
         started, began = self.wall(), self.clock()

@@ -1,0 +1,199 @@
+"""The VM commands (`up`, `down`, `stop`, `start`, `pause`, `resume`) as one interface with two sides.
+
+`Here` does the work in this process (lifecycle.py), as a command does when no worker runs and as the
+daemon does for its API under its own lock; `WorkerClient` (worker/client.py) asks a running worker to
+do it. Both return the same frozen results, and a result crosses the worker's socket as its `to_json()`
+with a `schema` number, read back by `from_json`: so a command prints the same lines and the same
+`--json` whichever side did the work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from procurator import lifecycle
+from procurator.errors import UsageError, ValidationError
+from procurator.hypervisor.base import StopResult
+from procurator.lifecycle import Host, WaitFor
+from procurator.models import VM_NAME_MAX, Bundle, is_dns_label
+
+COMMAND_SCHEMA = 1  # of the documents below, as POST /up and /vm/NAME/{stop,start,down,pause,resume} answer
+
+
+def check_name(name: str) -> str:
+    """A VM name as the commands take it (a bundle's name: a DNS label), else a UsageError."""
+    if not is_dns_label(name, VM_NAME_MAX):
+        shown = name if len(name) <= 40 else f"{name[:37]}..."
+        raise UsageError(
+            f"VM name {shown!r}: not a DNS label of at most {VM_NAME_MAX} characters (a-z, 0-9, '-'); "
+            "see `procurator ps`"
+        )
+    return name
+
+
+class _Doc:
+    """Typed reads of one command document another process sent; a wrong one names source and field."""
+
+    def __init__(self, source: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ValidationError(source, "", f"expected an object, found {type(data).__name__}")
+        if data.get("schema") != COMMAND_SCHEMA:
+            raise ValidationError(
+                source,
+                "schema",
+                f"{data.get('schema')!r}, not {COMMAND_SCHEMA}: the worker runs another procurator release; "
+                "restart it after an upgrade",
+            )
+        self.source, self.data = source, data
+
+    def get(self, key: str, kinds: type | tuple[type, ...], what: str, *, optional: bool = False) -> Any:
+        value = self.data.get(key)
+        if optional and value is None:
+            return None
+        if key not in self.data or isinstance(value, bool) != (kinds is bool) or not isinstance(value, kinds):
+            raise ValidationError(self.source, key, f"expected {what}, found {json.dumps(value)[:40]}")
+        return value
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How one VM went down (`stop`, `down`): the row `stop --json` / `down --json` prints."""
+
+    name: str
+    was_running: bool
+    graceful: bool | None  # None: it was not running
+    steps: tuple[str, ...]
+    purged: bool | None = None  # `down` only
+
+    @classmethod
+    def of(cls, name: str, result: StopResult | None, *, purged: bool | None = None) -> Stopped:
+        if result is None:
+            return cls(name, False, None, (), purged)
+        return cls(name, True, result.graceful, tuple(result.steps), purged)
+
+    @property
+    def how(self) -> str:
+        """How it went down, for people: graceful, or the stop ladder's steps."""
+        if not self.was_running:
+            return "was not running"
+        return "graceful" if self.graceful else " -> ".join(self.steps)
+
+    def row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "name": self.name,
+            "was_running": self.was_running,
+            "graceful": self.graceful,
+            "steps": list(self.steps),
+        }
+        if self.purged is not None:
+            row["purged"] = self.purged
+        return row
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": COMMAND_SCHEMA, **self.row()}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Stopped:
+        d = _Doc(source, data)
+        steps = d.get("steps", list, "a list of strings")
+        if not all(isinstance(s, str) for s in steps):
+            raise ValidationError(source, "steps", "expected a list of strings")
+        return cls(
+            name=d.get("name", str, "a string"),
+            was_running=d.get("was_running", bool, "true or false"),
+            graceful=d.get("graceful", bool, "true, false or null", optional=True),
+            steps=tuple(steps),
+            purged=d.get("purged", bool, "true, false or null", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Started:
+    """One VM after `up`, `start`, `pause` or `resume`: its `ps --json` row, and whether anything was done
+    (`pause` of a paused VM: nothing)."""
+
+    vm: dict[str, Any]  # the row as `ps --json` prints it (lifecycle.VmStatus.to_json)
+    changed: bool = True
+
+    @property
+    def name(self) -> str:
+        return str(self.vm["name"])
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.vm.get("pid")
+        return pid if isinstance(pid, int) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": COMMAND_SCHEMA, "changed": self.changed, "vm": self.vm}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Started:
+        d = _Doc(source, data)
+        vm = d.get("vm", dict, "the VM as `ps --json` shows it")
+        for key in ("name", "state", "backend"):
+            if not isinstance(vm.get(key), str):
+                raise ValidationError(
+                    source, f"vm.{key}", f"expected a string, found {json.dumps(vm.get(key))[:40]}"
+                )
+        for key in ("pid", "ip"):
+            if vm.get(key) is not None and not isinstance(vm[key], int if key == "pid" else str):
+                raise ValidationError(source, f"vm.{key}", f"unexpected {json.dumps(vm[key])[:40]}")
+        return cls(vm=vm, changed=d.get("changed", bool, "true or false"))
+
+
+def rows_of(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of the VMs `names`, in the listing's order (by name)."""
+    wanted = set(names)
+    return [row for row in rows if row.get("name") in wanted]
+
+
+class Commands(Protocol):
+    """What the VM commands call: `Here` (this process) or a `WorkerClient` (a running worker)."""
+
+    def vm_up(self, bundle: Bundle, *, backend: str | None, wait: WaitFor) -> Started: ...
+
+    def vm_stop(self, name: str) -> Stopped: ...
+
+    def vm_start(self, name: str, *, wait: WaitFor) -> Started: ...
+
+    def vm_down(self, name: str, *, purge: bool) -> Stopped: ...
+
+    def vm_pause(self, name: str, *, pause: bool) -> Started: ...
+
+    def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]: ...
+
+
+class Here:
+    """The commands done in this process, on `host` (lifecycle.py; it takes the state lock itself)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def _row(self, name: str) -> dict[str, Any]:
+        statuses, _ = lifecycle.listing(self.host)  # another VM's damaged record is not this one's error
+        return next(s.to_json() for s in statuses if s.record.name == name)
+
+    def vm_up(self, bundle: Bundle, *, backend: str | None, wait: WaitFor) -> Started:
+        record = lifecycle.up(self.host, bundle, backend=backend, wait=wait)
+        return Started(self._row(record.name))
+
+    def vm_stop(self, name: str) -> Stopped:
+        return Stopped.of(name, lifecycle.stop(self.host, check_name(name)))
+
+    def vm_start(self, name: str, *, wait: WaitFor) -> Started:
+        lifecycle.start(self.host, check_name(name), wait=wait)
+        return Started(self._row(name))
+
+    def vm_down(self, name: str, *, purge: bool) -> Stopped:
+        return Stopped.of(name, lifecycle.down(self.host, check_name(name), purge=purge), purged=purge)
+
+    def vm_pause(self, name: str, *, pause: bool) -> Started:
+        changed = (lifecycle.pause if pause else lifecycle.resume)(self.host, check_name(name))
+        return Started(self._row(name), changed=changed)
+
+    def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        return rows_of([s.to_json() for s in lifecycle.status(self.host)], names)
