@@ -190,6 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60.0  # a client that stops sending (or reading) mid-request is dropped after this
     query: dict[str, list[str]]
     name: str  # the NAME of /vm/NAME routes
+    body_read: bool  # whether this request's body was read (else an error answer closes the connection)
     sys_version = ""
 
     # Routes: path -> {method: handler name}
@@ -240,6 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        self.body_read = False
         url = urlsplit(self.path)
         route, self.name = _route(url.path)
         routes = self.ROUTES.get(route)
@@ -403,6 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit() or int(length) > MAX_BODY:
             raise UsageError("a form body with Content-Length is required")
+        self.body_read = True
         form = status.parse_form(self.rfile.read(int(length)))
         worker.csrf.check(form)
         return form
@@ -422,6 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
         size = int(length)
         if size > MAX_BODY:
             raise UsageError(f"the body is larger than {MAX_BODY} bytes")
+        self.body_read = True
         raw = self.rfile.read(size)
         try:
             return json.loads(raw)
@@ -432,6 +436,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, (json.dumps(body, sort_keys=True) + "\n").encode(), "application/json")
 
     def _error(self, status: int, kind: str, message: str, *, allow: str | None = None) -> None:
+        if not self.body_read and self.headers.get("Content-Length", "0") != "0":
+            # A body the request was refused before reading: the connection cannot carry another one.
+            self.close_connection = True
         self._send(status, (json.dumps({"error": message, "type": kind}) + "\n").encode(), "application/json",
                    allow=allow)  # fmt: skip
 
@@ -441,6 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if allow is not None:
             self.send_header("Allow", allow)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

@@ -148,6 +148,11 @@ class WorkerClient:
             raise WaitTimeoutError(
                 f"the worker to answer {method} {path}", _seconds(self._client, timeout)
             ) from exc
+        except httpx.RemoteProtocolError as exc:  # it took the request, then went away (stopped, killed)
+            raise WorkerUnavailableError(
+                f"the worker on {self.api_socket} went away during {method} {path} ({exc}); "
+                "run the command again (without a worker it does the work itself)"
+            ) from exc
         except httpx.TransportError as exc:
             raise WorkerUnavailableError(
                 f"no worker answers on {self.api_socket} ({exc}); start it with `procurator worker`"
