@@ -8,10 +8,10 @@ import click
 
 from procurator import console as consoles
 from procurator import lifecycle, logfiles
-from procurator.cli.context import host, vm_commands, vm_names
+from procurator.cli.context import host, vm_commands, vm_names, worker
 from procurator.cli.render import emit_json, note
 from procurator.config import BACKENDS
-from procurator.errors import UsageError
+from procurator.errors import ConflictError, UsageError
 from procurator.hypervisor.base import StopResult
 from procurator.lifecycle import WaitFor
 from procurator.resolve import resolve
@@ -222,8 +222,19 @@ def console(ctx: click.Context, name: str, quiet_after: float, limit: float) -> 
 )
 @click.pass_context
 def shutdown(ctx: click.Context, parallel: int) -> None:
-    """Stop every running VM gracefully for a host shutdown; the worker boots them again at start."""
-    results = lifecycle.shutdown_all(host(ctx), parallel=parallel)
+    """Stop every running VM gracefully for a host shutdown; the worker boots them again at start.
+
+    Refused while a worker answers on the configured API socket: it would boot them again at once (the
+    NixOS unit runs this after the worker has stopped)."""
+    h = host(ctx)
+    client = worker(h)
+    if client is not None:
+        client.close()
+        raise ConflictError(
+            f"a worker answers on {h.config.api_socket}: it supervises the VMs and boots again what a "
+            "shutdown stops; stop it first (systemctl stop procurator-worker), then run `procurator shutdown`"
+        )
+    results = lifecycle.shutdown_all(h, parallel=parallel)
     for name, result in sorted(results.items()):
         note(f"{name}: shut down ({_how(result)})")
     if not results:

@@ -19,6 +19,9 @@ only routes them.
     POST /vm/NAME/start             {"wait"?: ...} -> Started: {"schema", "changed", "vm": the `ps` row}
     POST /vm/NAME/down              {"purge"?: bool} -> Stopped, with "purged"
     POST /vm/NAME/pause, /resume    {} -> Started ("changed": false when it already was)
+    POST /vm/NAME/snapshot          {"keep"?: N, "stay_paused"?: bool} -> {"schema", "snapshot": as --json}
+    POST /vm/NAME/restore           {"id"?: ID, "paused"?: bool, "wait"?: ...} -> {"schema", "snapshot": ID,
+                                    "vm": the `ps` row}
                                     (worker/commands.py: the same results the commands make without a
                                     worker; the daemon runs each under its work lock and the state lock)
     GET  /metrics                   Prometheus text exposition
@@ -78,7 +81,7 @@ class ForbiddenError(UsageError):
     """A status page action that is not allowed here (answered 403)."""
 
 
-_VM_VERBS = frozenset({"log", "stop", "start", "down", "pause", "resume"})  # /vm/NAME/VERB
+_VM_VERBS = frozenset({"log", "stop", "start", "down", "pause", "resume", "snapshot", "restore"})
 
 
 def _route(path: str) -> tuple[str, str]:
@@ -120,6 +123,13 @@ def _path_arg(value: str, what: str = "deployment") -> Path:
         shown = value if len(value) <= 80 else f"{value[:77]}..."
         raise UsageError(f"{what}: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
     return Path(value)
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{key}: {json.dumps(value)[:40]} is not true or false")
+    return value
 
 
 def _wait_arg(body: dict[str, Any]) -> WaitFor | None:
@@ -179,6 +189,12 @@ class Service(Protocol):
 
     def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]: ...
 
+    def snapshot_vm(self, name: str, *, keep: int | None, stay_paused: bool) -> dict[str, Any]: ...
+
+    def restore_vm(
+        self, name: str, *, ident: str | None, paused: bool, wait: WaitFor | None
+    ) -> dict[str, Any]: ...
+
 
 # --- the server --------------------------------------------------------------------------------------
 
@@ -213,6 +229,8 @@ class _Handler(BaseHTTPRequestHandler):
         "/vm/*/down": {"POST": "post_vm_down"},
         "/vm/*/pause": {"POST": "post_vm_pause"},
         "/vm/*/resume": {"POST": "post_vm_resume"},
+        "/vm/*/snapshot": {"POST": "post_vm_snapshot"},
+        "/vm/*/restore": {"POST": "post_vm_restore"},
         "/actions/restart": {"POST": "post_restart"},
         "/actions/apply": {"POST": "post_apply_desired"},
         "/actions/rollback": {"POST": "post_rollback"},
@@ -325,10 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def post_vm_down(self, worker: Service) -> None:
         body = self._command_body("down", '{"purge"?: true|false}')
-        purge = body.get("purge", False)
-        if not isinstance(purge, bool):
-            raise UsageError(f"purge: {json.dumps(purge)[:40]} is not true or false")
-        self._json(200, worker.down_vm(self._named(), purge=purge))
+        self._json(200, worker.down_vm(self._named(), purge=_flag(body, "purge")))
 
     def post_vm_pause(self, worker: Service) -> None:
         self._command_body("pause")
@@ -337,6 +352,23 @@ class _Handler(BaseHTTPRequestHandler):
     def post_vm_resume(self, worker: Service) -> None:
         self._command_body("resume")
         self._json(200, worker.pause_vm(self._named(), pause=False))
+
+    def post_vm_snapshot(self, worker: Service) -> None:
+        body = self._command_body("snapshot", '{"keep"?: N, "stay_paused"?: true|false}')
+        keep = body.get("keep")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise UsageError(f"keep: {json.dumps(keep)[:40]} is not a number of snapshots (1 or more)")
+        stay = _flag(body, "stay_paused")
+        self._json(200, worker.snapshot_vm(self._named(), keep=keep, stay_paused=stay))
+
+    def post_vm_restore(self, worker: Service) -> None:
+        body = self._command_body("restore", '{"id"?: "<snapshot id>", "paused"?: true|false, "wait"?: ...}')
+        ident = body.get("id")
+        if ident is not None and not isinstance(ident, str):
+            raise UsageError(f"id: {json.dumps(ident)[:40]} is not a snapshot id")
+        ident = None if ident is None else commands.check_snapshot_id(ident)
+        paused, wait = _flag(body, "paused"), _wait_arg(body)
+        self._json(200, worker.restore_vm(self._named(), ident=ident, paused=paused, wait=wait))
 
     def _command_body(self, verb: str, shape: str = "{}") -> dict[str, Any]:
         """The JSON object a /vm/NAME/VERB request carries (an empty body is {})."""

@@ -21,7 +21,15 @@ from urllib.parse import quote
 
 from procurator import errors, sockets
 from procurator.errors import WaitTimeoutError, WorkerApiError, WorkerUnavailableError
-from procurator.worker.commands import Started, Stopped, check_name, rows_of
+from procurator.worker.commands import (
+    Restored,
+    Snapshotted,
+    Started,
+    Stopped,
+    check_name,
+    check_snapshot_id,
+    rows_of,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -111,6 +119,18 @@ class WorkerClient:
 
     def vm_pause(self, name: str, *, pause: bool) -> Started:
         return Started.from_json(*self._command(_vm(name, "pause" if pause else "resume"), {}))
+
+    def vm_snapshot(self, name: str, *, keep: int | None, stay_paused: bool) -> Snapshotted:
+        body: dict[str, Any] = {"stay_paused": stay_paused}
+        if keep is not None:
+            body["keep"] = keep
+        return Snapshotted.from_json(*self._command(_vm(name, "snapshot"), body))
+
+    def vm_restore(self, name: str, *, ident: str | None, paused: bool, wait: WaitFor) -> Restored:
+        body: dict[str, Any] = {"paused": paused, "wait": wait.value}
+        if ident is not None:
+            body["id"] = check_snapshot_id(ident)
+        return Restored.from_json(*self._command(_vm(name, "restore"), body))
 
     def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
         listed = self._request("GET", "/vms").json()

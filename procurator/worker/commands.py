@@ -1,4 +1,5 @@
-"""The VM commands (`up`, `down`, `stop`, `start`, `pause`, `resume`) as one interface with two sides.
+"""The VM commands (`up`, `down`, `stop`, `start`, `pause`, `resume`, `snapshot`, `restore`) as one
+interface with two sides.
 
 `Here` does the work in this process (lifecycle.py), as a command does when no worker runs and as the
 daemon does for its API under its own lock; `WorkerClient` (worker/client.py) asks a running worker to
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from procurator import lifecycle
@@ -20,7 +22,7 @@ from procurator.hypervisor.base import StopResult
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import VM_NAME_MAX, Bundle, is_dns_label
 
-COMMAND_SCHEMA = 1  # of the documents below, as POST /up and /vm/NAME/{stop,start,down,pause,resume} answer
+COMMAND_SCHEMA = 1  # of the documents below, as POST /up and /vm/NAME/VERB answer (worker/api.py)
 
 
 def check_name(name: str) -> str:
@@ -145,6 +147,75 @@ class Started:
         return cls(vm=vm, changed=d.get("changed", bool, "true or false"))
 
 
+@dataclass(frozen=True)
+class Snapshotted:
+    """A snapshot taken (`snapshot`): the object `snapshot --json` prints, and what its lines say."""
+
+    doc: dict[str, Any]  # the snapshot's own JSON (snapshots.Snapshot.to_json), guest_paused, pruned
+    id: str
+    path: str
+    size: int
+    guest_paused: bool
+    pruned: tuple[str, ...]
+
+    @classmethod
+    def of(cls, result: lifecycle.SnapshotResult) -> Snapshotted:
+        doc = {
+            **result.snapshot.to_json(),
+            "guest_paused": result.paused,
+            "pruned": [s.id for s in result.pruned],
+        }
+        return cls._of(doc, "snapshot")
+
+    @classmethod
+    def _of(cls, doc: dict[str, Any], source: str) -> Snapshotted:
+        wanted = {"id": str, "path": str, "size": int, "guest_paused": bool, "pruned": list}
+        for key, kind in wanted.items():
+            value = doc.get(key)
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                raise ValidationError(source, f"snapshot.{key}", f"unexpected {json.dumps(value)[:40]}")
+        if not all(isinstance(p, str) for p in doc["pruned"]):
+            raise ValidationError(source, "snapshot.pruned", "expected a list of snapshot ids")
+        return cls(doc, doc["id"], doc["path"], doc["size"], doc["guest_paused"], tuple(doc["pruned"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": COMMAND_SCHEMA, "snapshot": self.doc}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Snapshotted:
+        return cls._of(
+            _Doc(source, data).get("snapshot", dict, "the snapshot as `snapshot --json` shows it"), source
+        )
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A VM booted from a snapshot (`restore`): its `ps --json` row and the snapshot's id."""
+
+    vm: dict[str, Any]
+    snapshot: str
+
+    @property
+    def pid(self) -> int | None:
+        return Started(self.vm).pid
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": COMMAND_SCHEMA, "snapshot": self.snapshot, "vm": self.vm}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Restored:
+        ident = _Doc(source, data).get("snapshot", str, "a snapshot id")
+        return cls(Started.from_json({**data, "changed": True}, source).vm, ident)
+
+
+def check_snapshot_id(ident: str) -> str:
+    """A snapshot id as `procurator snapshots` lists it (a directory name: no path), else a UsageError."""
+    if not ident or len(ident) > 64 or "/" in ident or ident.startswith(".") or "\0" in ident:
+        shown = ident if len(ident) <= 40 else f"{ident[:37]}..."
+        raise UsageError(f"snapshot id {shown!r}: not an id that `procurator snapshots NAME` lists")
+    return ident
+
+
 def rows_of(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
     """The rows of the VMs `names`, in the listing's order (by name)."""
     wanted = set(names)
@@ -163,6 +234,10 @@ class Commands(Protocol):
     def vm_down(self, name: str, *, purge: bool) -> Stopped: ...
 
     def vm_pause(self, name: str, *, pause: bool) -> Started: ...
+
+    def vm_snapshot(self, name: str, *, keep: int | None, stay_paused: bool) -> Snapshotted: ...
+
+    def vm_restore(self, name: str, *, ident: str | None, paused: bool, wait: WaitFor) -> Restored: ...
 
     def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]: ...
 
@@ -194,6 +269,22 @@ class Here:
     def vm_pause(self, name: str, *, pause: bool) -> Started:
         changed = (lifecycle.pause if pause else lifecycle.resume)(self.host, check_name(name))
         return Started(self._row(name), changed=changed)
+
+    def vm_snapshot(
+        self, name: str, *, keep: int | None, stay_paused: bool, to: Path | None = None
+    ) -> Snapshotted:
+        result = lifecycle.snapshot(self.host, check_name(name), to=to, keep=keep, stay_paused=stay_paused)
+        return Snapshotted.of(result)
+
+    def vm_restore(
+        self, name: str, *, ident: str | None, paused: bool, wait: WaitFor, source: Path | None = None
+    ) -> Restored:
+        if ident is not None:
+            check_snapshot_id(ident)
+        _, snap = lifecycle.restore(
+            self.host, check_name(name), source=source, ident=ident, paused=paused, wait=wait
+        )
+        return Restored(self._row(name), snap.id)
 
     def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
         return rows_of([s.to_json() for s in lifecycle.status(self.host)], names)

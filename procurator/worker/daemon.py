@@ -303,7 +303,7 @@ class Worker:
             (lifecycle.pause if pause else lifecycle.resume)(self.host, name)
         return next(s.to_json() for s in lifecycle.status(self.host) if s.record.name == name)
 
-    # --- the VM commands (worker/commands.py; POST /up, /vm/NAME/stop|start|down|pause|resume) ---------
+    # --- the VM commands (worker/commands.py; POST /up, /vm/NAME/VERB) ---------------------------------
     #
     # Each runs under the work lock (no supervision pass or reconcile meanwhile) and, inside lifecycle,
     # the state lock; then supervision of that VM starts afresh. `stop` and `down` write the VM's desired
@@ -338,6 +338,20 @@ class Worker:
     def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]:
         with self._working(timeout=WORK_WAIT):
             return commands.Here(self.host).vm_pause(name, pause=pause).to_json()
+
+    def snapshot_vm(self, name: str, *, keep: int | None, stay_paused: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            return commands.Here(self.host).vm_snapshot(name, keep=keep, stay_paused=stay_paused).to_json()
+
+    def restore_vm(
+        self, name: str, *, ident: str | None, paused: bool, wait: WaitFor | None
+    ) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            restored = commands.Here(self.host).vm_restore(
+                name, ident=ident, paused=paused, wait=wait or WaitFor.BOOTED
+            )
+            self._tracked.pop(name, None)
+        return restored.to_json()
 
     def _reconcile(self, trigger: str, deployment: Deployment, wait: WaitFor) -> ApplyReport:
         started, began = self.wall(), self.clock()

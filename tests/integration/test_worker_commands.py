@@ -221,3 +221,50 @@ def test_kill_9_of_the_worker_mid_stop_then_one_rerun_converges(
     assert {n: v["state"] for n, v in vm_host.ps().items()} == {"api": "running", "web": "running"}
     assert parent(record(vm_host, "web")["pid"]) == daemon.proc.pid
     assert len(hypervisors(vm_host)) == 2
+
+
+def test_snapshot_and_restore_through_the_worker_and_no_shutdown_beside_it(
+    vm_host: VmHost, example_build: ExampleBuild, start_daemon: Callable[..., Daemon]
+) -> None:
+    api_socket = use_worker_socket(vm_host)
+    daemon = start_daemon()
+    vm_host.ok("up", str(example_build.web))
+
+    taken = vm_host.run("--debug", "snapshot", "web", "--json")
+    assert taken.returncode == 0, taken.stderr
+    assert f"snapshot through the worker on {api_socket}" in taken.stderr
+    snap = json.loads(taken.stdout)
+    assert (snap["vm"], snap["guest_paused"], snap["pruned"]) == ("web", False, [])
+    assert Path(snap["path"]).is_dir()
+    assert daemon.vms()["web"]["state"] == "running"  # resumed after the snapshot
+
+    refused = vm_host.run("shutdown")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"error: a worker answers on {api_socket}: it supervises the VMs and boots again what a shutdown "
+        "stops; stop it first (systemctl stop procurator-worker), then run `procurator shutdown`\n"
+    )
+    assert daemon.vms()["web"]["state"] == "running"
+
+    vm_host.ok("stop", "web")
+    bad = vm_host.run("restore", "web", "--id", "../../etc")
+    assert (bad.returncode, bad.stderr.count("\n")) == (2, 1), bad.stderr
+    restored = vm_host.run("--debug", "restore", "web", "--json")
+    assert restored.returncode == 0, restored.stderr
+    assert f"restore through the worker on {api_socket}" in restored.stderr
+    rows = json.loads(restored.stdout)
+    assert [(r["name"], r["state"]) for r in rows] == [("web", "running")]
+    assert parent(rows[0]["pid"]) == daemon.proc.pid  # the worker's child, under its supervision
+    kill9(rows[0]["pid"])
+    wait_for("the worker to restart web", lambda: restarted(daemon, "web", rows[0]["pid"], 1), timeout=60)
+
+    # Without a worker: the same documents, the same refusal of a bad id.
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=30) == 0
+    here = json.loads(vm_host.ok("snapshot", "web", "--json"))
+    assert sorted(here) == sorted(snap)
+    assert (here["vm"], here["guest_paused"]) == ("web", False)
+    vm_host.ok("stop", "web")
+    again = vm_host.run("restore", "web", "--id", "../../etc")
+    assert (again.returncode, again.stderr) == (bad.returncode, bad.stderr)
+    assert sorted(json.loads(vm_host.ok("restore", "web", "--json"))[0]) == sorted(rows[0])
