@@ -202,7 +202,8 @@ def test_kill_9_of_the_worker_mid_stop_then_one_rerun_converges(
             stop.wait(timeout=10)
     assert stop.returncode == 1
     assert err.decode().count("\n") == 1, err
-    assert err.decode().startswith("error: "), err
+    assert err.decode().startswith("error: the worker on "), err
+    assert "went away during POST /vm/web/stop" in err.decode(), err
 
     rerun = vm_host.run("stop", "web")
     assert rerun.returncode == 0, rerun.stderr
