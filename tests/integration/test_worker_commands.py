@@ -42,6 +42,19 @@ def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def zombies(ppid: int) -> list[int]:
+    """Children of `ppid` that exited and were not reaped."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, parent_pid = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state == "Z" and int(parent_pid) == ppid:
+            found.append(int(entry.name))
+    return found
+
+
 def leased(host: VmHost) -> set[str]:
     path = host.state / "leases.json"
     return set(json.loads(path.read_text())["leases"]) if path.exists() else set()
@@ -84,6 +97,7 @@ def test_stop_start_down_through_the_worker_print_what_they_print_without_it(
     wait_for("the worker to restart api", lambda: restarted(daemon, "api", api_pid, 1), timeout=60)
     assert daemon.vms()["web"]["state"] == "stopped"
     assert len(hypervisors(vm_host)) == 1
+    assert zombies(daemon.proc.pid) == []  # the worker reaped the hypervisor it stopped
 
     started = vm_host.run("start", "web", "--json")
     assert started.returncode == 0, started.stderr
@@ -127,6 +141,7 @@ def test_stop_start_down_through_the_worker_print_what_they_print_without_it(
     assert len(vm_host.taps()) == 1
     assert leased(vm_host) == {"api"}
     assert sorted(p.name for p in (vm_host.state / "vms").iterdir()) == ["api"]
+    assert zombies(daemon.proc.pid) == []
 
     # The same commands without a worker (the socket file stays, nobody answers): the same output.
     daemon.proc.send_signal(signal.SIGTERM)
