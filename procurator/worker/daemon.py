@@ -17,6 +17,10 @@ daemon restarted it before (unit-tested with a fake clock), driven by a thin loo
 - crash loop: once `maxRestarts` restarts happened within `Limits.window`, the daemon gives up: the
   VM's record gets desired "failed" and `last_exit` says why; `procurator start` boots it again.
 
+The VM commands (`up`, `stop`, `start`, `down`, `pause`, `resume`, `snapshot`, `restore`) come to a running
+daemon over its API (worker/commands.py) and run under its work lock, so no supervision pass acts on a
+VM a command is changing; a command run without the daemon is kept apart by the state lock as below.
+
 The daemon holds the state lock only while it mutates (one restart, one give-up, the start-up sweep;
 reconcile takes it itself), never while it sleeps, so CLI commands keep working beside it; before it
 acts it reads the record again under the lock and does nothing if a command changed the VM meanwhile.
