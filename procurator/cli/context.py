@@ -56,7 +56,7 @@ def vm_commands(h: Host, what: str) -> Iterator[Commands]:
         return
     log.info("%s through the worker on %s", what, h.config.api_socket)
     with client:
-        yield client
+        yield commands.Routed(client, commands.Here(h), str(h.config.api_socket))
 
 
 def vm_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:

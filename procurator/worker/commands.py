@@ -11,16 +11,20 @@ with a `schema` number, read back by `from_json`: so a command prints the same l
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from procurator import lifecycle
-from procurator.errors import UsageError, ValidationError
+from procurator.errors import UsageError, ValidationError, WorkerApiError
 from procurator.hypervisor.base import StopResult
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import VM_NAME_MAX, Bundle, is_dns_label
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 COMMAND_SCHEMA = 1  # of the documents below, as POST /up and /vm/NAME/VERB answer (worker/api.py)
 
@@ -288,3 +292,47 @@ class Here:
 
     def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
         return rows_of([s.to_json() for s in lifecycle.status(self.host)], names)
+
+
+class Routed:
+    """The commands through a running worker, and here when that worker is of a release without the
+    command's route (it answers 404 `NotFound` for the path: a worker not yet restarted after an
+    upgrade). Doing it here is what every release before the routes did beside a worker."""
+
+    def __init__(self, worker: Commands, here: Here, where: str) -> None:
+        self.worker, self.here, self.where = worker, here, where
+
+    def _either(self, what: str, remote: Callable[[Commands], _T]) -> _T:
+        try:
+            return remote(self.worker)
+        except WorkerApiError as exc:
+            if (exc.status, exc.kind) != (404, "NotFound"):
+                raise
+            log.warning(
+                "the worker on %s has no %s route (an older release); doing it here", self.where, what
+            )
+            return remote(self.here)
+
+    def vm_up(self, bundle: Bundle, *, backend: str | None, wait: WaitFor) -> Started:
+        return self._either("up", lambda c: c.vm_up(bundle, backend=backend, wait=wait))
+
+    def vm_stop(self, name: str) -> Stopped:
+        return self._either("stop", lambda c: c.vm_stop(name))
+
+    def vm_start(self, name: str, *, wait: WaitFor) -> Started:
+        return self._either("start", lambda c: c.vm_start(name, wait=wait))
+
+    def vm_down(self, name: str, *, purge: bool) -> Stopped:
+        return self._either("down", lambda c: c.vm_down(name, purge=purge))
+
+    def vm_pause(self, name: str, *, pause: bool) -> Started:
+        return self._either("pause" if pause else "resume", lambda c: c.vm_pause(name, pause=pause))
+
+    def vm_snapshot(self, name: str, *, keep: int | None, stay_paused: bool) -> Snapshotted:
+        return self._either("snapshot", lambda c: c.vm_snapshot(name, keep=keep, stay_paused=stay_paused))
+
+    def vm_restore(self, name: str, *, ident: str | None, paused: bool, wait: WaitFor) -> Restored:
+        return self._either("restore", lambda c: c.vm_restore(name, ident=ident, paused=paused, wait=wait))
+
+    def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        return self.worker.vm_rows(names)

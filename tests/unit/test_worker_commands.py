@@ -3,7 +3,7 @@ an error answer becomes the command's own error (worker/client.py `CommandError`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -12,7 +12,10 @@ from procurator.hypervisor.base import StopResult
 from procurator.worker.api import _route
 from procurator.worker.client import CommandError
 from procurator.worker.commands import (
+    Commands,
+    Here,
     Restored,
+    Routed,
     Snapshotted,
     Started,
     Stopped,
@@ -125,3 +128,44 @@ def test_an_error_answer_is_the_commands_own(kind: str, code: int) -> None:
     assert error.message == "no VM named 'ghost' on this host"
     assert error.exit_code == code
     assert (error.status, error.kind) == (404, kind)
+
+
+class _Asked:
+    """One side of `Routed` that answers `vm_stop` with `answer` (or raises it), counting the calls."""
+
+    def __init__(self, answer: Stopped | Exception) -> None:
+        self.answer = answer
+        self.calls = 0
+        self.names: list[str] = []
+
+    def vm_stop(self, name: str) -> Stopped:
+        self.calls += 1
+        self.names.append(name)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def _routed(worker: _Asked, here: _Asked) -> Routed:
+    return Routed(cast("Commands", worker), cast("Here", here), "/run/procurator/api.sock")
+
+
+def test_a_worker_without_the_route_leaves_the_command_to_be_done_here() -> None:
+    done = Stopped("web", True, True, ("power-button",))
+    old = WorkerApiError("POST /vm/web/stop", 404, "no such endpoint '/vm/web/stop'", kind="NotFound")
+    worker, here = _Asked(CommandError(old)), _Asked(done)
+    assert _routed(worker, here).vm_stop("web") == done
+    assert (worker.names, here.names) == (["web"], ["web"])
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(404, "NotFoundError"), (409, "ConflictError"), (503, "Stopping"), (500, "InternalError")],
+)
+def test_a_worker_that_refuses_is_not_asked_around(status: int, kind: str) -> None:
+    refused = CommandError(WorkerApiError("POST /vm/web/stop", status, "no", kind=kind))
+    worker, here = _Asked(refused), _Asked(Stopped("web", False, None, ()))
+    with pytest.raises(CommandError) as caught:
+        _routed(worker, here).vm_stop("web")
+    assert caught.value is refused
+    assert (worker.calls, here.calls) == (1, 0)
