@@ -206,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60.0  # a client that stops sending (or reading) mid-request is dropped after this
     query: dict[str, list[str]]
     name: str  # the NAME of /vm/NAME routes
-    body_read: bool  # whether this request's body was read (else an error answer closes the connection)
+    body_read: bool  # whether this request's body was read (else an error answer reads it first)
     sys_version = ""
 
     # Routes: path -> {method: handler name}
@@ -464,13 +464,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"the body is not JSON: {exc}") from exc
 
+    def _skip_body(self) -> None:
+        """Read and drop the body of a request refused before its body was read, so that the connection
+        can carry the next request (and the client can finish sending); one too large to read: closed."""
+        if self.body_read:
+            return
+        self.body_read = True
+        length = self.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) <= MAX_BODY and not self.headers.get("Transfer-Encoding"):
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
     def _json(self, status: int, body: Any) -> None:
         self._send(status, (json.dumps(body, sort_keys=True) + "\n").encode(), "application/json")
 
     def _error(self, status: int, kind: str, message: str, *, allow: str | None = None) -> None:
-        if not self.body_read and self.headers.get("Content-Length", "0") != "0":
-            # A body the request was refused before reading: the connection cannot carry another one.
-            self.close_connection = True
+        self._skip_body()
         self._send(status, (json.dumps({"error": message, "type": kind}) + "\n").encode(), "application/json",
                    allow=allow)  # fmt: skip
 
