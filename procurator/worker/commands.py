@@ -5,7 +5,8 @@ interface with two sides.
 daemon does for its API under its own lock; `WorkerClient` (worker/client.py) asks a running worker to
 do it. Both return the same frozen results, and a result crosses the worker's socket as its `to_json()`
 with a `schema` number, read back by `from_json`: so a command prints the same lines and the same
-`--json` whichever side did the work.
+`--json` whichever side did the work. `Routed` is what a command uses when a worker answers: the worker,
+and `Here` only for a worker of an older release that lacks the command's route.
 """
 
 from __future__ import annotations
