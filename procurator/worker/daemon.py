@@ -17,6 +17,10 @@ daemon restarted it before (unit-tested with a fake clock), driven by a thin loo
 - crash loop: once `maxRestarts` restarts happened within `Limits.window`, the daemon gives up: the
   VM's record gets desired "failed" and `last_exit` says why; `procurator start` boots it again.
 
+The VM commands (`up`, `stop`, `start`, `down`, `pause`, `resume`, `snapshot`, `restore`) come to a running
+daemon over its API (worker/commands.py) and run under its work lock, so no supervision pass acts on a
+VM a command is changing; a command run without the daemon is kept apart by the state lock as below.
+
 The daemon holds the state lock only while it mutates (one restart, one give-up, the start-up sweep;
 reconcile takes it itself), never while it sleeps, so CLI commands keep working beside it; before it
 acts it reads the record again under the lock and does nothing if a command changed the VM meanwhile.
@@ -48,7 +52,7 @@ from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
 from procurator.state import VmRecord
 from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Decision, ExitKind, Limits, Verdict, decide
-from procurator.worker import api, probes, status, views
+from procurator.worker import api, commands, probes, status, views
 from procurator.worker.exits import Exit, Tracked, observe_exit, reap
 from procurator.worker.records import RecordCache
 from procurator.worker.views import ApplyReport, Figures
@@ -302,6 +306,56 @@ class Worker:
         with self._working(timeout=WORK_WAIT):
             (lifecycle.pause if pause else lifecycle.resume)(self.host, name)
         return next(s.to_json() for s in lifecycle.status(self.host) if s.record.name == name)
+
+    # --- the VM commands (worker/commands.py; POST /up, /vm/NAME/VERB) ---------------------------------
+    #
+    # Each runs under the work lock (no supervision pass or reconcile meanwhile) and, inside lifecycle,
+    # the state lock; then supervision of that VM starts afresh. `stop` and `down` write the VM's desired
+    # state before it goes down, so supervision never restarts it; `start` boots it and supervision takes
+    # it from there (a VM the worker gave up on, desired "failed", is supervised again).
+
+    def up_vm(self, bundle_path: Path, *, backend: str | None, wait: WaitFor | None) -> dict[str, Any]:
+        bundle = Bundle.load(bundle_path)
+        with self._working(timeout=WORK_WAIT):
+            started = commands.Here(self.host).vm_up(bundle, backend=backend, wait=wait or WaitFor.BOOTED)
+            self._tracked.pop(started.name, None)
+        return started.to_json()
+
+    def stop_vm(self, name: str) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            stopped = commands.Here(self.host).vm_stop(name)
+            self._tracked.pop(name, None)
+        return stopped.to_json()
+
+    def start_vm(self, name: str, *, wait: WaitFor | None) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            started = commands.Here(self.host).vm_start(name, wait=wait or WaitFor.BOOTED)
+            self._tracked.pop(name, None)
+        return started.to_json()
+
+    def down_vm(self, name: str, *, purge: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            stopped = commands.Here(self.host).vm_down(name, purge=purge)
+            self._tracked.pop(name, None)
+        return stopped.to_json()
+
+    def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            return commands.Here(self.host).vm_pause(name, pause=pause).to_json()
+
+    def snapshot_vm(self, name: str, *, keep: int | None, stay_paused: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            return commands.Here(self.host).vm_snapshot(name, keep=keep, stay_paused=stay_paused).to_json()
+
+    def restore_vm(
+        self, name: str, *, ident: str | None, paused: bool, wait: WaitFor | None
+    ) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            restored = commands.Here(self.host).vm_restore(
+                name, ident=ident, paused=paused, wait=wait or WaitFor.BOOTED
+            )
+            self._tracked.pop(name, None)
+        return restored.to_json()
 
     def _reconcile(self, trigger: str, deployment: Deployment, wait: WaitFor) -> ApplyReport:
         started, began = self.wall(), self.clock()
