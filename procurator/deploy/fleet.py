@@ -4,6 +4,7 @@ and `--on` selection."""
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,11 @@ class HostSpec:
         spaced = [o for o in options if o.split() != [o]]
         if spaced:
             raise ValidationError(source, f"{where}.sshOptions", f"{spaced[0]!r} has white space")
+        command = text("procurator", optional=True) or "procurator"
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            raise ValidationError(source, f"{where}.procurator", f"{command!r}: {exc}") from exc
         return cls(
             name=name,
             target=target,
@@ -76,8 +82,14 @@ class HostSpec:
             identity_file=text("identityFile", optional=True),
             ssh_options=options,
             tags=tags,
-            procurator=text("procurator", optional=True) or "procurator",
+            procurator=command,
         )
+
+    @property
+    def command(self) -> list[str]:
+        """The words of the `procurator` setting, split as a POSIX shell splits them (`shlex`); the
+        arguments of a remote command follow them."""
+        return shlex.split(self.procurator)
 
     @property
     def store(self) -> str:
