@@ -19,6 +19,7 @@ from procurator.deploy import Event, Fleet, FleetRef, HostResult, HostSpec, Opti
 from procurator.errors import UsageError, ValidationError
 from procurator.history import Generation, History
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome
+from procurator.resolve import RefKind, parse_ref
 
 
 def inventory(**hosts: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +131,28 @@ def test_a_remote_command_is_one_quoted_line_that_a_shell_splits_back_into_its_a
     assert done.stdout.splitlines() == [f"<{a}>" for a in TRICKY]
     assert remote.ssh(own_session=True).argv(["true"]) == ("setsid", "--wait", *argv[:-1], "true")
     assert remote.ssh().control_argv("exit") == ("ssh", *opts, "-O", "exit", "--", "root@w1")
+
+
+def test_the_fleet_reads_its_ref_with_the_one_parser_of_refs(tmp_path: Path) -> None:
+    """resolve.parse_ref serves both: a bundle REF may be a store path, a fleet REF may not; a flake
+    fleet may go without its attribute; the same error lines."""
+    (tmp_path / "hosts").write_text("{ }")  # a Nix file without .nix
+    file_ref = parse_ref(f"{tmp_path}/hosts#fleet", hint="x")
+    assert (file_ref.kind, file_ref.attr) == (RefKind.FILE, "fleet")
+    assert (FleetRef.parse(file_ref.text).is_file, FleetRef.parse(file_ref.text).attr) == (True, "fleet")
+    assert parse_ref(str(tmp_path), hint="x").kind is RefKind.PATH
+    assert FleetRef.parse(str(tmp_path)).attr == deploy.DEFAULT_ATTR
+    for ref in (f"{tmp_path}#", f"{tmp_path}/a.nix#"):
+        with pytest.raises(UsageError, match="empty attribute after '#'"):
+            parse_ref(ref, hint="x")
+        with pytest.raises(UsageError, match="empty attribute after '#'"):
+            FleetRef.parse(ref)
+    with pytest.raises(UsageError, match=r"^empty REF; give a flake \(`\.`, `\.#fleet`\) or a Nix file"):
+        FleetRef.parse("")
+    with pytest.raises(UsageError, match="is neither a flake directory, a flake URL nor a Nix file"):
+        FleetRef.parse(f"{tmp_path}/nothing-here")
+    with pytest.raises(UsageError, match="no such path"):
+        parse_ref(f"{tmp_path}/nothing-here", hint="x")
 
 
 class FakeHosts:
