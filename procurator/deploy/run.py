@@ -64,13 +64,16 @@ def _shared_connections(
         yield control_dir
     finally:
         if any(control_dir.iterdir()):
-            for host in hosts:
-                if host.name in in_flight:
-                    continue
+
+            def close(host: HostSpec) -> None:
                 try:
                     Remote(host, options.connect_timeout, control_dir).close_shared(CONTROL_EXIT_TIMEOUT)
                 except ProcuratorError as exc:
                     log.warning("%s: closing the shared ssh connection: %s", host.name, exc)
+
+            # All at once (bounded): each is a round trip to its master, and the deploy ends after them.
+            idle = [h for h in hosts if h.name not in in_flight]
+            Bounded(idle, close, lambda h: h.name, PREFLIGHT_PARALLEL, threading.Event()).wait()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
