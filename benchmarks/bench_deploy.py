@@ -275,11 +275,12 @@ def main() -> None:
     ratio = show("change one VM (copy its bundle, replace it), the double boots at once", *instant)
     slow = show(f"the same, each VM taking {BOOT_DELAY:g} s to boot", *booting)
     print("deployer's own critical path, 3 hosts in parallel / 1 host (the wall time without the remote")
-    print("applies, which run on the hosts' CPU, here the same cores):")
+    pinned = "pinned to their own core" if PIN else "unpinned"
+    print(f"applies, which run on the hosts' CPU; hosts {pinned}):")
     verdict("  deploy 3 hosts vs 1, first deploy", first_ratio)
     verdict("  deploy 3 hosts vs 1, change one VM", ratio)
     verdict(f"  deploy 3 hosts vs 1, change one VM, {BOOT_DELAY:g} s boots", slow)
-    print("  (machine busy near 100% means the hosts' own work, here on the same cores, is the limit)")
+    print("  (machine busy near 100%: the CPU, shared with the hosts and all else here, is the limit)")
 
 
 if __name__ == "__main__":
