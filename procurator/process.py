@@ -1,9 +1,11 @@
 """The only place Procurator runs subprocesses, and watches processes end.
 
-`run` executes a command to completion with a bounded timeout and returns its output; `spawn` starts a
-long-lived process (a hypervisor) in its own session. Both log the argv at debug level and translate
-OSError and non-zero exits into `ProcessError`. `alive` and `process_start_time` read /proc/PID/stat;
-`PidWatch` tells which of many processes exited (one poll over their pidfds), `ExitWatch` waits for one.
+`run` executes a command to completion with a bounded timeout and returns its output, here or, with
+`remote=SshRemote(...)`, on another host over ssh (the only place an ssh command line is made);
+`spawn` starts a long-lived process (a hypervisor) in its own session. Both log the argv at debug
+level and translate OSError and non-zero exits into `ProcessError`. `alive` and `process_start_time`
+read /proc/PID/stat; `PidWatch` tells which of many processes exited (one poll over their pidfds),
+`ExitWatch` waits for one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import pwd
 import select
+import shlex
 import signal
 import subprocess
 import time
@@ -38,6 +41,32 @@ class Completed:
     stderr: str
 
 
+@dataclass(frozen=True)
+class SshRemote:
+    """A host that `run(argv, remote=...)` reaches with the system's ssh:
+
+        ssh -n OPTIONS -- TARGET 'shlex.join(argv)'
+
+    ssh hands the host's shell one command line; `argv` is quoted into it word by word, so every
+    argument arrives as it was given (spaces, quotes, `$` and all). `-n`: ssh never reads our stdin.
+    With `own_session`, ssh runs in a session of its own (`setsid --wait`): the terminal's Ctrl-C does
+    not reach it, so what it runs on the host is not cut off halfway.
+    """
+
+    target: str  # [user@]host; never starts with "-" (HostSpec checks)
+    options: tuple[str, ...] = ()
+    own_session: bool = False
+
+    def argv(self, remote_argv: Sequence[str]) -> tuple[str, ...]:
+        """The local argv that runs `remote_argv` on the host."""
+        ssh = ("ssh", "-n", *self.options, "--", self.target, shlex.join(str(a) for a in remote_argv))
+        return ("setsid", "--wait", *ssh) if self.own_session else ssh
+
+    def control_argv(self, operation: str) -> tuple[str, ...]:
+        """`ssh -O OPERATION`: talk to the shared connection's master (ControlPath), not the host."""
+        return ("ssh", *self.options, "-O", operation, "--", self.target)
+
+
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -51,9 +80,15 @@ def run(
     timeout: float = DEFAULT_TIMEOUT,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    remote: SshRemote | None = None,
 ) -> Completed:
-    """Run `argv` to completion (at most `timeout` seconds); raise ProcessError on failure if `check`."""
-    args = tuple(str(a) for a in argv)
+    """Run `argv` to completion (at most `timeout` seconds); raise ProcessError on failure if `check`.
+
+    With `remote`, `argv` runs on that host over ssh (`SshRemote`) and `Completed.argv` is ssh's;
+    `env` and `cwd` are still those of the local process (ssh). A non-zero exit is the remote
+    command's, or 255 when ssh itself failed.
+    """
+    args = tuple(str(a) for a in argv) if remote is None else remote.argv(argv)
     log.debug("run: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
@@ -70,7 +105,10 @@ def run(
     except FileNotFoundError as exc:
         raise ProcessError(f"{args[0]}: command not found; install it (make setup)", argv=args) from exc
     except subprocess.TimeoutExpired as exc:
-        raise WaitTimeoutError(f"`{' '.join(args[:3])}` to finish", timeout) from exc
+        what = " ".join(args[:3])
+        if remote is not None:
+            what = f"ssh {remote.target} {shlex.join(str(a) for a in argv[:2])}"
+        raise WaitTimeoutError(f"`{what}` to finish", timeout) from exc
     except OSError as exc:
         raise ProcessError(f"{args[0]}: cannot run: {exc.strerror}", argv=args) from exc
     done = Completed(args, proc.returncode, proc.stdout, proc.stderr)

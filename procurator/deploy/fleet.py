@@ -3,7 +3,7 @@ and `--on` selection."""
 
 from __future__ import annotations
 
-import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +11,11 @@ from typing import Any
 from procurator import nix
 from procurator.errors import UsageError, ValidationError
 from procurator.models import SCHEMA_VERSION, is_dns_label
+from procurator.resolve import RefKind, parse_ref
 
 CONNECT_TIMEOUT = 10  # seconds: ssh's ConnectTimeout
 DEFAULT_ATTR = "procuratorHosts"  # the flake output `procurator deploy FLAKE` reads without `#attr`
 CONTROL_PERSIST = 60  # seconds a shared ssh connection outlives its last use (if not closed before)
-FLAKE_SCHEME = re.compile(r"^[a-z+]+:")
 
 
 # -- the fleet -------------------------------------------------------------------------------------------
@@ -69,6 +69,11 @@ class HostSpec:
         spaced = [o for o in options if o.split() != [o]]
         if spaced:
             raise ValidationError(source, f"{where}.sshOptions", f"{spaced[0]!r} has white space")
+        command = text("procurator", optional=True) or "procurator"
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            raise ValidationError(source, f"{where}.procurator", f"{command!r}: {exc}") from exc
         return cls(
             name=name,
             target=target,
@@ -76,8 +81,14 @@ class HostSpec:
             identity_file=text("identityFile", optional=True),
             ssh_options=options,
             tags=tags,
-            procurator=text("procurator", optional=True) or "procurator",
+            procurator=command,
         )
+
+    @property
+    def command(self) -> list[str]:
+        """The words of the `procurator` setting, split as a POSIX shell splits them (`shlex`); the
+        arguments of a remote command follow them."""
+        return shlex.split(self.procurator)
 
     @property
     def store(self) -> str:
@@ -137,19 +148,13 @@ class FleetRef:
 
     @classmethod
     def parse(cls, ref: str) -> FleetRef:
-        if not ref:
-            raise UsageError("empty REF; give a flake (`.`, `.#fleet`) or a Nix file (`hosts.nix[#attr]`)")
-        base, sep, attr = ref.partition("#")
-        if sep and not attr:
-            raise UsageError(f"{ref}: empty attribute after '#'")
-        local = Path(base)
-        if base.endswith(".nix") or local.is_file():
-            if not local.is_file():
-                raise UsageError(f"{base}: no such Nix file")
-            return cls(ref, base, attr, is_file=True)
-        if not (FLAKE_SCHEME.match(base) or local.is_dir()):
-            raise UsageError(f"{ref}: {base!r} is neither a flake directory, a flake URL nor a Nix file")
-        return cls(ref, base, attr or DEFAULT_ATTR, is_file=False)
+        """REF read by resolve.py's one parser of references: no store paths; a flake without
+        `#attr` means its `procuratorHosts`."""
+        hint = "a flake (`.`, `.#fleet`) or a Nix file (`hosts.nix[#attr]`)"
+        parsed = parse_ref(ref, hint=hint, paths=False)
+        if parsed.kind is RefKind.FILE:
+            return cls(ref, parsed.base, parsed.attr or "", is_file=True)
+        return cls(ref, parsed.base, parsed.attr or DEFAULT_ATTR, is_file=False)
 
     def _path(self, *rest: str) -> str:
         return ".".join(p for p in (self.attr, *rest) if p)
