@@ -9,9 +9,9 @@ key path, in one line. The vocabulary is one for all: `expected <what>, not <val
 kind (or a value outside the domain the caller names), `must be at least/most N, found V` for a bound,
 `'v' is not one of a, b` for an enumeration, `unknown <what>; known: ...` for an unknown key.
 
-Policies a reader carries to the objects below it: `nulls` (a JSON null is taken as an absent key: the
-worker config NixOS writes says null for "unset") and none else; `only(...)` refuses unknown keys where
-the caller calls it.
+A JSON null is a value like any other (refused where a string or number is expected), except where the
+caller says it means "unset": `opt_text`/`opt_integer` read it as None, `obj(..., nullable=True)` as {}.
+Unknown keys are refused where the caller calls `only(...)`, with the known ones listed.
 """
 
 from __future__ import annotations
@@ -99,12 +99,9 @@ def read_file(path: Path, max_bytes: int) -> Any:
 class Reader:
     """Typed access to one JSON object read from `source`; errors name the file and the dotted key."""
 
-    def __init__(
-        self, source: str, data: Any, prefix: str = "", *, nulls: bool = False, expected: str = "an object"
-    ) -> None:
+    def __init__(self, source: str, data: Any, prefix: str = "", *, expected: str = "an object") -> None:
         self.source = source
         self.prefix = prefix
-        self.nulls = nulls
         if not isinstance(data, dict):
             raise ValidationError(source, prefix, f"expected {expected}, not {shown(data)}")
         self.data: dict[str, Any] = data
@@ -120,8 +117,7 @@ class Reader:
         return ValidationError(self.source, self.path(key), problem)
 
     def has(self, key: str) -> bool:
-        """Whether `key` is given (with `nulls`, a null is not)."""
-        return key in self.data and not (self.nulls and self.data[key] is None)
+        return key in self.data
 
     def keys(self) -> list[str]:
         return list(self.data)
@@ -244,30 +240,30 @@ class Reader:
             raise self.fail(key, f"expected a list of strings, not {shown(value)}")
         return tuple(value)
 
-    def obj(self, key: str, *, required: bool = False, expected: str = "an object") -> Reader:
-        """The object at `key` ({} when absent, unless `required`), read with this reader's policies."""
-        if not self.has(key):
+    def obj(
+        self, key: str, *, required: bool = False, nullable: bool = False, expected: str = "an object"
+    ) -> Reader:
+        """The object at `key` ({} when absent, or null with `nullable`, unless `required`)."""
+        if not self.has(key) or (nullable and self.data[key] is None):
             if required:
                 raise self.fail(key, "missing")
-            return Reader(self.source, {}, self.path(key), nulls=self.nulls)
-        return Reader(self.source, self.data[key], self.path(key), nulls=self.nulls, expected=expected)
+            return Reader(self.source, {}, self.path(key))
+        return Reader(self.source, self.data[key], self.path(key), expected=expected)
 
     def items(self, key: str, *, required: bool = False, max_items: int | None = None) -> list[Reader]:
         """The objects of the list at `key`, each a reader of its own (`key[i]`)."""
         return [
-            Reader(self.source, v, f"{self.path(key)}[{i}]", nulls=self.nulls)
+            Reader(self.source, v, f"{self.path(key)}[{i}]")
             for i, v in enumerate(self.array(key, required=required, max_items=max_items))
         ]
 
     @classmethod
-    def versioned(
-        cls, source: str, data: Any, version: int, *, what: str, fix: str = "", nulls: bool = False
-    ) -> Reader:
+    def versioned(cls, source: str, data: Any, version: int, *, what: str, fix: str = "") -> Reader:
         """A reader of the document in `data`, which must be an object of `schema` `version`: anything
         else is refused at `schema` (`what` names the document, `fix` says what to do)."""
         found = data.get("schema") if isinstance(data, dict) else data
         if isinstance(data, dict) and found == version and not isinstance(found, bool):
-            return cls(source, data, nulls=nulls)
+            return cls(source, data)
         tail = f" ({fix})" if fix else ""
         if isinstance(data, dict) and isinstance(found, int) and not isinstance(found, bool):
             problem = f"unknown schema version {found}; this procurator reads {version}{tail}"

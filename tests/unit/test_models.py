@@ -171,9 +171,9 @@ def test_the_worker_configuration_watchdog_setting() -> None:
     assert not WorkerConfig.parse("w.json", {"watchdog": {"enable": False}}).watchdog.enable
     for bad, message in [
         ({"interval": 0}, r"w.json: watchdog.interval: expected seconds from 0.1 to 3600, not 0"),
-        ({"timeout": True}, r"watchdog.timeout: expected seconds from 0.1 to 3600, not True"),
+        ({"timeout": True}, r"watchdog.timeout: expected seconds from 0.1 to 3600, not true"),
         ({"failures": 0}, r"watchdog.failures: expected a count from 1 to 100, not 0"),
-        ({"enable": "yes"}, r"watchdog.enable: expected true or false, not 'yes'"),
+        ({"enable": "yes"}, r'watchdog.enable: expected true or false, not "yes"'),
         ({"every": 3}, r"watchdog.every: unknown setting; known: enable, failures, interval, timeout"),
     ]:
         with pytest.raises(ValidationError, match=message):
@@ -192,3 +192,28 @@ def test_the_worker_configuration_cgroups_setting() -> None:
         WorkerConfig.parse("w.json", {"cgroups": {"mode": "on"}})
     with pytest.raises(ValidationError, match=r"cgroups.base: '../x' is not a relative cgroup path"):
         WorkerConfig.parse("w.json", {"cgroups": {"base": "../x"}})
+
+
+def test_the_worker_configuration_checks_schema_user_and_binary() -> None:
+    """`schema`, `user` and `hypervisor.binary` are checked like every other setting (issue 12): a file
+    of another schema, a user that is no user name, a binary that is no path are refused, naming them."""
+    got = WorkerConfig.parse(
+        "w.json", {"schema": 1, "user": "procurator-vm", "hypervisor": {"binary": "/bin/ch", "accel": "auto"}}
+    )
+    assert (got.user, got.hypervisor.binary) == ("procurator-vm", "/bin/ch")
+    assert WorkerConfig.parse("w.json", {"user": None, "hypervisor": None}).user is None
+    for bad, message in [
+        (
+            {"schema": 2},
+            r"^w.json: schema: unknown schema version 2; this procurator reads 1 \(upgrade it\)$",
+        ),
+        ({"schema": "1"}, r'^w.json: schema: expected a worker configuration of schema 1, not "1"'),
+        ({"user": "root user"}, r'^w.json: user: "root user" is not a user name'),
+        ({"user": 0}, r"^w.json: user: expected a string, not 0$"),
+        ({"hypervisor": {"binary": 7}}, r"^w.json: hypervisor.binary: expected a path as a string, not 7$"),
+        ({"hypervisor": {"binary": ""}}, r'^w.json: hypervisor.binary: expected a path as a string, not ""$'),
+        ({"hypervisor": {"bin": "/x"}}, r"^w.json: hypervisor.bin: unknown setting; known: accel, backend,"),
+        ({"network": {"bridge": None}}, r"^w.json: network.bridge: expected a non-empty string, not null$"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            WorkerConfig.parse("w.json", bad)
