@@ -119,7 +119,8 @@ class Reader:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
+        """The keys of the object, in file order."""
         return list(self.data)
 
     def only(

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from procurator import waits
+from procurator import jsonread, waits
 from procurator.config import DEFAULT_STATE_DIR as DEFAULT_STATE_DIR  # noqa: PLC0414 - re-exported
 from procurator.errors import DamagedStateError, LockBusyError, StateError, ValidationError
 from procurator.hypervisor.base import Handle
+from procurator.jsonread import Reader
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +91,12 @@ def read_json(path: Path, *, fix: str = _MOVE_ASIDE) -> Any:
     """Read a state file. A missing one is FileNotFoundError; one that is there but is no JSON (torn,
     not UTF-8, nested too deep, a directory, too large) is a DamagedStateError naming it and `fix`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATE_FILE + 1)
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError as exc:
-        raise DamagedStateError(path, "a directory, not a file", fix) from exc
-    except OSError as exc:
-        raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) > MAX_STATE_FILE:
-        raise DamagedStateError(path, f"larger than {MAX_STATE_FILE} bytes", fix)
-    try:
-        return json.loads(data)
-    except UnicodeDecodeError as exc:
-        raise DamagedStateError(path, f"not UTF-8 (byte {exc.start})", fix) from exc
-    except json.JSONDecodeError as exc:
-        raise DamagedStateError(
-            path, f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", fix
-        ) from exc
-    except (ValueError, RecursionError) as exc:  # an integer of >4300 digits, nesting past the stack
-        raise DamagedStateError(path, f"not JSON that can be read ({type(exc).__name__})", fix) from exc
+        return jsonread.read_file(path, MAX_STATE_FILE)
+    except ValidationError as exc:
+        if isinstance(exc.__cause__, OSError) and not isinstance(exc.__cause__, IsADirectoryError):
+            raise StateError(exc.message) from exc  # unreadable (permissions, I/O), not damaged
+        problem = f"{exc.field}: {exc.problem}" if exc.field else exc.problem
+        raise DamagedStateError(path, problem, fix) from exc
 
 
 @dataclass(frozen=True)
@@ -168,27 +155,14 @@ class VmRecord:
         `directory` is the name of the VM directory it was read from: the record's `name` must be it (a
         record is found by its directory, and a name that says otherwise is damage, never a rename).
         """
-        if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
-            raise ValidationError(source, "schema", f"expected a VM record of schema {RECORD_SCHEMA}")
-        fields: dict[str, Any] = {}
-        for key, value in data.items():
-            if key == "schema":
-                continue
-            kind = _RECORD_FIELDS.get(key)
-            if kind is None:
-                raise ValidationError(source, key, "unknown field of a VM record")
-            fields[key] = _checked(source, key, kind, value)
-        missing = [k for k in _RECORD_REQUIRED if k not in fields]
+        r = Reader.versioned(source, data, RECORD_SCHEMA, what="a VM record")
+        r.only([*_RECORD_FIELDS, "schema"], what="field of a VM record", listed=_RECORD_FIELDS)
+        missing = [k for k in _RECORD_REQUIRED if not r.has(k)]
         if missing:
-            raise ValidationError(source, missing[0], "missing from the VM record")
-        if fields.get("desired", "running") not in RECORD_DESIRED:
-            raise ValidationError(
-                source, "desired", f"{fields['desired']!r} is not one of {', '.join(RECORD_DESIRED)}"
-            )
+            raise r.fail(missing[0], "missing from the VM record")
+        fields = {key: _read_field(r, key, kind) for key, kind in _RECORD_FIELDS.items() if r.has(key)}
         if directory is not None and fields["name"] != directory:
-            raise ValidationError(
-                source, "name", f"{fields['name']!r} is not the name of its directory {directory!r}"
-            )
+            raise r.fail("name", f"{fields['name']!r} is not the name of its directory {directory!r}")
         return cls(**fields)
 
     def with_(self, **changes: Any) -> VmRecord:
@@ -231,34 +205,21 @@ _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_tim
 _MAX_COUNT = 2**63 - 1
 
 
-def _checked(source: str, key: str, kind: str, value: Any) -> Any:
-    """`value` of record field `key` if it has the field's kind (see _RECORD_FIELDS); else refused."""
-    if kind == "str" or (kind == "str?" and value is not None):
-        if isinstance(value, str):
-            return value
-        raise ValidationError(source, key, f"expected a string, not {_shown(value)}")
+def _read_field(r: Reader, key: str, kind: str) -> Any:
+    """Record field `key` if it has the field's kind (see _RECORD_FIELDS); else refused."""
+    if key == "desired":
+        return r.choice(key, RECORD_DESIRED)
+    if kind == "str":
+        return r.text(key)
     if kind == "str?":
-        return None
+        return r.opt_text(key)
     if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValidationError(source, key, f"expected true or false, not {_shown(value)}")
+        return r.boolean(key)
     if kind == "strs":
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ValidationError(source, key, f"expected a list of strings, not {_shown(value)}")
+        return r.strings(key)
     if kind == "count":
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
-            return value
-        raise ValidationError(source, key, f"expected a whole number from 0, not {_shown(value)}")
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf"):
-        return float(value)
-    raise ValidationError(source, key, f"expected a number of seconds from 0, not {_shown(value)}")
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
+        return r.integer(key, minimum=0, maximum=_MAX_COUNT, what="a whole number from 0")
+    return r.number(key, minimum=0, what="a number of seconds from 0")
 
 
 class _Holders:
