@@ -187,11 +187,13 @@ class Reader:
             raise self.fail(key, f"must be at most {maximum}, found {value}")
         return value
 
-    def opt_integer(self, key: str, *, minimum: int | None = 1, maximum: int | None = None) -> int | None:
+    def opt_integer(
+        self, key: str, *, minimum: int | None = 1, maximum: int | None = None, what: str = ""
+    ) -> int | None:
         """A whole number within the bounds, or None when it is absent (or null)."""
         if self.data.get(key) is None:
             return None
-        return self.integer(key, minimum=minimum, maximum=maximum)
+        return self.integer(key, minimum=minimum, maximum=maximum, what=what)
 
     def number(
         self,
