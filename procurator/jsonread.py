@@ -229,8 +229,12 @@ class Reader:
         result: str = value
         return result
 
-    def array(self, key: str, *, required: bool = False, max_items: int | None = None) -> list[Any]:
-        """A list ([] when absent, unless `required`), of at most `max_items`."""
+    def array(
+        self, key: str, *, required: bool = False, nullable: bool = False, max_items: int | None = None
+    ) -> list[Any]:
+        """A list ([] when absent, or null with `nullable`, unless `required`), of at most `max_items`."""
+        if nullable and self.data.get(key, []) is None:
+            return []
         value: list[Any] = self._value(key, list, "a list", [], required)
         if max_items is not None and len(value) > max_items:
             raise self.fail(key, f"must have at most {max_items} items, found {len(value)}")
@@ -253,12 +257,12 @@ class Reader:
             return Reader(self.source, {}, self.path(key))
         return Reader(self.source, self.data[key], self.path(key), expected=expected)
 
-    def items(self, key: str, *, required: bool = False, max_items: int | None = None) -> list[Reader]:
+    def items(
+        self, key: str, *, required: bool = False, nullable: bool = False, max_items: int | None = None
+    ) -> list[Reader]:
         """The objects of the list at `key`, each a reader of its own (`key[i]`)."""
-        return [
-            Reader(self.source, v, f"{self.path(key)}[{i}]")
-            for i, v in enumerate(self.array(key, required=required, max_items=max_items))
-        ]
+        found = self.array(key, required=required, nullable=nullable, max_items=max_items)
+        return [Reader(self.source, v, f"{self.path(key)}[{i}]") for i, v in enumerate(found)]
 
     @classmethod
     def versioned(cls, source: str, data: Any, version: int, *, what: str, fix: str = "") -> Reader:
