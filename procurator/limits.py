@@ -1,6 +1,8 @@
-"""The limits on names and sizes a bundle may have, one table (`limits.json`, beside this module) that Nix
-(nix/lib/checks.nix, `builtins.fromJSON`) and Python both read: a name Nix accepts at build, Python
-accepts at load, and the other way round.
+"""The limits on names and sizes a bundle may have, one table that Nix and Python both read: a name Nix
+accepts at build, Python accepts at load, and the other way round. The table is nix/lib/limits.json (read
+by nix/lib/checks.nix with `builtins.fromJSON`; nix/lib is a library of its own, copied alone into flakes);
+`limits.json` beside this module is its copy in the Python package, and tests/unit/test_limits.py fails,
+saying to copy it again, when the two differ. Change nix/lib/limits.json, then copy it here.
 
 Why each value (docs/bundle.md):
 - dnsLabelMaxLength 63: RFC 1123 (host names, tags).

@@ -221,7 +221,7 @@ class VmMeta:
                 raise item.fail(
                     "name",
                     f"{vol.name!r} is not a DNS label of at most {label_max} characters (it is the "
-                    f"{vol.fs_type} label the guest mounts it by); rename the volume",
+                    f"{vol.fs_type} label VM {name!r} mounts it by); rename the volume",
                 )
             if vol.fs_type not in {"ext4", "ext2", "ext3", "xfs", "btrfs"}:
                 raise item.fail("fsType", f"unsupported filesystem {vol.fs_type!r} (use ext4)")
