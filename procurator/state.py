@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +100,14 @@ def read_json(path: Path, *, fix: str = _MOVE_ASIDE) -> Any:
         raise DamagedStateError(path, problem, fix) from exc
 
 
+class Desired(StrEnum):
+    """What the VM's record asks for (a StrEnum: it compares equal to, and is written as, its value)."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"  # `procurator stop`
+    FAILED = "failed"  # the worker gave up restarting it (a crash loop); `procurator start` boots it again
+
+
 @dataclass(frozen=True)
 class VmRecord:
     """What Procurator knows about one VM on this host; `vms/<name>/record.json`."""
@@ -119,7 +128,7 @@ class VmRecord:
     started_at: float = 0.0
     restarts: int = 0
     shutdown_timeout: float = 30.0
-    desired: str = "running"  # running | stopped | failed (the worker gave up: a crash loop)
+    desired: Desired = Desired.RUNNING
     last_exit: str = ""
     paused: bool = False  # the guest is paused (`procurator pause`); its process runs
     # Blue-green (docs/architecture.md): the generation runs as `<name>@<slot>` (its directory, TAPs,
@@ -135,6 +144,11 @@ class VmRecord:
     # The id of the snapshot a host shutdown took (restart.fromSnapshot): the next start restores it, as
     # long as the VM did not run since (any boot or other restore clears it). "" for none.
     resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        given: Any = self.desired  # with_(desired="stopped") passes the value
+        if not isinstance(given, Desired):
+            object.__setattr__(self, "desired", Desired(given))  # a wrong value is a ValueError
 
     @property
     def handle(self) -> Handle:
@@ -169,7 +183,7 @@ class VmRecord:
         return replace(self, **changes)
 
 
-RECORD_DESIRED = ("running", "stopped", "failed")
+RECORD_DESIRED = tuple(d.value for d in Desired)
 SLOT_MARK = "@"  # never in a VM name (a DNS label): `web@b` cannot be another VM
 
 
@@ -208,7 +222,7 @@ _MAX_COUNT = 2**63 - 1
 def _read_field(r: Reader, key: str, kind: str) -> Any:
     """Record field `key` if it has the field's kind (see _RECORD_FIELDS); else refused."""
     if key == "desired":
-        return r.choice(key, RECORD_DESIRED)
+        return r.enum(key, Desired)
     if kind == "str":
         return r.text(key)
     if kind == "str?":

@@ -28,7 +28,7 @@ from procurator.hypervisor.base import Hypervisor
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome, bundle_diff, plan
-from procurator.state import StateDir, VmRecord, record_fix
+from procurator.state import Desired, StateDir, VmRecord, record_fix
 from tests.support.bundles import meta, vm_config, write_bundle
 
 HASHES = {
@@ -52,7 +52,7 @@ def observed(name: str, bundle: str, status: Status = Status.RUNNING, last_exit:
         start_time=1,
         api_socket=f"/state/vms/{name}/api.sock",
         vm_dir=f"/state/vms/{name}",
-        desired="stopped" if status is Status.STOPPED else "running",
+        desired=Desired.STOPPED if status is Status.STOPPED else Desired.RUNNING,
         last_exit=last_exit,
     )
     return VmStatus(record, status, 5.0 if status is Status.RUNNING else None)
