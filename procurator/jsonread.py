@@ -136,7 +136,7 @@ class Reader:
     # -- values ------------------------------------------------------------------------------------------
 
     def _value(self, key: str, kind: type | tuple[type, ...], what: str, default: Any, required: bool) -> Any:
-        if not self.has(key):
+        if key not in self.data:
             if required:
                 raise self.fail(key, "missing")
             return default

@@ -174,7 +174,7 @@ class VmRecord:
         missing = [k for k in _RECORD_REQUIRED if not r.has(k)]
         if missing:
             raise r.fail(missing[0], "missing from the VM record")
-        fields = {key: _read_field(r, key, kind) for key, kind in _RECORD_FIELDS.items() if r.has(key)}
+        fields = {key: _FIELD_READERS[_RECORD_FIELDS[key]](r, key) for key in r.data if key != "schema"}
         if directory is not None and fields["name"] != directory:
             raise r.fail("name", f"{fields['name']!r} is not the name of its directory {directory!r}")
         return cls(**fields)
@@ -208,7 +208,7 @@ _RECORD_FIELDS: dict[str, str] = {
     "started_at": "seconds",
     "restarts": "count",
     "shutdown_timeout": "seconds",
-    "desired": "str",
+    "desired": "desired",
     "last_exit": "str",
     "paused": "bool",
     "slot": "str",
@@ -219,21 +219,16 @@ _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_tim
 _MAX_COUNT = 2**63 - 1
 
 
-def _read_field(r: Reader, key: str, kind: str) -> Any:
-    """Record field `key` if it has the field's kind (see _RECORD_FIELDS); else refused."""
-    if key == "desired":
-        return r.enum(key, Desired)
-    if kind == "str":
-        return r.text(key)
-    if kind == "str?":
-        return r.opt_text(key)
-    if kind == "bool":
-        return r.boolean(key)
-    if kind == "strs":
-        return r.strings(key)
-    if kind == "count":
-        return r.integer(key, minimum=0, maximum=_MAX_COUNT, what="a whole number from 0")
-    return r.number(key, minimum=0, what="a number of seconds from 0")
+# How each kind of _RECORD_FIELDS is read (a value of another kind is refused, naming the field).
+_FIELD_READERS: dict[str, Callable[[Reader, str], Any]] = {
+    "str": Reader.text,
+    "str?": Reader.opt_text,
+    "bool": Reader.boolean,
+    "strs": Reader.strings,
+    "count": lambda r, key: r.integer(key, minimum=0, maximum=_MAX_COUNT, what="a whole number from 0"),
+    "seconds": lambda r, key: r.number(key, minimum=0, what="a number of seconds from 0"),
+    "desired": lambda r, key: r.enum(key, Desired),
+}
 
 
 class _Holders:
