@@ -1225,16 +1225,3 @@ def _restore(
         undo.pop_all()
         return restored
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def start_from_snapshot(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
-    """Boot a stopped VM from the newest snapshot of its generation when it has one, else as `start` does
-    (for the worker's `restart.fromSnapshot`). A snapshot that fails to restore falls back to a boot."""
-    with locked(host):
-        record = _require(host, name)
-        if not _running(record) and snapshots.latest(host.state, name, record.bundle) is not None:
-            try:
-                return restore(host, name, wait=wait)[0]
-            except ProcuratorError as exc:
-                log.warning("%s: cannot restore its newest snapshot (%s); booting it instead", name, exc)
-        return start(host, name, wait=wait)

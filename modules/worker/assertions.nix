@@ -29,8 +29,10 @@ let
   };
   quote = builtins.toJSON;
 
-  # Linux interface names, as procurator/net/names.py check_ifname: at most 15 characters.
-  isIfname = name: match "[A-Za-z0-9][A-Za-z0-9_.-]{0,14}" name != null;
+  # Linux interface names, as procurator/net/names.py check_ifname: at most 15 characters (the limits
+  # table both read, procurator/limits.json).
+  ifnameMax = (import ../../nix/lib).limits.ifnameMaxLength;
+  isIfname = name: match "[A-Za-z0-9][A-Za-z0-9_.-]{0,${toString (ifnameMax - 1)}}" name != null;
 
   # IPv4 as Python's ipaddress reads it: four decimal octets without leading zeros -> an integer.
   parseIPv4 =
@@ -86,7 +88,7 @@ in
         (check (cfg.hypervisor.backend == "qemu" || cfg.hypervisor.accel == "auto") "services.procurator.hypervisor.accel = ${quote cfg.hypervisor.accel} applies to the qemu backend only; cloud-hypervisor always uses KVM (leave accel = \"auto\")")
 
         # Network
-        (check (isIfname net.bridge) "services.procurator.network.bridge ${quote net.bridge} must be a Linux interface name: 1-15 characters of letters, digits, '_', '.', '-', starting with a letter or digit")
+        (check (isIfname net.bridge) "services.procurator.network.bridge ${quote net.bridge} must be a Linux interface name: 1-${toString ifnameMax} characters of letters, digits, '_', '.', '-', starting with a letter or digit")
         (check subnetValid "services.procurator.network.subnet ${quote net.subnet} must be an IPv4 network like \"10.100.0.0/16\": host bits zero, a prefix of /30 or shorter")
         (check (net.gateway == null || (gateway != null && (!subnetValid || isHostOfSubnet gateway))) "services.procurator.network.gateway ${quote net.gateway} must be a host address of ${net.subnet} (not its network or broadcast address), or null for its first")
         (check (net.uplink == null || (isIfname net.uplink && net.uplink != net.bridge)) "services.procurator.network.uplink ${quote net.uplink} must be the Linux interface name of the host's uplink, other than the bridge")

@@ -10,6 +10,7 @@ from typing import Any
 
 from procurator import nix
 from procurator.errors import UsageError, ValidationError
+from procurator.jsonread import Reader
 from procurator.models import SCHEMA_VERSION, is_dns_label
 from procurator.resolve import RefKind, parse_ref
 
@@ -36,49 +37,32 @@ class HostSpec:
     @classmethod
     def parse(cls, source: str, name: str, data: Any) -> HostSpec:
         where = f"hosts.{name}"
-        if not isinstance(data, dict):
-            raise ValidationError(source, where, "expected an object of host settings")
-
-        def text(key: str, *, optional: bool = False) -> str | None:
-            value = data.get(key)
-            if value is None and optional:
-                return None
-            if not isinstance(value, str) or not value.strip():
-                raise ValidationError(source, f"{where}.{key}", f"expected a non-empty string, got {value!r}")
-            return value
-
-        def words(key: str) -> tuple[str, ...]:
-            value = data.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise ValidationError(source, f"{where}.{key}", f"expected a list of strings, got {value!r}")
-            return tuple(value)
-
+        r = Reader(source, data, where, expected="an object of host settings")
         if not is_dns_label(name):
             raise ValidationError(source, where, f"host name {name!r} is not a DNS label")
-        target = text("target") or ""
+        target = r.text("target", nonempty=True, what="a non-empty string")
         if target.startswith("-") or target.split() != [target]:
-            raise ValidationError(source, f"{where}.target", f"{target!r} is not [user@]host")
-        port = data.get("port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-            raise ValidationError(source, f"{where}.port", f"{port!r} is not a TCP port")
-        tags = words("tags")
+            raise r.fail("target", f"{target!r} is not [user@]host")
+        port = r.opt_integer("port", maximum=65535, what="a TCP port (1-65535)")
+        tags = r.strings("tags", nonempty=True)
         bad = [t for t in tags if not is_dns_label(t)]
         if bad:
-            raise ValidationError(source, f"{where}.tags", f"{bad[0]!r} is not a DNS label")
-        options = words("sshOptions")
+            raise r.fail("tags", f"{bad[0]!r} is not a DNS label")
+        options = r.strings("sshOptions", nonempty=True)
         spaced = [o for o in options if o.split() != [o]]
         if spaced:
-            raise ValidationError(source, f"{where}.sshOptions", f"{spaced[0]!r} has white space")
-        command = text("procurator", optional=True) or "procurator"
+            raise r.fail("sshOptions", f"{spaced[0]!r} has white space")
+        identity_file = r.opt_text("identityFile", nonempty=True, what="a non-empty string")
+        command = r.opt_text("procurator", nonempty=True, what="a non-empty string") or "procurator"
         try:
             shlex.split(command)
         except ValueError as exc:
-            raise ValidationError(source, f"{where}.procurator", f"{command!r}: {exc}") from exc
+            raise r.fail("procurator", f"{command!r}: {exc}") from exc
         return cls(
             name=name,
             target=target,
             port=port,
-            identity_file=text("identityFile", optional=True),
+            identity_file=identity_file,
             ssh_options=options,
             tags=tags,
             procurator=command,
@@ -185,17 +169,17 @@ class Fleet:
     @classmethod
     def parse(cls, ref: FleetRef, data: Any) -> Fleet:
         source = f"{ref.ref} (inventory)"
-        if not isinstance(data, dict):
-            raise ValidationError(source, "", "expected the `inventory` of lib.mkHosts, an object")
-        version = data.get("schema")
-        if version != SCHEMA_VERSION:
-            raise ValidationError(
-                source, "schema", f"unknown version {version!r}; this procurator reads {SCHEMA_VERSION}"
-            )
-        hosts = data.get("hosts")
-        if not isinstance(hosts, dict):
-            raise ValidationError(source, "hosts", "expected an object of hosts by name")
-        return cls(ref, {name: HostSpec.parse(source, name, spec) for name, spec in sorted(hosts.items())})
+        r = Reader.versioned(
+            source,
+            data,
+            SCHEMA_VERSION,
+            what="the `inventory` of lib.mkHosts",
+            fix="use a procurator of the release whose lib.mkHosts the fleet calls",
+        )
+        hosts = r.obj("hosts", required=True, expected="an object of hosts by name")
+        return cls(
+            ref, {name: HostSpec.parse(source, name, hosts.data[name]) for name in sorted(hosts.names())}
+        )
 
     @classmethod
     def load(cls, ref: str) -> Fleet:

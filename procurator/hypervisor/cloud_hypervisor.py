@@ -37,17 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from procurator import logfiles, process, serial_keeper, sockets
+from procurator import jsonread, logfiles, process, serial_keeper, sockets
 from procurator.errors import (
     HypervisorError,
     HypervisorStartError,
     InvalidStateError,
     ProcessError,
+    ValidationError,
     WaitTimeoutError,
 )
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
+from procurator.jsonread import Reader
 
 log = logging.getLogger(__name__)
 
@@ -558,18 +560,18 @@ class CloudHypervisor:
         self._remove_sockets(handle.vm_dir)
 
 
+MAX_SNAPSHOT_CONFIG = 4 * 1024 * 1024  # bytes of a snapshot's config.json (a VmConfig: a few KiB)
+
+
 def _snapshot_config(directory: Path) -> dict[str, Any]:
     """The VmConfig a cloud-hypervisor snapshot holds (`config.json`, as `recv_vm_config` reads it)."""
     path = directory / "config.json"
     try:
-        config = json.loads(path.read_bytes())
+        return Reader(str(path), jsonread.read_file(path, MAX_SNAPSHOT_CONFIG)).data
     except FileNotFoundError as exc:
         raise HypervisorStartError(f"{path} is missing; this is no cloud-hypervisor snapshot") from exc
-    except (OSError, ValueError) as exc:
-        raise HypervisorStartError(f"{path}: cannot read the snapshot's config: {exc}") from exc
-    if not isinstance(config, dict):
-        raise HypervisorStartError(f"{path}: the snapshot's config is not a JSON object")
-    return config
+    except ValidationError as exc:
+        raise HypervisorStartError(f"{path}: cannot read the snapshot's config: {exc.problem}") from exc
 
 
 def wire_config(spec: LaunchSpec) -> dict[str, Any]:
