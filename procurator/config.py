@@ -1,7 +1,7 @@
 """The worker configuration (docs/worker.md): JSON written by the NixOS worker module, or defaults.
 
 {"stateDir": "/var/lib/procurator",
- "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto"},
+ "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto", "landlock": true},
  "user": null,
  "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": "10.100.0.1",
              "uplink": null, "nat": false, "isolate": false, "netns": null},
@@ -59,6 +59,7 @@ class HypervisorSettings:
     backend: str = "cloud-hypervisor"
     binary: str | None = None
     accel: str = "auto"  # qemu only: auto | kvm | tcg
+    landlock: bool = True  # cloud-hypervisor only: Landlock where the release and kernel have it
 
 
 CGROUP_MODES = ("auto", "required", "off")
@@ -139,6 +140,8 @@ class WorkerConfig:
                 raise ValidationError(source, key, f"expected a string, not {json.dumps(data[key])[:40]}")
         if hv.get("binary") is not None and not isinstance(hv["binary"], str):
             raise ValidationError(source, "hypervisor.binary", "expected a path as a string")
+        if not isinstance(hv.get("landlock", True), bool):
+            raise ValidationError(source, "hypervisor.landlock", "expected true or false")
         health_timeout = data.get("healthTimeout", DEFAULT_HEALTH_TIMEOUT)
         if (
             not isinstance(health_timeout, int | float)
@@ -191,7 +194,9 @@ class WorkerConfig:
             watchdog=_watchdog(source, data.get("watchdog") or {}),
             serial_log_max_bytes=serial_max,
             state_dir=Path(state_dir) if state_dir else None,
-            hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
+            hypervisor=HypervisorSettings(
+                backend=backend, binary=hv.get("binary"), accel=accel, landlock=hv.get("landlock", True)
+            ),
             user=data.get("user"),
             network=network,
             api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,
