@@ -765,8 +765,8 @@ def test_snapshot_then_restore_in_a_fresh_process(  # noqa: PLR0917 - fixtures
     clean: None,
 ) -> None:
     monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     first = backend.start(spec)
     backend.pause(first)
     backend.snapshot(first, target)
@@ -800,8 +800,8 @@ def test_snapshot_then_restore_in_a_fresh_process(  # noqa: PLR0917 - fixtures
 def test_restore_paused_leaves_the_guest_paused(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     first = backend.start(spec)
     backend.pause(first)
     backend.snapshot(first, target)
@@ -819,8 +819,8 @@ def test_a_running_vm_is_not_snapshotted(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
     """`Vm::snapshot` (vmm/src/vm.rs) refuses a VM that is not paused, after its `snapshotting` event."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     handle = backend.start(spec)
     try:
         with pytest.raises(HypervisorApiError) as refused:
@@ -840,8 +840,8 @@ def test_a_snapshot_into_a_used_directory_is_refused(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
     """`Vm::send` creates config.json `create_new`: an older snapshot there is never overwritten."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     handle = backend.start(spec)
     try:
@@ -883,8 +883,8 @@ def test_a_restore_while_the_source_still_holds_its_volume_is_refused(
         f.truncate(1 << 20)
     disk = {"id": "vol-data", "path": str(volume), "readonly": False, "image_type": "Raw"}
     source = replace(spec, config={**spec.config, "disks": [*spec.config["disks"], disk]})
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     other_dir = spec.vm_dir.with_name("other")
     other_dir.mkdir()
     handle = backend.start(source)
@@ -905,8 +905,8 @@ def test_a_restore_on_a_vmm_that_has_a_vm_is_refused(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
     """`vm_restore` (vmm/src/lib.rs) needs a VMM without a VM: the real restore runs on a fresh process."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     handle = backend.start(spec)
     try:
         backend.pause(handle)
@@ -923,8 +923,8 @@ def test_a_snapshot_with_passed_in_net_fds_is_refused(
 ) -> None:
     """Descriptors passed to the old process are gone after it: Procurator refuses instead of sending
     `net_fds`, which it never passes."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     config = {**spec.config, "net": [{"id": "eth0", "fds": [3, 4]}]}
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(
