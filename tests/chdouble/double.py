@@ -27,6 +27,9 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
 - disks: vm.boot opens and types each disk image for real, as make_virtio_block_device does, and from v46
   locks it (an OFD lock) while the VM exists (tests/chdouble/disk.py).
 - before v47 an error answer is one text, not the JSON array (README.md, "error answers before v47").
+- Landlock (v41+): vm.create with `landlock_enable` makes the one VMM thread (`VmmThread`, which serves
+  every request) restrict itself for real to the config's paths and `landlock_rules`, as
+  `VmConfig::apply_landlock` does (tests/chdouble/landlock.py), so what no rule allows fails to open.
 - events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`
   separated by a blank line, as the real event monitor writes them.
 
@@ -53,6 +56,8 @@ Knobs (environment):
   CHDOUBLE_HANG_AFTER      seconds after the API is first served at which the VMM thread hangs for good:
                            connections are still accepted, no request is answered, SIGTERM is not acted
                            on (only SIGKILL ends it); a test knob, no cloud-hypervisor rule
+  CHDOUBLE_LANDLOCK_PROBE  a path the VMM thread tries to open once it is landlocked, logging the outcome;
+                           a test knob, no cloud-hypervisor rule
   CHDOUBLE_VERSION         the release to act as, a major number from 40 to 53 (default 53): gates flags
                            and rules as that release's code does (see tests/chdouble/README.md)
 """
@@ -1029,6 +1034,20 @@ class Vmm:
         if invalid is not None:
             return self._fail(500, api, invalid)
         failed = self._create_devices()  # Vm::new with the snapshot
+        if (
+            failed is None
+            and config.get("landlock_enable")
+            and self.settings.release >= landlock.LANDLOCK_SINCE
+        ):
+            # vmm/src/lib.rs vm_restore (v41.0-v53.0): the restored config's rules, after Vm::new
+            failed = landlock.restrict(landlock.config_rules(config, self.settings.release))
+            if failed is not None:
+                self._close_devices()
+                failed = RustError(
+                    "ApplyLandlock", "Failed to apply landlock config during vm_create", failed
+                )
+            else:
+                self.landlocked = True
         if failed is None:
             self.events.emit("vm", "restoring")  # Vm::restore: the disk locks again, then the vCPUs
             failed = self._lock_disks()
