@@ -386,10 +386,18 @@ class CloudHypervisor:
     def snapshot(self, handle: Handle, directory: Path) -> None:
         """vm.snapshot into `directory` (which must exist and hold no config.json, state.json or
         memory-ranges: cloud-hypervisor creates them `create_new`). The VM must be paused (`Vm::snapshot`
-        refuses a running one: "Trying to snapshot while VM is running"); it stays paused."""
+        refuses a running one: "Trying to snapshot while VM is running"); it stays paused. A landlocked VMM
+        that may not write `directory` writes below its snapshot directory, and the files are moved."""
         with self._api(handle, timeout=self.snapshot_timeout) as api:
             staging = _landlock_staging(api, directory)
-            api.put("vm.snapshot", {"destination_url": f"file://{staging or directory}"})
+            try:
+                api.put("vm.snapshot", {"destination_url": f"file://{staging or directory}"})
+            except BaseException:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        staging.parent.rmdir()  # only when empty
+                raise
         if staging is not None:
             _move_into(staging, directory)
 
@@ -628,6 +636,9 @@ def landlock_fields(spec: LaunchSpec, body: dict[str, Any], version: Version) ->
     return {"landlock_enable": True, "landlock_rules": [rule.to_json() for rule in ours]}
 
 
+_STAGING = "landlock-staging"  # below the VM's snapshot directory; snapshots.prune removes what is left
+
+
 def _landlock_staging(api: ApiClient, directory: Path) -> Path | None:
     """For a landlocked VMM (vm.info's config says so) that may not write `directory` (`snapshot --to`), a
     fresh directory below the first directory it may write (the VM's snapshot directory), else None."""
@@ -648,7 +659,7 @@ def _landlock_staging(api: ApiClient, directory: Path) -> Path | None:
             f"cloud-hypervisor runs under Landlock and may write no directory for a snapshot to {directory}; "
             "restart the VM with this Procurator"
         )
-    staging = writable[0] / "landlock-staging" / f"{time.time_ns()}{PARTIAL}"
+    staging = writable[0] / _STAGING / f"{time.time_ns()}{PARTIAL}"
     try:
         staging.mkdir(parents=True)
         st = directory.stat()

@@ -231,3 +231,21 @@ def test_under_landlock_a_guest_reset_ends_the_vmm(
     assert "Address already in use (os error 98)" in log
     assert '"event": "rebooting"' in spec.events_path.read_text()
     backend.kill(handle)
+
+
+def test_a_snapshot_elsewhere_is_staged_and_a_failed_one_leaves_no_staging(
+    backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path
+) -> None:
+    handle = backend.start(spec)
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        with pytest.raises(HypervisorError, match="Trying to snapshot while VM is running"):
+            backend.snapshot(handle, elsewhere)  # not paused: refused after the staging was made
+        assert list(spec.writable[0].iterdir()) == []
+        backend.pause(handle)
+        backend.snapshot(handle, elsewhere)
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["config.json", "memory-ranges", "state.json"]
+        assert list(spec.writable[0].iterdir()) == []
+    finally:
+        backend.kill(handle)
