@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from procurator.config import WorkerConfig
+from procurator.errors import ValidationError
 from procurator.hypervisor import landlock
 from procurator.hypervisor.base import LaunchSpec
 from procurator.hypervisor.cloud_hypervisor import CloudHypervisor, Version, landlock_fields, wire_config
@@ -132,3 +134,13 @@ def test_vm_boot_validates_the_landlock_rules_from_v41(tmp_path: Path) -> None:
     refused = validate(config, 53)
     assert refused is not None
     assert refused.chain()[-1] == "Invalid landlock access: Invalid Landlock access: Invalid access: x"
+
+
+def test_the_worker_configuration_switch() -> None:
+    assert WorkerConfig.parse("w.json", {}).hypervisor.landlock is True  # on by default
+    off = WorkerConfig.parse("w.json", {"hypervisor": {"landlock": False}})
+    assert off.hypervisor.landlock is False
+    with pytest.raises(ValidationError) as refused:
+        WorkerConfig.parse("w.json", {"hypervisor": {"landlock": "no"}})
+    assert "hypervisor.landlock" in str(refused.value)
+    assert "expected true or false" in str(refused.value)
