@@ -1,7 +1,7 @@
 """The worker configuration (docs/worker.md): JSON written by the NixOS worker module, or defaults.
 
 {"stateDir": "/var/lib/procurator",
- "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto"},
+ "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto", "landlock": true},
  "user": null,
  "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": "10.100.0.1",
              "uplink": null, "nat": false, "isolate": false, "netns": null},
@@ -83,6 +83,7 @@ class HypervisorSettings:
     backend: str = "cloud-hypervisor"
     binary: str | None = None
     accel: str = "auto"  # qemu only: auto | kvm | tcg
+    landlock: bool = True  # cloud-hypervisor only: Landlock where the release and kernel have it
 
 
 CGROUP_MODES = ("auto", "required", "off")
@@ -129,7 +130,7 @@ class WorkerConfig:
         if r.has("schema"):
             Reader.versioned(source, data, CONFIG_SCHEMA, what="a worker configuration", fix="upgrade it")
         hv = r.obj("hypervisor", nullable=True)
-        hv.only(("backend", "binary", "accel"))
+        hv.only(("backend", "binary", "accel", "landlock"))
         backend = hv.choice("backend", BACKENDS, "cloud-hypervisor")
         accel = hv.choice("accel", ACCELS, "auto")
         binary = hv.opt_text("binary", nonempty=True, what="a path as a string")
@@ -178,7 +179,9 @@ class WorkerConfig:
             watchdog=_watchdog(r.obj("watchdog", nullable=True, expected='an object like {"interval": 10}')),
             serial_log_max_bytes=serial_max,
             state_dir=Path(state_dir) if state_dir else None,
-            hypervisor=HypervisorSettings(backend=backend, binary=binary, accel=accel),
+            hypervisor=HypervisorSettings(
+                backend=backend, binary=binary, accel=accel, landlock=hv.boolean("landlock", True)
+            ),
             user=user,
             network=network,
             api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,

@@ -24,12 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procurator import history, lifecycle, network, process
 from procurator.errors import DamagedStateError, ProcuratorError, StateError
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle
+
+if TYPE_CHECKING:
+    from procurator.config import HypervisorSettings
+    from procurator.hypervisor.cloud_hypervisor import Version
 
 SCHEMA = 1
 KVM_DEVICE = Path("/dev/kvm")
@@ -232,6 +236,20 @@ def _kvm(host: Host) -> _Outcome:
     return _Outcome(Status.OK, detail)
 
 
+def _landlock(settings: HypervisorSettings, version: Version) -> str:
+    """Whether the VMs of this cloud-hypervisor run under Landlock, and why not (hypervisor/landlock.py)."""
+    from procurator.hypervisor import landlock  # noqa: PLC0415
+
+    if not settings.landlock:
+        return "Landlock off (hypervisor.landlock)"
+    if version.major < landlock.LANDLOCK_SINCE:
+        return f"no Landlock (it came in v{landlock.LANDLOCK_SINCE}.0)"
+    abi = landlock.host_abi()
+    if abi < landlock.NEEDED_ABI:
+        return f"no Landlock (the kernel has ABI {abi}, cloud-hypervisor needs {landlock.NEEDED_ABI})"
+    return f"Landlock on (kernel ABI {abi})"
+
+
 def _hypervisor(host: Host) -> _Outcome:
     settings = host.config.hypervisor
     if settings.backend == "cloud-hypervisor":
@@ -252,7 +270,10 @@ def _hypervisor(host: Host) -> _Outcome:
                 f"run `procurator doctor --vm REF` to check it boots, or pin {ch.NEWEST_KNOWN}",
             )
         flags = "with --no-shutdown" if version >= ch.NO_SHUTDOWN_SINCE else "without --no-shutdown"
-        return _Outcome(Status.OK, f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags})")
+        landlocked = _landlock(settings, version)
+        return _Outcome(
+            Status.OK, f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags}); {landlocked}"
+        )
     from procurator.hypervisor import qemu  # noqa: PLC0415
 
     binary_name = settings.binary or qemu.DEFAULT_BINARY

@@ -527,6 +527,7 @@ def _start(
             user=host.config.user,
             netns=host.net.netns,
             join=box.join,
+            writable=(snapshots.vm_root(host.state, name),),
         )
         handle = hv.start(spec)
         undo.callback(hv.kill, handle)
@@ -1195,6 +1196,7 @@ def _restore(
             user=host.config.user,
             netns=host.net.netns,
             join=box.join,
+            writable=(snapshots.vm_root(host.state, name),),
         )
         handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)

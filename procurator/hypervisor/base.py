@@ -45,6 +45,9 @@ class LaunchSpec:
     netns: str | None = None  # run it inside this named network namespace (None: the host's)
     # Called with the hypervisor's pid right after spawn, before its guest runs: joins the VM's cgroup.
     join: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    # Directories below which the hypervisor creates files while it runs (the VM's snapshots): a
+    # landlocked cloud-hypervisor is granted them (procurator/hypervisor/landlock.py).
+    writable: tuple[Path, ...] = ()
 
     @property
     def api_socket(self) -> Path:

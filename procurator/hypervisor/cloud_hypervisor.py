@@ -8,7 +8,9 @@ behind (no process, no socket):
    `--log-file <vm_dir>/hypervisor.log` (its stdout and stderr go to the same file, so that errors
    printed before its logger exists are kept), `--seccomp true`, `--no-shutdown` and `-v`;
 3. wait (bounded) for `vmm.ping`, watching for the process exiting meanwhile;
-4. `vm.create` with the runtime VmConfig, then `vm.boot`.
+4. `vm.create` with the runtime VmConfig, then `vm.boot`. Where the release and the kernel have Landlock,
+   the body also says `landlock_enable` with our `landlock_rules` (procurator/hypervisor/landlock.py): the
+   VMM thread restricts itself at `vm.create` to the config's own paths and those rules.
 
 Stopping is a ladder, each rung bounded: the power button (the guest shuts down; we see the `vm`
 `shutdown` event in the events file or the VM leaving the running state), then `vm.shutdown`,
@@ -46,10 +48,12 @@ from procurator.errors import (
     ValidationError,
     WaitTimeoutError,
 )
+from procurator.hypervisor import landlock
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
 from procurator.jsonread import Reader
+from procurator.snapshots import PARTIAL
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,10 @@ class CloudHypervisor:
         step_timeout: float = 5.0,
         serial_max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES,
         snapshot_timeout: float = 300.0,
+        landlock: bool = True,
     ) -> None:
         self.binary = binary
+        self.landlock = landlock  # Landlock where supported (the worker configuration's hypervisor.landlock)
         self.snapshot_timeout = snapshot_timeout
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
@@ -160,6 +166,8 @@ class CloudHypervisor:
         owner = _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         body = wire_config(spec)
+        if self.landlocks(version):
+            body.update(landlock_fields(spec, body, version))
         serial = body.get("serial", {}).get("mode") == "Socket"
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
@@ -169,6 +177,20 @@ class CloudHypervisor:
             self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
 
         return self._run(spec, owner, version, steps, "running")
+
+    def landlocks(self, version: Version) -> bool:
+        """Whether VMs of `version` run under Landlock: asked for, the release has it (v41+), and the kernel
+        has the ABI it asks for (V3; a hard requirement from v48, so an older kernel would fail vm.create)."""
+        if not self.landlock or version.major < landlock.LANDLOCK_SINCE:
+            return False
+        if landlock.host_abi() < landlock.NEEDED_ABI:
+            log.warning(
+                "this kernel has Landlock ABI %d, cloud-hypervisor needs %d: VMs run without Landlock",
+                landlock.host_abi(),
+                landlock.NEEDED_ABI,
+            )
+            return False
+        return True
 
     def _run(
         self,
@@ -366,9 +388,20 @@ class CloudHypervisor:
     def snapshot(self, handle: Handle, directory: Path) -> None:
         """vm.snapshot into `directory` (which must exist and hold no config.json, state.json or
         memory-ranges: cloud-hypervisor creates them `create_new`). The VM must be paused (`Vm::snapshot`
-        refuses a running one: "Trying to snapshot while VM is running"); it stays paused."""
+        refuses a running one: "Trying to snapshot while VM is running"); it stays paused. A landlocked VMM
+        that may not write `directory` writes below its snapshot directory, and the files are moved."""
         with self._api(handle, timeout=self.snapshot_timeout) as api:
-            api.put("vm.snapshot", {"destination_url": f"file://{directory}"})
+            staging = _landlock_staging(api, directory)
+            try:
+                api.put("vm.snapshot", {"destination_url": f"file://{staging or directory}"})
+            except BaseException:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        staging.parent.rmdir()  # only when empty
+                raise
+        if staging is not None:
+            _move_into(staging, directory)
 
     def restore(self, spec: LaunchSpec, directory: Path, *, paused: bool) -> Handle:
         """A fresh cloud-hypervisor process (no VM: `vm_restore` refuses a VMM that has one), then
@@ -579,6 +612,75 @@ def wire_config(spec: LaunchSpec) -> dict[str, Any]:
     a `Socket` in the VM directory that the serial keeper copies into that file (see serial_keeper.py)."""
     body, _ = wire_serial(copy.deepcopy(spec.config), spec.vm_dir)  # copied whether or not changed
     return body
+
+
+def landlock_fields(spec: LaunchSpec, body: dict[str, Any], version: Version) -> dict[str, Any]:
+    """`landlock_enable` and our `landlock_rules` for `body`, after checking that the VMM's own rules and
+    ours give everything the VM opens after vm.create (landlock.needs). The directories we add are made
+    first: a rule whose path does not exist is dropped by cloud-hypervisor without a word."""
+    for path in spec.writable:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HypervisorStartError(
+                f"{path}: cannot create it for the VM's Landlock rules: {exc.strerror}"
+            ) from exc
+    ours = landlock.extra_rules(body, spec.writable)
+    missing = landlock.uncovered(
+        landlock.needs(body, spec.writable), landlock.vmm_rules(body, version.major) + ours
+    )
+    if missing:
+        raise HypervisorStartError(
+            f"vm {spec.name!r}: under Landlock cloud-hypervisor {version} could not reach "
+            f"{', '.join(f'{m.path} ({m.access})' for m in missing)}; set hypervisor.landlock to false in "
+            "the worker configuration and report this"
+        )
+    return {"landlock_enable": True, "landlock_rules": [rule.to_json() for rule in ours]}
+
+
+_STAGING = "landlock-staging"  # below the VM's snapshot directory; snapshots.prune removes what is left
+
+
+def _landlock_staging(api: ApiClient, directory: Path) -> Path | None:
+    """For a landlocked VMM (vm.info's config says so) that may not write `directory` (`snapshot --to`), a
+    fresh directory below the first directory it may write (the VM's snapshot directory), else None."""
+    answer = api.get("vm.info")
+    config = answer.get("config") if isinstance(answer, dict) else None
+    if not isinstance(config, dict) or not config.get("landlock_enable"):
+        return None
+    rules = [
+        landlock.Rule(str(r.get("path")), str(r.get("access")))
+        for r in config.get("landlock_rules") or []
+        if isinstance(r, dict)
+    ]
+    if not landlock.uncovered([landlock.Rule(str(directory), "w")], rules):
+        return None
+    writable = [Path(r.path) for r in rules if "w" in r.access and Path(r.path).is_dir()]
+    if not writable:
+        raise HypervisorError(
+            f"cloud-hypervisor runs under Landlock and may write no directory for a snapshot to {directory}; "
+            "restart the VM with this Procurator"
+        )
+    staging = writable[0] / _STAGING / f"{time.time_ns()}{PARTIAL}"
+    try:
+        staging.mkdir(parents=True)
+        st = directory.stat()
+        os.chown(staging, st.st_uid, st.st_gid)
+    except OSError as exc:
+        raise HypervisorError(f"{staging}: cannot stage the snapshot there: {exc.strerror}") from exc
+    return staging
+
+
+def _move_into(staging: Path, directory: Path) -> None:
+    """What cloud-hypervisor wrote into `staging`, moved into `directory`; `staging` removed."""
+    try:
+        for entry in sorted(staging.iterdir()):
+            shutil.move(entry, directory / entry.name)
+        staging.rmdir()
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # only when empty
+    except OSError as exc:
+        raise HypervisorError(f"{staging}: cannot move the snapshot into {directory}: {exc}") from exc
 
 
 @dataclass(frozen=True, order=True)

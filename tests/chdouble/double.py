@@ -27,6 +27,9 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
 - disks: vm.boot opens and types each disk image for real, as make_virtio_block_device does, and from v46
   locks it (an OFD lock) while the VM exists (tests/chdouble/disk.py).
 - before v47 an error answer is one text, not the JSON array (README.md, "error answers before v47").
+- Landlock (v41+): vm.create with `landlock_enable` makes the one VMM thread (`VmmThread`, which serves
+  every request) restrict itself for real to the config's paths and `landlock_rules`, as
+  `VmConfig::apply_landlock` does (tests/chdouble/landlock.py), so what no rule allows fails to open.
 - events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`
   separated by a blank line, as the real event monitor writes them.
 
@@ -53,6 +56,8 @@ Knobs (environment):
   CHDOUBLE_HANG_AFTER      seconds after the API is first served at which the VMM thread hangs for good:
                            connections are still accepted, no request is answered, SIGTERM is not acted
                            on (only SIGKILL ends it); a test knob, no cloud-hypervisor rule
+  CHDOUBLE_LANDLOCK_PROBE  a path the VMM thread tries to open once it is landlocked, logging the outcome;
+                           a test knob, no cloud-hypervisor rule
   CHDOUBLE_VERSION         the release to act as, a major number from 40 to 53 (default 53): gates flags
                            and rules as that release's code does (see tests/chdouble/README.md)
 """
@@ -63,6 +68,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import socketserver
@@ -74,6 +80,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
+from tests.chdouble import landlock
 from tests.chdouble.disk import DiskOpener, OpenDisk, close_disks, device_manager, lock_disks
 from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_error, rust_str
 from tests.chdouble.validate import validate
@@ -188,6 +195,7 @@ class Settings:
     release: int = DEFAULT_RELEASE
     guest_reset: float | None = None
     hang_after: float | None = None
+    landlock_probe: str = ""
 
     @classmethod
     def from_env(cls, *, no_shutdown: bool) -> Settings:
@@ -212,6 +220,7 @@ class Settings:
             hang_after=_seconds("CHDOUBLE_HANG_AFTER", -1.0)
             if os.environ.get("CHDOUBLE_HANG_AFTER")
             else None,
+            landlock_probe=os.environ.get("CHDOUBLE_LANDLOCK_PROBE", ""),
         )
 
 
@@ -303,7 +312,8 @@ class SpecCheck:
         try:
             from tests.support import chspec  # noqa: PLC0415 - heavy import, off the start-up path
 
-            chspec.validator("VmConfig")
+            for name in ("VmConfig", *SNAPSHOT_ROUTES.values()):  # built before any Landlock restriction
+                chspec.validator(name)
             self._errors = chspec.errors
         except Exception as exc:  # reported on every vm.create instead
             self._failure = f"{type(exc).__name__}: {exc}"
@@ -336,6 +346,13 @@ def _url_to_path(url: str, text: str, variant: str) -> str | RustError:
     return path
 
 
+def _console_error(exc: OSError) -> RustError:
+    """vmm/src/lib.rs `VmError::CreateConsoleDevices` over vmm/src/console_devices.rs
+    `ConsoleDeviceError::CreateConsoleDevice` (v53.0) over the io error."""
+    inner = RustError("CreateConsoleDevice", "Error creating console device", io_error(exc))
+    return RustError("CreateConsoleDevices", "Error creating console devices", inner)
+
+
 def _json(status: int, value: Any) -> Answer:
     return Answer(status, json.dumps(value).encode())
 
@@ -357,6 +374,7 @@ BEFORE_V47 = {
     "Resume": "embed",
     "MigratablePause": "embed",
     "MigratableResume": "embed",
+    "ApplyLandlock": "embed",  # vm.rs v41.0-v46.0: "Failed to apply landlock config during vm_create: {0}"
 }
 
 
@@ -423,6 +441,7 @@ class Vmm:
         self.ptys: list[int] = []  # the main ends of Pty consoles, held as the VMM holds them
         self.tap_fds: list[int] = []  # the TAP queues of the VM's virtio-net devices, while the VM exists
         self.disks: list[OpenDisk] = []  # the images of the VM's virtio-block devices, while the VM exists
+        self.landlocked = False  # the VMM thread restricted itself at vm.create (tests/chdouble/landlock.py)
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
@@ -538,7 +557,28 @@ class Vmm:
             if refused is not None:
                 return refused
             self.config = config
+            if config.get("landlock_enable") and self.settings.release >= landlock.LANDLOCK_SINCE:
+                return self._apply_landlock(config)
             return NO_CONTENT
+
+    def _apply_landlock(self, config: dict[str, Any]) -> Answer:
+        """vmm/src/lib.rs `vm_create` (v41.0-v53.0): once the config is stored and the consoles exist, the
+        VMM thread restricts itself to the config's paths (`VmConfig::apply_landlock`); a failure answers
+        `VmError::ApplyLandlock` and leaves the config stored, as the real one does."""
+        failed = landlock.restrict(landlock.config_rules(config, self.settings.release))
+        if failed is not None:
+            error = RustError("ApplyLandlock", "Failed to apply landlock config during vm_create", failed)
+            return self._fail(500, "The VM could not be created", error)
+        self.landlocked = True
+        probe = self.settings.landlock_probe
+        if probe:  # CHDOUBLE_LANDLOCK_PROBE: a test knob, no cloud-hypervisor rule
+            try:
+                with open(probe, "rb"):
+                    outcome = "opened"
+            except OSError as exc:
+                outcome = f"refused: {exc.strerror} (os error {exc.errno})"
+            self.log.info_at("chdouble", f"CHDOUBLE_LANDLOCK_PROBE {probe}: {outcome}")
+        return NO_CONTENT
 
     def _warn_net_defaults(self, config: dict[str, Any]) -> None:
         """v48 vmm/src/vm_config.rs: serde calls default_netconfig_ip/mask for a net entry without them,
@@ -590,11 +630,7 @@ class Vmm:
                 try:
                     self._bind_serial(device.get("socket") or "")
                 except OSError as exc:
-                    return self._fail(
-                        500,
-                        api,
-                        RustError("CreateConsoleDevices", "Error creating console devices", io_error(exc)),
-                    )
+                    return self._fail(500, api, _console_error(exc))
             elif device.get("mode") == "Pty":
                 main_fd, sub_fd = os.openpty()
                 device["file"] = os.ttyname(sub_fd)
@@ -608,7 +644,7 @@ class Vmm:
         """Listen on the serial socket; one client at a time, a new connection replaces the old one.
         Before the first client, output is dropped, and from v53 kept and replayed on connect."""
         self._close_serial()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # under Landlock the removal fails, and bind then finds it
             os.unlink(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
@@ -685,9 +721,12 @@ class Vmm:
                 return self._fail(500, "The VM could not boot", failed)
             payload = self.config.get("payload") or {}
             for key, what in (("kernel", "kernel"), ("initramfs", "initramfs"), ("firmware", "firmware")):
-                if key in payload and not os.access(payload[key], os.R_OK):
+                try:  # opened for real, so that Landlock applies (Vm::new's payload thread)
+                    if key in payload:
+                        os.close(os.open(payload[key], os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as exc:
                     self._close_devices()
-                    cause = RustError("Os", "No such file or directory (os error 2)")
+                    cause = io_error(exc)
                     return self._fail(
                         500,
                         "The VM could not boot",
@@ -995,6 +1034,20 @@ class Vmm:
         if invalid is not None:
             return self._fail(500, api, invalid)
         failed = self._create_devices()  # Vm::new with the snapshot
+        if (
+            failed is None
+            and config.get("landlock_enable")
+            and self.settings.release >= landlock.LANDLOCK_SINCE
+        ):
+            # vmm/src/lib.rs vm_restore (v41.0-v53.0): the restored config's rules, after Vm::new
+            failed = landlock.restrict(landlock.config_rules(config, self.settings.release))
+            if failed is not None:
+                self._close_devices()
+                failed = RustError(
+                    "ApplyLandlock", "Failed to apply landlock config during vm_create", failed
+                )
+            else:
+                self.landlocked = True
         if failed is None:
             self.events.emit("vm", "restoring")  # Vm::restore: the disk locks again, then the vCPUs
             failed = self._lock_disks()
@@ -1086,8 +1139,12 @@ class Vmm:
                 with contextlib.suppress(OSError), open(device["file"], "w"):
                     pass
             elif key == "serial" and device.get("mode") == "Socket":
-                with contextlib.suppress(OSError):
+                try:
                     self._bind_serial(device.get("socket") or "")
+                except OSError as exc:  # e.g. under Landlock, which grants no MakeSock in its directory
+                    self._cancel_poweroff()
+                    self.state = None
+                    return _console_error(exc)
         failed = self._create_devices() or self._lock_disks()
         if failed is not None:
             self._cancel_poweroff()
@@ -1244,6 +1301,37 @@ class Vmm:
         return tree
 
 
+class VmmThread:
+    """The VMM thread (vmm/src/lib.rs `start_vmm_thread`): the HTTP threads hand it each request and wait
+    for its answer (vmm/src/api/mod.rs `ApiRequest`), so what it restricts itself to at vm.create
+    (Landlock) holds for every later request and for the threads it starts."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[
+            tuple[Callable[[], Answer], list[Answer | BaseException], threading.Event]
+        ]
+        self._requests = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="vmm", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            work, result, done = self._requests.get()
+            try:
+                result.append(work())
+            except BaseException as exc:  # handed back to the HTTP thread that asked
+                result.append(exc)
+            done.set()
+
+    def call(self, work: Callable[[], Answer]) -> Answer:
+        result: list[Answer | BaseException] = []
+        done = threading.Event()
+        self._requests.put((work, result, done))
+        done.wait()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """micro_http stand-in: HTTP/1.1 with keep-alive on an already listening UNIX socket."""
 
@@ -1255,6 +1343,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.socket.close()
         self.socket = listener
         self.vmm = vmm
+        self.vmm_thread = VmmThread()
         self.recorder = recorder
         self.accepted_at: dict[int, float] = {}  # connection fd -> when it was accepted
 
@@ -1333,7 +1422,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         received = self._arrived or time.monotonic()
-        threading.current_thread().name = "vmm"  # the real VMM thread serves API requests one by one
+        threading.current_thread().name = "http-server"  # the VMM thread (VmmThread) answers
         server = self.server
         assert isinstance(server, ApiServer)
         body: bytes | None = None
@@ -1357,7 +1446,8 @@ class _Handler(BaseHTTPRequestHandler):
                 answer = _micro_http_error("Invalid request.")
         if answer is None:
             try:
-                answer = server.vmm.answer(self.command, self.path, body)
+                command, path = self.command, self.path
+                answer = server.vmm_thread.call(lambda: server.vmm.answer(command, path, body))
             except Exception as exc:  # a bug in the double: say so rather than drop the connection
                 server.vmm.log.error_at("chdouble", f"internal error: {exc!r}")
                 answer = _errors(500, "chdouble: internal error", repr(exc))
@@ -1468,6 +1558,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _landlock_flags(argv: Sequence[str], acting_as: int) -> str:
+    """clap's refusals of `--landlock`/`--landlock-rules` (cloud-hypervisor/src/main.rs; src/main.rs to
+    v49): unknown before v41; from v44 in the `vm-config` group, which `.requires("vm-payload")`, so only
+    with `--kernel`, `--firmware` or `--igvm`. The usage lines after the first are not copied."""
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    flags = [f for f in ("--landlock", "--landlock-rules") if f in given]
+    if not flags:
+        return ""
+    if acting_as < landlock.LANDLOCK_SINCE:
+        return (
+            f"error: unexpected argument '{flags[0]}' found\n\nUsage: cloud-hypervisor [OPTIONS]\n\n"
+            "For more information, try '--help'."
+        )
+    if acting_as >= landlock.PAYLOAD_REQUIRED_SINCE and not {"--kernel", "--firmware", "--igvm"} & set(given):
+        return (
+            "error: the following required arguments were not provided:\n  <--firmware <firmware>|--kernel "
+            "<kernel>>\n\nUsage: cloud-hypervisor [OPTIONS]\n\nFor more information, try '--help'."
+        )
+    return ""
+
+
 def _option(value: str, keys: tuple[str, ...]) -> dict[str, str]:
     """cloud-hypervisor's OptionParser for `k=v,k=v` values (only `keys` are known)."""
     found: dict[str, str] = {}
@@ -1504,6 +1615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "For more information, try '--help'.",
             file=sys.stderr,
         )
+        return 2
+    refused = _landlock_flags(args_list, acting_as)
+    if refused:
+        print(refused, file=sys.stderr)
         return 2
     args = parse_args(args_list)
     if args.version:

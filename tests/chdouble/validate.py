@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tests.chdouble.landlock import LANDLOCK_SINCE, validate_rules
 from tests.chdouble.tap import RustError
 
 VALIDATION_FAILED = "Failed to validate config"  # vmm/src/vm.rs Error::ConfigValidation (v47+)
@@ -119,6 +120,13 @@ class _Validator:
             raise RefusedError("VsockSpecialCid", f"{vsock['cid']} is a special VSOCK CID")
         if isinstance(vsock, dict):
             self.identifier(vsock.get("id"))
+        if self.release >= LANDLOCK_SINCE:  # after the platform checks, last but ivshmem (v41.0-v53.0)
+            refused = validate_rules(self.config)
+            if refused is not None:
+                variant = (
+                    "InvalidLandlockAccess" if refused.startswith("Invalid") else "LandlockPathDoesNotExist"
+                )
+                raise RefusedError(variant, refused)
 
     def payload(self) -> None:
         """v48+: `PayloadConfig::validate` (vmm/src/vm_config.rs): a kernel or a firmware, not both; with a

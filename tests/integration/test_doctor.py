@@ -72,6 +72,8 @@ def test_doctor_passes_on_the_double(
         f"cloud-hypervisor v{release}.0 (supported v40.0 to v53.0; runs {flag} --no-shutdown)"
         in (check(data, "hypervisor")["detail"])
     )
+    landlock = "Landlock on (kernel ABI " if int(release) >= 41 else "no Landlock (it came in v41.0)"
+    assert landlock in check(data, "hypervisor")["detail"]
     assert check(data, "boot")["detail"].startswith("probe (cloud-hypervisor) booted (no health checks) in ")
     assert check(data, "boot")["detail"].endswith("nothing left behind")
     # The VM, its TAP and lease are gone, and so is the bridge the boot had to make.
