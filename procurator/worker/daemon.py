@@ -114,6 +114,7 @@ class Worker:
         self._watchdog_kills = 0
         self.watchdog = Watchdog(host, settings.watchdog, clock=clock)
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
+        self.processes = metrics.ProcessCache(clock=clock)  # /proc figures of /metrics and GET /status
         self._servers: list[api.Server] = []
         self.health = probes.HealthWatch(host, every=settings.health_every, wall=wall)
         self.csrf = status.Csrf()
@@ -546,11 +547,11 @@ class Worker:
         )
 
     def status_json(self) -> dict[str, Any]:
-        return views.status_json(self.figures(), self.host)
+        return views.status_json(self.figures(), self.host, self.listing(), self.processes)
 
-    def vms_json(self) -> dict[str, Any]:
-        """GET /vms: the VMs exactly as `procurator ps --json` lists them, from records parsed again only
-        when they changed (the answer `ps` asks a running worker for)."""
+    def listing(self) -> views.Listing:
+        """`lifecycle.listing` from records parsed again only when they changed (GET /vms, /status and
+        /metrics: a thousand records are not read and parsed at every request)."""
         with self._listing_lock:
             records = self._listing.records()
             damaged = list(self._listing.damaged.values())
@@ -558,16 +559,18 @@ class Worker:
         statuses = [
             lifecycle.classify(r, r.pid > 0 and process.alive(r.pid, r.start_time), now) for r in records
         ]
-        rows = [s.to_json() for s in lifecycle.with_usage(self.host, statuses)]
-        rows += [lifecycle.damaged_json(d) for d in damaged]
-        rows.sort(key=lambda row: str(row["name"]))
-        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": rows}
+        return views.Listing(lifecycle.with_usage(self.host, statuses), damaged)
+
+    def vms_json(self) -> dict[str, Any]:
+        """GET /vms: the VMs exactly as `procurator ps --json` lists them (the answer `ps` asks a running
+        worker for)."""
+        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": views.vms_json(self.listing())}
 
     def supervision_json(self) -> dict[str, Any]:
         return views.supervision_json(self.figures())
 
     def metrics_text(self) -> str:
-        return views.metrics_text(self.figures(), self.host, self.counters)
+        return views.metrics_text(self.figures(), self.listing(), self.counters, self.processes)
 
     # --- the status page (worker/status.py) --------------------------------------------------------
 
