@@ -102,7 +102,8 @@ class Worker:
         self._tracked: dict[str, Tracked] = {}
         self._pids = process.PidWatch()
         self._records = RecordCache(host.state)
-        self._listing = RecordCache(host.state)  # GET /vms's own (the API's threads, under its lock)
+        # GET /vms, /status and /metrics's own (the API's threads, under its lock)
+        self._listing = RecordCache(host.state, log_damage=False)
         self._listing_lock = threading.Lock()
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
@@ -112,11 +113,13 @@ class Worker:
         self._durations = metrics.Histogram()
         self._restarted_total = 0
         self._watchdog_kills = 0
-        self.watchdog = Watchdog(host, settings.watchdog, clock=clock)
+        self.watchdog = Watchdog(host, settings.watchdog, clock=clock, records=self._listed)
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
         self.processes = metrics.ProcessCache(clock=clock)  # /proc figures of /metrics and GET /status
         self._servers: list[api.Server] = []
-        self.health = probes.HealthWatch(host, every=settings.health_every, wall=wall)
+        self.health = probes.HealthWatch(
+            host, every=settings.health_every, wall=wall, listing=lambda: self.listing().statuses
+        )
         self.csrf = status.Csrf()
 
     # --- running ---------------------------------------------------------------------------------
@@ -549,9 +552,14 @@ class Worker:
     def status_json(self) -> dict[str, Any]:
         return views.status_json(self.figures(), self.host, self.listing(), self.processes)
 
+    def _listed(self) -> list[VmRecord]:
+        with self._listing_lock:
+            return self._listing.records()
+
     def listing(self) -> views.Listing:
         """`lifecycle.listing` from records parsed again only when they changed (GET /vms, /status and
-        /metrics: a thousand records are not read and parsed at every request)."""
+        /metrics, the watchdog's and the health probes' rounds: a thousand records are not read and
+        parsed again at every request and round)."""
         with self._listing_lock:
             records = self._listing.records()
             damaged = list(self._listing.damaged.values())

@@ -14,8 +14,9 @@ log = logging.getLogger("procurator.worker")
 class RecordCache:
     """The VM records, parsed again only when their file changed (every write replaces the file)."""
 
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, *, log_damage: bool = True) -> None:
         self.state = state
+        self.log_damage = log_damage  # one cache of the daemon's says so: a damage is logged once
         self._seen: dict[str, tuple[tuple[int, int, int], VmRecord]] = {}
         self.damaged: dict[str, Damaged] = {}  # VMs set aside: their record cannot be read
 
@@ -57,6 +58,6 @@ class RecordCache:
 
     def _set_aside(self, bad: Damaged) -> None:
         known = self.damaged.get(bad.name)
-        if known is None or known.error.message != bad.error.message:  # once per damage, not every pass
+        if self.log_damage and (known is None or known.error.message != bad.error.message):  # once
             log.error("%s: not supervised: %s", bad.name, bad.error)
         self.damaged[bad.name] = bad
