@@ -31,6 +31,7 @@ record), then adopts the VMs whose pid and start time are alive and whose hyperv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import resource
 import threading
@@ -103,7 +104,7 @@ class Worker:
         self._pids = process.PidWatch()
         self._records = RecordCache(host.state)
         # GET /vms, /status and /metrics's own (the API's threads, under its lock)
-        self._listing = RecordCache(host.state, log_damage=False)
+        self._listing = RecordCache(host.state, log_damage=False, share=self._records)
         self._listing_lock = threading.Lock()
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
@@ -128,6 +129,7 @@ class Worker:
         """Serve the API, sweep, adopt and reconcile, then supervise until `stop()`."""
         self.host.state.ensure()
         _raise_open_files_limit()
+        _tune_malloc()
         self._servers = api.serve(
             self, self.settings.api_socket, self.settings.metrics_listen, self.settings.status_listen
         )
@@ -647,6 +649,35 @@ def _raise_open_files_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# glibc's mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_ARENAS = 2
+MALLOC_THRESHOLD = 128 * 1024
+
+
+def _tune_malloc() -> None:
+    """Keep the daemon's resident memory from ratcheting up with every request (glibc only).
+
+    Each request runs on a new thread and builds megabyte-sized answers (/metrics, /status): with
+    glibc's defaults each thread may get an arena of its own, and once a large block is freed the
+    mmap threshold rises to its size, so later ones come from the arenas and their freed pages stay
+    resident. A fixed threshold (large blocks mapped and unmapped), trimming at that size and two
+    arenas keep a daemon with a thousand VMs megabytes smaller. Without glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in (
+        (_M_ARENA_MAX, MALLOC_ARENAS),
+        (_M_MMAP_THRESHOLD, MALLOC_THRESHOLD),
+        (_M_TRIM_THRESHOLD, MALLOC_THRESHOLD),
+    ):
+        if mallopt(param, value) != 1:
+            log.debug("mallopt(%d, %d) refused", param, value)
 
 
 def _load_deployment(path: Path) -> Deployment:

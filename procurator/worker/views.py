@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,12 @@ class WorkerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         running = self.listing.running
-        yield from vm_families(self.listing, self.processes.get(running))
-        yield from metrics.device_families(self.counters.get(running))  # one API call per VM at most
+        # The device counters (one API call per VM at most, when not cached) are fetched while the
+        # per-VM families are built and written: the calls mostly wait for the hypervisors.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape") as one:
+            counters = one.submit(self.counters.get, running)
+            yield from vm_families(self.listing, self.processes.get(running))
+            yield from metrics.device_families(counters.result())
         yield from worker_families(self.fig)
 
 
