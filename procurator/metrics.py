@@ -8,7 +8,7 @@ prometheus_client's `generate_latest`. Families without samples are left out; a 
 repeats is a bug, caught when rendered.
 
 What is measured of a VM's hypervisor process comes from /proc (`process_figures`, cached per VM for a
-second or two by `ProcessCache`, which the status page reads too); its device counters come from the
+few seconds by `ProcessCache`, which the status page reads too); its device counters come from the
 backend's `counters()` through `CountersCache`, which asks each VM at most once per scrape and not again
 before its time-to-live passes.
 """
@@ -154,7 +154,7 @@ class Histogram:
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-PROCESS_TTL = 2.0  # seconds /proc figures of a VM are reused (a status page polls more often than that)
+PROCESS_TTL = 5.0  # seconds /proc figures of a VM are reused (the status page polls every 2 s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ PROBE_EVERY = 10.0  # seconds between two rounds
 PROBE_PARALLEL = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seen:
     ok: bool
     detail: str  # what failed, or "" when every check passed

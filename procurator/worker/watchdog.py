@@ -33,7 +33,7 @@ DETAIL = "hypervisor stopped answering its API"
 Key = tuple[str, int, int]  # (name, pid, start time): counts belong to one process
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failing:
     count: int  # failed pings in a row
     since: float  # monotonic time of the first of them
