@@ -35,6 +35,7 @@ record), then adopts the VMs whose pid and start time are alive and whose hyperv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import resource
 import threading
@@ -106,7 +107,8 @@ class Worker:
         self._tracked: dict[str, Tracked] = {}
         self._pids = process.PidWatch()
         self._records = RecordCache(host.state)
-        self._listing = RecordCache(host.state)  # GET /vms's own (the API's threads, under its lock)
+        # GET /vms, /status and /metrics's own (the API's threads, under its lock)
+        self._listing = RecordCache(host.state, log_damage=False, share=self._records)
         self._listing_lock = threading.Lock()
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
@@ -116,10 +118,13 @@ class Worker:
         self._durations = metrics.Histogram()
         self._restarted_total = 0
         self._watchdog_kills = 0
-        self.watchdog = Watchdog(host, settings.watchdog, clock=clock)
+        self.watchdog = Watchdog(host, settings.watchdog, clock=clock, records=self._listed)
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
+        self.processes = metrics.ProcessCache(clock=clock)  # /proc figures of /metrics and GET /status
         self._servers: list[api.Server] = []
-        self.health = probes.HealthWatch(host, every=settings.health_every, wall=wall)
+        self.health = probes.HealthWatch(
+            host, every=settings.health_every, wall=wall, listing=lambda: self.listing().statuses
+        )
         self.csrf = status.Csrf()
 
     # --- running ---------------------------------------------------------------------------------
@@ -128,6 +133,7 @@ class Worker:
         """Serve the API, sweep, adopt and reconcile, then supervise until `stop()`."""
         self.host.state.ensure()
         _raise_open_files_limit()
+        _tune_malloc()
         self._servers = api.serve(
             self, self.settings.api_socket, self.settings.metrics_listen, self.settings.status_listen
         )
@@ -600,11 +606,16 @@ class Worker:
         )
 
     def status_json(self) -> dict[str, Any]:
-        return views.status_json(self.figures(), self.host)
+        return views.status_json(self.figures(), self.host, self.listing(), self.processes)
 
-    def vms_json(self) -> dict[str, Any]:
-        """GET /vms: the VMs exactly as `procurator ps --json` lists them, from records parsed again only
-        when they changed (the answer `ps` asks a running worker for)."""
+    def _listed(self) -> list[VmRecord]:
+        with self._listing_lock:
+            return self._listing.records()
+
+    def listing(self) -> views.Listing:
+        """`lifecycle.listing` from records parsed again only when they changed (GET /vms, /status and
+        /metrics, the watchdog's and the health probes' rounds: a thousand records are not read and
+        parsed again at every request and round)."""
         with self._listing_lock:
             records = self._listing.records()
             damaged = list(self._listing.damaged.values())
@@ -612,16 +623,18 @@ class Worker:
         statuses = [
             lifecycle.classify(r, r.pid > 0 and process.alive(r.pid, r.start_time), now) for r in records
         ]
-        rows = [s.to_json() for s in lifecycle.with_usage(self.host, statuses)]
-        rows += [lifecycle.damaged_json(d) for d in damaged]
-        rows.sort(key=lambda row: str(row["name"]))
-        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": rows}
+        return views.Listing(lifecycle.with_usage(self.host, statuses), damaged)
+
+    def vms_json(self) -> dict[str, Any]:
+        """GET /vms: the VMs exactly as `procurator ps --json` lists them (the answer `ps` asks a running
+        worker for)."""
+        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": views.vms_json(self.listing())}
 
     def supervision_json(self) -> dict[str, Any]:
         return views.supervision_json(self.figures())
 
     def metrics_text(self) -> str:
-        return views.metrics_text(self.figures(), self.host, self.counters)
+        return views.metrics_text(self.figures(), self.listing(), self.counters, self.processes)
 
     # --- the status page (worker/status.py) --------------------------------------------------------
 
@@ -690,6 +703,35 @@ def _raise_open_files_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# glibc's mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_ARENAS = 2
+MALLOC_THRESHOLD = 128 * 1024
+
+
+def _tune_malloc() -> None:
+    """Keep the daemon's resident memory from ratcheting up with every request (glibc only).
+
+    Each request runs on a new thread and builds megabyte-sized answers (/metrics, /status): with
+    glibc's defaults each thread may get an arena of its own, and once a large block is freed the
+    mmap threshold rises to its size, so later ones come from the arenas and their freed pages stay
+    resident. A fixed threshold (large blocks mapped and unmapped), trimming at that size and two
+    arenas keep a daemon with a thousand VMs megabytes smaller. Without glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in (
+        (_M_ARENA_MAX, MALLOC_ARENAS),
+        (_M_MMAP_THRESHOLD, MALLOC_THRESHOLD),
+        (_M_TRIM_THRESHOLD, MALLOC_THRESHOLD),
+    ):
+        if mallopt(param, value) != 1:
+            log.debug("mallopt(%d, %d) refused", param, value)
 
 
 def _load_deployment(path: Path) -> Deployment:
