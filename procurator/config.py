@@ -13,7 +13,8 @@
  "statusActions": false,
  "cgroups": {"mode": "auto", "base": "procurator.slice"},
  "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3},
- "serialLogMaxBytes": 8388608}
+ "serialLogMaxBytes": 8388608,
+ "vmUsers": null}
 
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
@@ -30,6 +31,9 @@ hierarchy (the NixOS module points it at the worker unit's delegated subtree); v
 `failures` failed pings in a row it kills the hypervisor, and the restart policy decides what follows.
 `serialLogMaxBytes` caps each VM's `serial.log` (both backends: a serial keeper writes it): past it the log
 becomes `serial.log.1` (the previous one dropped), so a VM's serial output takes at most twice this.
+`vmUsers` ({"first": 400000, "count": 1000, "extraGroups": ["kvm"]}) runs each VM's hypervisor as a uid
+of its own from that range (its gid the same number, plus the supplementary `extraGroups`); see
+procurator/vmusers.py. It excludes `user`; without either, hypervisors run as the worker (root).
 """
 
 from __future__ import annotations
@@ -81,6 +85,25 @@ class WatchdogSettings:
 
 
 @dataclass(frozen=True)
+class VmUsers:
+    """The uid range each VM's hypervisor gets a uid of its own from (procurator/vmusers.py)."""
+
+    first: int
+    count: int
+    extra_groups: tuple[str, ...] = ()
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def describe(self) -> str:
+        return f"vmUsers {self.first}-{self.last}"
+
+
+VM_UID_LIMITS = (1000, 2**32 - 2)  # below: system users; 2^32-1 is the kernel's "no uid"
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
@@ -95,6 +118,7 @@ class WorkerConfig:
     cgroups: CgroupSettings = field(default_factory=CgroupSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     serial_log_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES  # serial.log rotates to serial.log.1 past it
+    vm_users: VmUsers | None = None  # a uid per VM from this range (None: all run as `user`, or as us)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -114,6 +138,7 @@ class WorkerConfig:
             "cgroups",
             "watchdog",
             "serialLogMaxBytes",
+            "vmUsers",
             "schema",
         }
         unknown = sorted(set(data) - known)
@@ -186,7 +211,13 @@ class WorkerConfig:
         status_actions = data.get("statusActions", False)
         if not isinstance(status_actions, bool):
             raise ValidationError(source, "statusActions", f"expected true or false, not {status_actions!r}")
+        vm_users = _vm_users(source, data.get("vmUsers"))
+        if vm_users is not None and data.get("user") is not None:
+            raise ValidationError(
+                source, "vmUsers", "excludes `user` (each VM gets a uid of its own); set one of them"
+            )
         return cls(
+            vm_users=vm_users,
             cgroups=_cgroups(source, data.get("cgroups") or {}),
             watchdog=_watchdog(source, data.get("watchdog") or {}),
             serial_log_max_bytes=serial_max,
@@ -261,3 +292,26 @@ def _watchdog(source: str, data: Any) -> WatchdogSettings:
     return WatchdogSettings(
         enable=enable, interval=seconds["interval"], timeout=seconds["timeout"], failures=failures
     )
+
+
+def _vm_users(source: str, data: Any) -> VmUsers | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValidationError(source, "vmUsers", 'expected an object like {"first": 400000, "count": 1000}')
+    known = ("count", "extraGroups", "first")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValidationError(source, f"vmUsers.{unknown[0]}", f"unknown setting; known: {', '.join(known)}")
+    low, high = VM_UID_LIMITS
+    first, count = data.get("first"), data.get("count")
+    if not isinstance(first, int) or isinstance(first, bool) or not low <= first <= high:
+        raise ValidationError(source, "vmUsers.first", f"expected a uid from {low} to {high}, not {first!r}")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= high - first + 1:
+        raise ValidationError(
+            source, "vmUsers.count", f"expected a count from 1 to {high - first + 1} (uids end at {high})"
+        )
+    groups = data.get("extraGroups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+        raise ValidationError(source, "vmUsers.extraGroups", 'expected a list of group names like ["kvm"]')
+    return VmUsers(first=first, count=count, extra_groups=tuple(groups))

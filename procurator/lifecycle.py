@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from procurator import cgroup, network, process, snapshots, sweep
+from procurator import cgroup, network, process, snapshots, sweep, vmusers
 from procurator.config import WorkerConfig
 from procurator.errors import (
     CgroupError,
@@ -122,6 +122,10 @@ class Host:
     clock: Callable[[], float] = time.time
     shared: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     network_ready: bool = field(default=False, repr=False, compare=False)
+    # uids of `vmUsers` handed to starts of this process whose record is not written yet (vmusers.py)
+    reservations: vmusers.Reservations = field(
+        default_factory=vmusers.Reservations, repr=False, compare=False
+    )
 
     @property
     def net(self) -> network.NetworkConfig:
@@ -151,6 +155,56 @@ class Host:
     def owner_uid(self) -> int:
         owner = self.owner()
         return 0 if owner is None else owner[0]
+
+    def own_ids(self) -> tuple[int, int]:
+        """(uid, gid) what a VM uid had is given back to: the worker's `user`, else ourselves."""
+        return self.owner() or (os.getuid(), os.getgid())
+
+    def vm_owner(self, runtime: str, undo: contextlib.ExitStack) -> vmusers.Owner | None:
+        """The uid of its own VM `runtime`'s hypervisor runs as (`vmUsers`); None without a range. The
+        reservation is dropped again if the start fails (`undo`)."""
+        users = self.config.vm_users
+        if users is None:
+            return None
+        with self.shared:
+            records, _ = self.state.scan()
+            uid = vmusers.allocate(users, runtime, {r.runtime: r.uid for r in records}, self.reservations)
+        undo.callback(self.reservations.release, runtime)
+        return vmusers.owner(users, uid)
+
+
+def _tap_queues(config: dict[str, Any]) -> dict[str, int]:
+    """TAP name -> queue pairs of each net of a runtime config (what the hypervisor opens of it)."""
+    return {
+        str(net["tap"]): max(1, int(net.get("num_queues", 2)) // 2)
+        for net in config.get("net") or []
+        if isinstance(net, dict) and net.get("tap")
+    }
+
+
+def _hands_taps(host: Host, who: vmusers.Owner | None) -> bool:
+    """Whether the hypervisor gets its TAPs as descriptors: when it does not run as us (a VM uid, or the
+    worker's `user`), so that it needs no /dev/net/tun."""
+    return who is not None or host.config.user is not None
+
+
+@contextlib.contextmanager
+def _handed_taps(host: Host, config: dict[str, Any], hand: bool) -> Iterator[dict[str, tuple[int, ...]]]:
+    """With `hand`, descriptors of the runtime config's TAPs, closed here once the start has passed them on
+    (the hypervisor holds its own copies); else none."""
+    opened = network.open_taps(host.net, _tap_queues(config)) if hand else {}
+    try:
+        yield opened
+    finally:
+        network.close_fds(opened)
+
+
+def _take_back(host: Host, name: str, record: VmRecord | None) -> None:
+    """Give back to the worker what VM `name`'s own uid still owns of its volumes and snapshots."""
+    if record is None or record.uid is None:
+        return
+    roots = [host.state.volume_dir(name), snapshots.vm_root(host.state, name)]
+    vmusers.take_back(roots, record.uid, host.own_ids())
 
 
 def cgroups(host: Host) -> cgroup.Driver | None:
@@ -284,7 +338,9 @@ def _forget(host: Host, name: str, record: VmRecord | None = None) -> None:
     of a blue-green generation also its own lease and the service DNAT (the VM's lease is kept)."""
     _detach(host, name, record)
     unbox(host, name if record is None else record.runtime)
+    _take_back(host, name, record)
     host.state.remove_vm_dir(name)
+    host.reservations.release(name if record is None else record.runtime)
     if record is not None and record.slot:
         _drop_runtime(host, record.runtime)
         apply_services(host)
@@ -325,6 +381,7 @@ def _drop_runtime(host: Host, runtime: str) -> None:
     unbox(host, runtime)
     host.state.remove_vm_dir(runtime)
     _release_lease(host, runtime)
+    host.reservations.release(runtime)
 
 
 def _collapse(host: Host, record: VmRecord) -> VmRecord:
@@ -491,10 +548,12 @@ def _start(
             if bundle.meta.interfaces and not host.network_ready and network.net_up(host.net).created:
                 undo.callback(_drop_network_if_unused, host, name)
 
+        who = host.vm_owner(runtime, undo)
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
+            tap_owner = host.owner_uid() if who is None else who.uid
             taps = network.attach_vm(
-                host.net, runtime, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+                host.net, runtime, [i.id for i in bundle.meta.interfaces], tap_owner, bundle.vcpus
             )
             undo.callback(network.detach_vm, host.net, runtime)
             for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
@@ -503,7 +562,7 @@ def _start(
         fresh = [v for v in bundle.meta.volumes if not volume_path(host.state, name, v).exists()]
         undo.callback(_remove_volumes, host, name, fresh)  # only those this start made: never data
         volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
-        owner = host.owner()
+        owner = host.owner() if who is None else (who.uid, who.gid)
         if owner is not None:  # the hypervisor, running as the VM user, writes here and opens these
             for path in (vm_dir, *volumes.values()):
                 os.chown(path, *owner)
@@ -518,17 +577,22 @@ def _start(
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         _check_affinity(bundle)
         box = Box.make(host, runtime, limits(bundle, backend), undo)
-        spec = LaunchSpec(
-            name=runtime,
-            vm_dir=vm_dir,
-            config=config,
-            serial_log=serial_log,
-            shutdown_timeout=float(bundle.meta.shutdown_timeout),
-            user=host.config.user,
-            netns=host.net.netns,
-            join=box.join,
-        )
-        handle = hv.start(spec)
+        with _handed_taps(host, config, _hands_taps(host, who)) as tap_fds:
+            spec = LaunchSpec(
+                name=runtime,
+                vm_dir=vm_dir,
+                config=config,
+                serial_log=serial_log,
+                shutdown_timeout=float(bundle.meta.shutdown_timeout),
+                user=host.config.user,
+                netns=host.net.netns,
+                join=box.join,
+                uid=None if who is None else who.uid,
+                gid=None if who is None else who.gid,
+                groups=() if who is None else who.groups,
+                tap_fds=tap_fds,
+            )
+            handle = hv.start(spec)
         undo.callback(hv.kill, handle)
         box.check(handle.pid)
 
@@ -552,6 +616,7 @@ def _start(
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
             slot=slot,
             service_ip=service_ip if slot else "",
+            uid=None if who is None else who.uid,
         )
         if not slot:
             host.state.save_record(record)
@@ -1003,11 +1068,13 @@ def _take_snapshot(
             paused_here = True
             _expect_state(hv, record, VmState.PAUSED, "pause")
             host.state.save_record(record.with_(paused=True))
-        owner = host.owner()
+        owner = host.owner() if record.uid is None else (record.uid, record.uid)
         if owner is not None:  # the hypervisor, as the VM user, writes the snapshot here
             os.chown(data, *owner)
         atomic_write_json(data / snapshots.CONFIG, config)
         hv.snapshot(record.handle, data)
+        if record.uid is not None:  # kept by the worker; the VM's uid may go to another VM later
+            vmusers.take_back([data], record.uid, host.own_ids())
         taken = snapshots.finish(final, meta)
     except BaseException:
         snapshots.discard(final)
@@ -1166,10 +1233,12 @@ def _restore(
                 f"snapshot {snap.id} of VM {name!r} holds a guest configured for {snap.meta.ip}, but the "
                 f"VM's lease is now {lease.ip}; take a new snapshot"
             )
+        who = host.vm_owner(name, undo)
         taps: list[str] = []
         if bundle.meta.interfaces:
+            tap_owner = host.owner_uid() if who is None else who.uid
             made = network.attach_vm(
-                host.net, name, [i.id for i in bundle.meta.interfaces], host.owner_uid(), bundle.vcpus
+                host.net, name, [i.id for i in bundle.meta.interfaces], tap_owner, bundle.vcpus
             )
             undo.callback(network.detach_vm, host.net, name)
             taps = [t.name for t in made]
@@ -1180,23 +1249,31 @@ def _restore(
                 "take a new snapshot"
             )
         volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
-        owner = host.owner()
+        owner = host.owner() if who is None else (who.uid, who.gid)
         if owner is not None:
             for path in (vm_dir, *volumes.values()):
                 os.chown(path, *owner)
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         box = Box.make(host, name, limits(bundle, record.backend), undo)  # boxed as a booted VM is
-        spec = LaunchSpec(
-            name=name,
-            vm_dir=vm_dir,
-            config=config,
-            serial_log=vm_dir / "serial.log",
-            shutdown_timeout=float(bundle.meta.shutdown_timeout),
-            user=host.config.user,
-            netns=host.net.netns,
-            join=box.join,
-        )
-        handle = hv.restore(spec, snap.data, paused=paused)
+        # cloud-hypervisor reopens a snapshot's TAPs by name (the descriptors of the first boot are gone
+        # with its process), so only QEMU, which gets the same command line again, is handed them here
+        hand = record.backend == "qemu" and _hands_taps(host, who)
+        with _handed_taps(host, config, hand) as fds:
+            spec = LaunchSpec(
+                name=name,
+                vm_dir=vm_dir,
+                config=config,
+                serial_log=vm_dir / "serial.log",
+                shutdown_timeout=float(bundle.meta.shutdown_timeout),
+                user=host.config.user,
+                netns=host.net.netns,
+                join=box.join,
+                uid=None if who is None else who.uid,
+                gid=None if who is None else who.gid,
+                groups=() if who is None else who.groups,
+                tap_fds=fds,
+            )
+            handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)
         box.check(handle.pid)
         restored = record.with_(
@@ -1212,6 +1289,7 @@ def _restore(
             last_exit=f"restored from snapshot {snap.id}",
             paused=paused,
             resume_from="",
+            uid=None if who is None else who.uid,
         )
         host.state.save_record(restored)
         if wait is WaitFor.HEALTHY and taps and not paused:

@@ -148,6 +148,9 @@ class VmRecord:
     # The id of the snapshot a host shutdown took (restart.fromSnapshot): the next start restores it, as
     # long as the VM did not run since (any boot or other restore clears it). "" for none.
     resume_from: str = ""
+    # The uid (and gid) its hypervisor runs as, from the worker configuration's `vmUsers` (None: none of its
+    # own). Kept while the VM is recorded, so a restart or an adopting worker keeps the same one.
+    uid: int | None = None
 
     @property
     def handle(self) -> Handle:
@@ -158,6 +161,8 @@ class VmRecord:
         data["taps"] = list(self.taps)
         if not self.resume_from:  # only when set: records without it stay readable by older releases
             del data["resume_from"]
+        if self.uid is None:
+            del data["uid"]
         data["schema"] = RECORD_SCHEMA
         return data
 
@@ -226,6 +231,7 @@ _RECORD_FIELDS: dict[str, str] = {
     "slot": "str",
     "service_ip": "str",
     "resume_from": "str",
+    "uid": "count",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1

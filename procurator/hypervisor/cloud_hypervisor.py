@@ -32,7 +32,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -155,13 +155,15 @@ class CloudHypervisor:
         """Spawn cloud-hypervisor for `spec`, create and boot the VM; on any failure leave nothing behind."""
         self._check_binary()
         version = self.version()
-        owner = _lookup_user(spec.user)
+        owner = spec.owner or _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
-        body = wire_config(spec)
+        body, handed = split_handed_nets(wire_config(spec), spec.tap_fds)
         serial = body.get("serial", {}).get("mode") == "Socket"
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
+            for net, fds in handed:
+                self._start_step(api, proc, spec, "vm.add-net", body=net, timeout=self.api_timeout, fds=fds)
             if start_time is not None and serial:
                 self._spawn_keeper(spec, proc.pid, start_time)
             self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
@@ -231,6 +233,9 @@ class CloudHypervisor:
                     stderr=log_file,
                     pass_fds=(listener.fileno(),),
                     user=spec.user,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                    groups=spec.groups,
                     netns=spec.netns,
                     join=spec.join,
                 )
@@ -268,9 +273,13 @@ class CloudHypervisor:
         *,
         body: dict[str, Any] | None,
         timeout: float,
+        fds: tuple[int, ...] = (),
     ) -> None:
         try:
-            api.put(endpoint, body, timeout=timeout)
+            if fds and body is not None:
+                api.put_with_fds(endpoint, body, fds, timeout=timeout)
+            else:
+                api.put(endpoint, body, timeout=timeout)
         except HypervisorError as exc:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=0.05)
@@ -382,7 +391,7 @@ class CloudHypervisor:
         """
         self._check_binary()
         version = self.version()
-        owner = _lookup_user(spec.user)
+        owner = spec.owner or _lookup_user(spec.user)
         saved = _snapshot_config(directory)
         for index, net in enumerate(saved.get("net") or []):
             if isinstance(net, dict) and net.get("fds"):
@@ -746,6 +755,31 @@ class _GuestEnds:
                     break
         self._seen[path] = _EventsSeen(key, verdict)
         return verdict
+
+
+def split_handed_nets(
+    body: dict[str, Any], tap_fds: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], tuple[int, ...]]]]:
+    """The vm.create body without the nets whose TAP is handed over as descriptors, and those nets as
+    vm.add-net bodies (no `tap`: a net with a TAP name is opened by name, `make_virtio_net_device`) with
+    their descriptors. vm.create drops any descriptor it is sent, v40 to v53 (http_endpoint.rs
+    `VmCreate`); vm.add-net takes those sent with it (`VmAddNet`, `attach_fds_to_cfg` from v53) and, on a
+    VM created but not booted, adds the net to its config (lib.rs `vm_add_net`): vm.boot then builds it
+    `from_tap_fds`, one descriptor per queue pair (config.rs `VnetQueueFdMismatch`)."""
+    if not tap_fds:
+        return body, []
+    kept: list[Any] = []
+    handed: list[tuple[dict[str, Any], tuple[int, ...]]] = []
+    for net in body.get("net") or []:
+        fds = tap_fds.get(str(net.get("tap"))) if isinstance(net, dict) else None
+        if fds is None:
+            kept.append(net)
+        else:
+            handed.append(({k: v for k, v in net.items() if k not in ("tap", "fds")}, fds))
+    out = {k: v for k, v in body.items() if k != "net"}
+    if kept:
+        out["net"] = kept
+    return out, handed
 
 
 def _lookup_user(user: str | None) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import json
 import logging
 import os
 import re
@@ -115,9 +116,18 @@ _DEVICE_DEFAULTS: dict[str, Any] = {"iommu": False, "pci_segment": 0}
 
 
 def build_argv(
-    config: Mapping[str, Any], *, qmp_socket: Path, accel: Accel, binary: str = DEFAULT_BINARY
+    config: Mapping[str, Any],
+    *,
+    qmp_socket: Path,
+    accel: Accel,
+    binary: str = DEFAULT_BINARY,
+    tap_fds: Mapping[str, Sequence[int]] | None = None,
 ) -> list[str]:
     """The QEMU command line that runs the VM described by the runtime VmConfig `config`.
+
+    A TAP named in `tap_fds` is given as the inherited descriptors of its queues (`fd=N`, `fds=N:M`;
+    QEMU refuses `ifname=` and `queues=` beside them, net/tap.c `net_init_tap`), so QEMU needs no
+    /dev/net/tun of its own.
 
     Raises HypervisorError naming the field for anything the qemu backend cannot express.
     """
@@ -133,7 +143,7 @@ def build_argv(
     for index, disk in enumerate(_items("disks", config.get("disks"))):
         argv += _disk(f"disks[{index}]", disk, ids)
     for index, net in enumerate(_items("net", config.get("net"))):
-        argv += _net(f"net[{index}]", net, ids)
+        argv += _net(f"net[{index}]", net, ids, tap_fds or {})
     argv += _serial(_section("serial", config.get("serial")))
     argv += _console(_section("console", config.get("console")), qmp_socket.parent / CONSOLE_SOCKET)
     argv += _rng(_section("rng", config.get("rng")))
@@ -211,7 +221,9 @@ def _disk(field: str, disk: Mapping[str, Any], ids: dict[str, str]) -> list[str]
     return ["-drive", drive, "-device", device]
 
 
-def _net(field: str, net: Mapping[str, Any], ids: dict[str, str]) -> list[str]:
+def _net(
+    field: str, net: Mapping[str, Any], ids: dict[str, str], tap_fds: Mapping[str, Sequence[int]]
+) -> list[str]:
     _only(field, net, handled=_NET_HANDLED, defaults=_NET_DEFAULTS)
     ident = _id(f"{field}.id", net.get("id"), ids)
     tap = _str(f"{field}.tap", net.get("tap"))
@@ -220,7 +232,15 @@ def _net(field: str, net: Mapping[str, Any], ids: dict[str, str]) -> list[str]:
     pairs = _int(f"{field}.num_queues", net.get("num_queues", 2), minimum=2)
     if pairs % 2:
         raise _untranslatable(f"{field}.num_queues", f"{pairs} is odd; queues come in rx/tx pairs")
-    netdev = f"tap,id={ident},ifname={tap},script=no,downscript=no,vhost=off"
+    fds = tap_fds.get(tap)
+    if fds is not None and len(fds) != pairs // 2:
+        raise _untranslatable(f"{field}.tap", f"{len(fds)} descriptors for {pairs // 2} queue pairs")
+    if fds is None:
+        netdev = f"tap,id={ident},ifname={tap},script=no,downscript=no,vhost=off"
+    elif len(fds) == 1:
+        netdev = f"tap,id={ident},fd={fds[0]},vhost=off"
+    else:
+        netdev = f"tap,id={ident},fds={':'.join(map(str, fds))},vhost=off"
     device = f"virtio-net-pci,netdev={ident}"
     if "mac" in net:
         mac = _str(f"{field}.mac", net["mac"])
@@ -228,7 +248,7 @@ def _net(field: str, net: Mapping[str, Any], ids: dict[str, str]) -> list[str]:
             raise _untranslatable(f"{field}.mac", f"{mac!r} is not a MAC address like 52:54:00:12:34:56")
         device += f",mac={mac.lower()}"
     if pairs > 2:
-        netdev += f",queues={pairs // 2}"
+        netdev += f",queues={pairs // 2}" if fds is None else ""
         device += f",mq=on,vectors={pairs + 2}"  # one MSI-X vector per queue, plus config and control
     if "mtu" in net:
         device += f",host_mtu={_int(f'{field}.mtu', net['mtu'], minimum=68)}"
@@ -563,7 +583,9 @@ class Qemu:
 
     def start(self, spec: LaunchSpec) -> Handle:
         config, keep = wire_serial(spec.config, spec.vm_dir)
-        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv = build_argv(
+            config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
+        )
         argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
         return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc, keep=keep))
 
@@ -572,14 +594,23 @@ class Qemu:
     ) -> Handle:
         """Spawn QEMU with `argv` for `spec` and wait (`until`, bounded) for it; its Handle. On any failure
         nothing is left running, and an exit while `doing` quotes the end of the hypervisor log."""
-        _require_taps(spec, _taps_in(argv).values())
+        _require_taps(spec, _config_taps(spec.config).values())
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
             try:
                 proc = process.spawn(
-                    argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns, join=spec.join
+                    argv,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=[fd for fds in spec.tap_fds.values() for fd in fds],
+                    user=spec.user,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                    groups=spec.groups,
+                    netns=spec.netns,
+                    join=spec.join,
                 )
             except ProcessError as exc:
                 raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
@@ -670,7 +701,7 @@ class Qemu:
                     "write_ops": int(stats.get("wr_operations", 0)),
                 }
         host_side = _net_dev_stats(handle.pid)
-        for ident, tap in _taps_of(handle.pid).items():
+        for ident, tap in (_taps_of(handle.pid) | _recorded_taps(handle.vm_dir)).items():
             if tap in host_side:
                 rx_bytes, rx_packets, tx_bytes, tx_packets = host_side[tap]
                 # What the host sends into the TAP is what the guest receives, and the other way round.
@@ -780,7 +811,9 @@ class Qemu:
         if not source.is_file():
             raise HypervisorStartError(f"{spec.name}: {source} is missing; this is no qemu snapshot")
         config, keep = wire_serial(spec.config, spec.vm_dir)
-        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv = build_argv(
+            config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
+        )
         argv += ["-incoming", "defer"]
         return self._launch(
             spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused, keep=keep)
@@ -934,6 +967,26 @@ def _taps_of(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return _taps_in(argv)
+
+
+def _config_taps(config: Mapping[str, Any]) -> dict[str, str]:
+    """net id -> TAP name of a runtime config's nets."""
+    nets = config.get("net") or []
+    return {
+        str(n.get("id", "")): str(n["tap"])
+        for n in nets
+        if isinstance(n, Mapping) and isinstance(n.get("tap"), str)
+    }
+
+
+def _recorded_taps(vm_dir: Path) -> dict[str, str]:
+    """net id -> TAP name from the runtime config the VM started with (TAPs passed as descriptors are not
+    named on QEMU's command line)."""
+    try:
+        config = json.loads((vm_dir / "vm-config.runtime.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return _config_taps(config) if isinstance(config, dict) else {}
 
 
 def _taps_in(argv: Sequence[str]) -> dict[str, str]:
