@@ -530,6 +530,7 @@ def _start(
     hv = host.hypervisors(backend)
     vm_dir = host.state.vm_dir(runtime)
     with contextlib.ExitStack() as undo:
+        who = host.vm_owner(runtime, undo)  # first: a full range refuses the start before anything is made
         try:
             vm_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -548,7 +549,6 @@ def _start(
             if bundle.meta.interfaces and not host.network_ready and network.net_up(host.net).created:
                 undo.callback(_drop_network_if_unused, host, name)
 
-        who = host.vm_owner(runtime, undo)
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
             tap_owner = host.owner_uid() if who is None else who.uid

@@ -13,42 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from procurator import process
 from tests.integration.conftest import ExampleBuild
 from tests.support.host import VmHost
+from tests.support.users import ids_of, owned_by, processes_of, tun_queues, vm_range
 
 pytestmark = pytest.mark.e2e
 
-FIRST = 400000 + os.getpid() % 1000 * 10  # a range no other test run on this host uses at once
+FIRST = vm_range()
 USERS = {"vmUsers": {"first": FIRST, "count": 4}}
-
-
-def ids_of(pid: int) -> tuple[int, int, str]:
-    """(real uid, real gid, supplementary groups) of a process, from /proc/PID/status."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0]), fields["Groups"].strip()
-
-
-def owned_by(root: Path, uid: int) -> list[str]:
-    found = [str(root)] if root.lstat().st_uid == uid else []
-    for directory, dirs, files in os.walk(root):
-        found += [
-            str(Path(directory) / n) for n in (*dirs, *files) if (Path(directory) / n).lstat().st_uid == uid
-        ]
-    return found
-
-
-def processes_of(uid: int) -> list[int]:
-    """Live processes of `uid` (a zombie has ended; whoever inherited it reaps it in its own time)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if ids_of(int(entry.name))[0] == uid and process.alive(int(entry.name), None):
-                    pids.append(int(entry.name))
-            except (OSError, KeyError):
-                continue
-    return pids
 
 
 @pytest.mark.parametrize("vm_host", [USERS], indirect=True)
@@ -65,6 +37,7 @@ def test_qemu_runs_as_its_vm_uid_on_a_handed_tap_and_leaves_nothing(
     netdev = next(cmdline[i + 1] for i, a in enumerate(cmdline) if a == "-netdev")
     assert ",fd=" in netdev, netdev
     assert "ifname=" not in netdev, netdev
+    assert set(tun_queues(vm["pid"])) == set(vm["taps"])  # the descriptor it inherited, on its TAP
     volume = host.state / "volumes" / "web" / "data.img"
     assert volume.stat().st_uid == FIRST
     # the guest answers on its TAP, from the host side of the bridge in the test's namespace
@@ -80,5 +53,5 @@ def test_qemu_runs_as_its_vm_uid_on_a_handed_tap_and_leaves_nothing(
     host.ok("down", "--purge", "web")
     assert not volume.exists()
     assert owned_by(host.root, FIRST) == []
-    assert processes_of(FIRST) == []
+    assert processes_of({FIRST}) == {}
     assert host.leftovers() == {"processes": [], "taps": [], "vms": [], "sockets": []}
