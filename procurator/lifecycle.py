@@ -1255,10 +1255,9 @@ def _restore(
                 os.chown(path, *owner)
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         box = Box.make(host, name, limits(bundle, record.backend), undo)  # boxed as a booted VM is
-        # cloud-hypervisor reopens a snapshot's TAPs by name (the descriptors of the first boot are gone
-        # with its process), so only QEMU, which gets the same command line again, is handed them here
-        hand = record.backend == "qemu" and _hands_taps(host, who)
-        with _handed_taps(host, config, hand) as fds:
+        # QEMU gets the same command line again; cloud-hypervisor takes them for the nets its snapshot
+        # says were built from descriptors (vm.restore `net_fds`) and reopens the others by name
+        with _handed_taps(host, config, _hands_taps(host, who)) as fds:
             spec = LaunchSpec(
                 name=name,
                 vm_dir=vm_dir,

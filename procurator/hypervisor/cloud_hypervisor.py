@@ -386,19 +386,14 @@ class CloudHypervisor:
         anew (the serial socket at the same path, which the serial keeper connects to before the guest
         runs). From v52 `vm.restore` takes `resume`; it is sent only from v53, whose serial device keeps
         what the guest writes before the keeper connects, else the guest resumes with `vm.resume` after.
-        Passed-in descriptors do not survive a restore (`net_fds` would be needed): Procurator passes none
-        to the VM, and a snapshot whose config has net `fds` is refused.
+        A net that was handed its TAP as descriptors (vm.add-net) is handed them again: `net_fds` in the
+        body, the descriptors with the request (`_restored_net_fds`).
         """
         self._check_binary()
         version = self.version()
         owner = spec.owner or _lookup_user(spec.user)
         saved = _snapshot_config(directory)
-        for index, net in enumerate(saved.get("net") or []):
-            if isinstance(net, dict) and net.get("fds"):
-                raise HypervisorStartError(
-                    f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] uses passed-in fds, which "
-                    "do not survive a restore; take the snapshot of a VM whose nets are TAPs by name"
-                )
+        net_fds = _restored_net_fds(spec, saved, directory)
         socket_serial = (saved.get("serial") or {}).get("mode") == "Socket"
         resume_in_body = not paused and version >= RESTORE_RESUME_SINCE
         body: dict[str, Any] = {"source_url": f"file://{directory}"}
@@ -406,10 +401,15 @@ class CloudHypervisor:
             body["memory_restore_mode"] = "Copy"  # the default: OnDemand needs userfaultfd
         if resume_in_body:
             body["resume"] = True
+        if net_fds:
+            body["net_fds"] = [{"id": ident, "num_fds": len(fds)} for ident, fds in net_fds]
+        passed = tuple(fd for _, fds in net_fds for fd in fds)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            self._start_step(api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout)
+            self._start_step(
+                api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed
+            )
             if start_time is not None and socket_serial:
                 self._spawn_keeper(spec, proc.pid, start_time)
             if not paused and not resume_in_body:
@@ -755,6 +755,34 @@ class _GuestEnds:
                     break
         self._seen[path] = _EventsSeen(key, verdict)
         return verdict
+
+
+def _restored_net_fds(
+    spec: LaunchSpec, saved: dict[str, Any], directory: Path
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(net id, descriptors) for each net of the snapshot's config.json that was built from passed-in
+    descriptors: those do not outlive the process, so vm.restore must be sent new ones (`net_fds`, with
+    the descriptors as SCM_RIGHTS; vmm/src/config.rs `RestoreConfig::validate` refuses a restore that
+    lacks one, v40.0-v53.0). They are the TAPs the runtime config names for the same net ids."""
+    taps = {
+        str(n.get("id")): str(n["tap"])
+        for n in spec.config.get("net") or []
+        if isinstance(n, dict) and isinstance(n.get("tap"), str)
+    }
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for index, net in enumerate(saved.get("net") or []):
+        if not isinstance(net, dict) or net.get("fds") is None:
+            continue
+        ident = str(net.get("id"))
+        fds = spec.tap_fds.get(taps.get(ident, ""))
+        if fds is None or len(fds) != len(net["fds"]):
+            raise HypervisorStartError(
+                f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] ({ident}) was handed its TAP as "
+                f"{len(net['fds'])} descriptors, and this restore has {len(fds or ())} for it; restore it "
+                "where its hypervisor runs as another user (vmUsers or user), as it was snapshotted"
+            )
+        out.append((ident, fds))
+    return out
 
 
 def split_handed_nets(

@@ -474,8 +474,11 @@ class Vmm:
         other handler drops them (closed)."""
         left = list(files)
         try:
-            if self._route(path) == "vm.add-net" and method == "PUT":
+            route = self._route(path)
+            if route == "vm.add-net" and method == "PUT":
                 answer = self.op_vm_add_net(body, left)
+            elif route == "vm.restore" and method == "PUT":
+                answer = self._with_body(route, SNAPSHOT_ROUTES[route], body, left)
             else:
                 answer = self.dispatch(method, path, body)
         finally:
@@ -500,22 +503,32 @@ class Vmm:
             return _errors(400, "Failed to deserialize JSON", str(exc))
         return _errors(500, API_ERROR, f"chdouble: {name} is not simulated")
 
-    def _with_body(self, name: str, schema: str, body: bytes | None) -> Answer:
+    def _with_body(
+        self, name: str, schema: str, body: bytes | None, files: list[int] | None = None
+    ) -> Answer:
         """`vm_action_put_handler_body!` (vmm/src/api/http/http_endpoint.rs): no body is 400, a body serde
-        cannot read is 400 ["Failed to deserialize JSON", ..]; checked against our schema (stricter)."""
+        cannot read is 400 ["Failed to deserialize JSON", ..]; checked against our schema (stricter).
+        vm.restore's `net_fds` is taken out first: `RestoreConfig` (vmm/src/config.rs) has it, the official
+        OpenAPI spec our schema follows does not."""
         if body is None:
             return BAD_REQUEST
         try:
             request = json.loads(body)
         except ValueError as exc:
             return _errors(400, "Failed to deserialize JSON", str(exc))
+        net_fds = request.pop("net_fds", None) if isinstance(request, dict) and name == "vm.restore" else None
         try:
             problems = self.spec.errors(schema, request)
         except SpecUnavailableError as exc:
             return _errors(500, "chdouble: cannot validate against the cloud-hypervisor spec", str(exc))
         if problems:
             return _errors(400, "Failed to deserialize JSON", *problems)
-        return self.op_vm_snapshot(request) if name == "vm.snapshot" else self.op_vm_restore(request)
+        if name == "vm.snapshot":
+            return self.op_vm_snapshot(request)
+        restored = _restored_nets(net_fds, files if files is not None else [])
+        if isinstance(restored, Answer):
+            return restored
+        return self.op_vm_restore(request, restored, files if files is not None else [])
 
     # --- endpoints ------------------------------------------------------------------------------
 
@@ -1033,7 +1046,12 @@ class Vmm:
                     out.write(data)
         return None
 
-    def op_vm_restore(self, request: dict[str, Any]) -> Answer:
+    def op_vm_restore(
+        self,
+        request: dict[str, Any],
+        net_fds: list[dict[str, Any]] | None = None,
+        files: list[int] | None = None,
+    ) -> Answer:
         """`Vmm::vm_restore` on a VMM without a VM (else "VM is already created"): config.json and
         state.json read from the `file://` directory (`recv_vm_config`, `recv_vm_state`), the config
         validated and the devices made as `Vm::new` does at boot (consoles pre-created, TAPs opened by the
@@ -1052,6 +1070,18 @@ class Vmm:
             snapshot = self._recv(url, SNAPSHOT_STATE_FILE, "VM state")
             if isinstance(snapshot, RustError):
                 return self._fail(500, api, RustError("Restore", "Cannot restore VM", snapshot))
+            invalid = _restore_validate(net_fds, config)
+            if invalid is not None:  # lib.rs vm_restore: VmError::ConfigValidation
+                refused = RustError("ConfigValidation", "Failed to validate config", invalid)
+                return self._fail(500, api, refused)
+            for restored in net_fds or []:  # lib.rs vm_restore: only nets backed by descriptors
+                for net in config.get("net") or []:
+                    if net.get("id") == restored["id"] and net.get("fds") is not None:
+                        net["fds"] = list(restored["fds"])
+            taken = [fd for restored in net_fds or [] for fd in restored["fds"]]
+            if files is not None:
+                files[:] = [fd for fd in files if fd not in taken]
+            self.passed_fds.extend(taken)
             self.config = config
             failed = self._restore_vm(config)
             if failed is not None:
@@ -1324,6 +1354,50 @@ class Vmm:
         for slot, device in enumerate(devices, start=1):
             tree[device] = {"id": device, "resources": [], "children": [], "pci_bdf": f"0000:00:{slot:02x}.0"}
         return tree
+
+
+def _restored_nets(net_fds: Any, files: list[int]) -> list[dict[str, Any]] | Answer | None:
+    """vm.restore's `net_fds` with the request's descriptors given out in order, `num_fds` each
+    (vmm/src/api/http/http_endpoint.rs `VmRestore`: v40.0 by hand, v53.0 `attach_fds_to_cfgs`); another
+    count of descriptors than their sum is 400 Bad Request."""
+    if net_fds is None:
+        return None
+    if not isinstance(net_fds, list) or not all(
+        isinstance(n, dict) and isinstance(n.get("id"), str) and isinstance(n.get("num_fds"), int)
+        for n in net_fds
+    ):
+        return _errors(400, "Failed to deserialize JSON", "net_fds: expected [{id, num_fds}]")
+    if sum(n["num_fds"] for n in net_fds) != len(files):
+        return BAD_REQUEST
+    out, start = [], 0
+    for n in net_fds:
+        out.append({"id": n["id"], "num_fds": n["num_fds"], "fds": files[start : start + n["num_fds"]]})
+        start += n["num_fds"]
+    return out
+
+
+def _restore_validate(net_fds: list[dict[str, Any]] | None, config: dict[str, Any]) -> RustError | None:
+    """vmm/src/config.rs `RestoreConfig::validate` (v40.0, v53.0; the texts the same from v40): every net of
+    the snapshot's config backed by descriptors needs a `net_fds` entry of its id with as many."""
+    given: dict[str, dict[str, Any]] = {}
+    for n in net_fds or []:
+        if n["id"] in given:
+            return RustError("IdentifierNotUnique", f"Identifier {n['id']} is not unique")
+        given[n["id"]] = n
+    for net in config.get("net") or []:
+        fds = net.get("fds")
+        if fds is None:
+            continue
+        ident = str(net.get("id"))
+        found = given.pop(ident, None)
+        if found is None:
+            text = f"Net id {ident} is associated with FDs and is required"
+            return RustError("RestoreMissingRequiredNetId", text)
+        if found["num_fds"] != len(fds):
+            passed = found["num_fds"]
+            text = f"Number of Net FDs passed for '{ident}' during Restore: {passed}. Expected: {len(fds)}"
+            return RustError("RestoreNetFdCountMismatch", text)
+    return None
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -100,3 +100,28 @@ def test_kill_9_mid_start_as_a_vm_uid_converges_on_one_rerun(
     for uid in UIDS:
         assert owned_by(host.root, uid) == []
     assert processes_of(UIDS) == {}
+
+
+@pytest.mark.parametrize("release", ["40", "53"])
+@pytest.mark.parametrize("vm_host", [{**CH, "vmUsers": {"first": FIRST, "count": 4}}], indirect=True)
+def test_a_snapshot_of_a_vm_uid_is_restored_with_its_taps_handed_again(
+    vm_host: VmHost, example_build: ExampleBuild, release: str
+) -> None:
+    """The snapshot's config.json keeps `fds` for the handed net; the restore sends `net_fds` and new
+    descriptors (SCM_RIGHTS) to a fresh double running as the same uid, which still opens no /dev/net/tun."""
+    host = vm_host
+    host.ok("up", str(example_build.web), CHDOUBLE_VALIDATE="0", CHDOUBLE_VERSION=release)
+    uid = uid_of_record(host, "web")
+    host.ok("snapshot", "web", CHDOUBLE_VALIDATE="0", CHDOUBLE_VERSION=release)
+    snapshots = host.state / "snapshots" / "web"
+    assert owned_by(snapshots, uid) == []  # the worker's once written
+    host.ok("stop", "web", CHDOUBLE_VALIDATE="0", CHDOUBLE_VERSION=release)
+    host.ok("restore", "web", CHDOUBLE_VALIDATE="0", CHDOUBLE_VERSION=release)
+    vm = host.ps()["web"]
+    assert vm["state"] == "running"
+    assert uid_of_record(host, "web") == uid
+    assert ids_of(vm["pid"]) == (uid, uid, "")
+    assert set(tun_queues(vm["pid"])) == set(vm["taps"])
+    host.ok("down", "--purge", "web")
+    assert owned_by(host.root, uid) == []
+    assert processes_of(UIDS) == {}
