@@ -488,7 +488,10 @@ def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Swi
             service_ip=service_ip,
         )
         try:
+            if old.uid is not None:  # the old generation runs on as its uid while it drains
+                host.reservations.hold(old.runtime, old.uid)
             host.state.save_record(new)  # the switch is committed: this is the VM's generation now
+            host.reservations.release(new.runtime)
             network.step("blue-green-recorded")
             apply_services(host)
             switched = host.clock()
@@ -506,10 +509,13 @@ def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Swi
         _shutdown(host, old)
         network.detach_vm(host.net, old.runtime, old.taps or None)
         unbox(host, old.runtime)
+        host.reservations.release(old.runtime)
         if old.slot:
             _drop_runtime(host, old.runtime)
         else:  # the old generation ran in the VM's own directory, which holds the record
             _clear_vm_dir(host, name)
+            if old.uid is not None:  # its uid is free again: the directory is the worker's until a start
+                vmusers.take_back([host.state.vm_dir(name)], old.uid, host.own_ids())
         return Switch(service_ip, old, new, switched, time.monotonic() - mark)
 
 
@@ -620,6 +626,7 @@ def _start(
         )
         if not slot:
             host.state.save_record(record)
+            host.reservations.release(runtime)  # the record holds its uid now
         if wait is WaitFor.HEALTHY and nics:
             wait_healthy(
                 bundle.meta.health,
@@ -1291,6 +1298,7 @@ def _restore(
             uid=None if who is None else who.uid,
         )
         host.state.save_record(restored)
+        host.reservations.release(name)
         if wait is WaitFor.HEALTHY and taps and not paused:
             wait_healthy(
                 bundle.meta.health,

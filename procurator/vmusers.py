@@ -46,6 +46,11 @@ class Reservations:
     held: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def hold(self, runtime: str, uid: int) -> None:
+        """Keep `uid` taken for `runtime` while no record names it (a draining blue-green generation)."""
+        with self.lock:
+            self.held[runtime] = uid
+
     def release(self, runtime: str) -> None:
         with self.lock:
             self.held.pop(runtime, None)

@@ -1,8 +1,8 @@
 """A real QEMU guest whose hypervisor runs as a uid of its own from the worker configuration's `vmUsers`
 range, handed its TAP as an inherited descriptor (this host's /dev/net/tun is root's alone, so QEMU could
 not open it by name): the process's uid and gid read from /proc, the guest answering HTTP on its TAP, its
-volume handed over while it runs and given back by `down`, and nothing owned by that uid after
-`down --purge`."""
+volume handed over while it runs and given back by `down`, a snapshot restored as the same uid, and nothing
+owned by that uid after `down --purge`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ def test_qemu_runs_as_its_vm_uid_on_a_handed_tap_and_leaves_nothing(
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert answer.returncode == 0, answer.stderr
+
+    # a snapshot is the worker's once written; the restored QEMU runs as the same uid on a new descriptor
+    host.ok("snapshot", "web")
+    assert owned_by(host.state / "snapshots", FIRST) == []
+    host.ok("stop", "web")
+    host.ok("restore", "web", "--wait", "healthy")
+    vm = host.ps()["web"]
+    assert ids_of(vm["pid"]) == (FIRST, FIRST, "")
+    assert set(tun_queues(vm["pid"])) == set(vm["taps"])
 
     host.ok("down", "web")
     assert volume.stat().st_uid == os.getuid()  # given back; the data stays

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import ExampleBuild
 from tests.integration.test_up_faults import DOUBLE, hypervisors_of, kill_mid_start, leases, one_line_error
+from tests.support.bundles import write_bundle, write_deployment
 from tests.support.host import VmHost
 from tests.support.users import ids_of, owned_by, processes_of, tun_queues, vm_range
 
@@ -125,3 +128,38 @@ def test_a_snapshot_of_a_vm_uid_is_restored_with_its_taps_handed_again(
     host.ok("down", "--purge", "web")
     assert owned_by(host.root, uid) == []
     assert processes_of(UIDS) == {}
+
+
+def blue_green_bundle(root: Path, source: Path, release: str) -> Path:
+    """`source`'s bundle with a blue-green replace, no volumes and no checks (the double serves no HTTP),
+    added to the store as `procurator-vm-web`; `release` makes each one another generation."""
+    meta = json.loads((source / "procurator.json").read_text())
+    meta.update(volumes=[], health=[], replace={"strategy": "blue-green", "drainSeconds": 0})
+    config = json.loads((source / "vm-config.json").read_text())
+    config["payload"]["cmdline"] += f" release={release}"
+    bundle = write_bundle(root, "web", config=config, meta_data=meta, dirname="procurator-vm-web")
+    added = subprocess.run(["nix-store", "--add", str(bundle)], capture_output=True, text=True, check=True)
+    return Path(added.stdout.strip())
+
+
+@pytest.mark.parametrize("vm_host", [{**CH, "vmUsers": {"first": FIRST, "count": 4}}], indirect=True)
+def test_a_blue_green_generation_runs_as_a_uid_of_its_own(
+    vm_host: VmHost, example_build: ExampleBuild, tmp_path: Path
+) -> None:
+    host = vm_host
+    first = blue_green_bundle(tmp_path / "1", example_build.web, "1")
+    second = blue_green_bundle(tmp_path / "2", example_build.web, "2")
+    host.ok("apply", str(write_deployment(tmp_path / "d1", "local", {"web": first})), CHDOUBLE_VALIDATE="0")
+    old = uid_of_record(host, "web")
+    done = host.run("apply", str(write_deployment(tmp_path / "d2", "local", {"web": second})), "--json",
+                    CHDOUBLE_VALIDATE="0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["actions"][0]["strategy"] == "blue-green"
+    new = uid_of_record(host, "web")
+    assert new != old  # both ran at once, each as its own uid
+    vm = host.ps()["web"]
+    assert processes_of(UIDS) == {vm["pid"]: new}
+    assert owned_by(host.state / "vms" / "web", old) == []  # the old generation's directory, taken back
+    host.ok("down", "--purge", "web")
+    for uid in UIDS:
+        assert owned_by(host.root, uid) == []
