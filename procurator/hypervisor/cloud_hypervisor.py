@@ -791,7 +791,7 @@ def split_handed_nets(
     """The vm.create body without the nets whose TAP is handed over as descriptors, and those nets as
     vm.add-net bodies (no `tap`: a net with a TAP name is opened by name, `make_virtio_net_device`) with
     their descriptors. vm.create drops any descriptor it is sent, v40 to v53 (http_endpoint.rs
-    `VmCreate`); vm.add-net takes those sent with it (`VmAddNet`, `attach_fds_to_cfg` from v53) and, on a
+    `VmCreate`); vm.add-net takes those sent with it (`VmAddNet`, `attach_fds_to_cfg` from v49) and, on a
     VM created but not booted, adds the net to its config (lib.rs `vm_add_net`): vm.boot then builds it
     `from_tap_fds`, one descriptor per queue pair (config.rs `VnetQueueFdMismatch`)."""
     if not tap_fds:
