@@ -200,11 +200,16 @@ def _handed_taps(host: Host, config: dict[str, Any], hand: bool) -> Iterator[dic
 
 
 def _take_back(host: Host, name: str, record: VmRecord | None) -> None:
-    """Give back to the worker what VM `name`'s own uid still owns of its volumes and snapshots."""
-    if record is None or record.uid is None:
+    """Give back to the worker what VM `name`'s own uid still owns of its volumes and snapshots: any uid
+    of the range (a damaged record does not say which), else the record's."""
+    users = host.config.vm_users
+    uids: int | range | None = None if record is None else record.uid
+    if users is not None:
+        uids = range(users.first, users.last + 1)
+    if uids is None:
         return
     roots = [host.state.volume_dir(name), snapshots.vm_root(host.state, name)]
-    vmusers.take_back(roots, record.uid, host.own_ids())
+    vmusers.take_back(roots, uids, host.own_ids())
 
 
 def cgroups(host: Host) -> cgroup.Driver | None:

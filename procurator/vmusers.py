@@ -20,7 +20,7 @@ import grp
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,10 +103,12 @@ def hand_over(paths: Iterable[Path], who: Owner) -> None:
         os.chown(path, who.uid, who.gid)
 
 
-def take_back(roots: Iterable[Path], uid: int, to: tuple[int, int]) -> int:
-    """Give everything under `roots` owned by `uid` back to `to` (uid, gid); how many entries changed.
+def take_back(roots: Iterable[Path], uid: int | Container[int], to: tuple[int, int]) -> int:
+    """Give everything under `roots` owned by `uid` (or any uid of a range) back to `to` (uid, gid); how
+    many entries changed.
 
     Bounded by what the roots hold (a VM's volumes or snapshots); symlinks are changed, not followed."""
+    uids: Container[int] = {uid} if isinstance(uid, int) else uid
     changed = 0
     for root in roots:
         if not root.exists():
@@ -114,11 +116,11 @@ def take_back(roots: Iterable[Path], uid: int, to: tuple[int, int]) -> int:
         entries = [root, *_walk(root)] if root.is_dir() and not root.is_symlink() else [root]
         for path in entries:
             with contextlib.suppress(FileNotFoundError):
-                if path.lstat().st_uid == uid:
+                if path.lstat().st_uid in uids:
                     os.lchown(path, *to)
                     changed += 1
     if changed:
-        log.debug("took %d entries back from uid %d", changed, uid)
+        log.debug("took %d entries back from uid %s", changed, uid)
     return changed
 
 

@@ -163,3 +163,18 @@ def test_a_blue_green_generation_runs_as_a_uid_of_its_own(
     host.ok("down", "--purge", "web")
     for uid in UIDS:
         assert owned_by(host.root, uid) == []
+
+
+@pytest.mark.parametrize("vm_host", [{**CH, "vmUsers": {"first": FIRST, "count": 4}}], indirect=True)
+def test_down_of_a_damaged_record_still_takes_the_volumes_back(
+    vm_host: VmHost, example_build: ExampleBuild
+) -> None:
+    """A damaged record does not say which uid the VM had: whatever of the range its volumes hold is taken
+    back, and its hypervisor (running as that uid) is killed."""
+    host = vm_host
+    host.ok("up", str(example_build.web), CHDOUBLE_VALIDATE="0")
+    uid = uid_of_record(host, "web")
+    (host.state / "vms" / "web" / "record.json").write_text("{ not json")
+    host.ok("down", "web")
+    assert owned_by(host.state / "volumes", uid) == []
+    assert processes_of(UIDS) == {}
