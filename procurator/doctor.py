@@ -200,6 +200,14 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _vm_uids_may(path: Path, groups: tuple[str, ...]) -> bool:
+    """Whether a VM uid of `vmUsers` (owning nothing, in `groups` only) may read and write `path`."""
+    st = path.stat()
+    in_group = _group_name(st.st_gid) in groups
+    bits = (st.st_mode >> 3) & 7 if in_group else st.st_mode & 7
+    return bits & 6 == 6
+
+
 def _kvm(host: Host) -> _Outcome:
     from procurator.hypervisor import qemu  # noqa: PLC0415 - the probe lives with the backend that uses it
 
@@ -216,6 +224,19 @@ def _kvm(host: Host) -> _Outcome:
         raise _CheckFailedError(
             f"{KVM_DEVICE} opens (KVM API 12) but user {user!r} may not open it",
             f"add {user!r} to group {group!r} (users.users.{user}.extraGroups on NixOS)",
+        )
+    users = host.config.vm_users
+    if users is not None and not _vm_uids_may(KVM_DEVICE, users.extra_groups):
+        st = KVM_DEVICE.stat()
+        group = _group_name(st.st_gid)
+        fix = (
+            f"add {group!r} to vmUsers.extraGroups in the worker configuration (the NixOS module adds kvm)"
+            if (st.st_mode >> 3) & 6 == 6
+            else f"give {KVM_DEVICE} a group of its own with mode 0660 (udev's: kvm) and add that group to "
+            "vmUsers.extraGroups"
+        )
+        raise _CheckFailedError(
+            f"{KVM_DEVICE} opens (KVM API 12) but the uids of {users.describe()} may not open it", fix
         )
     detail = f"{KVM_DEVICE} opens, KVM API 12"
     if backend == "qemu":

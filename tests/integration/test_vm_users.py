@@ -178,3 +178,22 @@ def test_down_of_a_damaged_record_still_takes_the_volumes_back(
     host.ok("down", "web")
     assert owned_by(host.state / "volumes", uid) == []
     assert processes_of(UIDS) == {}
+
+
+@pytest.mark.parametrize("vm_host", [{**CH, "vmUsers": {"first": FIRST, "count": 4}}], indirect=True)
+def test_doctor_checks_what_the_vm_uids_may_open(vm_host: VmHost) -> None:
+    done = vm_host.run("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    kvm = Path("/dev/kvm").stat()
+    if kvm.st_mode & 0o006 == 0o006:  # others may: so may a VM uid in no group
+        assert checks["kvm"]["status"] == "ok"
+    else:  # this host's /dev/kvm is 0600 root:root, and the range has no extraGroups
+        assert checks["kvm"]["status"] == "fail"
+        assert checks["kvm"]["detail"] == (
+            f"/dev/kvm opens (KVM API 12) but the uids of vmUsers {FIRST}-{FIRST + 3} may not open it"
+        )
+    assert checks["tap"]["status"] == "ok"  # a VM uid needs no /dev/net/tun: its TAPs are handed over
+    assert checks["tap"]["detail"].endswith(
+        f"owned by the first uid of vmUsers {FIRST}-{FIRST + 3} created and removed; hypervisors get their "
+        "TAPs as descriptors"
+    )
