@@ -166,9 +166,12 @@ class Host:
         users = self.config.vm_users
         if users is None:
             return None
+
+        def recorded() -> dict[str, int | None]:
+            return {r.runtime: r.uid for r in self.state.scan()[0]}
+
         with self.shared:
-            records, _ = self.state.scan()
-            uid = vmusers.allocate(users, runtime, {r.runtime: r.uid for r in records}, self.reservations)
+            uid = vmusers.allocate(users, runtime, recorded, self.reservations, self.state.lock_epoch())
         undo.callback(self.reservations.release, runtime)
         return vmusers.owner(users, uid)
 
@@ -496,7 +499,7 @@ def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Swi
             if old.uid is not None:  # the old generation runs on as its uid while it drains
                 host.reservations.hold(old.runtime, old.uid)
             host.state.save_record(new)  # the switch is committed: this is the VM's generation now
-            host.reservations.release(new.runtime)
+            host.reservations.commit(new.runtime)
             network.step("blue-green-recorded")
             apply_services(host)
             switched = host.clock()
@@ -631,7 +634,7 @@ def _start(
         )
         if not slot:
             host.state.save_record(record)
-            host.reservations.release(runtime)  # the record holds its uid now
+            host.reservations.commit(runtime)  # the record holds its uid now
         if wait is WaitFor.HEALTHY and nics:
             wait_healthy(
                 bundle.meta.health,
@@ -1303,7 +1306,7 @@ def _restore(
             uid=None if who is None else who.uid,
         )
         host.state.save_record(restored)
-        host.reservations.release(name)
+        host.reservations.commit(name)
         if wait is WaitFor.HEALTHY and taps and not paused:
             wait_healthy(
                 bundle.meta.health,

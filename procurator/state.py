@@ -275,6 +275,7 @@ class _Holders:
         self.guard = threading.Lock()  # protects `threads`
         self.threads: set[int] = set()
         self.interrupted = False  # the last holder died holding the lock (valid while it is held)
+        self.epoch = 0  # counts this process's acquisitions: what was read under one holds until the next
 
     def holds(self) -> bool:
         with self.guard:
@@ -349,6 +350,7 @@ class StateDir:
             try:
                 self._flock(fd, deadline, timeout)
                 holders.interrupted = self._mark_held(fd)
+                holders.epoch += 1
                 with holders.guard:
                     holders.threads.add(threading.get_ident())
                 try:
@@ -443,6 +445,11 @@ class StateDir:
 
     def remove_vm_dir(self, name: str) -> None:
         shutil.rmtree(self.vm_dir(name), ignore_errors=True)
+
+    def lock_epoch(self) -> int | None:
+        """Which acquisition of the state lock this thread works under (no other process changes records
+        until it is released); None when it does not hold it."""
+        return self._holders.epoch if self._holders.holds() else None
 
     def scan(self) -> tuple[list[VmRecord], list[Damaged]]:
         """Every VM directory's record, and apart the VMs whose record is damaged (by name)."""

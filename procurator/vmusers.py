@@ -20,7 +20,7 @@ import grp
 import logging
 import os
 import threading
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +41,13 @@ class Owner:
 
 @dataclass
 class Reservations:
-    """Uids handed to starts of this process whose record is not written yet, by runtime name."""
+    """Uids handed to starts of this process whose record is not written yet (`held`), and the uids the
+    records name (`recorded`, by runtime name), read once per hold of the state lock (`epoch`) and kept
+    up to date by this process's own starts (`commit`) and removals (`release`) while it holds it."""
 
     held: dict[str, int] = field(default_factory=dict)
+    recorded: dict[str, int] = field(default_factory=dict)
+    epoch: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def hold(self, runtime: str, uid: int) -> None:
@@ -51,19 +55,37 @@ class Reservations:
         with self.lock:
             self.held[runtime] = uid
 
+    def commit(self, runtime: str) -> None:
+        """`runtime`'s record now names the uid it was handed."""
+        with self.lock:
+            uid = self.held.pop(runtime, None)
+            if uid is not None:
+                self.recorded[runtime] = uid
+
     def release(self, runtime: str) -> None:
+        """`runtime` is gone (or its start failed): its uid is free again."""
         with self.lock:
             self.held.pop(runtime, None)
+            self.recorded.pop(runtime, None)
 
 
 def allocate(
-    users: VmUsers, runtime: str, recorded: Mapping[str, int | None], reservations: Reservations
+    users: VmUsers,
+    runtime: str,
+    records: Callable[[], Mapping[str, int | None]],
+    reservations: Reservations,
+    epoch: int | None = None,
 ) -> int:
     """The uid of `runtime`: its record's, its reservation's, else the lowest free one (reserved here).
 
-    `recorded` maps every recorded VM's runtime name to its record's uid. Raises ConflictError in one line
-    naming the range and the fix when every uid of it is taken."""
+    `records()` maps every recorded VM's runtime name to its record's uid; it is read again unless
+    `epoch` (the state lock's, `StateDir.lock_epoch`) is the one it was last read under. Raises
+    ConflictError in one line naming the range and the fix when every uid of it is taken."""
     with reservations.lock:
+        if epoch is None or epoch != reservations.epoch:
+            reservations.recorded = {name: uid for name, uid in records().items() if uid is not None}
+            reservations.epoch = epoch
+        recorded = reservations.recorded
         mine = recorded.get(runtime)
         if mine is not None and users.first <= mine <= users.last:
             reservations.held[runtime] = mine
@@ -71,7 +93,7 @@ def allocate(
         held = reservations.held.get(runtime)
         if held is not None and users.first <= held <= users.last:
             return held
-        taken = {uid for name, uid in recorded.items() if uid is not None and name != runtime}
+        taken = {uid for name, uid in recorded.items() if name != runtime}
         taken |= {uid for name, uid in reservations.held.items() if name != runtime}
         for uid in range(users.first, users.last + 1):
             if uid not in taken:

@@ -45,7 +45,10 @@ def test_bad_ranges_are_refused_naming_the_field(value: object, field: str, prob
 
 def test_each_vm_its_own_uid_kept_by_its_record_and_reused_once_free() -> None:
     held = vmusers.Reservations()
-    recorded: dict[str, int | None] = {"a": 400001}
+
+    def recorded() -> dict[str, int | None]:
+        return {"a": 400001}
+
     assert vmusers.allocate(RANGE, "a", recorded, held) == 400001  # the record's
     assert vmusers.allocate(RANGE, "b", recorded, held) == 400000  # the lowest free
     assert vmusers.allocate(RANGE, "b", recorded, held) == 400000  # its reservation, again
@@ -62,7 +65,7 @@ def test_each_vm_its_own_uid_kept_by_its_record_and_reused_once_free() -> None:
 
 def test_a_record_outside_the_range_gets_a_new_uid() -> None:
     held = vmusers.Reservations()
-    assert vmusers.allocate(RANGE, "a", {"a": 1234}, held) == 400000
+    assert vmusers.allocate(RANGE, "a", lambda: {"a": 1234}, held) == 400000
 
 
 def test_parallel_starts_never_share_a_uid() -> None:
@@ -71,7 +74,7 @@ def test_parallel_starts_never_share_a_uid() -> None:
     got: dict[str, int] = {}
 
     def start(name: str) -> None:
-        got[name] = vmusers.allocate(users, name, {}, held)
+        got[name] = vmusers.allocate(users, name, dict, held, epoch=1)
 
     threads = [threading.Thread(target=start, args=(f"vm{i}",)) for i in range(64)]
     for t in threads:
@@ -95,3 +98,25 @@ def test_take_back_returns_only_what_the_uid_owns(tmp_path: Path) -> None:
     assert (tmp_path / "vol").stat().st_uid == 0
     assert mine.stat().st_uid == 0
     assert other.stat().st_uid == 400999  # not the VM's: left alone
+
+
+def test_records_are_read_once_per_hold_of_the_state_lock() -> None:
+    held = vmusers.Reservations()
+    reads: list[int] = []
+
+    def recorded() -> dict[str, int | None]:
+        reads.append(1)
+        return {"a": 400000}
+
+    assert vmusers.allocate(RANGE, "b", recorded, held, epoch=7) == 400001
+    held.commit("b")  # b's record is written: it holds 400001 now, without a new read
+    assert vmusers.allocate(RANGE, "c", recorded, held, epoch=7) == 400002
+    assert len(reads) == 1
+    held.release("a")  # a went down under the same hold
+    assert vmusers.allocate(RANGE, "d", recorded, held, epoch=7) == 400000
+    assert len(reads) == 1
+    # without the lock the records are read every time: these name none, and only c's and d's are held
+    assert vmusers.allocate(RANGE, "e", dict, held) == 400001
+    assert len(reads) == 1
+    with pytest.raises(ConflictError):  # a new hold reads the records again
+        vmusers.allocate(RANGE, "f", lambda: {"x": 400001}, held, epoch=8)
