@@ -13,7 +13,8 @@
  "statusActions": false,
  "cgroups": {"mode": "auto", "base": "procurator.slice"},
  "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3},
- "serialLogMaxBytes": 8388608}
+ "serialLogMaxBytes": 8388608,
+ "vmUsers": null}
 
 `schema` is 1 (the NixOS module writes it; a hand-written file may leave it out); every key and value is
 checked (procurator/jsonread.py), a null section or optional string meaning unset. `user` is the user the
@@ -33,6 +34,9 @@ hierarchy (the NixOS module points it at the worker unit's delegated subtree); v
 `failures` failed pings in a row it kills the hypervisor, and the restart policy decides what follows.
 `serialLogMaxBytes` caps each VM's `serial.log` (both backends: a serial keeper writes it): past it the log
 becomes `serial.log.1` (the previous one dropped), so a VM's serial output takes at most twice this.
+`vmUsers` ({"first": 400000, "count": 1000, "extraGroups": ["kvm"]}) runs each VM's hypervisor as a uid
+of its own from that range (its gid the same number, plus the supplementary `extraGroups`); see
+procurator/vmusers.py. It excludes `user`; without either, hypervisors run as the worker (root).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ BACKENDS = ("cloud-hypervisor", "qemu")
 ACCELS = ("auto", "kvm", "tcg")
 _USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")  # useradd's NAME_REGEX, widened as systemd's
 _KNOWN = (
+    "vmUsers",
     "stateDir",
     "hypervisor",
     "user",
@@ -106,6 +111,25 @@ class WatchdogSettings:
 
 
 @dataclass(frozen=True)
+class VmUsers:
+    """The uid range each VM's hypervisor gets a uid of its own from (procurator/vmusers.py)."""
+
+    first: int
+    count: int
+    extra_groups: tuple[str, ...] = ()
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def describe(self) -> str:
+        return f"vmUsers {self.first}-{self.last}"
+
+
+VM_UID_LIMITS = (1000, 2**32 - 2)  # below: system users; 2^32-1 is the kernel's "no uid"
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
@@ -120,6 +144,7 @@ class WorkerConfig:
     cgroups: CgroupSettings = field(default_factory=CgroupSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     serial_log_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES  # serial.log rotates to serial.log.1 past it
+    vm_users: VmUsers | None = None  # a uid per VM from this range (None: all run as `user`, or as us)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -174,7 +199,17 @@ class WorkerConfig:
             raise r.fail("statusListen", f"{status_listen!r} is not host:port, e.g. 127.0.0.1:9478")
         if status_listen is not None and status_listen == metrics_listen:
             raise r.fail("statusListen", "is metricsListen's address too; give it another port")
+        vm_users = (
+            _vm_users(
+                r.obj("vmUsers", nullable=True, expected='an object like {"first": 400000, "count": 1000}')
+            )
+            if r.data.get("vmUsers") is not None
+            else None
+        )
+        if vm_users is not None and user is not None:
+            raise r.fail("vmUsers", "excludes `user` (each VM gets a uid of its own); set one of them")
         return cls(
+            vm_users=vm_users,
             cgroups=_cgroups(r.obj("cgroups", nullable=True, expected='an object like {"mode": "auto"}')),
             watchdog=_watchdog(r.obj("watchdog", nullable=True, expected='an object like {"interval": 10}')),
             serial_log_max_bytes=serial_max,
@@ -230,3 +265,17 @@ def _watchdog(r: Reader) -> WatchdogSettings:
         timeout=seconds["timeout"],
         failures=r.integer("failures", WatchdogSettings.failures, maximum=100, what="a count from 1 to 100"),
     )
+
+
+def _vm_users(r: Reader) -> VmUsers:
+    r.only(("count", "extraGroups", "first"))
+    low, high = VM_UID_LIMITS
+    first = r.integer("first", minimum=low, maximum=high, what=f"a uid from {low} to {high}")
+    count = r.integer(
+        "count",
+        minimum=1,
+        maximum=high - first + 1,
+        what=f"a count from 1 to {high - first + 1} (uids end at {high})",
+    )
+    groups = r.strings("extraGroups", nonempty=True)
+    return VmUsers(first=first, count=count, extra_groups=groups)

@@ -131,18 +131,28 @@ def spawn(
     user: str | None = None,
     netns: str | None = None,
     join: Callable[[int], None] | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    groups: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived process in its own session (it survives our exit and our signals).
 
     With `netns`, the process runs inside that named network namespace (`ip netns exec` execs in
     place, so the pid is the process's own). `join` is called with the child's pid as soon as it is
     started (it puts the hypervisor into its VM's cgroup before its guest runs); when it fails, the
-    child is killed and reaped and the error raised.
+    child is killed and reaped and the error raised. `uid` (with `gid` and the supplementary `groups`,
+    none other) runs it as a uid that need not have a passwd entry (a VM's own, procurator/vmusers.py);
+    it excludes `user`.
     """
     args = tuple(str(a) for a in argv)
     group: int | None = None
     extra_groups: list[int] | None = None
-    if user is not None:
+    ids: int | str | None = user
+    if uid is not None:
+        if user is not None:
+            raise ValueError("spawn: give `user` or `uid`, not both")
+        ids, group, extra_groups = uid, uid if gid is None else gid, list(groups)
+    elif user is not None:
         try:
             entry = pwd.getpwnam(user)
         except KeyError as exc:
@@ -152,12 +162,19 @@ def spawn(
         group = entry.pw_gid
         extra_groups = os.getgrouplist(user, entry.pw_gid)
     if netns is not None:
-        if user is not None:
+        if ids is not None:
             # Entering a namespace needs privileges the user lacks: enter first, then drop them. Both
             # steps exec in place, so the pid is still the hypervisor's own.
-            drop = ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--"]
+            supplementary = (
+                ["--init-groups"]
+                if uid is None
+                else [f"--groups={','.join(map(str, extra_groups))}"]
+                if extra_groups
+                else ["--clear-groups"]
+            )
+            drop = ["setpriv", f"--reuid={ids}", f"--regid={group}", *supplementary, "--"]
             args = (*drop, *args)
-            user, group, extra_groups = None, None, None
+            ids, group, extra_groups = None, None, None
         args = ("ip", "netns", "exec", netns, *args)
     log.debug("spawn: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
@@ -171,7 +188,7 @@ def spawn(
             env=full_env,
             cwd=cwd,
             start_new_session=True,
-            user=user,
+            user=ids,
             group=group,
             extra_groups=extra_groups,
         )

@@ -144,6 +144,9 @@ class VmRecord:
     # The id of the snapshot a host shutdown took (restart.fromSnapshot): the next start restores it, as
     # long as the VM did not run since (any boot or other restore clears it). "" for none.
     resume_from: str = ""
+    # The uid (and gid) its hypervisor runs as, from the worker configuration's `vmUsers` (None: none of its
+    # own). Kept while the VM is recorded, so a restart or an adopting worker keeps the same one.
+    uid: int | None = None
 
     def __post_init__(self) -> None:
         given: Any = self.desired  # with_(desired="stopped") passes the value
@@ -159,6 +162,8 @@ class VmRecord:
         data["taps"] = list(self.taps)
         if not self.resume_from:  # only when set: records without it stay readable by older releases
             del data["resume_from"]
+        if self.uid is None:
+            del data["uid"]
         data["schema"] = RECORD_SCHEMA
         return data
 
@@ -214,6 +219,7 @@ _RECORD_FIELDS: dict[str, str] = {
     "slot": "str",
     "service_ip": "str",
     "resume_from": "str",
+    "uid": "count",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1
@@ -239,6 +245,7 @@ class _Holders:
         self.guard = threading.Lock()  # protects `threads`
         self.threads: set[int] = set()
         self.interrupted = False  # the last holder died holding the lock (valid while it is held)
+        self.epoch = 0  # counts this process's acquisitions: what was read under one holds until the next
 
     def holds(self) -> bool:
         with self.guard:
@@ -313,6 +320,7 @@ class StateDir:
             try:
                 self._flock(fd, deadline, timeout)
                 holders.interrupted = self._mark_held(fd)
+                holders.epoch += 1
                 with holders.guard:
                     holders.threads.add(threading.get_ident())
                 try:
@@ -407,6 +415,11 @@ class StateDir:
 
     def remove_vm_dir(self, name: str) -> None:
         shutil.rmtree(self.vm_dir(name), ignore_errors=True)
+
+    def lock_epoch(self) -> int | None:
+        """Which acquisition of the state lock this thread works under (no other process changes records
+        until it is released); None when it does not hold it."""
+        return self._holders.epoch if self._holders.holds() else None
 
     def scan(self) -> tuple[list[VmRecord], list[Damaged]]:
         """Every VM directory's record, and apart the VMs whose record is damaged (by name)."""

@@ -29,6 +29,18 @@ let
   };
   quote = builtins.toJSON;
 
+  # users whose fixed uid lies in vmUsers: a VM's hypervisor would run as them
+  usersInRange =
+    if cfg.vmUsers == null then
+      [ ]
+    else
+      lib.filter (u: u.uid != null && u.uid >= cfg.vmUsers.first && u.uid < cfg.vmUsers.first + cfg.vmUsers.count) (
+        lib.mapAttrsToList (name: u: {
+          inherit name;
+          uid = u.uid or null;
+        }) config.users.users
+      );
+
   # Linux interface names, as procurator/net/names.py check_ifname: at most 15 characters (the limits
   # table both read, procurator/limits.json).
   ifnameMax = (import ../../nix/lib).limits.ifnameMaxLength;
@@ -80,6 +92,10 @@ in
       [
         (check (match "/[^[:space:]]*[^/[:space:]]" cfg.stateDir != null) "services.procurator.stateDir must be an absolute path without spaces or a trailing /, got ${quote cfg.stateDir}")
         (check (cfg.user != "" && cfg.user != "root") "services.procurator.user must name an unprivileged user for the hypervisors, got ${quote cfg.user}")
+        (check (cfg.vmUsers == null || cfg.vmUsers.first + cfg.vmUsers.count - 1 <= 4294967294) "services.procurator.vmUsers: first (${toString cfg.vmUsers.first}) + count (${toString cfg.vmUsers.count}) runs past uid 4294967294; lower count or first")
+      ]
+      ++ map (u: check false "services.procurator.vmUsers ${toString cfg.vmUsers.first}-${toString (cfg.vmUsers.first + cfg.vmUsers.count - 1)} holds the uid ${toString u.uid} of users.users.${u.name}; move the range (vmUsers.first) or the user") usersInRange
+      ++ [
         (check config.nix.enable "the worker realises deployments and keeps them in a Nix profile through the Nix daemon; nix.enable must be true")
 
         # Hypervisor

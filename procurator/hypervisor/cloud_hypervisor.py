@@ -34,7 +34,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -163,15 +163,17 @@ class CloudHypervisor:
         """Spawn cloud-hypervisor for `spec`, create and boot the VM; on any failure leave nothing behind."""
         self._check_binary()
         version = self.version()
-        owner = _lookup_user(spec.user)
+        owner = spec.owner or _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
-        body = wire_config(spec)
+        body, handed = split_handed_nets(wire_config(spec), spec.tap_fds)
         if self.landlocks(version):
             body.update(landlock_fields(spec, body, version))
         serial = body.get("serial", {}).get("mode") == "Socket"
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
+            for net, fds in handed:
+                self._start_step(api, proc, spec, "vm.add-net", body=net, timeout=self.api_timeout, fds=fds)
             if start_time is not None and serial:
                 self._spawn_keeper(spec, proc.pid, start_time)
             self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
@@ -255,6 +257,9 @@ class CloudHypervisor:
                     stderr=log_file,
                     pass_fds=(listener.fileno(),),
                     user=spec.user,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                    groups=spec.groups,
                     netns=spec.netns,
                     join=spec.join,
                 )
@@ -292,9 +297,13 @@ class CloudHypervisor:
         *,
         body: dict[str, Any] | None,
         timeout: float,
+        fds: tuple[int, ...] = (),
     ) -> None:
         try:
-            api.put(endpoint, body, timeout=timeout)
+            if fds and body is not None:
+                api.put_with_fds(endpoint, body, fds, timeout=timeout)
+            else:
+                api.put(endpoint, body, timeout=timeout)
         except HypervisorError as exc:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=0.05)
@@ -412,19 +421,14 @@ class CloudHypervisor:
         anew (the serial socket at the same path, which the serial keeper connects to before the guest
         runs). From v52 `vm.restore` takes `resume`; it is sent only from v53, whose serial device keeps
         what the guest writes before the keeper connects, else the guest resumes with `vm.resume` after.
-        Passed-in descriptors do not survive a restore (`net_fds` would be needed): Procurator passes none
-        to the VM, and a snapshot whose config has net `fds` is refused.
+        A net that was handed its TAP as descriptors (vm.add-net) is handed them again: `net_fds` in the
+        body, the descriptors with the request (`_restored_net_fds`).
         """
         self._check_binary()
         version = self.version()
-        owner = _lookup_user(spec.user)
+        owner = spec.owner or _lookup_user(spec.user)
         saved = _snapshot_config(directory)
-        for index, net in enumerate(saved.get("net") or []):
-            if isinstance(net, dict) and net.get("fds"):
-                raise HypervisorStartError(
-                    f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] uses passed-in fds, which "
-                    "do not survive a restore; take the snapshot of a VM whose nets are TAPs by name"
-                )
+        net_fds = _restored_net_fds(spec, saved, directory)
         socket_serial = (saved.get("serial") or {}).get("mode") == "Socket"
         resume_in_body = not paused and version >= RESTORE_RESUME_SINCE
         body: dict[str, Any] = {"source_url": f"file://{directory}"}
@@ -432,10 +436,15 @@ class CloudHypervisor:
             body["memory_restore_mode"] = "Copy"  # the default: OnDemand needs userfaultfd
         if resume_in_body:
             body["resume"] = True
+        if net_fds:
+            body["net_fds"] = [{"id": ident, "num_fds": len(fds)} for ident, fds in net_fds]
+        passed = tuple(fd for _, fds in net_fds for fd in fds)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            self._start_step(api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout)
+            self._start_step(
+                api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed
+            )
             if start_time is not None and socket_serial:
                 self._spawn_keeper(spec, proc.pid, start_time)
             if not paused and not resume_in_body:
@@ -850,6 +859,59 @@ class _GuestEnds:
                     break
         self._seen[path] = _EventsSeen(key, verdict)
         return verdict
+
+
+def _restored_net_fds(
+    spec: LaunchSpec, saved: dict[str, Any], directory: Path
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(net id, descriptors) for each net of the snapshot's config.json that was built from passed-in
+    descriptors: those do not outlive the process, so vm.restore must be sent new ones (`net_fds`, with
+    the descriptors as SCM_RIGHTS; vmm/src/config.rs `RestoreConfig::validate` refuses a restore that
+    lacks one, v40.0-v53.0). They are the TAPs the runtime config names for the same net ids."""
+    taps = {
+        str(n.get("id")): str(n["tap"])
+        for n in spec.config.get("net") or []
+        if isinstance(n, dict) and isinstance(n.get("tap"), str)
+    }
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for index, net in enumerate(saved.get("net") or []):
+        if not isinstance(net, dict) or net.get("fds") is None:
+            continue
+        ident = str(net.get("id"))
+        fds = spec.tap_fds.get(taps.get(ident, ""))
+        if fds is None or len(fds) != len(net["fds"]):
+            raise HypervisorStartError(
+                f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] ({ident}) was handed its TAP as "
+                f"{len(net['fds'])} descriptors, and this restore has {len(fds or ())} for it; restore it "
+                "where its hypervisor runs as another user (vmUsers or user), as it was snapshotted"
+            )
+        out.append((ident, fds))
+    return out
+
+
+def split_handed_nets(
+    body: dict[str, Any], tap_fds: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], tuple[int, ...]]]]:
+    """The vm.create body without the nets whose TAP is handed over as descriptors, and those nets as
+    vm.add-net bodies (no `tap`: a net with a TAP name is opened by name, `make_virtio_net_device`) with
+    their descriptors. vm.create drops any descriptor it is sent, v40 to v53 (http_endpoint.rs
+    `VmCreate`); vm.add-net takes those sent with it (`VmAddNet`, `attach_fds_to_cfg` from v49) and, on a
+    VM created but not booted, adds the net to its config (lib.rs `vm_add_net`): vm.boot then builds it
+    `from_tap_fds`, one descriptor per queue pair (config.rs `VnetQueueFdMismatch`)."""
+    if not tap_fds:
+        return body, []
+    kept: list[Any] = []
+    handed: list[tuple[dict[str, Any], tuple[int, ...]]] = []
+    for net in body.get("net") or []:
+        fds = tap_fds.get(str(net.get("tap"))) if isinstance(net, dict) else None
+        if fds is None:
+            kept.append(net)
+        else:
+            handed.append(({k: v for k, v in net.items() if k not in ("tap", "fds")}, fds))
+    out = {k: v for k, v in body.items() if k != "net"}
+    if kept:
+        out["net"] = kept
+    return out, handed
 
 
 def _lookup_user(user: str | None) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import re
@@ -119,17 +120,39 @@ _DEVICE_DEFAULTS: dict[str, Any] = {"iommu": False, "pci_segment": 0}
 
 
 def build_argv(
-    config: Mapping[str, Any], *, qmp_socket: Path, accel: Accel, binary: str = DEFAULT_BINARY
+    config: Mapping[str, Any],
+    *,
+    qmp_socket: Path,
+    accel: Accel,
+    binary: str = DEFAULT_BINARY,
+    tap_fds: Mapping[str, Sequence[int]] | None = None,
 ) -> list[str]:
     """The QEMU command line that runs the VM described by the runtime VmConfig `config`.
+
+    A TAP named in `tap_fds` is given as the inherited descriptors of its queues (`fd=N`, `fds=N:M`;
+    QEMU refuses `ifname=` and `queues=` beside them, net/tap.c `net_init_tap`), so QEMU needs no
+    /dev/net/tun of its own.
 
     Raises HypervisorError naming the field for anything the qemu backend cannot express.
     """
     with _translation():
-        return _argv(_reader("", config, required=True), qmp_socket=qmp_socket, accel=accel, binary=binary)
+        return _argv(
+            _reader("", config, required=True),
+            qmp_socket=qmp_socket,
+            accel=accel,
+            binary=binary,
+            tap_fds=tap_fds,
+        )
 
 
-def _argv(config: Reader, *, qmp_socket: Path, accel: Accel, binary: str) -> list[str]:
+def _argv(
+    config: Reader,
+    *,
+    qmp_socket: Path,
+    accel: Accel,
+    binary: str,
+    tap_fds: Mapping[str, Sequence[int]] | None,
+) -> list[str]:
     _only("", config.data, handled=_TOP_HANDLED, defaults=_TOP_DEFAULTS)
     if accel not in ("kvm", "tcg"):
         raise HypervisorError(f"qemu accel {accel!r}: expected kvm or tcg")
@@ -142,7 +165,7 @@ def _argv(config: Reader, *, qmp_socket: Path, accel: Accel, binary: str) -> lis
     for disk in config.items("disks", nullable=True):
         argv += _disk(disk, ids)
     for net in config.items("net", nullable=True):
-        argv += _net(net, ids)
+        argv += _net(net, ids, tap_fds or {})
     argv += _serial(config.obj("serial", nullable=True))
     argv += _console(config.obj("console", nullable=True), qmp_socket.parent / CONSOLE_SOCKET)
     argv += _rng(config.obj("rng", nullable=True))
@@ -224,7 +247,7 @@ def _disk(disk: Reader, ids: dict[str, str]) -> list[str]:
     return ["-drive", drive, "-device", device]
 
 
-def _net(net: Reader, ids: dict[str, str]) -> list[str]:
+def _net(net: Reader, ids: dict[str, str], tap_fds: Mapping[str, Sequence[int]]) -> list[str]:
     field = net.prefix
     _only(field, net.data, handled=_NET_HANDLED, defaults=_NET_DEFAULTS)
     ident = _id(net, ids)
@@ -234,7 +257,15 @@ def _net(net: Reader, ids: dict[str, str]) -> list[str]:
     pairs = net.integer("num_queues", 2, minimum=2)
     if pairs % 2:
         raise _untranslatable(f"{field}.num_queues", f"{pairs} is odd; queues come in rx/tx pairs")
-    netdev = f"tap,id={ident},ifname={tap},script=no,downscript=no,vhost=off"
+    fds = tap_fds.get(tap)
+    if fds is not None and len(fds) != pairs // 2:
+        raise _untranslatable(f"{field}.tap", f"{len(fds)} descriptors for {pairs // 2} queue pairs")
+    if fds is None:
+        netdev = f"tap,id={ident},ifname={tap},script=no,downscript=no,vhost=off"
+    elif len(fds) == 1:
+        netdev = f"tap,id={ident},fd={fds[0]},vhost=off"
+    else:
+        netdev = f"tap,id={ident},fds={':'.join(map(str, fds))},vhost=off"
     device = f"virtio-net-pci,netdev={ident}"
     if net.has("mac"):
         mac = _str(net, "mac")
@@ -242,7 +273,7 @@ def _net(net: Reader, ids: dict[str, str]) -> list[str]:
             raise _untranslatable(f"{field}.mac", f"{mac!r} is not a MAC address like 52:54:00:12:34:56")
         device += f",mac={mac.lower()}"
     if pairs > 2:
-        netdev += f",queues={pairs // 2}"
+        netdev += f",queues={pairs // 2}" if fds is None else ""
         device += f",mq=on,vectors={pairs + 2}"  # one MSI-X vector per queue, plus config and control
     if net.has("mtu"):
         device += f",host_mtu={net.integer('mtu', minimum=68)}"
@@ -563,7 +594,9 @@ class Qemu:
 
     def start(self, spec: LaunchSpec) -> Handle:
         config, keep = wire_serial(spec.config, spec.vm_dir)
-        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv = build_argv(
+            config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
+        )
         argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
         return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc, keep=keep))
 
@@ -572,14 +605,23 @@ class Qemu:
     ) -> Handle:
         """Spawn QEMU with `argv` for `spec` and wait (`until`, bounded) for it; its Handle. On any failure
         nothing is left running, and an exit while `doing` quotes the end of the hypervisor log."""
-        _require_taps(spec, _taps_in(argv).values())
+        _require_taps(spec, _config_taps(spec.config).values())
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
             try:
                 proc = process.spawn(
-                    argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns, join=spec.join
+                    argv,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=[fd for fds in spec.tap_fds.values() for fd in fds],
+                    user=spec.user,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                    groups=spec.groups,
+                    netns=spec.netns,
+                    join=spec.join,
                 )
             except ProcessError as exc:
                 raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
@@ -670,7 +712,7 @@ class Qemu:
                     "write_ops": int(stats.get("wr_operations", 0)),
                 }
         host_side = _net_dev_stats(handle.pid)
-        for ident, tap in _taps_of(handle.pid).items():
+        for ident, tap in (_taps_of(handle.pid) | _recorded_taps(handle.vm_dir)).items():
             if tap in host_side:
                 rx_bytes, rx_packets, tx_bytes, tx_packets = host_side[tap]
                 # What the host sends into the TAP is what the guest receives, and the other way round.
@@ -780,7 +822,9 @@ class Qemu:
         if not source.is_file():
             raise HypervisorStartError(f"{spec.name}: {source} is missing; this is no qemu snapshot")
         config, keep = wire_serial(spec.config, spec.vm_dir)
-        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv = build_argv(
+            config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
+        )
         argv += ["-incoming", "defer"]
         return self._launch(
             spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused, keep=keep)
@@ -934,6 +978,26 @@ def _taps_of(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return _taps_in(argv)
+
+
+def _config_taps(config: Mapping[str, Any]) -> dict[str, str]:
+    """net id -> TAP name of a runtime config's nets."""
+    nets = config.get("net") or []
+    return {
+        str(n.get("id", "")): str(n["tap"])
+        for n in nets
+        if isinstance(n, Mapping) and isinstance(n.get("tap"), str)
+    }
+
+
+def _recorded_taps(vm_dir: Path) -> dict[str, str]:
+    """net id -> TAP name from the runtime config the VM started with (TAPs passed as descriptors are not
+    named on QEMU's command line)."""
+    try:
+        config = json.loads((vm_dir / "vm-config.runtime.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return _config_taps(config) if isinstance(config, dict) else {}
 
 
 def _taps_in(argv: Sequence[str]) -> dict[str, str]:

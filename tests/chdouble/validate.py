@@ -258,8 +258,8 @@ class _Validator:
 
     def net(self, net: dict[str, Any]) -> None:
         """The net loop of `VmConfig::validate`, then `NetConfig::validate`, then the id (v40-v53). `fds`
-        are not checked: from v49 vm.create sets them to none (`attach_fds_to_cfg` in http_endpoint.rs),
-        and Procurator sends none."""
+        are those vm.add-net was sent (vm.create drops any: `VmCreate` in http_endpoint.rs): one per
+        queue pair, none of them 0-2 (`VnetQueueFdMismatch`, `VnetReservedFd`; numbered texts from v51)."""
         self.vhost_user(net, socket_since=NET_VHOST_SOCKET_SINCE)
         queues, size = int(net.get("num_queues", 2)), int(net.get("queue_size", 256))
         if queues < 2:
@@ -268,6 +268,21 @@ class _Validator:
             else:
                 text = "Number of queues to virtio_net less than 2"
             raise RefusedError("VnetQueueLowerThan2", text)
+        fds = net.get("fds")
+        if isinstance(fds, list):
+            numbered = self.release >= NUMBERED_TEXTS_SINCE
+            if len(fds) * 2 != queues:
+                text = (
+                    f"Number of queues ({queues}) to virtio_net does not match the number of FDs "
+                    f"({len(fds) * 2})"
+                    if numbered
+                    else "Number of queues to virtio_net does not match the number of input FDs"
+                )
+                raise RefusedError("VnetQueueFdMismatch", text)
+            for fd in fds:
+                if fd <= 2:
+                    text = f"Reserved fd number (<= 2): {fd}" if numbered else "Reserved fd number (<= 2)"
+                    raise RefusedError("VnetReservedFd", text)
         if queues // 2 > self.boot_vcpus:
             raise self.too_many_queues(queues)
         self.queue_size(size)

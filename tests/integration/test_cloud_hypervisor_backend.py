@@ -918,16 +918,15 @@ def test_a_restore_on_a_vmm_that_has_a_vm_is_refused(
         backend.kill(handle)
 
 
-def test_a_snapshot_with_passed_in_net_fds_is_refused(
+def test_a_snapshot_with_passed_in_net_fds_needs_them_again(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
-    """Descriptors passed to the old process are gone after it: Procurator refuses instead of sending
-    `net_fds`, which it never passes."""
+    """Descriptors passed to the old process are gone after it: a restore that has none to hand again
+    (`net_fds`, tests/integration/test_vm_users.py has one that does) is refused before any process runs."""
     target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
     target.mkdir(parents=True)
-    config = {**spec.config, "net": [{"id": "eth0", "fds": [3, 4]}]}
+    config = {**spec.config, "net": [{"id": "eth0", "fds": [3]}]}
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        HypervisorStartError, match=r"net\[0\] uses passed-in fds, which do not survive a restore"
-    ):
+    handed = r"net\[0\] \(eth0\) was handed its TAP as 1 descriptors, and this restore has 0"
+    with pytest.raises(HypervisorStartError, match=handed):
         backend.restore(spec, target, paused=False)

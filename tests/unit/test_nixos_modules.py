@@ -469,3 +469,27 @@ def test_worker_pull_and_deployment_exclude_each_other() -> None:
         "procurator worker: services.procurator.deployment and services.procurator.pull.enable both set "
         "this host's deployment; choose one"
     ]
+
+
+def test_worker_vm_users_reach_the_configuration_file() -> None:
+    config = "{ services.procurator.vmUsers = { first = 400000; count = 500; }; }"
+    settings = json.loads(worker(config, 'e.config.environment.etc."procurator/worker.json".source.text'))
+    assert settings["vmUsers"] == {"first": 400000, "count": 500, "extraGroups": ["kvm"]}
+    assert settings["user"] is None  # vmUsers excludes the shared user
+    parsed = WorkerConfig.parse("worker.json", settings)
+    assert parsed.vm_users is not None
+    assert (parsed.vm_users.first, parsed.vm_users.last) == (400000, 400499)
+    assert worker(config, "e.failedAssertions") == []
+    default = json.loads(worker("{ }", 'e.config.environment.etc."procurator/worker.json".source.text'))
+    assert default["vmUsers"] is None
+
+
+def test_worker_vm_users_overlapping_a_user_are_refused() -> None:
+    config = (
+        "{ services.procurator.vmUsers = { first = 400000; count = 10; }; "
+        "users.users.alice = { uid = 400005; }; }"
+    )
+    assert worker(config, "e.failedAssertions") == [
+        "procurator worker: services.procurator.vmUsers 400000-400009 holds the uid 400005 of "
+        "users.users.alice; move the range (vmUsers.first) or the user"
+    ]
