@@ -138,7 +138,7 @@ class Reader:
     def _value(self, key: str, kind: type | tuple[type, ...], what: str, default: Any, required: bool) -> Any:
         if key not in self.data:
             if required:
-                raise self.fail(key, "missing")
+                raise self.fail(key, f"missing; expected {what}")
             return default
         value = self.data[key]
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):

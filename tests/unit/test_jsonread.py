@@ -59,7 +59,7 @@ def test_each_accessor_refuses_in_one_vocabulary() -> None:
         "f.json", {"s": 3, "n": True, "big": 7, "c": "green", "o": [], "l": ["a", 1], "x": None}, "top"
     )
     assert refused(lambda: r.text("s")) == "f.json: top.s: expected a string, not 3"
-    assert refused(lambda: r.text("missing")) == "f.json: top.missing: missing"
+    assert refused(lambda: r.text("missing")) == "f.json: top.missing: missing; expected a string"
     assert refused(lambda: r.integer("n")) == "f.json: top.n: expected a whole number, not true"
     assert refused(lambda: r.integer("big", maximum=5)) == "f.json: top.big: must be at most 5, found 7"
     assert refused(lambda: r.integer("big", maximum=5, what="a count from 1 to 5")) == (
