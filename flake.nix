@@ -1,7 +1,7 @@
 {
   description = "Procurator: build microVMs with Nix, run them on worker hosts with cloud-hypervisor";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
     { self, nixpkgs }:

@@ -10,7 +10,7 @@
 #         identityFile = "/root/.ssh/deploy"; # optional; a string stays out of the store (a path too)
 #         sshOptions = [ "-o" "ConnectTimeout=5" ];  # optional extra ssh arguments, no spaces in any
 #         tags = [ "web" "eu" ];             # optional: `procurator deploy --on @web`
-#         procurator = "procurator";         # optional: the command run on the host, split by its shell
+#         procurator = "procurator";         # optional: the command run on the host, split into words as a shell would (shlex), each word quoted for the remote shell: no expansion
 #         deployment = <lib.mkDeployment { host = "worker1"; ... }>;  # or:
 #         # vms = { inherit web api; };      # a deployment of these bundles, made with `mkDeployment`
 #       };

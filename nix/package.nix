@@ -43,6 +43,7 @@ python3Packages.buildPythonApplication {
     httpx
     pyroute2
     jinja2
+    prometheus-client
   ];
 
   # Click's completion scripts, generated once and kept in the repository (tests/unit/test_cli_conventions.py

@@ -1,7 +1,7 @@
 """The worker configuration (docs/worker.md): JSON written by the NixOS worker module, or defaults.
 
 {"stateDir": "/var/lib/procurator",
- "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto"},
+ "hypervisor": {"backend": "cloud-hypervisor", "binary": null, "accel": "auto", "landlock": true},
  "user": null,
  "network": {"bridge": "procurator0", "subnet": "10.100.0.0/16", "gateway": "10.100.0.1",
              "uplink": null, "nat": false, "isolate": false, "netns": null},
@@ -13,8 +13,12 @@
  "statusActions": false,
  "cgroups": {"mode": "auto", "base": "procurator.slice"},
  "watchdog": {"enable": true, "interval": 10, "timeout": 3, "failures": 3},
- "serialLogMaxBytes": 8388608}
+ "serialLogMaxBytes": 8388608,
+ "vmUsers": null}
 
+`schema` is 1 (the NixOS module writes it; a hand-written file may leave it out); every key and value is
+checked (procurator/jsonread.py), a null section or optional string meaning unset. `user` is the user the
+hypervisors run as (a user name; null: the worker's own), `hypervisor.binary` the hypervisor's path.
 `metricsListen` ("127.0.0.1:9477", "[::1]:9477") also serves the worker's Prometheus metrics over TCP.
 `statusListen` ("127.0.0.1:9478") serves the status page over TCP (it is always on the API socket);
 `statusActions` enables its forms (restart, apply, rollback) for the socket and loopback peers.
@@ -30,19 +34,44 @@ hierarchy (the NixOS module points it at the worker unit's delegated subtree); v
 `failures` failed pings in a row it kills the hypervisor, and the restart policy decides what follows.
 `serialLogMaxBytes` caps each VM's `serial.log` (both backends: a serial keeper writes it): past it the log
 becomes `serial.log.1` (the previous one dropped), so a VM's serial output takes at most twice this.
+`vmUsers` ({"first": 400000, "count": 1000, "extraGroups": ["kvm"]}) runs each VM's hypervisor as a uid
+of its own from that range (its gid the same number, plus the supplementary `extraGroups`); see
+procurator/vmusers.py. It excludes `user`; without either, hypervisors run as the worker (root).
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procurator import jsonread
 from procurator.errors import ConfigError, ValidationError
+from procurator.jsonread import Reader, shown
 from procurator.net.config import NetworkConfig
 
+CONFIG_SCHEMA = 1
 BACKENDS = ("cloud-hypervisor", "qemu")
+ACCELS = ("auto", "kvm", "tcg")
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")  # useradd's NAME_REGEX, widened as systemd's
+_KNOWN = (
+    "vmUsers",
+    "stateDir",
+    "hypervisor",
+    "user",
+    "network",
+    "apiSocket",
+    "metricsListen",
+    "healthTimeout",
+    "snapshotKeep",
+    "statusListen",
+    "statusActions",
+    "cgroups",
+    "watchdog",
+    "serialLogMaxBytes",
+    "schema",
+)
 DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/procurator")  # state.py re-exports it
 DEFAULT_HEALTH_TIMEOUT = 600.0
@@ -59,6 +88,7 @@ class HypervisorSettings:
     backend: str = "cloud-hypervisor"
     binary: str | None = None
     accel: str = "auto"  # qemu only: auto | kvm | tcg
+    landlock: bool = True  # cloud-hypervisor only: Landlock where the release and kernel have it
 
 
 CGROUP_MODES = ("auto", "required", "off")
@@ -81,6 +111,25 @@ class WatchdogSettings:
 
 
 @dataclass(frozen=True)
+class VmUsers:
+    """The uid range each VM's hypervisor gets a uid of its own from (procurator/vmusers.py)."""
+
+    first: int
+    count: int
+    extra_groups: tuple[str, ...] = ()
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def describe(self) -> str:
+        return f"vmUsers {self.first}-{self.last}"
+
+
+VM_UID_LIMITS = (1000, 2**32 - 2)  # below: system users; 2^32-1 is the kernel's "no uid"
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     state_dir: Path | None = None
     hypervisor: HypervisorSettings = field(default_factory=HypervisorSettings)
@@ -95,111 +144,87 @@ class WorkerConfig:
     cgroups: CgroupSettings = field(default_factory=CgroupSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     serial_log_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES  # serial.log rotates to serial.log.1 past it
+    vm_users: VmUsers | None = None  # a uid per VM from this range (None: all run as `user`, or as us)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
-        if not isinstance(data, dict):
-            raise ValidationError(source, "", "expected a JSON object")
-        known = {
-            "stateDir",
-            "hypervisor",
-            "user",
-            "network",
-            "apiSocket",
-            "metricsListen",
+        """The configuration in `data` (read from `source`), every setting checked. A null section or
+        optional string is unset (NixOS writes null for those); `schema` may be left out by hand."""
+        r = Reader(source, data)
+        r.only(_KNOWN)
+        if r.has("schema"):
+            Reader.versioned(source, data, CONFIG_SCHEMA, what="a worker configuration", fix="upgrade it")
+        hv = r.obj("hypervisor", nullable=True)
+        hv.only(("backend", "binary", "accel", "landlock"))
+        backend = hv.choice("backend", BACKENDS, "cloud-hypervisor")
+        accel = hv.choice("accel", ACCELS, "auto")
+        binary = hv.opt_text("binary", nonempty=True, what="a path as a string")
+        if binary is not None and "\0" in binary:
+            raise hv.fail("binary", f"{shown(binary)} is not a path")
+        network = NetworkConfig.read(r.obj("network", nullable=True))
+        state_dir = r.opt_text("stateDir", nonempty=True)
+        api_socket = r.opt_text("apiSocket", nonempty=True)
+        user = r.opt_text("user")
+        if user is not None and not _USER_NAME.fullmatch(user):
+            raise r.fail(
+                "user",
+                f"{shown(user)} is not a user name (1-32 letters, digits, '_', '.', '-', not a digit first)",
+            )
+        health_timeout = r.number(
             "healthTimeout",
+            DEFAULT_HEALTH_TIMEOUT,
+            minimum=1,
+            maximum=MAX_HEALTH_TIMEOUT,
+            what=f"seconds from 1 to {MAX_HEALTH_TIMEOUT:.0f}",
+        )
+        snapshot_keep = r.integer(
             "snapshotKeep",
-            "statusListen",
-            "statusActions",
-            "cgroups",
-            "watchdog",
-            "serialLogMaxBytes",
-            "schema",
-        }
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValidationError(source, unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
-        hv = data.get("hypervisor") or {}
-        if not isinstance(hv, dict):
-            raise ValidationError(source, "hypervisor", "expected an object")
-        backend = hv.get("backend", "cloud-hypervisor")
-        if backend not in BACKENDS:
-            raise ValidationError(
-                source, "hypervisor.backend", f"{backend!r} is not one of {', '.join(BACKENDS)}"
-            )
-        accel = hv.get("accel", "auto")
-        if accel not in ("auto", "kvm", "tcg"):
-            raise ValidationError(source, "hypervisor.accel", f"{accel!r} is not one of auto, kvm, tcg")
-        try:
-            network = NetworkConfig.parse(data.get("network") or {}, source=source)
-        except TypeError as exc:  # pragma: no cover - defensive
-            raise ValidationError(source, "network", str(exc)) from exc
-        for key in ("stateDir", "user", "apiSocket"):
-            if data.get(key) is not None and not isinstance(data[key], str):
-                raise ValidationError(source, key, f"expected a string, not {json.dumps(data[key])[:40]}")
-        if hv.get("binary") is not None and not isinstance(hv["binary"], str):
-            raise ValidationError(source, "hypervisor.binary", "expected a path as a string")
-        health_timeout = data.get("healthTimeout", DEFAULT_HEALTH_TIMEOUT)
-        if (
-            not isinstance(health_timeout, int | float)
-            or isinstance(health_timeout, bool)
-            or not 1 <= health_timeout <= MAX_HEALTH_TIMEOUT
-        ):
-            raise ValidationError(
-                source,
-                "healthTimeout",
-                f"expected seconds from 1 to {MAX_HEALTH_TIMEOUT:.0f}, not {health_timeout!r}",
-            )
-        snapshot_keep = data.get("snapshotKeep", DEFAULT_SNAPSHOT_KEEP)
-        if (
-            not isinstance(snapshot_keep, int)
-            or isinstance(snapshot_keep, bool)
-            or not 1 <= snapshot_keep <= MAX_SNAPSHOT_KEEP
-        ):
-            raise ValidationError(
-                source,
-                "snapshotKeep",
-                f"expected a count of snapshots from 1 to {MAX_SNAPSHOT_KEEP}, not {snapshot_keep!r}",
-            )
-        serial_max = data.get("serialLogMaxBytes", DEFAULT_SERIAL_LOG_MAX_BYTES)
+            DEFAULT_SNAPSHOT_KEEP,
+            maximum=MAX_SNAPSHOT_KEEP,
+            what=f"a count of snapshots from 1 to {MAX_SNAPSHOT_KEEP}",
+        )
         low, high = SERIAL_LOG_MAX_BYTES
-        if not isinstance(serial_max, int) or isinstance(serial_max, bool) or not low <= serial_max <= high:
-            raise ValidationError(
-                source,
-                "serialLogMaxBytes",
-                f"expected bytes from {low} to {high} (1 TiB), not {serial_max!r}",
-            )
-        state_dir = data.get("stateDir")
-        api_socket = data.get("apiSocket")
-        metrics_listen = data.get("metricsListen")
-        if metrics_listen is not None and (not isinstance(metrics_listen, str) or ":" not in metrics_listen):
-            raise ValidationError(source, "metricsListen", f"{metrics_listen!r} is not host:port")
-        status_listen = data.get("statusListen")
-        if status_listen is not None and (not isinstance(status_listen, str) or ":" not in status_listen):
-            raise ValidationError(
-                source, "statusListen", f"{status_listen!r} is not host:port, e.g. 127.0.0.1:9478"
-            )
+        serial_max = r.integer(
+            "serialLogMaxBytes",
+            DEFAULT_SERIAL_LOG_MAX_BYTES,
+            minimum=low,
+            maximum=high,
+            what=f"bytes from {low} to {high} (1 TiB)",
+        )
+        metrics_listen = r.opt_text("metricsListen")
+        if metrics_listen is not None and ":" not in metrics_listen:
+            raise r.fail("metricsListen", f"{metrics_listen!r} is not host:port")
+        status_listen = r.opt_text("statusListen")
+        if status_listen is not None and ":" not in status_listen:
+            raise r.fail("statusListen", f"{status_listen!r} is not host:port, e.g. 127.0.0.1:9478")
         if status_listen is not None and status_listen == metrics_listen:
-            raise ValidationError(
-                source, "statusListen", "is metricsListen's address too; give it another port"
+            raise r.fail("statusListen", "is metricsListen's address too; give it another port")
+        vm_users = (
+            _vm_users(
+                r.obj("vmUsers", nullable=True, expected='an object like {"first": 400000, "count": 1000}')
             )
-        status_actions = data.get("statusActions", False)
-        if not isinstance(status_actions, bool):
-            raise ValidationError(source, "statusActions", f"expected true or false, not {status_actions!r}")
+            if r.data.get("vmUsers") is not None
+            else None
+        )
+        if vm_users is not None and user is not None:
+            raise r.fail("vmUsers", "excludes `user` (each VM gets a uid of its own); set one of them")
         return cls(
-            cgroups=_cgroups(source, data.get("cgroups") or {}),
-            watchdog=_watchdog(source, data.get("watchdog") or {}),
+            vm_users=vm_users,
+            cgroups=_cgroups(r.obj("cgroups", nullable=True, expected='an object like {"mode": "auto"}')),
+            watchdog=_watchdog(r.obj("watchdog", nullable=True, expected='an object like {"interval": 10}')),
             serial_log_max_bytes=serial_max,
             state_dir=Path(state_dir) if state_dir else None,
-            hypervisor=HypervisorSettings(backend=backend, binary=hv.get("binary"), accel=accel),
-            user=data.get("user"),
+            hypervisor=HypervisorSettings(
+                backend=backend, binary=binary, accel=accel, landlock=hv.boolean("landlock", True)
+            ),
+            user=user,
             network=network,
             api_socket=Path(api_socket) if api_socket else DEFAULT_API_SOCKET,
             metrics_listen=metrics_listen,
-            health_timeout=float(health_timeout),
+            health_timeout=health_timeout,
             snapshot_keep=snapshot_keep,
             status_listen=status_listen,
-            status_actions=status_actions,
+            status_actions=r.boolean("statusActions", False),
         )
 
     @classmethod
@@ -207,57 +232,50 @@ class WorkerConfig:
         if path is None:
             return cls()
         try:
-            data = json.loads(path.read_bytes()[: MAX_CONFIG_BYTES + 1].decode())
+            data = jsonread.read_file(path, MAX_CONFIG_BYTES)
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"{path}: no such worker configuration; fix --config/PROCURATOR_CONFIG"
             ) from exc
-        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
-            raise ConfigError(f"{path}: cannot read the worker configuration: {exc}") from exc
+        except ValidationError as exc:  # unreadable, too large, not UTF-8, not JSON
+            where = f"{exc.field}: " if exc.field else ""
+            raise ConfigError(f"{path}: cannot read the worker configuration: {where}{exc.problem}") from exc
         return cls.parse(str(path), data)
 
 
-def _cgroups(source: str, data: Any) -> CgroupSettings:
-    if not isinstance(data, dict):
-        raise ValidationError(source, "cgroups", 'expected an object like {"mode": "auto"}')
-    unknown = sorted(set(data) - {"mode", "base"})
-    if unknown:
-        raise ValidationError(source, f"cgroups.{unknown[0]}", "unknown setting; known: base, mode")
-    mode = data.get("mode", "auto")
-    if mode not in CGROUP_MODES:
-        raise ValidationError(source, "cgroups.mode", f"{mode!r} is not one of {', '.join(CGROUP_MODES)}")
-    base = data.get("base", "procurator.slice")
-    parts = base.split("/") if isinstance(base, str) else []
+def _cgroups(r: Reader) -> CgroupSettings:
+    r.only(("mode", "base"))
+    mode = r.choice("mode", CGROUP_MODES, "auto")
+    base = r.text("base", "procurator.slice")
+    parts = base.split("/")
     if not parts or any(p in ("", ".", "..") or not p.isprintable() for p in parts):
-        raise ValidationError(
-            source, "cgroups.base", f"{base!r} is not a relative cgroup path like procurator.slice"
-        )
+        raise r.fail("base", f"{base!r} is not a relative cgroup path like procurator.slice")
     return CgroupSettings(mode=mode, base=base)
 
 
-def _watchdog(source: str, data: Any) -> WatchdogSettings:
-    if not isinstance(data, dict):
-        raise ValidationError(source, "watchdog", 'expected an object like {"interval": 10}')
-    known = ("enable", "failures", "interval", "timeout")
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValidationError(source, f"watchdog.{unknown[0]}", f"unknown setting; known: {', '.join(known)}")
-    enable = data.get("enable", True)
-    if not isinstance(enable, bool):
-        raise ValidationError(source, "watchdog.enable", f"expected true or false, not {enable!r}")
-    seconds = {}
-    for key, default in (("interval", WatchdogSettings.interval), ("timeout", WatchdogSettings.timeout)):
-        value = data.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.1 <= value <= 3600:
-            raise ValidationError(
-                source, f"watchdog.{key}", f"expected seconds from 0.1 to 3600, not {value!r}"
-            )
-        seconds[key] = float(value)
-    failures = data.get("failures", WatchdogSettings.failures)
-    if not isinstance(failures, int) or isinstance(failures, bool) or not 1 <= failures <= 100:
-        raise ValidationError(
-            source, "watchdog.failures", f"expected a count from 1 to 100, not {failures!r}"
-        )
+def _watchdog(r: Reader) -> WatchdogSettings:
+    r.only(("enable", "failures", "interval", "timeout"))
+    seconds = {
+        key: r.number(key, default, minimum=0.1, maximum=3600, what="seconds from 0.1 to 3600")
+        for key, default in (("interval", WatchdogSettings.interval), ("timeout", WatchdogSettings.timeout))
+    }
     return WatchdogSettings(
-        enable=enable, interval=seconds["interval"], timeout=seconds["timeout"], failures=failures
+        enable=r.boolean("enable", True),
+        interval=seconds["interval"],
+        timeout=seconds["timeout"],
+        failures=r.integer("failures", WatchdogSettings.failures, maximum=100, what="a count from 1 to 100"),
     )
+
+
+def _vm_users(r: Reader) -> VmUsers:
+    r.only(("count", "extraGroups", "first"))
+    low, high = VM_UID_LIMITS
+    first = r.integer("first", minimum=low, maximum=high, what=f"a uid from {low} to {high}")
+    count = r.integer(
+        "count",
+        minimum=1,
+        maximum=high - first + 1,
+        what=f"a count from 1 to {high - first + 1} (uids end at {high})",
+    )
+    groups = r.strings("extraGroups", nonempty=True)
+    return VmUsers(first=first, count=count, extra_groups=groups)

@@ -24,12 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procurator import history, lifecycle, network, process
 from procurator.errors import DamagedStateError, ProcuratorError, StateError
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle
+
+if TYPE_CHECKING:
+    from procurator.config import HypervisorSettings
+    from procurator.hypervisor.cloud_hypervisor import Version
 
 SCHEMA = 1
 KVM_DEVICE = Path("/dev/kvm")
@@ -200,6 +204,14 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _vm_uids_may(path: Path, groups: tuple[str, ...]) -> bool:
+    """Whether a VM uid of `vmUsers` (owning nothing, in `groups` only) may read and write `path`."""
+    st = path.stat()
+    in_group = _group_name(st.st_gid) in groups
+    bits = (st.st_mode >> 3) & 7 if in_group else st.st_mode & 7
+    return bits & 6 == 6
+
+
 def _kvm(host: Host) -> _Outcome:
     from procurator.hypervisor import qemu  # noqa: PLC0415 - the probe lives with the backend that uses it
 
@@ -217,6 +229,19 @@ def _kvm(host: Host) -> _Outcome:
             f"{KVM_DEVICE} opens (KVM API 12) but user {user!r} may not open it",
             f"add {user!r} to group {group!r} (users.users.{user}.extraGroups on NixOS)",
         )
+    users = host.config.vm_users
+    if users is not None and not _vm_uids_may(KVM_DEVICE, users.extra_groups):
+        st = KVM_DEVICE.stat()
+        group = _group_name(st.st_gid)
+        fix = (
+            f"add {group!r} to vmUsers.extraGroups in the worker configuration (the NixOS module adds kvm)"
+            if (st.st_mode >> 3) & 6 == 6
+            else f"give {KVM_DEVICE} a group of its own with mode 0660 (udev's: kvm) and add that group to "
+            "vmUsers.extraGroups"
+        )
+        raise _CheckFailedError(
+            f"{KVM_DEVICE} opens (KVM API 12) but the uids of {users.describe()} may not open it", fix
+        )
     detail = f"{KVM_DEVICE} opens, KVM API 12"
     if backend == "qemu":
         accel = qemu.accel_setting(host.config.hypervisor.accel)
@@ -230,6 +255,20 @@ def _kvm(host: Host) -> _Outcome:
                 )
             detail += f"; {reason}"
     return _Outcome(Status.OK, detail)
+
+
+def _landlock(settings: HypervisorSettings, version: Version) -> str:
+    """Whether the VMs of this cloud-hypervisor run under Landlock, and why not (hypervisor/landlock.py)."""
+    from procurator.hypervisor import landlock  # noqa: PLC0415
+
+    if not settings.landlock:
+        return "Landlock off (hypervisor.landlock)"
+    if version.major < landlock.LANDLOCK_SINCE:
+        return f"no Landlock (it came in v{landlock.LANDLOCK_SINCE}.0)"
+    abi = landlock.host_abi()
+    if abi < landlock.NEEDED_ABI:
+        return f"no Landlock (the kernel has ABI {abi}, cloud-hypervisor needs {landlock.NEEDED_ABI})"
+    return f"Landlock on (kernel ABI {abi})"
 
 
 def _hypervisor(host: Host) -> _Outcome:
@@ -252,7 +291,10 @@ def _hypervisor(host: Host) -> _Outcome:
                 f"run `procurator doctor --vm REF` to check it boots, or pin {ch.NEWEST_KNOWN}",
             )
         flags = "with --no-shutdown" if version >= ch.NO_SHUTDOWN_SINCE else "without --no-shutdown"
-        return _Outcome(Status.OK, f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags})")
+        landlocked = _landlock(settings, version)
+        return _Outcome(
+            Status.OK, f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags}); {landlocked}"
+        )
     from procurator.hypervisor import qemu  # noqa: PLC0415
 
     binary_name = settings.binary or qemu.DEFAULT_BINARY
@@ -276,8 +318,14 @@ def _tap(host: Host) -> _Outcome:
     uid = 0 if owner is None else owner[0]
     user = host.config.user
     who = f"user {user!r} (uid {uid})" if user is not None else f"uid {uid}"
+    users = host.config.vm_users
+    if users is not None:
+        uid, who = users.first, f"the first uid of {users.describe()}"
+    # A hypervisor that runs as another user gets its TAPs as descriptors the worker opened
+    # (docs/architecture.md, "Users"): then only the worker itself must open /dev/net/tun.
+    handed = user is not None or users is not None
     try:
-        may_open = _user_may(TUN_DEVICE, user, os.R_OK | os.W_OK)
+        may_open = _user_may(TUN_DEVICE, None if handed else user, os.R_OK | os.W_OK)
     except OSError as exc:
         raise _CheckFailedError(
             f"{TUN_DEVICE}: {exc.strerror}", "load the tun module (`modprobe tun`)"
@@ -294,7 +342,8 @@ def _tap(host: Host) -> _Outcome:
         raise _CheckFailedError(
             exc.message, "run the worker as root (it needs CAP_NET_ADMIN to create TAPs)"
         ) from exc
-    return _Outcome(Status.OK, f"a multi-queue TAP{where} owned by {who} created and removed")
+    done = f"a multi-queue TAP{where} owned by {who} created and removed"
+    return _Outcome(Status.OK, f"{done}; hypervisors get their TAPs as descriptors" if handed else done)
 
 
 def _network(host: Host) -> _Outcome:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from procurator import nix
-from procurator.errors import NotFoundError, StateError, ValidationError
+from procurator.errors import NotFoundError, StateError
+from procurator.jsonread import Reader
 from procurator.state import StateDir
 
 PROFILE_NAME = "deployment"
@@ -67,30 +68,14 @@ class History:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "history --json") -> History:
-        if not isinstance(data, dict) or data.get("schema") != HISTORY_SCHEMA:
-            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise ValidationError(
-                source,
-                "schema",
-                f"{found!r}, not {HISTORY_SCHEMA}: install the same procurator release on both",
-            )
-        profile, items = data.get("profile"), data.get("generations")
-        if not isinstance(profile, str) or not isinstance(items, list):
-            raise ValidationError(source, "", "expected {schema, profile, generations: [...]}")
-        generations = []
-        for i, item in enumerate(items):
-            if not (
-                isinstance(item, dict)
-                and isinstance(item.get("number"), int)
-                and not isinstance(item.get("number"), bool)
-                and isinstance(item.get("date"), str)
-                and isinstance(item.get("deployment"), str)
-                and isinstance(item.get("current"), bool)
-            ):
-                raise ValidationError(
-                    source, f"generations[{i}]", "expected {number, date, deployment, current}"
-                )
-            generations.append(Generation(item["number"], item["date"], item["deployment"], item["current"]))
+        r = Reader.versioned(
+            source, data, HISTORY_SCHEMA, what="a history", fix="install the same procurator release on both"
+        )
+        generations = [
+            Generation(g.integer("number"), g.text("date"), g.text("deployment"), g.boolean("current"))
+            for g in r.items("generations", required=True)
+        ]
+        profile = r.text("profile")
         return cls(profile, tuple(generations))
 
 

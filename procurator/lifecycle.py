@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from procurator import cgroup, network, process, snapshots, sweep
+from procurator import cgroup, network, process, snapshots, sweep, vmusers
 from procurator.config import WorkerConfig
 from procurator.errors import (
     CgroupError,
@@ -122,6 +122,10 @@ class Host:
     clock: Callable[[], float] = time.time
     shared: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     network_ready: bool = field(default=False, repr=False, compare=False)
+    # uids of `vmUsers` handed to starts of this process whose record is not written yet (vmusers.py)
+    reservations: vmusers.Reservations = field(
+        default_factory=vmusers.Reservations, repr=False, compare=False
+    )
 
     @property
     def net(self) -> network.NetworkConfig:
@@ -151,6 +155,64 @@ class Host:
     def owner_uid(self) -> int:
         owner = self.owner()
         return 0 if owner is None else owner[0]
+
+    def own_ids(self) -> tuple[int, int]:
+        """(uid, gid) what a VM uid had is given back to: the worker's `user`, else ourselves."""
+        return self.owner() or (os.getuid(), os.getgid())
+
+    def vm_owner(self, runtime: str, undo: contextlib.ExitStack) -> vmusers.Owner | None:
+        """The uid of its own VM `runtime`'s hypervisor runs as (`vmUsers`); None without a range. The
+        reservation is dropped again if the start fails (`undo`)."""
+        users = self.config.vm_users
+        if users is None:
+            return None
+
+        def recorded() -> dict[str, int | None]:
+            return {r.runtime: r.uid for r in self.state.scan()[0]}
+
+        with self.shared:
+            uid = vmusers.allocate(users, runtime, recorded, self.reservations, self.state.lock_epoch())
+        undo.callback(self.reservations.release, runtime)
+        return vmusers.owner(users, uid)
+
+
+def _tap_queues(config: dict[str, Any]) -> dict[str, int]:
+    """TAP name -> queue pairs of each net of a runtime config (what the hypervisor opens of it)."""
+    return {
+        str(net["tap"]): max(1, int(net.get("num_queues", 2)) // 2)
+        for net in config.get("net") or []
+        if isinstance(net, dict) and net.get("tap")
+    }
+
+
+def _hands_taps(host: Host, who: vmusers.Owner | None) -> bool:
+    """Whether the hypervisor gets its TAPs as descriptors: when it does not run as us (a VM uid, or the
+    worker's `user`), so that it needs no /dev/net/tun."""
+    return who is not None or host.config.user is not None
+
+
+@contextlib.contextmanager
+def _handed_taps(host: Host, config: dict[str, Any], hand: bool) -> Iterator[dict[str, tuple[int, ...]]]:
+    """With `hand`, descriptors of the runtime config's TAPs, closed here once the start has passed them on
+    (the hypervisor holds its own copies); else none."""
+    opened = network.open_taps(host.net, _tap_queues(config)) if hand else {}
+    try:
+        yield opened
+    finally:
+        network.close_fds(opened)
+
+
+def _take_back(host: Host, name: str, record: VmRecord | None) -> None:
+    """Give back to the worker what VM `name`'s own uid still owns of its volumes and snapshots: any uid
+    of the range (a damaged record does not say which), else the record's."""
+    users = host.config.vm_users
+    uids: int | range | None = None if record is None else record.uid
+    if users is not None:
+        uids = range(users.first, users.last + 1)
+    if uids is None:
+        return
+    roots = [host.state.volume_dir(name), snapshots.vm_root(host.state, name)]
+    vmusers.take_back(roots, uids, host.own_ids())
 
 
 def cgroups(host: Host) -> cgroup.Driver | None:
@@ -284,7 +346,9 @@ def _forget(host: Host, name: str, record: VmRecord | None = None) -> None:
     of a blue-green generation also its own lease and the service DNAT (the VM's lease is kept)."""
     _detach(host, name, record)
     unbox(host, name if record is None else record.runtime)
+    _take_back(host, name, record)
     host.state.remove_vm_dir(name)
+    host.reservations.release(name if record is None else record.runtime)
     if record is not None and record.slot:
         _drop_runtime(host, record.runtime)
         apply_services(host)
@@ -330,6 +394,7 @@ def _drop_runtime(host: Host, runtime: str) -> None:
     unbox(host, runtime)
     host.state.remove_vm_dir(runtime)
     _release_lease(host, runtime)
+    host.reservations.release(runtime)
 
 
 def _collapse(host: Host, record: VmRecord) -> VmRecord:
@@ -436,7 +501,10 @@ def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Swi
             service_ip=service_ip,
         )
         try:
+            if old.uid is not None:  # the old generation runs on as its uid while it drains
+                host.reservations.hold(old.runtime, old.uid)
             host.state.save_record(new)  # the switch is committed: this is the VM's generation now
+            host.reservations.commit(new.runtime)
             network.step("blue-green-recorded")
             apply_services(host)
             switched = host.clock()
@@ -454,22 +522,26 @@ def blue_green(host: Host, bundle: Bundle, *, backend: str | None = None) -> Swi
         _shutdown(host, old)
         network.detach_vm(host.net, old.runtime, old.taps or None)
         unbox(host, old.runtime)
+        host.reservations.release(old.runtime)
         if old.slot:
             _drop_runtime(host, old.runtime)
         else:  # the old generation ran in the VM's own directory, which holds the record
             _clear_vm_dir(host, name)
+            if old.uid is not None:  # its uid is free again: the directory is the worker's until a start
+                vmusers.take_back([host.state.vm_dir(name)], old.uid, host.own_ids())
         return Switch(service_ip, old, new, switched, time.monotonic() - mark)
 
 
 def _attach(
-    host: Host, runtime: str, bundle: Bundle, ip: str, undo: contextlib.ExitStack
+    host: Host, runtime: str, bundle: Bundle, undo: contextlib.ExitStack, *, ip: str, owner_uid: int
 ) -> list[network.TapInfo]:
-    """The VM's TAPs, and its lease pinned to its first interface's MAC; both undone by `undo`."""
+    """The VM's TAPs (owned by `owner_uid`), and its lease pinned to its first interface's MAC; both
+    undone by `undo`."""
     taps = network.attach_vm(
         host.net,
         runtime,
         [i.id for i in bundle.meta.interfaces],
-        host.owner_uid(),
+        owner_uid,
         bundle.vcpus,
         ip=ip,
         mac=bundle.meta.interfaces[0].mac,
@@ -495,6 +567,7 @@ def _start(
     hv = host.hypervisors(backend)
     vm_dir = host.state.vm_dir(runtime)
     with contextlib.ExitStack() as undo:
+        who = host.vm_owner(runtime, undo)  # first: a full range refuses the start before anything is made
         try:
             vm_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -515,14 +588,15 @@ def _start(
 
         nics: list[NicBinding] = []
         if bundle.meta.interfaces:
-            taps = _attach(host, runtime, bundle, lease.ip, undo)
+            tap_owner = host.owner_uid() if who is None else who.uid
+            taps = _attach(host, runtime, bundle, undo, ip=lease.ip, owner_uid=tap_owner)
             for iface, tap in zip(bundle.meta.interfaces, taps, strict=True):
                 nics.append(NicBinding(iface.id, tap.name, iface.mac or tap.mac))
 
         fresh = [v for v in bundle.meta.volumes if not volume_path(host.state, name, v).exists()]
         undo.callback(_remove_volumes, host, name, fresh)  # only those this start made: never data
         volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
-        owner = host.owner()
+        owner = host.owner() if who is None else (who.uid, who.gid)
         if owner is not None:  # the hypervisor, running as the VM user, writes here and opens these
             for path in (vm_dir, *volumes.values()):
                 os.chown(path, *owner)
@@ -537,17 +611,23 @@ def _start(
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         _check_affinity(bundle)
         box = Box.make(host, runtime, limits(bundle, backend), undo)
-        spec = LaunchSpec(
-            name=runtime,
-            vm_dir=vm_dir,
-            config=config,
-            serial_log=serial_log,
-            shutdown_timeout=float(bundle.meta.shutdown_timeout),
-            user=host.config.user,
-            netns=host.net.netns,
-            join=box.join,
-        )
-        handle = hv.start(spec)
+        with _handed_taps(host, config, _hands_taps(host, who)) as tap_fds:
+            spec = LaunchSpec(
+                name=runtime,
+                vm_dir=vm_dir,
+                config=config,
+                serial_log=serial_log,
+                shutdown_timeout=float(bundle.meta.shutdown_timeout),
+                user=host.config.user,
+                netns=host.net.netns,
+                join=box.join,
+                uid=None if who is None else who.uid,
+                gid=None if who is None else who.gid,
+                groups=() if who is None else who.groups,
+                tap_fds=tap_fds,
+                writable=(snapshots.vm_root(host.state, name),),
+            )
+            handle = hv.start(spec)
         undo.callback(hv.kill, handle)
         box.check(handle.pid)
 
@@ -571,9 +651,11 @@ def _start(
             shutdown_timeout=float(bundle.meta.shutdown_timeout),
             slot=slot,
             service_ip=service_ip if slot else "",
+            uid=None if who is None else who.uid,
         )
         if not slot:
             host.state.save_record(record)
+            host.reservations.commit(runtime)  # the record holds its uid now
         if wait is WaitFor.HEALTHY and nics:
             wait_healthy(
                 bundle.meta.health,
@@ -1022,11 +1104,13 @@ def _take_snapshot(
             paused_here = True
             _expect_state(hv, record, VmState.PAUSED, "pause")
             host.state.save_record(record.with_(paused=True))
-        owner = host.owner()
+        owner = host.owner() if record.uid is None else (record.uid, record.uid)
         if owner is not None:  # the hypervisor, as the VM user, writes the snapshot here
             os.chown(data, *owner)
         atomic_write_json(data / snapshots.CONFIG, config)
         hv.snapshot(record.handle, data)
+        if record.uid is not None:  # kept by the worker; the VM's uid may go to another VM later
+            vmusers.take_back([data], record.uid, host.own_ids())
         taken = snapshots.finish(final, meta)
     except BaseException:
         snapshots.discard(final)
@@ -1185,9 +1269,11 @@ def _restore(
                 f"snapshot {snap.id} of VM {name!r} holds a guest configured for {snap.meta.ip}, but the "
                 f"VM's lease is now {lease.ip}; take a new snapshot"
             )
+        who = host.vm_owner(name, undo)
         taps: list[str] = []
         if bundle.meta.interfaces:
-            made = _attach(host, name, bundle, lease.ip, undo)
+            tap_owner = host.owner_uid() if who is None else who.uid
+            made = _attach(host, name, bundle, undo, ip=lease.ip, owner_uid=tap_owner)
             taps = [t.name for t in made]
         wanted = [str(n.get("tap")) for n in config.get("net") or [] if isinstance(n, dict) and n.get("tap")]
         if wanted != taps:  # TAP names derive from the VM's name and interface ids: the same every time
@@ -1196,23 +1282,31 @@ def _restore(
                 "take a new snapshot"
             )
         volumes = ensure_volumes(host.state, name, bundle.meta.volumes)
-        owner = host.owner()
+        owner = host.owner() if who is None else (who.uid, who.gid)
         if owner is not None:
             for path in (vm_dir, *volumes.values()):
                 os.chown(path, *owner)
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         box = Box.make(host, name, limits(bundle, record.backend), undo)  # boxed as a booted VM is
-        spec = LaunchSpec(
-            name=name,
-            vm_dir=vm_dir,
-            config=config,
-            serial_log=vm_dir / "serial.log",
-            shutdown_timeout=float(bundle.meta.shutdown_timeout),
-            user=host.config.user,
-            netns=host.net.netns,
-            join=box.join,
-        )
-        handle = hv.restore(spec, snap.data, paused=paused)
+        # QEMU gets the same command line again; cloud-hypervisor takes them for the nets its snapshot
+        # says were built from descriptors (vm.restore `net_fds`) and reopens the others by name
+        with _handed_taps(host, config, _hands_taps(host, who)) as fds:
+            spec = LaunchSpec(
+                name=name,
+                vm_dir=vm_dir,
+                config=config,
+                serial_log=vm_dir / "serial.log",
+                shutdown_timeout=float(bundle.meta.shutdown_timeout),
+                user=host.config.user,
+                netns=host.net.netns,
+                join=box.join,
+                uid=None if who is None else who.uid,
+                gid=None if who is None else who.gid,
+                groups=() if who is None else who.groups,
+                tap_fds=fds,
+                writable=(snapshots.vm_root(host.state, name),),
+            )
+            handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)
         box.check(handle.pid)
         restored = record.with_(
@@ -1228,8 +1322,10 @@ def _restore(
             last_exit=f"restored from snapshot {snap.id}",
             paused=paused,
             resume_from="",
+            uid=None if who is None else who.uid,
         )
         host.state.save_record(restored)
+        host.reservations.commit(name)
         if wait is WaitFor.HEALTHY and taps and not paused:
             wait_healthy(
                 bundle.meta.health,
@@ -1241,16 +1337,3 @@ def _restore(
         undo.pop_all()
         return restored
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def start_from_snapshot(host: Host, name: str, *, wait: WaitFor = WaitFor.BOOTED) -> VmRecord:
-    """Boot a stopped VM from the newest snapshot of its generation when it has one, else as `start` does
-    (for the worker's `restart.fromSnapshot`). A snapshot that fails to restore falls back to a boot."""
-    with locked(host):
-        record = _require(host, name)
-        if not _running(record) and snapshots.latest(host.state, name, record.bundle) is not None:
-            try:
-                return restore(host, name, wait=wait)[0]
-            except ProcuratorError as exc:
-                log.warning("%s: cannot restore its newest snapshot (%s); booting it instead", name, exc)
-        return start(host, name, wait=wait)

@@ -1,13 +1,16 @@
-"""Prometheus metrics of the worker and its VMs, in the text exposition format (version 0.0.4).
+"""Prometheus metrics of the worker and its VMs, exposed with `prometheus_client`.
 
-`Family` holds the samples of one metric family and `render` writes families out: a `# HELP` and a
-`# TYPE` line per family, then one line per sample, label values escaped (backslash, double quote and
-line feed), values as Prometheus reads them (`+Inf`, `-Inf`, `NaN`). Names and label names are checked
-when a sample is added, so a bad name is a bug caught at once, never a broken scrape.
+The worker's API builds a `Collector` (worker/views.py `WorkerCollector`) at each scrape: a
+prometheus_client collector whose `collect` yields the metric families (`gauge`, `counter`, `histogram`
+here: prometheus_client's `GaugeMetricFamily`, `CounterMetricFamily`, `HistogramMetricFamily`) from the
+worker's state, one family at a time; `exposition` writes them in the text format (version 0.0.4) with
+prometheus_client's `generate_latest`. Families without samples are left out; a family name that
+repeats is a bug, caught when rendered.
 
-What is measured of a VM's hypervisor process comes from /proc (`cpu_seconds`, `rss_bytes`); its device
-counters come from the backend's `counters()` through `CountersCache`, which asks each VM at most once
-per scrape and not again before its time-to-live passes.
+What is measured of a VM's hypervisor process comes from /proc (`process_figures`, cached per VM for a
+few seconds by `ProcessCache`, which the status page reads too); its device counters come from the
+backend's `counters()` through `CountersCache`, which asks each VM at most once per scrape and not again
+before its time-to-live passes.
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from procurator import process
 from procurator.errors import ProcuratorError
@@ -31,91 +43,71 @@ from procurator.state import VmRecord
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 PREFIX = "procurator_"
 
+
+# The classic name rules (prometheus_client also takes UTF-8 names, which it would escape on the way out:
+# a bad name here is a bug, caught when the family is made, never a renamed series).
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_SUFFIXES = {"": ("",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
 
 
-class MetricType(StrEnum):
-    COUNTER = "counter"
-    GAUGE = "gauge"
-    HISTOGRAM = "histogram"
-    SUMMARY = "summary"
-    UNTYPED = "untyped"
+def _name(name: str, labels: Sequence[str]) -> str:
+    full = PREFIX + name
+    if not _METRIC_NAME.match(full):
+        raise ValueError(f"invalid metric name {full!r}")
+    for label in labels:
+        if not _LABEL_NAME.match(label) or label.startswith("__") or label == "le":
+            raise ValueError(f"{full}: invalid label name {label!r}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{full}: a label name repeats in {tuple(labels)}")
+    return full
 
 
-Labels = tuple[tuple[str, str], ...]
+def gauge(name: str, help_text: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    """`PREFIX + name`, a gauge; its samples are added with `add_metric(label values, value)`."""
+    return GaugeMetricFamily(_name(name, labels), help_text, labels=labels)
 
 
-@dataclass
-class Family:
-    """One metric family: its name, help text, type and samples (suffix, labels, value)."""
-
-    name: str
-    help: str
-    type: MetricType
-    samples: list[tuple[str, Labels, float]] = field(default_factory=list)
-    _checked: set[tuple[str, ...]] = field(default_factory=set, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not _METRIC_NAME.match(self.name):
-            raise ValueError(f"invalid metric name {self.name!r}")
-
-    def add(self, value: float, labels: Mapping[str, str] | None = None, *, suffix: str = "") -> None:
-        if suffix and suffix not in _SUFFIXES.get(self.type.value, _SUFFIXES[""]):
-            raise ValueError(f"{self.name}: a {self.type.value} has no {suffix!r} samples")
-        pairs = tuple((str(k), str(v)) for k, v in labels.items()) if labels else ()
-        names = tuple(k for k, _ in pairs)
-        if names not in self._checked:
-            for key in names:
-                if not _LABEL_NAME.match(key) or key.startswith("__"):
-                    raise ValueError(f"{self.name}: invalid label name {key!r}")
-            if len(set(names)) != len(names):
-                raise ValueError(f"{self.name}: a label name repeats in {names}")
-            self._checked.add(names)
-        self.samples.append((suffix, pairs, float(value)))
+def counter(name: str, help_text: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
+    """A counter family; `name` ends in `_total`, as its samples are named."""
+    if not name.endswith("_total"):
+        raise ValueError(f"invalid counter name {name!r}: a counter's name ends in _total")
+    return CounterMetricFamily(_name(name, labels), help_text, labels=labels)
 
 
-def escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def histogram(name: str, help_text: str, labels: Sequence[str] = ()) -> HistogramMetricFamily:
+    """A histogram family; `Histogram.add_to` adds its buckets, sum and count."""
+    return HistogramMetricFamily(_name(name, labels), help_text, labels=labels)
 
 
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def exposition(collector: Collector) -> bytes:
+    """The text exposition of what `collector` yields (families without samples left out)."""
+    return generate_latest(_Checked(collector))
+
+
+class _Checked(Collector):
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for family in self.collector.collect():
+            if family.name in seen:
+                raise ValueError(f"metric family {family.name!r} rendered twice")
+            seen.add(family.name)
+            if family.samples:
+                yield family
 
 
 def format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
+    """A histogram bound as the `le` label shows it: `0.05`, `1`, `+Inf`."""
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if value.is_integer() and abs(value) < 2**53:
         return str(int(value))
     return repr(value)
-
-
-def render(families: Iterable[Family]) -> str:
-    """The text exposition of `families` (each name once; families without samples are left out)."""
-    lines: list[str] = []
-    seen: set[str] = set()
-    for family in families:
-        if family.name in seen:
-            raise ValueError(f"metric family {family.name!r} rendered twice")
-        seen.add(family.name)
-        if not family.samples:
-            continue
-        lines.append(f"# HELP {family.name} {escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.type.value}")
-        for suffix, labels, value in family.samples:
-            text = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels)
-            name = family.name + suffix
-            lines.append(
-                f"{name}{{{text}}} {format_value(value)}" if labels else f"{name} {format_value(value)}"
-            )
-    return "\n".join(lines) + "\n" if lines else ""
 
 
 # --- histograms ------------------------------------------------------------------------------------
@@ -124,12 +116,16 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 
 
 class Histogram:
-    """A thread-safe histogram of observations (cumulative buckets, sum and count when rendered)."""
+    """A thread-safe histogram of observations (cumulative buckets, sum and count when collected).
+
+    The daemon's own, not prometheus_client's `Histogram`: that one registers itself and adds a
+    `_created` series; this one only counts, and `family` makes the family a collector yields."""
 
     def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
         if list(buckets) != sorted(set(buckets)):
             raise ValueError("histogram buckets must be increasing")
         self.bounds = tuple(float(b) for b in buckets)
+        self._les = (*(format_value(b) for b in self.bounds), "+Inf")
         self._counts = [0] * (len(self.bounds) + 1)
         self._sum = 0.0
         self._lock = threading.Lock()
@@ -144,30 +140,27 @@ class Histogram:
         with self._lock:
             return sum(self._counts)
 
-    def add_to(self, family: Family, labels: Mapping[str, str] | None = None) -> None:
+    def add_to(self, family: HistogramMetricFamily, labels: Sequence[str] = ()) -> None:
         with self._lock:
             counts, total = list(self._counts), self._sum
-        base = dict(labels or {})
-        running = 0
-        for bound, count in zip((*self.bounds, math.inf), counts, strict=True):
+        running, buckets = 0, []
+        for le, count in zip(self._les, counts, strict=True):
             running += count
-            family.add(running, {**base, "le": format_value(bound)}, suffix="_bucket")
-        family.add(total, base, suffix="_sum")
-        family.add(running, base, suffix="_count")
+            buckets.append((le, float(running)))
+        family.add_metric(list(labels), buckets, total)
 
 
 # --- the hypervisor process, from /proc --------------------------------------------------------------
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PROCESS_TTL = 5.0  # seconds /proc figures of a VM are reused (the status page polls every 2 s)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProcessFigures:
     cpu_seconds: float  # user + system time of every thread
     rss_bytes: int
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def process_figures(pid: int, start_time: int, proc: str = "/proc") -> ProcessFigures | None:
@@ -177,7 +170,7 @@ def process_figures(pid: int, start_time: int, proc: str = "/proc") -> ProcessFi
         return None
     try:
         with open(f"{proc}/{pid}/statm", "rb") as f:
-            statm = f.read().split()
+            statm = f.read(256).split()
     except OSError:
         return None
     if len(statm) < 2:
@@ -185,14 +178,75 @@ def process_figures(pid: int, start_time: int, proc: str = "/proc") -> ProcessFi
     return ProcessFigures(cpu_seconds=stat.cpu_ticks / _CLOCK_TICKS, rss_bytes=int(statm[1]) * _PAGE_SIZE)
 
 
+class ProcessCache:
+    """`process_figures` of each running VM, read again only when older than `ttl` seconds or of another
+    process (pid and start time): /metrics and the status page's GET /status share one reading."""
+
+    def __init__(
+        self, *, ttl: float = PROCESS_TTL, clock: Callable[[], float] = time.monotonic, proc: str = "/proc"
+    ) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.proc = proc
+        self.reads = 0  # /proc readings made, for tests
+        self._entries: dict[str, tuple[int, int, float, ProcessFigures | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, records: Sequence[VmRecord]) -> dict[str, ProcessFigures]:
+        """The figures of `records` (running ones: a process that is gone has none)."""
+        out: dict[str, ProcessFigures] = {}
+        with self._lock:
+            now = self.clock()
+            wanted = {r.name for r in records}
+            for name in [n for n in self._entries if n not in wanted]:
+                del self._entries[name]
+            for r in records:
+                entry = self._entries.get(r.name)
+                if entry is None or entry[:2] != (r.pid, r.start_time) or now - entry[2] >= self.ttl:
+                    self.reads += 1
+                    entry = (r.pid, r.start_time, now, process_figures(r.pid, r.start_time, self.proc))
+                    self._entries[r.name] = entry
+                if entry[3] is not None:
+                    out[r.name] = entry[3]
+        return out
+
+
 # --- device counters, cached -----------------------------------------------------------------------
 
 Counters = dict[str, dict[str, int]]
 
+# Device counters as the backends name them (cloud-hypervisor's vm.counters; qemu maps onto them).
+NET_COUNTERS = {
+    "rx_bytes": ("network_receive_bytes_total", "Bytes the guest received on the interface."),
+    "tx_bytes": ("network_transmit_bytes_total", "Bytes the guest sent on the interface."),
+    "rx_frames": ("network_receive_packets_total", "Frames the guest received on the interface."),
+    "tx_frames": ("network_transmit_packets_total", "Frames the guest sent on the interface."),
+}
+BLOCK_COUNTERS = {
+    "read_bytes": ("block_read_bytes_total", "Bytes the guest read from the disk."),
+    "write_bytes": ("block_written_bytes_total", "Bytes the guest wrote to the disk."),
+    "read_ops": ("block_reads_total", "Read requests the guest made to the disk."),
+    "write_ops": ("block_writes_total", "Write requests the guest made to the disk."),
+}
+DEVICE_COUNTERS = {**NET_COUNTERS, **BLOCK_COUNTERS}
+COUNTERS_PARALLEL = 4  # vm.counters calls at once: more only contend for the interpreter's lock
 
-@dataclass
+
+def _kept(counters: Counters) -> Counters:
+    """Only the counters the metrics show, under shared key strings (a thousand VMs' answers would
+    otherwise keep a thousand copies of every key the JSON decoder made)."""
+    out: Counters = {}
+    for device, values in counters.items():
+        known = {key: values[key] for key in DEVICE_COUNTERS if key in values}
+        if known:
+            out[sys.intern(device)] = known
+    return out
+
+
+@dataclass(slots=True)
 class _Cached:
-    key: tuple[int, int]  # (pid, start_time): a new process starts from scratch
+    pid: int  # with start_time: a new process starts from scratch
+    start_time: int
     at: float
     counters: Counters
 
@@ -202,7 +256,7 @@ class CountersCache:
 
     `get` asks only the VMs whose entry is missing or older than `ttl`, at most `parallel` at a time and
     each within the backend's own API timeout; a VM that does not answer keeps its last counters (or
-    none). Concurrent callers share one refresh.
+    none). Concurrent callers share one refresh. Only the counters in DEVICE_COUNTERS are kept.
     """
 
     def __init__(
@@ -210,7 +264,7 @@ class CountersCache:
         hypervisors: Callable[[str], Hypervisor],
         *,
         ttl: float = 10.0,
-        parallel: int = 8,
+        parallel: int = COUNTERS_PARALLEL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hypervisors = hypervisors
@@ -228,7 +282,7 @@ class CountersCache:
             for name in list(self._entries):
                 entry = self._entries[name]
                 record = wanted.get(name)
-                if record is None or entry.key != (record.pid, record.start_time):
+                if record is None or (entry.pid, entry.start_time) != (record.pid, record.start_time):
                     del self._entries[name]
             stale = [
                 r
@@ -241,7 +295,7 @@ class CountersCache:
 
     def _fetch(self, record: VmRecord) -> Counters | None:
         try:
-            return self.hypervisors(record.backend).counters(record.handle)
+            return _kept(self.hypervisors(record.backend).counters(record.handle))
         except ProcuratorError as exc:
             log.debug("counters of %s: %s", record.name, exc)
             return None
@@ -251,45 +305,29 @@ class CountersCache:
         if len(records) == 1 or self.parallel <= 1:
             results = [self._fetch(r) for r in records]
         else:
-            with ThreadPoolExecutor(max_workers=min(self.parallel, len(records))) as pool:
+            workers = min(self.parallel, len(records))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="counters") as pool:
                 results = list(pool.map(self._fetch, records))
         now = self.clock()
         for record, counters in zip(records, results, strict=True):
-            key = (record.pid, record.start_time)
+            entry = self._entries.get(record.name)
             if counters is not None:
-                self._entries[record.name] = _Cached(key, now, counters)
-            elif record.name in self._entries:
-                self._entries[record.name].at = now  # keep the last figures; ask again after ttl
+                self._entries[record.name] = _Cached(record.pid, record.start_time, now, counters)
+            elif entry is not None:
+                entry.at = now  # keep the last figures; ask again after ttl
             else:
-                self._entries[record.name] = _Cached(key, now, {})
+                self._entries[record.name] = _Cached(record.pid, record.start_time, now, {})
 
 
-# Device counters as the backends name them (cloud-hypervisor's vm.counters; qemu maps onto them).
-NET_COUNTERS = {
-    "rx_bytes": ("network_receive_bytes_total", "Bytes the guest received on the interface."),
-    "tx_bytes": ("network_transmit_bytes_total", "Bytes the guest sent on the interface."),
-    "rx_frames": ("network_receive_packets_total", "Frames the guest received on the interface."),
-    "tx_frames": ("network_transmit_packets_total", "Frames the guest sent on the interface."),
-}
-BLOCK_COUNTERS = {
-    "read_bytes": ("block_read_bytes_total", "Bytes the guest read from the disk."),
-    "write_bytes": ("block_written_bytes_total", "Bytes the guest wrote to the disk."),
-    "read_ops": ("block_reads_total", "Read requests the guest made to the disk."),
-    "write_ops": ("block_writes_total", "Write requests the guest made to the disk."),
-}
-DEVICE_COUNTERS = {**NET_COUNTERS, **BLOCK_COUNTERS}
-
-
-def device_families(counters: Mapping[str, Counters]) -> list[Family]:
-    """Families of the known device counters of every VM (labels `vm` and `device`)."""
-    families = {
-        key: Family(PREFIX + "vm_" + name, text, MetricType.COUNTER)
-        for key, (name, text) in DEVICE_COUNTERS.items()
-    }
-    for vm in sorted(counters):
-        for device in sorted(counters[vm]):
-            for key, value in sorted(counters[vm][device].items()):
-                family = families.get(key)
-                if family is not None:
-                    family.add(value, {"vm": vm, "device": device})
-    return list(families.values())
+def device_families(counters: Mapping[str, Counters]) -> Iterator[CounterMetricFamily]:
+    """Families of the known device counters of every VM (labels `vm` and `device`), one at a time."""
+    vms = sorted(counters)
+    for key, (name, text) in DEVICE_COUNTERS.items():
+        family = counter("vm_" + name, text, ("vm", "device"))
+        for vm in vms:
+            per_vm = counters[vm]
+            for device in sorted(per_vm):
+                value = per_vm[device].get(key)
+                if value is not None:
+                    family.add_metric((vm, device), value)
+        yield family

@@ -1,8 +1,11 @@
 """Frozen dataclasses parsed once, at the edge (docs/bundle.md).
 
 `Bundle.load(path)` and `Deployment.load(path)` read a store path, parse and check both JSON contracts and
-raise `ValidationError` naming the file and the field when anything is off. Everything past this module
-works with these types, never with raw JSON.
+raise `ValidationError` naming the file and the field when anything is off (procurator/jsonread.py reads
+them). Everything past this module works with these types, never with raw JSON, with one exception:
+`Bundle.vm_config` is cloud-hypervisor's VmConfig (its contract, not ours), checked here against our schema
+of its API (hypervisor/ch-api.schema.json) and in the fields Procurator relies on, then handed on as the
+JSON body it is (runtime.py copies it and fills in the host's fields; the qemu backend translates it).
 """
 
 from __future__ import annotations
@@ -16,40 +19,42 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from procurator import jsonread, limits
 from procurator.errors import ValidationError
+from procurator.jsonread import Reader
 
 SCHEMA_VERSION = 1
-VM_NAME_MAX = 20
+VM_NAME_MAX = limits.VM_NAME_MAX
 
 # Limits on what a bundle or deployment may say, each refused at load (so at `plan`, before anything is
-# changed) with the field named. The hypervisor's own limits are cloud-hypervisor's (v40.0-v53.0):
+# changed) with the field named. Those Nix checks at build too are in procurator/limits.json, one table
+# both read (procurator/limits.py says why each value); the hypervisor's are cloud-hypervisor's (v40-v53):
 MAX_INPUT_BYTES = 4 * 1024 * 1024  # procurator.json, vm-config.json, deployment.json
-MAX_VCPUS = 254  # v40-v47 parse vCPU counts as u8; on x86_64 the legacy APIC/mptable allow 254 (config.rs)
+MAX_VCPUS = limits.MAX_VCPUS
 PAGE_SIZE = 4096  # guest memory is mapped in pages: a size that is not a multiple is MisalignedMemorySize
 MIN_MEMORY = 1024 * 1024
-MAX_MEMORY = 1 << 45  # half the 46-bit guest physical space (DEFAULT_MAX_PHYS_BITS), the rest for devices
-# Ours: a volume is a file in the state directory (ext4 files end at 16 TiB); every wait is bounded.
-MAX_VOLUME_MIB = 1 << 24
-MAX_SECONDS = 3600  # health intervals and timeouts, restart backoff, shutdown timeout
-MAX_HEALTH_RETRIES = 1000
-MAX_RESTARTS = 1000
+MAX_MEMORY = limits.MAX_MEMORY_MIB * 1024 * 1024
+MAX_VOLUME_MIB = limits.MAX_VOLUME_MIB
+MAX_SECONDS = limits.MAX_SECONDS  # health intervals and timeouts, restart backoff, shutdown timeout
+MAX_HEALTH_RETRIES = limits.MAX_HEALTH_RETRIES
+MAX_RESTARTS = limits.MAX_RESTARTS
 # Resources (docs/bundle.md): the VM's cgroup (procurator/cgroup.py) and its vCPUs' host CPUs.
 MIB = 1024 * 1024
 # The default memory limit is guest RAM plus the VMM's own, by backend: cloud-hypervisor's is small (its
 # devices and buffers); QEMU's, under TCG (software emulation), holds a translation cache of up to 1 GiB
 # and was OOM-killed at 128 MiB here while booting a 256 MiB guest, so it gets more.
-VMM_OVERHEAD_MIB = 128
+VMM_OVERHEAD_MIB = limits.VMM_OVERHEAD_MIB
 VMM_OVERHEAD_MIB_BY_BACKEND = {"cloud-hypervisor": VMM_OVERHEAD_MIB, "qemu": 512}
-MIN_MEMORY_MAX_MIB = 16  # below this no hypervisor starts at all
-MAX_WEIGHT = 10000  # cgroup v2 cpu.weight and io.weight: 1-10000, 100 the default
-MAX_HOST_CPU = 4095  # a host CPU index (the kernel's NR_CPUS on x86_64 distributions is at most 8192)
+MIN_MEMORY_MAX_MIB = limits.MIN_MEMORY_MAX_MIB  # below this no hypervisor starts at all
+MAX_WEIGHT = limits.MAX_WEIGHT  # cgroup v2 cpu.weight and io.weight: 1-10000, 100 the default
+MAX_HOST_CPU = limits.MAX_HOST_CPU  # a host CPU index (NR_CPUS on x86_64 distributions is at most 8192)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_IFACE_ID = re.compile(r"^[a-z0-9]{1,8}$")
+_IFACE_ID = re.compile(rf"^[a-z0-9]{{1,{limits.INTERFACE_ID_MAX}}}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _STORE_NAME = re.compile(r"^([0-9a-df-np-sv-z]{32})-(.+)$")
 
 
-def is_dns_label(name: str, max_len: int = 63) -> bool:
+def is_dns_label(name: str, max_len: int = limits.DNS_LABEL_MAX) -> bool:
     return len(name) <= max_len and bool(_DNS_LABEL.match(name))
 
 
@@ -59,125 +64,15 @@ def store_hash(path: Path) -> str:
     return m.group(1) if m else ""
 
 
-class _Reader:
-    """Typed access to one JSON object with errors that name the file and the dotted field."""
-
-    def __init__(self, source: str, data: Any, prefix: str = "") -> None:
-        self.source = source
-        self.prefix = prefix
-        if not isinstance(data, dict):
-            raise ValidationError(source, prefix, f"expected an object, found {type(data).__name__}")
-        self.data: dict[str, Any] = data
-
-    def path(self, key: str | int) -> str:
-        if isinstance(key, int):
-            return f"{self.prefix}[{key}]"
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def fail(self, key: str, problem: str) -> ValidationError:
-        return ValidationError(self.source, self.path(key), problem)
-
-    def _get(self, key: str, kind: type | tuple[type, ...], default: Any, required: bool) -> Any:
-        if key not in self.data:
-            if required:
-                raise self.fail(key, "missing")
-            return default
-        value = self.data[key]
-        if isinstance(value, bool):
-            raise self.fail(key, "expected a number or string, found a boolean")
-        if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise self.fail(key, f"expected {names}, found {type(value).__name__}")
-        return value
-
-    def text(self, key: str, default: str | None = None, *, required: bool = True) -> str:
-        value: str = self._get(key, str, default, required and default is None)
-        return value
-
-    def boolean(self, key: str, *, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, found {type(value).__name__}")
-        return value
-
-    def opt_str(self, key: str) -> str | None:
-        value: str | None = self._get(key, str, None, False)
-        return value
-
-    def integer(
-        self, key: str, default: int | None = None, *, minimum: int | None = 1, maximum: int | None = None
-    ) -> int:
-        value: int = self._get(key, int, default, default is None)
-        if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be at least {minimum}, found {value}")
-        if maximum is not None and value > maximum:
-            raise self.fail(key, f"must be at most {maximum}, found {value}")
-        return value
-
-    def array(self, key: str, *, required: bool = False) -> list[Any]:
-        value: list[Any] = self._get(key, list, [], required)
-        return value
-
-    def obj(self, key: str, *, required: bool = False) -> _Reader:
-        return _Reader(self.source, self._get(key, dict, {}, required), self.path(key))
-
-    def items(self, key: str) -> list[_Reader]:
-        return [_Reader(self.source, v, f"{self.path(key)}[{i}]") for i, v in enumerate(self.array(key))]
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads keeps the last of two equal keys; a deployment naming one VM twice must be refused."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKeyError(key)
-        out[key] = value
-    return out
-
-
 def _load_json(path: Path) -> Any:
-    source = str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_INPUT_BYTES + 1)
+        return jsonread.read_file(path, MAX_INPUT_BYTES)
     except FileNotFoundError as exc:
-        raise ValidationError(source, "", "missing; is this a Procurator bundle/deployment?") from exc
-    except OSError as exc:
-        raise ValidationError(source, "", f"cannot read: {exc.strerror}") from exc
-    except ValueError as exc:  # a NUL byte in the path
-        raise ValidationError(source[:200], "", f"not a path that can be opened: {exc}") from exc
-    if len(data) > MAX_INPUT_BYTES:
-        raise ValidationError(source, "", f"larger than {MAX_INPUT_BYTES} bytes; not a file Nix wrote")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValidationError(source, "", f"not UTF-8 (byte {exc.start})") from exc
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKeyError as exc:
-        raise ValidationError(source, exc.key, "appears twice; every name must be unique") from exc
-    except json.JSONDecodeError as exc:
-        raise ValidationError(
-            source, "", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from exc
-    except RecursionError as exc:
-        raise ValidationError(source, "", "nested too deeply to be a bundle or deployment") from exc
-    except ValueError as exc:  # an integer literal longer than Python converts (sys.int_info)
-        raise ValidationError(source, "", f"not readable JSON: {exc}") from exc
+        raise ValidationError(str(path), "", "missing; is this a Procurator bundle/deployment?") from exc
 
 
-def _check_schema(r: _Reader) -> None:
-    version = r.integer("schema", minimum=None)
-    if version != SCHEMA_VERSION:
-        raise r.fail(
-            "schema", f"unknown schema version {version}; this procurator reads {SCHEMA_VERSION} (upgrade it)"
-        )
+def _versioned(source: str, data: Any, what: str) -> Reader:
+    return Reader.versioned(source, data, SCHEMA_VERSION, what=what, fix="upgrade it")
 
 
 class RestartPolicy(StrEnum):
@@ -236,7 +131,7 @@ class Resources:
         return guest_bytes + overhead_mib * MIB
 
     @classmethod
-    def parse(cls, r: _Reader) -> Resources:
+    def parse(cls, r: Reader) -> Resources:
         def optional(key: str, maximum: int) -> int | None:
             return None if r.data.get(key) is None else r.integer(key, maximum=maximum)
 
@@ -271,7 +166,7 @@ class Replace:
     drain_seconds: int = 5
 
     @classmethod
-    def parse(cls, r: _Reader) -> Replace:
+    def parse(cls, r: Reader) -> Replace:
         try:
             strategy = ReplaceStrategy(r.text("strategy", "recreate"))
         except ValueError as exc:
@@ -294,8 +189,7 @@ class VmMeta:
 
     @classmethod
     def parse(cls, source: str, data: Any) -> VmMeta:
-        r = _Reader(source, data)
-        _check_schema(r)
+        r = _versioned(source, data, "a bundle's procurator.json")
         name = r.text("name")
         if not is_dns_label(name, VM_NAME_MAX):
             raise r.fail(
@@ -303,9 +197,11 @@ class VmMeta:
             )
         interfaces = []
         for item in r.items("interfaces"):
-            iface = Interface(item.text("id"), item.opt_str("mac"))
+            iface = Interface(item.text("id"), item.opt_text("mac"))
             if not _IFACE_ID.match(iface.id):
-                raise item.fail("id", f"{iface.id!r} must be 1-8 characters of a-z and 0-9")
+                raise item.fail(
+                    "id", f"{iface.id!r} must be 1-{limits.INTERFACE_ID_MAX} characters of a-z and 0-9"
+                )
             if iface.mac is not None and not _MAC.match(iface.mac):
                 raise item.fail("mac", f"{iface.mac!r} is not a lower-case MAC like 02:00:00:00:00:01")
             interfaces.append(iface)
@@ -320,8 +216,13 @@ class VmMeta:
                 fs_type=item.text("fsType", "ext4"),
                 mount_point=item.text("mountPoint", ""),
             )
-            if not is_dns_label(vol.name):
-                raise item.fail("name", f"{vol.name!r} is not a DNS label")
+            label_max = limits.volume_name_max(vol.fs_type)
+            if not is_dns_label(vol.name, label_max):
+                raise item.fail(
+                    "name",
+                    f"{vol.name!r} is not a DNS label of at most {label_max} characters (it is the "
+                    f"{vol.fs_type} label VM {name!r} mounts it by); rename the volume",
+                )
             if vol.fs_type not in {"ext4", "ext2", "ext3", "xfs", "btrfs"}:
                 raise item.fail("fsType", f"unsupported filesystem {vol.fs_type!r} (use ext4)")
             volumes.append(vol)
@@ -368,7 +269,7 @@ class VmMeta:
         )
 
 
-def _replace(r: _Reader, volumes: list[Volume], interfaces: list[Interface]) -> Replace:
+def _replace(r: Reader, volumes: list[Volume], interfaces: list[Interface]) -> Replace:
     """`replace`, refused as mkSpec refuses it: blue-green runs two generations at once."""
     found = Replace.parse(r.obj("replace"))
     if found.strategy is ReplaceStrategy.BLUE_GREEN and volumes:
@@ -385,10 +286,10 @@ def _replace(r: _Reader, volumes: list[Volume], interfaces: list[Interface]) -> 
 
 def _check_vm_config(source: str, data: Any, meta: VmMeta) -> dict[str, Any]:
     """The checks on vm-config.json that Procurator relies on (the spec itself is checked in the tests)."""
-    r = _Reader(source, data)
+    r = Reader(source, data)
     payload = r.obj("payload", required=True)
     for key in ("kernel", "initramfs"):
-        value = payload.opt_str(key)
+        value = payload.opt_text(key)
         if value is not None and not Path(value).is_absolute():
             raise payload.fail(key, f"{value!r} must be an absolute store path")
     payload.text("kernel")
@@ -431,7 +332,7 @@ def _check_vm_config(source: str, data: Any, meta: VmMeta) -> dict[str, Any]:
     return r.data
 
 
-def _device_id(item: _Reader) -> str:
+def _device_id(item: Reader) -> str:
     value = item.text("id")
     if value.startswith("__"):  # reserved for cloud-hypervisor's own devices (InvalidIdentifier)
         raise item.fail("id", f"{value!r} must not start with '__'")
@@ -480,7 +381,9 @@ class Bundle:
 
     path: Path
     meta: VmMeta
-    vm_config: dict[str, Any]  # the VmConfig as built; never mutated (copy before filling host fields)
+    # The VmConfig as built, checked by _check_vm_config; the one raw JSON past this module (see above).
+    # Never mutated: copy it before filling in host fields (runtime.py).
+    vm_config: dict[str, Any]
 
     @property
     def name(self) -> str:
@@ -554,8 +457,7 @@ class Deployment:
     @classmethod
     def load(cls, path: Path) -> Deployment:
         source = path / "deployment.json"
-        r = _Reader(str(source), _load_json(source))
-        _check_schema(r)
+        r = _versioned(str(source), _load_json(source), "a deployment.json")
         host = r.text("host")
         if not is_dns_label(host):
             raise r.fail("host", f"{host!r} is not a DNS label")
@@ -563,7 +465,7 @@ class Deployment:
         vms: dict[str, Path] = {}
         for name in vms_r.data:
             if not is_dns_label(name, VM_NAME_MAX):
-                raise vms_r.fail(name, "VM names must be DNS labels of at most 20 characters")
+                raise vms_r.fail(name, f"VM names must be DNS labels of at most {VM_NAME_MAX} characters")
             target = vms_r.text(name)
             if not target.startswith("/") or "\0" in target or len(target) > 4096:
                 raise vms_r.fail(name, f"{target[:80]!r} is not an absolute store path of a bundle")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
@@ -528,6 +529,27 @@ def attach_vm(
                     log.warning("rolling back TAPs of %s failed: %s", vm, cleanup)
             raise
         return out
+
+
+def open_taps(cfg: NetworkConfig, queues: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Descriptors of each TAP named in `queues` (name -> queue count), for a hypervisor that is handed its
+    TAPs (docs/architecture.md, "Users"); all or nothing. The caller closes them once they are passed on."""
+    opened: dict[str, tuple[int, ...]] = {}
+    try:
+        with session(cfg.netns) as nl:
+            for name, count in queues.items():
+                opened[name] = tuple(nl.open_tap(name, count))
+    except BaseException:
+        close_fds(opened)
+        raise
+    return opened
+
+
+def close_fds(opened: Mapping[str, Sequence[int]]) -> None:
+    for fds in opened.values():
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def detach_vm(

@@ -1,9 +1,11 @@
 """The only place Procurator runs subprocesses, and watches processes end.
 
-`run` executes a command to completion with a bounded timeout and returns its output; `spawn` starts a
-long-lived process (a hypervisor) in its own session. Both log the argv at debug level and translate
-OSError and non-zero exits into `ProcessError`. `alive` and `process_start_time` read /proc/PID/stat;
-`PidWatch` tells which of many processes exited (one poll over their pidfds), `ExitWatch` waits for one.
+`run` executes a command to completion with a bounded timeout and returns its output, here or, with
+`remote=SshRemote(...)`, on another host over ssh (the only place an ssh command line is made);
+`spawn` starts a long-lived process (a hypervisor) in its own session. Both log the argv at debug
+level and translate OSError and non-zero exits into `ProcessError`. `alive` and `process_start_time`
+read /proc/PID/stat; `PidWatch` tells which of many processes exited (one poll over their pidfds),
+`ExitWatch` waits for one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import pwd
 import select
+import shlex
 import signal
 import subprocess
 import time
@@ -38,6 +41,32 @@ class Completed:
     stderr: str
 
 
+@dataclass(frozen=True)
+class SshRemote:
+    """A host that `run(argv, remote=...)` reaches with the system's ssh:
+
+        ssh -n OPTIONS -- TARGET 'shlex.join(argv)'
+
+    ssh hands the host's shell one command line; `argv` is quoted into it word by word, so every
+    argument arrives as it was given (spaces, quotes, `$` and all). `-n`: ssh never reads our stdin.
+    With `own_session`, ssh runs in a session of its own (`setsid --wait`): the terminal's Ctrl-C does
+    not reach it, so what it runs on the host is not cut off halfway.
+    """
+
+    target: str  # [user@]host; never starts with "-" (HostSpec checks)
+    options: tuple[str, ...] = ()
+    own_session: bool = False
+
+    def argv(self, remote_argv: Sequence[str]) -> tuple[str, ...]:
+        """The local argv that runs `remote_argv` on the host."""
+        ssh = ("ssh", "-n", *self.options, "--", self.target, shlex.join(str(a) for a in remote_argv))
+        return ("setsid", "--wait", *ssh) if self.own_session else ssh
+
+    def control_argv(self, operation: str) -> tuple[str, ...]:
+        """`ssh -O OPERATION`: talk to the shared connection's master (ControlPath), not the host."""
+        return ("ssh", *self.options, "-O", operation, "--", self.target)
+
+
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -51,9 +80,15 @@ def run(
     timeout: float = DEFAULT_TIMEOUT,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    remote: SshRemote | None = None,
 ) -> Completed:
-    """Run `argv` to completion (at most `timeout` seconds); raise ProcessError on failure if `check`."""
-    args = tuple(str(a) for a in argv)
+    """Run `argv` to completion (at most `timeout` seconds); raise ProcessError on failure if `check`.
+
+    With `remote`, `argv` runs on that host over ssh (`SshRemote`) and `Completed.argv` is ssh's;
+    `env` and `cwd` are still those of the local process (ssh). A non-zero exit is the remote
+    command's, or 255 when ssh itself failed.
+    """
+    args = tuple(str(a) for a in argv) if remote is None else remote.argv(argv)
     log.debug("run: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
@@ -70,7 +105,10 @@ def run(
     except FileNotFoundError as exc:
         raise ProcessError(f"{args[0]}: command not found; install it (make setup)", argv=args) from exc
     except subprocess.TimeoutExpired as exc:
-        raise WaitTimeoutError(f"`{' '.join(args[:3])}` to finish", timeout) from exc
+        what = " ".join(args[:3])
+        if remote is not None:
+            what = f"ssh {remote.target} {shlex.join(str(a) for a in argv[:2])}"
+        raise WaitTimeoutError(f"`{what}` to finish", timeout) from exc
     except OSError as exc:
         raise ProcessError(f"{args[0]}: cannot run: {exc.strerror}", argv=args) from exc
     done = Completed(args, proc.returncode, proc.stdout, proc.stderr)
@@ -93,18 +131,28 @@ def spawn(
     user: str | None = None,
     netns: str | None = None,
     join: Callable[[int], None] | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    groups: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived process in its own session (it survives our exit and our signals).
 
     With `netns`, the process runs inside that named network namespace (`ip netns exec` execs in
     place, so the pid is the process's own). `join` is called with the child's pid as soon as it is
     started (it puts the hypervisor into its VM's cgroup before its guest runs); when it fails, the
-    child is killed and reaped and the error raised.
+    child is killed and reaped and the error raised. `uid` (with `gid` and the supplementary `groups`,
+    none other) runs it as a uid that need not have a passwd entry (a VM's own, procurator/vmusers.py);
+    it excludes `user`.
     """
     args = tuple(str(a) for a in argv)
     group: int | None = None
     extra_groups: list[int] | None = None
-    if user is not None:
+    ids: int | str | None = user
+    if uid is not None:
+        if user is not None:
+            raise ValueError("spawn: give `user` or `uid`, not both")
+        ids, group, extra_groups = uid, uid if gid is None else gid, list(groups)
+    elif user is not None:
         try:
             entry = pwd.getpwnam(user)
         except KeyError as exc:
@@ -114,12 +162,19 @@ def spawn(
         group = entry.pw_gid
         extra_groups = os.getgrouplist(user, entry.pw_gid)
     if netns is not None:
-        if user is not None:
+        if ids is not None:
             # Entering a namespace needs privileges the user lacks: enter first, then drop them. Both
             # steps exec in place, so the pid is still the hypervisor's own.
-            drop = ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--"]
+            supplementary = (
+                ["--init-groups"]
+                if uid is None
+                else [f"--groups={','.join(map(str, extra_groups))}"]
+                if extra_groups
+                else ["--clear-groups"]
+            )
+            drop = ["setpriv", f"--reuid={ids}", f"--regid={group}", *supplementary, "--"]
             args = (*drop, *args)
-            user, group, extra_groups = None, None, None
+            ids, group, extra_groups = None, None, None
         args = ("ip", "netns", "exec", netns, *args)
     log.debug("spawn: %s", " ".join(args))
     full_env = None if env is None else {**os.environ, **env}
@@ -133,7 +188,7 @@ def spawn(
             env=full_env,
             cwd=cwd,
             start_new_session=True,
-            user=user,
+            user=ids,
             group=group,
             extra_groups=extra_groups,
         )

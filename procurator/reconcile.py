@@ -45,21 +45,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from procurator import history, lifecycle, process
+from procurator import history, jsonread, lifecycle, process
 from procurator.errors import NotFoundError, ProcuratorError, StateError, UsageError, ValidationError
+from procurator.jsonread import Reader
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
-from procurator.models import Bundle, Deployment, ReplaceStrategy, store_hash
+from procurator.models import MAX_INPUT_BYTES, Bundle, Deployment, ReplaceStrategy, store_hash
 from procurator.state import LOCK_TIMEOUT, VmRecord, parse_record
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FILES = ("vm-config.json", "procurator.json")
 SHORT = 12  # characters of a store hash shown to people
-
-
-E = TypeVar("E", bound=StrEnum)
 
 
 class ActionKind(StrEnum):
@@ -113,7 +111,7 @@ class Action:
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str) -> Action:
-        r = _Wire(source, data, where)
+        r = Reader(source, data, where)
         return cls(
             kind=r.enum("kind", ActionKind),
             name=r.text("name"),
@@ -128,62 +126,15 @@ class Action:
 WIRE_SCHEMA = 1  # of the plan, apply/rollback and history documents that cross processes and hosts
 
 
-class _Wire:
-    """Typed reads of one JSON object another process or host sent; a wrong one names source and field."""
-
-    def __init__(self, source: str, data: Any, where: str = "") -> None:
-        if not isinstance(data, dict):
-            raise ValidationError(source, where, f"expected an object, found {type(data).__name__}")
-        self.source, self.data, self.where = source, data, where
-
-    def fail(self, key: str, problem: str) -> ValidationError:
-        return ValidationError(self.source, f"{self.where}.{key}" if self.where else key, problem)
-
-    def get(self, key: str, kinds: type | tuple[type, ...], what: str) -> Any:
-        value = self.data.get(key)
-        if key not in self.data or isinstance(value, bool) != (kinds is bool) or not isinstance(value, kinds):
-            raise self.fail(key, f"expected {what}, found {json.dumps(value)[:40]}")
-        return value
-
-    def text(self, key: str) -> str:
-        value: str = self.get(key, str, "a string")
-        return value
-
-    def opt_text(self, key: str) -> str | None:
-        return None if self.data.get(key) is None else self.text(key)
-
-    def number(self, key: str) -> float:
-        return float(self.get(key, (int, float), "a number"))
-
-    def flag(self, key: str) -> bool:
-        value: bool = self.get(key, bool, "true or false")
-        return value
-
-    def opt_int(self, key: str) -> int | None:
-        if self.data.get(key) is None:
-            return None
-        value: int = self.get(key, int, "a whole number")
-        return value
-
-    def items(self, key: str) -> list[Any]:
-        value: list[Any] = self.get(key, list, "a list")
-        return value
-
-    def enum(self, key: str, kind: type[E]) -> E:
-        value = self.text(key)
-        try:
-            return kind(value)
-        except ValueError as exc:
-            raise self.fail(key, f"{value!r} is not one of {', '.join(k.value for k in kind)}") from exc
-
-    def schema(self) -> None:
-        version = self.data.get("schema")
-        if version != WIRE_SCHEMA:
-            raise self.fail(
-                "schema",
-                f"{version!r}, not {WIRE_SCHEMA}: the other side runs another procurator release; "
-                "install the same release on both",
-            )
+def _wire(source: str, data: Any) -> Reader:
+    """A reader of a wire document another process or host sent: of WIRE_SCHEMA, or refused."""
+    return Reader.versioned(
+        source,
+        data,
+        WIRE_SCHEMA,
+        what="a procurator document",
+        fix="the other side runs another procurator release; install the same release on both",
+    )
 
 
 @dataclass(frozen=True)
@@ -227,10 +178,10 @@ class PlanReport:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "plan --json") -> PlanReport:
-        r = _Wire(source, data)
-        r.schema()
+        r = _wire(source, data)
         actions = tuple(
-            Action.from_json(a, source, f"actions[{i}]") for i, a in enumerate(r.items("actions"))
+            Action.from_json(a, source, f"actions[{i}]")
+            for i, a in enumerate(r.array("actions", required=True))
         )
         return cls(r.text("deployment"), r.text("generation"), Plan(actions))
 
@@ -340,11 +291,9 @@ def read_bundle_files(path: str) -> dict[str, Any]:
     for fname in BUNDLE_FILES:
         source = Path(path) / fname
         try:
-            out[fname] = json.loads(source.read_text())
+            out[fname] = jsonread.read_file(source, MAX_INPUT_BYTES)
         except FileNotFoundError as exc:
             raise NotFoundError(f"{source} is not in the store any more") from exc
-        except (OSError, ValueError) as exc:
-            raise ValidationError(str(source), "", f"cannot read: {exc}") from exc
     return out
 
 
@@ -388,10 +337,10 @@ def _read_file(path: str) -> bytes:
 
 def _read_record(host: Host, path: str, name: str) -> VmRecord | None:
     try:
-        return parse_record(path, json.loads(_read_file(path)), name)
+        return parse_record(path, jsonread.parse_text(path, _read_file(path)), name)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RecursionError):  # the slow reader says what is wrong
+    except (OSError, ValidationError):  # the slow reader says what is wrong
         return host.state.load_record(name)
 
 
@@ -467,13 +416,13 @@ class ActionResult:
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str) -> ActionResult:
-        r = _Wire(source, data, where)
+        r = Reader(source, data, where)
         return cls(
             action=Action.from_json(data, source, where),
             outcome=r.enum("outcome", Outcome),
             error=r.opt_text("error") or "",
             seconds=r.number("seconds"),
-            switch=None if data.get("switch") is None else r.get("switch", dict, "an object"),
+            switch=None if r.data.get("switch") is None else r.obj("switch").data,
         )
 
 
@@ -512,19 +461,19 @@ class ApplyResult:
     @classmethod
     def from_json(cls, data: Any, source: str = "apply --json") -> ApplyResult:
         """The inverse of `to_json`, for a result another process (the worker, a remote host) sent."""
-        r = _Wire(source, data)
-        r.schema()
+        r = _wire(source, data)
         actions = tuple(
-            ActionResult.from_json(a, source, f"actions[{i}]") for i, a in enumerate(r.items("actions"))
+            ActionResult.from_json(a, source, f"actions[{i}]")
+            for i, a in enumerate(r.array("actions", required=True))
         )
         result = cls(
             deployment=r.text("deployment"),
             actions=actions,
             duration=r.number("duration"),
-            history=r.opt_int("history"),
+            history=r.opt_integer("history", minimum=0),
             error=r.opt_text("error") or "",
         )
-        if r.flag("failed") != result.failed or r.flag("changed") != result.changed:
+        if r.boolean("failed") != result.failed or r.boolean("changed") != result.changed:
             raise r.fail("failed", "does not agree with the actions' outcomes")
         return result
 

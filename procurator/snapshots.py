@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from procurator.errors import DamagedStateError, NotFoundError, StateError, ValidationError
+from procurator.jsonread import Reader
 from procurator.state import StateDir, atomic_write_json, read_json, write_problem
 
 SNAPSHOT_SCHEMA = 1
+_META_FIELDS = ("vm", "bundle", "generation", "backend", "created", "size", "paused", "ip")
 META = "snapshot.json"
 DATA = "data"
 CONFIG = "vm-config.json"  # the runtime VmConfig the snapshotted VM ran with, in DATA
@@ -47,36 +49,22 @@ class SnapshotMeta:
 
     @classmethod
     def parse(cls, source: str, data: Any) -> SnapshotMeta:
-        if not isinstance(data, dict) or data.get("schema") != SNAPSHOT_SCHEMA:
-            raise ValidationError(source, "schema", f"expected a snapshot meta of schema {SNAPSHOT_SCHEMA}")
-        kinds: dict[str, tuple[type, ...]] = {
-            "vm": (str,),
-            "bundle": (str,),
-            "generation": (str,),
-            "backend": (str,),
-            "created": (int, float),
-            "size": (int,),
-            "paused": (bool,),
-            "ip": (str,),
+        r = Reader.versioned(source, data, SNAPSHOT_SCHEMA, what="a snapshot meta")
+        r.only([*_META_FIELDS, "schema"], what="field of a snapshot meta", listed=_META_FIELDS)
+        missing = [key for key in _META_FIELDS if key != "ip" and not r.has(key)]
+        if missing:
+            raise r.fail(missing[0], "missing from the snapshot meta")
+        fields: dict[str, Any] = {
+            "vm": r.text("vm", nonempty=True, what="a non-empty string"),
+            "bundle": r.text("bundle", nonempty=True, what="a non-empty string"),
+            "generation": r.text("generation", nonempty=True, what="a non-empty string"),
+            "backend": r.text("backend", nonempty=True, what="a non-empty string"),
+            "created": r.number("created", what="seconds since the epoch"),
+            "size": r.integer("size", minimum=0, what="a size in bytes from 0"),
+            "paused": r.boolean("paused"),
         }
-        for key in data:
-            if key != "schema" and key not in kinds:
-                raise ValidationError(source, key, "unknown field of a snapshot meta")
-        fields: dict[str, Any] = {}
-        for key, kind in kinds.items():
-            if key == "ip" and key not in data:
-                continue
-            if key not in data:
-                raise ValidationError(source, key, "missing from the snapshot meta")
-            value = data[key]
-            wrong_bool = isinstance(value, bool) and bool not in kind
-            if not isinstance(value, kind) or wrong_bool or (kind == (str,) and not value and key != "ip"):
-                raise ValidationError(
-                    source, key, f"{value!r} is not a {' or '.join(k.__name__ for k in kind)}"
-                )
-            if isinstance(value, int | float) and value < 0:
-                raise ValidationError(source, key, f"{value!r} is negative")
-            fields[key] = float(value) if key == "created" and isinstance(value, int | float) else value
+        if r.has("ip"):
+            fields["ip"] = r.text("ip")
         return cls(**fields)
 
 
@@ -128,7 +116,8 @@ def read(path: Path) -> Snapshot:
     try:
         meta = SnapshotMeta.parse(str(meta_path), data)
     except ValidationError as exc:
-        raise DamagedStateError(meta_path, exc.message, fix) from exc
+        problem = f"{exc.field}: {exc.problem}" if exc.field else exc.problem
+        raise DamagedStateError(meta_path, problem, fix) from exc
     if not (path / DATA).is_dir():
         raise DamagedStateError(path / DATA, "missing: the snapshot's data is gone", fix)
     return Snapshot(path, meta)

@@ -18,13 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from procurator import waits
+from procurator import jsonread, waits
 from procurator.config import DEFAULT_STATE_DIR as DEFAULT_STATE_DIR  # noqa: PLC0414 - re-exported
 from procurator.errors import DamagedStateError, LockBusyError, StateError, ValidationError
 from procurator.hypervisor.base import Handle
+from procurator.jsonread import Reader
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +92,20 @@ def read_json(path: Path, *, fix: str = _MOVE_ASIDE) -> Any:
     """Read a state file. A missing one is FileNotFoundError; one that is there but is no JSON (torn,
     not UTF-8, nested too deep, a directory, too large) is a DamagedStateError naming it and `fix`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATE_FILE + 1)
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError as exc:
-        raise DamagedStateError(path, "a directory, not a file", fix) from exc
-    except OSError as exc:
-        raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) > MAX_STATE_FILE:
-        raise DamagedStateError(path, f"larger than {MAX_STATE_FILE} bytes", fix)
-    try:
-        return json.loads(data)
-    except UnicodeDecodeError as exc:
-        raise DamagedStateError(path, f"not UTF-8 (byte {exc.start})", fix) from exc
-    except json.JSONDecodeError as exc:
-        raise DamagedStateError(
-            path, f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", fix
-        ) from exc
-    except (ValueError, RecursionError) as exc:  # an integer of >4300 digits, nesting past the stack
-        raise DamagedStateError(path, f"not JSON that can be read ({type(exc).__name__})", fix) from exc
+        return jsonread.read_file(path, MAX_STATE_FILE)
+    except ValidationError as exc:
+        if isinstance(exc.__cause__, OSError) and not isinstance(exc.__cause__, IsADirectoryError):
+            raise StateError(exc.message) from exc  # unreadable (permissions, I/O), not damaged
+        problem = f"{exc.field}: {exc.problem}" if exc.field else exc.problem
+        raise DamagedStateError(path, problem, fix) from exc
+
+
+class Desired(StrEnum):
+    """What the VM's record asks for (a StrEnum: it compares equal to, and is written as, its value)."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"  # `procurator stop`
+    FAILED = "failed"  # the worker gave up restarting it (a crash loop); `procurator start` boots it again
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ class VmRecord:
     started_at: float = 0.0
     restarts: int = 0
     shutdown_timeout: float = 30.0
-    desired: str = "running"  # running | stopped | failed (the worker gave up: a crash loop)
+    desired: Desired = Desired.RUNNING
     last_exit: str = ""
     paused: bool = False  # the guest is paused (`procurator pause`); its process runs
     # Blue-green (docs/architecture.md): the generation runs as `<name>@<slot>` (its directory, TAPs,
@@ -148,6 +144,14 @@ class VmRecord:
     # The id of the snapshot a host shutdown took (restart.fromSnapshot): the next start restores it, as
     # long as the VM did not run since (any boot or other restore clears it). "" for none.
     resume_from: str = ""
+    # The uid (and gid) its hypervisor runs as, from the worker configuration's `vmUsers` (None: none of its
+    # own). Kept while the VM is recorded, so a restart or an adopting worker keeps the same one.
+    uid: int | None = None
+
+    def __post_init__(self) -> None:
+        given: Any = self.desired  # with_(desired="stopped") passes the value
+        if not isinstance(given, Desired):
+            object.__setattr__(self, "desired", Desired(given))  # a wrong value is a ValueError
 
     @property
     def handle(self) -> Handle:
@@ -158,6 +162,8 @@ class VmRecord:
         data["taps"] = list(self.taps)
         if not self.resume_from:  # only when set: records without it stay readable by older releases
             del data["resume_from"]
+        if self.uid is None:
+            del data["uid"]
         data["schema"] = RECORD_SCHEMA
         return data
 
@@ -168,34 +174,21 @@ class VmRecord:
         `directory` is the name of the VM directory it was read from: the record's `name` must be it (a
         record is found by its directory, and a name that says otherwise is damage, never a rename).
         """
-        if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
-            raise ValidationError(source, "schema", f"expected a VM record of schema {RECORD_SCHEMA}")
-        fields: dict[str, Any] = {}
-        for key, value in data.items():
-            if key == "schema":
-                continue
-            kind = _RECORD_FIELDS.get(key)
-            if kind is None:
-                raise ValidationError(source, key, "unknown field of a VM record")
-            fields[key] = _checked(source, key, kind, value)
-        missing = [k for k in _RECORD_REQUIRED if k not in fields]
+        r = Reader.versioned(source, data, RECORD_SCHEMA, what="a VM record")
+        r.only([*_RECORD_FIELDS, "schema"], what="field of a VM record", listed=_RECORD_FIELDS)
+        missing = [k for k in _RECORD_REQUIRED if not r.has(k)]
         if missing:
-            raise ValidationError(source, missing[0], "missing from the VM record")
-        if fields.get("desired", "running") not in RECORD_DESIRED:
-            raise ValidationError(
-                source, "desired", f"{fields['desired']!r} is not one of {', '.join(RECORD_DESIRED)}"
-            )
+            raise r.fail(missing[0], "missing from the VM record")
+        fields = {key: _FIELD_READERS[_RECORD_FIELDS[key]](r, key) for key in r.data if key != "schema"}
         if directory is not None and fields["name"] != directory:
-            raise ValidationError(
-                source, "name", f"{fields['name']!r} is not the name of its directory {directory!r}"
-            )
+            raise r.fail("name", f"{fields['name']!r} is not the name of its directory {directory!r}")
         return cls(**fields)
 
     def with_(self, **changes: Any) -> VmRecord:
         return replace(self, **changes)
 
 
-RECORD_DESIRED = ("running", "stopped", "failed")
+RECORD_DESIRED = tuple(d.value for d in Desired)
 SLOT_MARK = "@"  # never in a VM name (a DNS label): `web@b` cannot be another VM
 
 
@@ -220,45 +213,28 @@ _RECORD_FIELDS: dict[str, str] = {
     "started_at": "seconds",
     "restarts": "count",
     "shutdown_timeout": "seconds",
-    "desired": "str",
+    "desired": "desired",
     "last_exit": "str",
     "paused": "bool",
     "slot": "str",
     "service_ip": "str",
     "resume_from": "str",
+    "uid": "count",
 }
 _RECORD_REQUIRED = ("name", "bundle", "generation", "backend", "pid", "start_time", "api_socket", "vm_dir")
 _MAX_COUNT = 2**63 - 1
 
 
-def _checked(source: str, key: str, kind: str, value: Any) -> Any:
-    """`value` of record field `key` if it has the field's kind (see _RECORD_FIELDS); else refused."""
-    if kind == "str" or (kind == "str?" and value is not None):
-        if isinstance(value, str):
-            return value
-        raise ValidationError(source, key, f"expected a string, not {_shown(value)}")
-    if kind == "str?":
-        return None
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValidationError(source, key, f"expected true or false, not {_shown(value)}")
-    if kind == "strs":
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ValidationError(source, key, f"expected a list of strings, not {_shown(value)}")
-    if kind == "count":
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
-            return value
-        raise ValidationError(source, key, f"expected a whole number from 0, not {_shown(value)}")
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf"):
-        return float(value)
-    raise ValidationError(source, key, f"expected a number of seconds from 0, not {_shown(value)}")
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
+# How each kind of _RECORD_FIELDS is read (a value of another kind is refused, naming the field).
+_FIELD_READERS: dict[str, Callable[[Reader, str], Any]] = {
+    "str": Reader.text,
+    "str?": Reader.opt_text,
+    "bool": Reader.boolean,
+    "strs": Reader.strings,
+    "count": lambda r, key: r.integer(key, minimum=0, maximum=_MAX_COUNT, what="a whole number from 0"),
+    "seconds": lambda r, key: r.number(key, minimum=0, what="a number of seconds from 0"),
+    "desired": lambda r, key: r.enum(key, Desired),
+}
 
 
 class _Holders:
@@ -269,6 +245,7 @@ class _Holders:
         self.guard = threading.Lock()  # protects `threads`
         self.threads: set[int] = set()
         self.interrupted = False  # the last holder died holding the lock (valid while it is held)
+        self.epoch = 0  # counts this process's acquisitions: what was read under one holds until the next
 
     def holds(self) -> bool:
         with self.guard:
@@ -343,6 +320,7 @@ class StateDir:
             try:
                 self._flock(fd, deadline, timeout)
                 holders.interrupted = self._mark_held(fd)
+                holders.epoch += 1
                 with holders.guard:
                     holders.threads.add(threading.get_ident())
                 try:
@@ -437,6 +415,11 @@ class StateDir:
 
     def remove_vm_dir(self, name: str) -> None:
         shutil.rmtree(self.vm_dir(name), ignore_errors=True)
+
+    def lock_epoch(self) -> int | None:
+        """Which acquisition of the state lock this thread works under (no other process changes records
+        until it is released); None when it does not hold it."""
+        return self._holders.epoch if self._holders.holds() else None
 
     def scan(self) -> tuple[list[VmRecord], list[Damaged]]:
         """Every VM directory's record, and apart the VMs whose record is damaged (by name)."""

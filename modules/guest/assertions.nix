@@ -34,7 +34,7 @@ let
   quote = builtins.toJSON;
 
   volumes = attrValues cfg.volumes;
-  labelMax = fsType: if fsType == "xfs" then 12 else spec.volumeNameMaxLength;
+  labelMax = spec.labelMaxLength;
   # Where a volume may not go: the guest's own tree from the bundle and the tmpfs root.
   reserved = [
     "/"

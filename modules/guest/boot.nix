@@ -50,7 +50,9 @@ in
 
     # nix/lib's command line already names ttyS0 (the x86_64 serial port); aarch64's is a PL011.
     # boot.panic_on_fail: a stage 1 failure panics (and the kernel's panic=-1 reboots) instead of
-    # waiting for a key press on a console nobody watches.
+    # waiting for a key press on a console nobody watches. Both stage 1s read it: the scripted one,
+    # and systemd's (the default from NixOS 26.05), whose panic-on-fail.service in emergency.target
+    # runs on that kernel parameter (nixos/modules/system/boot/systemd/initrd.nix).
     boot.kernelParams = [ "boot.panic_on_fail" ] ++ optionals platform.isAarch64 [ "console=ttyAMA0" ];
     systemd.enableEmergencyMode = mkDefault false;
 

@@ -7,8 +7,9 @@
 #     initrd            -> the NixOS stage 1 initrd
 #     store.erofs       -> the read-only erofs image of the system closure, mounted on /nix/store
 #
-# The image names every store path of the system, so the bundle's closure holds the system closure
-# too: `nix copy` of a deployment carries all of it, and a host's store keeps it alive.
+# The image holds the system closure and refers to none of it (store-image.nix), and init= names the
+# toplevel without its string context, so the bundle's closure is the two JSON files, the kernel, the
+# initrd and the image: `nix copy` of a deployment carries each VM's system once, inside its image.
 {
   config,
   lib,

@@ -6,6 +6,15 @@
 # each host, at the cost of a slower build. nixpkgs' own erofs store image (qemu-vm.nix,
 # useNixStoreImage) is uncompressed, since it is made at every VM start.
 #
+# The image is the only copy of the closure it holds: its output carries no references
+# (unsafeDiscardReferences, with structured attributes), although Nix's reference scanner would find
+# every path's hash in it (erofs keeps directory entries and symlink targets uncompressed). The store
+# paths inside belong to the guest's /nix/store, not to the host's, so a bundle's closure is the image,
+# the kernel and the initrd, and `nix copy` sends the system once. nixpkgs does the same for its
+# self-contained images (nixos/modules/image/repart-image.nix), as does microvm.nix for its store disk
+# (nixos-modules/microvm/store-disk.nix). unsafeDiscardReferences is stable from Nix 2.18, the oldest
+# Nix that evaluates nixpkgs (lib/minfeatures.nix), so it needs no experimental feature.
+#
 # callPackage ./store-image.nix { } -> { name, rootPaths, label } -> derivation <name>.erofs
 {
   lib,
@@ -26,6 +35,8 @@ runCommand "${name}.erofs"
       gnutar
     ];
     closure = closureInfo { inherit rootPaths; };
+    __structuredAttrs = true;
+    unsafeDiscardReferences.out = true;
     passthru = { inherit label rootPaths; };
   }
   ''

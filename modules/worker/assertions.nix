@@ -29,8 +29,22 @@ let
   };
   quote = builtins.toJSON;
 
-  # Linux interface names, as procurator/net/names.py check_ifname: at most 15 characters.
-  isIfname = name: match "[A-Za-z0-9][A-Za-z0-9_.-]{0,14}" name != null;
+  # users whose fixed uid lies in vmUsers: a VM's hypervisor would run as them
+  usersInRange =
+    if cfg.vmUsers == null then
+      [ ]
+    else
+      lib.filter (u: u.uid != null && u.uid >= cfg.vmUsers.first && u.uid < cfg.vmUsers.first + cfg.vmUsers.count) (
+        lib.mapAttrsToList (name: u: {
+          inherit name;
+          uid = u.uid or null;
+        }) config.users.users
+      );
+
+  # Linux interface names, as procurator/net/names.py check_ifname: at most 15 characters (the limits
+  # table both read, procurator/limits.json).
+  ifnameMax = (import ../../nix/lib).limits.ifnameMaxLength;
+  isIfname = name: match "[A-Za-z0-9][A-Za-z0-9_.-]{0,${toString (ifnameMax - 1)}}" name != null;
 
   # IPv4 as Python's ipaddress reads it: four decimal octets without leading zeros -> an integer.
   parseIPv4 =
@@ -78,6 +92,10 @@ in
       [
         (check (match "/[^[:space:]]*[^/[:space:]]" cfg.stateDir != null) "services.procurator.stateDir must be an absolute path without spaces or a trailing /, got ${quote cfg.stateDir}")
         (check (cfg.user != "" && cfg.user != "root") "services.procurator.user must name an unprivileged user for the hypervisors, got ${quote cfg.user}")
+        (check (cfg.vmUsers == null || cfg.vmUsers.first + cfg.vmUsers.count - 1 <= 4294967294) "services.procurator.vmUsers: first (${toString cfg.vmUsers.first}) + count (${toString cfg.vmUsers.count}) runs past uid 4294967294; lower count or first")
+      ]
+      ++ map (u: check false "services.procurator.vmUsers ${toString cfg.vmUsers.first}-${toString (cfg.vmUsers.first + cfg.vmUsers.count - 1)} holds the uid ${toString u.uid} of users.users.${u.name}; move the range (vmUsers.first) or the user") usersInRange
+      ++ [
         (check config.nix.enable "the worker realises deployments and keeps them in a Nix profile through the Nix daemon; nix.enable must be true")
 
         # Hypervisor
@@ -86,7 +104,7 @@ in
         (check (cfg.hypervisor.backend == "qemu" || cfg.hypervisor.accel == "auto") "services.procurator.hypervisor.accel = ${quote cfg.hypervisor.accel} applies to the qemu backend only; cloud-hypervisor always uses KVM (leave accel = \"auto\")")
 
         # Network
-        (check (isIfname net.bridge) "services.procurator.network.bridge ${quote net.bridge} must be a Linux interface name: 1-15 characters of letters, digits, '_', '.', '-', starting with a letter or digit")
+        (check (isIfname net.bridge) "services.procurator.network.bridge ${quote net.bridge} must be a Linux interface name: 1-${toString ifnameMax} characters of letters, digits, '_', '.', '-', starting with a letter or digit")
         (check subnetValid "services.procurator.network.subnet ${quote net.subnet} must be an IPv4 network like \"10.100.0.0/16\": host bits zero, a prefix of /30 or shorter")
         (check (net.gateway == null || (gateway != null && (!subnetValid || isHostOfSubnet gateway))) "services.procurator.network.gateway ${quote net.gateway} must be a host address of ${net.subnet} (not its network or broadcast address), or null for its first")
         (check (net.uplink == null || (isIfname net.uplink && net.uplink != net.bridge)) "services.procurator.network.uplink ${quote net.uplink} must be the Linux interface name of the host's uplink, other than the bridge")

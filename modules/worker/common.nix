@@ -23,7 +23,17 @@ let
       "${cfg.hypervisor.package}/bin/cloud-hypervisor";
   settings = {
     schema = 1;
-    inherit (cfg) stateDir user healthTimeout serialLogMaxBytes;
+    inherit (cfg) stateDir healthTimeout serialLogMaxBytes;
+    # vmUsers (procurator/vmusers.py) excludes `user`: each hypervisor runs as a uid of its own
+    user = if cfg.vmUsers == null then cfg.user else null;
+    vmUsers =
+      if cfg.vmUsers == null then
+        null
+      else
+        {
+          inherit (cfg.vmUsers) first count;
+          extraGroups = [ "kvm" ];
+        };
     watchdog = { inherit (cfg.watchdog) enable interval timeout failures; };
     statusListen = cfg.status.listen;
     statusActions = cfg.status.actions;
@@ -97,9 +107,9 @@ let
   # The worker, and whatever stops its VMs, run as root with only these capabilities:
   #   CAP_NET_ADMIN     the bridge, the TAPs (TUNSETIFF, TUNSETOWNER for the VM user), bridge port
   #                     isolation, the nftables table (NAT and forwarding)
-  #   CAP_SETUID/SETGID start each hypervisor as `user`
+  #   CAP_SETUID/SETGID start each hypervisor as `user` (or as its VM's uid of `vmUsers`)
   #   CAP_CHOWN         hand the files a hypervisor writes (logs, events, serial output) and its
-  #                     volumes to `user`
+  #                     volumes to `user` (or its VM's uid, and take them back when the VM goes)
   #   CAP_KILL          signal hypervisors, which run as another user (stop, kill, liveness checks)
   #   CAP_DAC_OVERRIDE  open what the hypervisors own as `user`: QEMU creates its QMP socket itself,
   #                     and a restart touches log files already handed over; without it root is an

@@ -48,6 +48,39 @@ in
       '';
     };
 
+    vmUsers = mkOption {
+      type = types.nullOr (
+        types.submodule {
+          options = {
+            first = mkOption {
+              type = types.ints.between 1000 4294967294;
+              example = 400000;
+              description = "The range's first uid (and gid).";
+            };
+            count = mkOption {
+              type = types.ints.positive;
+              default = 1000;
+              description = "How many uids the range holds: at most this many VMs at once.";
+            };
+          };
+        }
+      );
+      default = null;
+      example = {
+        first = 400000;
+        count = 1000;
+      };
+      description = ''
+        Run each VM's hypervisor as a uid of its own from this range (its gid the same number, plus
+        the `kvm` group for /dev/kvm) instead of the shared `user`: one VMM broken into cannot reach
+        another VM's files, sockets or processes. No passwd entry is made: pick a range that no user,
+        subuid/subgid range or container uses (NixOS allocates system users below 1000, systemd's
+        dynamic users live at 61184-65519, systemd-nspawn's private users from 524288). Each VM's uid is
+        recorded with it and free again once the VM is removed; TAPs are passed to the hypervisor as
+        descriptors, so it needs no /dev/net/tun. null: every hypervisor runs as `user`.
+      '';
+    };
+
     hypervisor = {
       backend = mkOption {
         type = types.enum [

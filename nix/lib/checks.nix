@@ -16,14 +16,20 @@ let
     toJSON
     typeOf
     ;
+  # The limits on names and sizes, one table that procurator/models.py reads too (procurator/limits.py
+  # says why each value; procurator/limits.json is this file's copy in the Python package, and
+  # tests/unit/test_limits.py fails when the two differ): a name refused here at build is refused there
+  # at load, and the other way round. Beside this file, so nix/lib stays a library of its own.
+  limits = builtins.fromJSON (builtins.readFile ./limits.json);
 in
 rec {
-  # VM names become TAP names (at most 15 characters with a suffix) and hostnames.
-  vmNameMaxLength = 20;
-  # Interface ids end up in TAP names too.
-  interfaceIdPattern = "[a-z0-9]{1,8}";
+  inherit limits;
+  # VM names are the guests' host names and part of their TAPs' owner aliases.
+  vmNameMaxLength = limits.vmNameMaxLength;
+  # Interface ids end up in TAP aliases and device ids.
+  interfaceIdPattern = "[a-z0-9]{1,${toString limits.interfaceIdMaxLength}}";
   # Volume names are filesystem labels: ext2/3/4 allow 16 bytes, xfs 12.
-  volumeNameMaxLength = 16;
+  volumeNameMaxLength = limits.volumeNameMaxLength;
   volumeFsTypes = [
     "ext4"
     "ext2"
@@ -31,22 +37,24 @@ rec {
     "xfs"
     "btrfs"
   ];
-  labelMaxLength = fsType: if fsType == "xfs" then 12 else volumeNameMaxLength;
-  # Upper bounds, the same as procurator/models.py states (refused here at build, there at load):
+  labelMaxLength = fsType: if fsType == "xfs" then limits.xfsVolumeNameMaxLength else volumeNameMaxLength;
+  # Upper bounds (from the table above; refused here at build, by procurator/models.py at load):
   # vCPUs as every supported cloud-hypervisor parses them (u8 before v48; 254 on x86_64), guest memory
   # within half the default 46-bit guest physical space, a volume within ext4's largest file, and every
   # wait bounded.
-  maxVcpus = 254;
-  maxMemoryMiB = 33554432; # 32 TiB
-  maxVolumeMiB = 16777216; # 16 TiB
-  maxSeconds = 3600;
-  maxHealthRetries = 1000;
-  maxRestarts = 1000;
-  # resources: the VM's cgroup (procurator/cgroup.py) and its vCPUs' host CPUs (docs/bundle.md).
-  vmmOverheadMiB = 128; # the host's default memory limit is memoryMiB + this (models.VMM_OVERHEAD_MIB)
-  minMemoryMaxMiB = 16;
-  maxWeight = 10000; # cgroup v2 cpu.weight, io.weight
-  maxHostCpu = 4095;
+  inherit (limits)
+    maxVcpus
+    maxMemoryMiB # 32 TiB
+    maxVolumeMiB # 16 TiB
+    maxSeconds
+    maxHealthRetries
+    maxRestarts
+    # resources: the VM's cgroup (procurator/cgroup.py) and its vCPUs' host CPUs (docs/bundle.md).
+    vmmOverheadMiB # the host's default memory limit is memoryMiB + this (models.VMM_OVERHEAD_MIB)
+    minMemoryMaxMiB
+    maxWeight # cgroup v2 cpu.weight, io.weight
+    maxHostCpu
+    ;
   replaceStrategies = [
     "recreate"
     "blue-green"
@@ -74,7 +82,7 @@ rec {
   hasPrefix = prefix: s: substring 0 (stringLength prefix) s == prefix;
 
   # An RFC 1123 label: 1-63 lowercase letters, digits and '-', not starting or ending with '-'.
-  isDnsLabel = s: matches "[a-z0-9]([a-z0-9-]*[a-z0-9])?" s && stringLength s <= 63;
+  isDnsLabel = s: matches "[a-z0-9]([a-z0-9-]*[a-z0-9])?" s && stringLength s <= limits.dnsLabelMaxLength;
   isVmName = s: isDnsLabel s && stringLength s <= vmNameMaxLength;
   isInterfaceId = matches interfaceIdPattern;
   isVolumeName = s: isDnsLabel s && stringLength s <= volumeNameMaxLength;

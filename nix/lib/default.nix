@@ -42,5 +42,7 @@ in
     maxWeight
     maxHostCpu
     maxVcpus
+    labelMaxLength
+    limits
     ;
 }

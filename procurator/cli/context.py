@@ -1,9 +1,14 @@
-"""Build the core's Host from the global options, once per command; complete VM names."""
+"""Build the core's Host from the global options, once per command; find the worker that answers for
+it; complete VM names."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.shell_completion import CompletionItem
@@ -15,6 +20,12 @@ from procurator.hypervisor.registry import factory
 from procurator.lifecycle import Host
 from procurator.state import DEFAULT_STATE_DIR, StateDir
 
+if TYPE_CHECKING:
+    from procurator.worker.client import WorkerClient
+    from procurator.worker.commands import Commands
+
+log = logging.getLogger("procurator.cli")
+
 
 def host(ctx: click.Context) -> Host:
     config, state_dir = where(ctx)
@@ -23,6 +34,29 @@ def host(ctx: click.Context) -> Host:
         config=config,
         hypervisors=factory(config.hypervisor, serial_max_bytes=config.serial_log_max_bytes),
     )
+
+
+def worker(h: Host) -> WorkerClient | None:
+    """A client of the worker daemon on the configured API socket, if one answers (else the command runs
+    here)."""
+    from procurator.worker import client  # noqa: PLC0415 - httpx only when a worker may be asked
+
+    return client.connect(h.config.api_socket)
+
+
+@contextlib.contextmanager
+def vm_commands(h: Host, what: str) -> Iterator[Commands]:
+    """Where the VM commands run: through the worker when one answers (it supervises the VMs, so it does
+    what changes them, under its own lock), else in this process. Both print the same."""
+    from procurator.worker import commands  # noqa: PLC0415 - as `worker`
+
+    client = worker(h)
+    if client is None:
+        yield commands.Here(h)
+        return
+    log.info("%s through the worker on %s", what, h.config.api_socket)
+    with client:
+        yield commands.Routed(client, commands.Here(h), str(h.config.api_socket))
 
 
 def vm_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:

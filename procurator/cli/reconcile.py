@@ -7,21 +7,16 @@ or nothing could be done), 2 usage error. With `--exit-code`, a success that cha
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
 
 from procurator import history as deployment_history
 from procurator import reconcile
-from procurator.cli.context import host
+from procurator.cli.context import host, worker
 from procurator.cli.render import emit_json, emit_table, note
 from procurator.errors import ApplyError, UsageError
-from procurator.lifecycle import Host, WaitFor
+from procurator.lifecycle import WaitFor
 from procurator.models import Deployment
 from procurator.resolve import resolve
-
-if TYPE_CHECKING:
-    from procurator.worker.client import WorkerClient
 
 EXIT_CHANGED = 4
 
@@ -57,14 +52,6 @@ def _deployment(ref: str) -> Deployment:
     return resolved.deployment
 
 
-def _worker(h: Host) -> WorkerClient | None:
-    """A client of the worker daemon on the configured API socket, if one answers (else the command runs
-    here)."""
-    from procurator.worker import client as worker_client  # noqa: PLC0415 - httpx only when a worker may be asked
-
-    return worker_client.connect(h.config.api_socket)
-
-
 def _indent(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines())
 
@@ -78,7 +65,7 @@ def plan(ctx: click.Context, deployment: str, as_json: bool, exit_code: bool) ->
     """Show what `apply DEPLOYMENT` would do to each VM (and the bundle diff of each replacement)."""
     h = host(ctx)
     d = _deployment(deployment)
-    client = _worker(h)
+    client = worker(h)
     if client is None:
         report = reconcile.PlanReport.of(d, reconcile.make_plan(h, d))
     else:  # the worker owns the VMs: its view of them is the one an apply would act on
@@ -142,7 +129,7 @@ def apply(  # noqa: PLR0917 - click passes each option as a parameter
     """
     h = host(ctx)
     d = _deployment(deployment)
-    client = _worker(h)
+    client = worker(h)
     if client is None:
         result = reconcile.apply(h, d, parallel=parallel, wait=WaitFor(wait))
     else:
@@ -169,7 +156,7 @@ def rollback(  # noqa: PLR0917 - click passes each option as a parameter
 
     When a worker daemon answers on the configured API socket, the rollback runs in the worker."""
     h = host(ctx)
-    client = _worker(h)
+    client = worker(h)
     if client is None:
         result = reconcile.rollback(h, to=to, parallel=parallel, wait=WaitFor(wait))
     else:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from procurator import lifecycle, snapshots
-from procurator.cli.context import host, vm_names
+from procurator import snapshots
+from procurator.cli.context import host, vm_commands, vm_names
 from procurator.cli.render import emit_json, emit_table, note
 from procurator.lifecycle import WaitFor
+from procurator.worker.commands import Here, check_name
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -38,22 +39,24 @@ def _size(size: int) -> str:
 def snapshot(  # noqa: PLR0917 - click passes each option as a parameter
     ctx: click.Context, name: str, to: Path | None, keep: int | None, stay_paused: bool, as_json: bool
 ) -> None:
-    """Save a running VM's state (memory, devices): its guest is paused meanwhile, then resumed."""
-    result = lifecycle.snapshot(host(ctx), name, to=to, keep=keep, stay_paused=stay_paused)
+    """Save a running VM's state (memory, devices): its guest is paused meanwhile, then resumed.
+
+    When a worker daemon answers on the configured API socket, it takes the snapshot (into the state
+    directory; one written `--to` a directory of yours is taken here: the worker may not reach it)."""
+    h = host(ctx)
+    check_name(name)
+    if to is not None:
+        taken = Here(h).vm_snapshot(name, keep=keep, stay_paused=stay_paused, to=to)
+    else:
+        with vm_commands(h, "snapshot") as ops:
+            taken = ops.vm_snapshot(name, keep=keep, stay_paused=stay_paused)
     if as_json:
-        emit_json(
-            {
-                **result.snapshot.to_json(),
-                "guest_paused": result.paused,
-                "pruned": [s.id for s in result.pruned],
-            }
-        )
+        emit_json(taken.doc)
         return
-    taken = result.snapshot
-    note(f"{name}: snapshot {taken.id} ({_size(taken.meta.size)}) at {taken.path}")
-    for old in result.pruned:
-        note(f"{name}: removed the older snapshot {old.id}")
-    if result.paused:
+    note(f"{name}: snapshot {taken.id} ({_size(taken.size)}) at {taken.path}")
+    for old in taken.pruned:
+        note(f"{name}: removed the older snapshot {old}")
+    if taken.guest_paused:
         note(f"{name}: the guest stays paused; run `procurator resume {name}`")
 
 
@@ -80,15 +83,24 @@ def restore(  # noqa: PLR0917 - click passes each option as a parameter
     wait: str,
     as_json: bool,
 ) -> None:
-    """Boot a stopped VM from a snapshot of its current generation (the newest unless told)."""
+    """Boot a stopped VM from a snapshot of its current generation (the newest unless told).
+
+    When a worker daemon answers on the configured API socket, it boots it and supervises it (from the
+    state directory's snapshots; one `--from` a directory of yours is restored here)."""
     if source is not None and ident is not None:
         raise click.UsageError("give --from or --id, not both")
     h = host(ctx)
-    record, snap = lifecycle.restore(h, name, source=source, ident=ident, paused=paused, wait=WaitFor(wait))
+    check_name(name)
+    if source is not None:
+        restored = Here(h).vm_restore(name, ident=None, paused=paused, wait=WaitFor(wait), source=source)
+    else:
+        with vm_commands(h, "restore") as ops:
+            restored = ops.vm_restore(name, ident=ident, paused=paused, wait=WaitFor(wait))
     if as_json:
-        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name == name])
+        emit_json([restored.vm])
         return
-    note(f"{name}: restored from snapshot {snap.id} (pid {record.pid}{', paused' if paused else ''})")
+    how = f"pid {restored.pid}{', paused' if paused else ''}"
+    note(f"{name}: restored from snapshot {restored.snapshot} ({how})")
 
 
 @click.command("snapshots")

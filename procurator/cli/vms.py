@@ -3,38 +3,33 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import click
 
 from procurator import console as consoles
 from procurator import lifecycle, logfiles
-from procurator.cli.context import host, vm_names
+from procurator.cli.context import host, vm_commands, vm_names, worker
 from procurator.cli.render import emit_json, note
 from procurator.config import BACKENDS
-from procurator.errors import UsageError
+from procurator.errors import ConflictError, UsageError
 from procurator.hypervisor.base import StopResult
 from procurator.lifecycle import WaitFor
 from procurator.resolve import resolve
+from procurator.worker.commands import Stopped, check_name
 
 FOLLOW_POLL = 0.25
 
 
 def _how(result: StopResult | None) -> str:
     """How a VM went down, for people: graceful, or the stop ladder's steps."""
-    if result is None:
-        return "was not running"
-    return "graceful" if result.graceful else " -> ".join(result.steps)
+    return Stopped.of("", result).how
 
 
-def _stopped_json(name: str, result: StopResult | None) -> dict[str, object]:
-    """How a VM went down, for `down --json` and `stop --json`."""
-    return {
-        "name": name,
-        "was_running": result is not None,
-        "graceful": None if result is None else result.graceful,
-        "steps": [] if result is None else list(result.steps),
-    }
+def _names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names given, each checked before anything is done."""
+    for name in names:
+        check_name(name)
+    return names
 
 
 @click.command()
@@ -50,7 +45,9 @@ def _stopped_json(name: str, result: StopResult | None) -> dict[str, object]:
 @click.option("--json", "as_json", is_flag=True, help="Print the started VMs as JSON.")
 @click.pass_context
 def up(ctx: click.Context, refs: tuple[str, ...], backend: str | None, wait: str, as_json: bool) -> None:
-    """Build and boot the bundles REF... (a deployment REF boots all of its VMs)."""
+    """Build and boot the bundles REF... (a deployment REF boots all of its VMs).
+
+    When a worker daemon answers on the configured API socket, it boots them (and supervises them)."""
     h = host(ctx)
     bundles = []
     for ref in refs:
@@ -62,13 +59,12 @@ def up(ctx: click.Context, refs: tuple[str, ...], backend: str | None, wait: str
     names = [b.name for b in bundles]
     if len(set(names)) != len(names):
         raise UsageError(f"two bundles share one VM name in {', '.join(names)}; give each VM its own name")
-    started = []
-    for bundle in bundles:
-        record = lifecycle.up(h, bundle, backend=backend, wait=WaitFor(wait))
-        started.append(record)
-        note(f"{record.name}: up ({record.backend}, pid {record.pid}, ip {record.ip or '-'})")
-    if as_json:
-        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
+    with vm_commands(h, "up") as ops:
+        for bundle in bundles:
+            vm = ops.vm_up(bundle, backend=backend, wait=WaitFor(wait)).vm
+            note(f"{vm['name']}: up ({vm['backend']}, pid {vm['pid']}, ip {vm['ip'] or '-'})")
+        if as_json:
+            emit_json(ops.vm_rows(names))
 
 
 @click.command()
@@ -77,14 +73,15 @@ def up(ctx: click.Context, refs: tuple[str, ...], backend: str | None, wait: str
 @click.option("--json", "as_json", is_flag=True, help="Print what was done to each VM as a JSON array.")
 @click.pass_context
 def down(ctx: click.Context, names: tuple[str, ...], purge: bool, as_json: bool) -> None:
-    """Stop VMs gracefully and remove them from this host."""
+    """Stop VMs gracefully and remove them from this host (through the worker when one answers)."""
     h = host(ctx)
     done = []
-    for name in names:
-        result = lifecycle.down(h, name, purge=purge)
-        done.append({**_stopped_json(name, result), "purged": purge})
-        if not as_json:
-            note(f"{name}: down ({_how(result)}){' and purged' if purge else ''}")
+    with vm_commands(h, "down") as ops:
+        for name in _names(names):
+            stopped = ops.vm_down(name, purge=purge)
+            done.append(stopped.row())
+            if not as_json:
+                note(f"{name}: down ({stopped.how}){' and purged' if purge else ''}")
     if as_json:
         emit_json(done)
 
@@ -94,14 +91,18 @@ def down(ctx: click.Context, names: tuple[str, ...], purge: bool, as_json: bool)
 @click.option("--json", "as_json", is_flag=True, help="Print what was done to each VM as a JSON array.")
 @click.pass_context
 def stop(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
-    """Stop VMs but keep them (record, lease, volumes) for `start`."""
+    """Stop VMs but keep them (record, lease, volumes) for `start`.
+
+    When a worker daemon answers on the configured API socket, it stops them: it does not restart a VM
+    stopped this way, whatever its restart policy."""
     h = host(ctx)
     done = []
-    for name in names:
-        result = lifecycle.stop(h, name)
-        done.append(_stopped_json(name, result))
-        if not as_json:
-            note(f"{name}: stopped ({'graceful' if result is None or result.graceful else 'forced'})")
+    with vm_commands(h, "stop") as ops:
+        for name in _names(names):
+            stopped = ops.vm_stop(name)
+            done.append(stopped.row())
+            if not as_json:
+                note(f"{name}: stopped ({'forced' if stopped.graceful is False else 'graceful'})")
     if as_json:
         emit_json(done)
 
@@ -118,14 +119,17 @@ def stop(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the started VMs as JSON (as `ps --json`).")
 @click.pass_context
 def start(ctx: click.Context, names: tuple[str, ...], wait: str, as_json: bool) -> None:
-    """Boot stopped VMs again (same generation, lease and volumes)."""
+    """Boot stopped VMs again (same generation, lease and volumes).
+
+    When a worker daemon answers on the configured API socket, it boots them and supervises them again."""
     h = host(ctx)
-    for name in names:
-        record = lifecycle.start(h, name, wait=WaitFor(wait))
-        if not as_json:
-            note(f"{name}: started (pid {record.pid})")
-    if as_json:
-        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
+    with vm_commands(h, "start") as ops:
+        for name in _names(names):
+            started = ops.vm_start(name, wait=WaitFor(wait))
+            if not as_json:
+                note(f"{name}: started (pid {started.pid})")
+        if as_json:
+            emit_json(ops.vm_rows(names))
 
 
 @click.command()
@@ -134,7 +138,7 @@ def start(ctx: click.Context, names: tuple[str, ...], wait: str, as_json: bool) 
 @click.pass_context
 def pause(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
     """Pause running VMs' guests (their vCPUs stop; memory, devices and network stay)."""
-    _pause_or_resume(ctx, names, as_json, lifecycle.pause, "paused")
+    _pause_or_resume(ctx, names, as_json, pause=True)
 
 
 @click.command()
@@ -143,23 +147,18 @@ def pause(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
 @click.pass_context
 def resume(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
     """Run paused VMs' guests again."""
-    _pause_or_resume(ctx, names, as_json, lifecycle.resume, "resumed")
+    _pause_or_resume(ctx, names, as_json, pause=False)
 
 
-def _pause_or_resume(
-    ctx: click.Context,
-    names: tuple[str, ...],
-    as_json: bool,
-    act: Callable[[lifecycle.Host, str], bool],
-    done: str,
-) -> None:
-    h = host(ctx)
-    for name in names:
-        changed = act(h, name)
-        if not as_json:
-            note(f"{name}: {done}" if changed else f"{name}: already {done}; nothing to do")
-    if as_json:
-        emit_json([s.to_json() for s in lifecycle.status(h) if s.record.name in names])
+def _pause_or_resume(ctx: click.Context, names: tuple[str, ...], as_json: bool, *, pause: bool) -> None:
+    done = "paused" if pause else "resumed"
+    with vm_commands(host(ctx), "pause" if pause else "resume") as ops:
+        for name in _names(names):
+            changed = ops.vm_pause(name, pause=pause).changed
+            if not as_json:
+                note(f"{name}: {done}" if changed else f"{name}: already {done}; nothing to do")
+        if as_json:
+            emit_json(ops.vm_rows(names))
 
 
 @click.command()
@@ -223,8 +222,19 @@ def console(ctx: click.Context, name: str, quiet_after: float, limit: float) -> 
 )
 @click.pass_context
 def shutdown(ctx: click.Context, parallel: int) -> None:
-    """Stop every running VM gracefully for a host shutdown; the worker boots them again at start."""
-    results = lifecycle.shutdown_all(host(ctx), parallel=parallel)
+    """Stop every running VM gracefully for a host shutdown; the worker boots them again at start.
+
+    Refused while a worker answers on the configured API socket: it would boot them again at once (the
+    NixOS unit runs this after the worker has stopped)."""
+    h = host(ctx)
+    client = worker(h)
+    if client is not None:
+        client.close()
+        raise ConflictError(
+            f"a worker answers on {h.config.api_socket}: it supervises the VMs and boots again what a "
+            "shutdown stops; stop it first (systemctl stop procurator-worker), then run `procurator shutdown`"
+        )
+    results = lifecycle.shutdown_all(h, parallel=parallel)
     for name, result in sorted(results.items()):
         note(f"{name}: shut down ({_how(result)})")
     if not results:

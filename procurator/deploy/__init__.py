@@ -28,8 +28,9 @@ own session, out of reach of the terminal's Ctrl-C) and reported as they end; bu
 which change nothing on a host, end with the Ctrl-C. A second interrupt stops waiting: hosts still
 applying are reported `interrupted`.
 
-SSH is the system's `ssh` run through `procurator.process`, `nix copy` goes through `procurator.nix`;
-the core never prints: `progress` receives every change of a host's phase and its result.
+SSH is the system's `ssh`, its command lines made by `procurator.process.run(..., remote=)` (every
+argument quoted); `nix copy` goes through `procurator.nix`; the core never prints: `progress` receives
+every change of a host's phase and its result.
 """
 
 from __future__ import annotations

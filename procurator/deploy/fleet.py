@@ -3,19 +3,20 @@ and `--on` selection."""
 
 from __future__ import annotations
 
-import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from procurator import nix
 from procurator.errors import UsageError, ValidationError
+from procurator.jsonread import Reader
 from procurator.models import SCHEMA_VERSION, is_dns_label
+from procurator.resolve import RefKind, parse_ref
 
 CONNECT_TIMEOUT = 10  # seconds: ssh's ConnectTimeout
 DEFAULT_ATTR = "procuratorHosts"  # the flake output `procurator deploy FLAKE` reads without `#attr`
 CONTROL_PERSIST = 60  # seconds a shared ssh connection outlives its last use (if not closed before)
-FLAKE_SCHEME = re.compile(r"^[a-z+]+:")
 
 
 # -- the fleet -------------------------------------------------------------------------------------------
@@ -36,48 +37,42 @@ class HostSpec:
     @classmethod
     def parse(cls, source: str, name: str, data: Any) -> HostSpec:
         where = f"hosts.{name}"
-        if not isinstance(data, dict):
-            raise ValidationError(source, where, "expected an object of host settings")
-
-        def text(key: str, *, optional: bool = False) -> str | None:
-            value = data.get(key)
-            if value is None and optional:
-                return None
-            if not isinstance(value, str) or not value.strip():
-                raise ValidationError(source, f"{where}.{key}", f"expected a non-empty string, got {value!r}")
-            return value
-
-        def words(key: str) -> tuple[str, ...]:
-            value = data.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise ValidationError(source, f"{where}.{key}", f"expected a list of strings, got {value!r}")
-            return tuple(value)
-
+        r = Reader(source, data, where, expected="an object of host settings")
         if not is_dns_label(name):
             raise ValidationError(source, where, f"host name {name!r} is not a DNS label")
-        target = text("target") or ""
+        target = r.text("target", nonempty=True, what="a non-empty string")
         if target.startswith("-") or target.split() != [target]:
-            raise ValidationError(source, f"{where}.target", f"{target!r} is not [user@]host")
-        port = data.get("port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-            raise ValidationError(source, f"{where}.port", f"{port!r} is not a TCP port")
-        tags = words("tags")
+            raise r.fail("target", f"{target!r} is not [user@]host")
+        port = r.opt_integer("port", maximum=65535, what="a TCP port (1-65535)")
+        tags = r.strings("tags", nonempty=True)
         bad = [t for t in tags if not is_dns_label(t)]
         if bad:
-            raise ValidationError(source, f"{where}.tags", f"{bad[0]!r} is not a DNS label")
-        options = words("sshOptions")
+            raise r.fail("tags", f"{bad[0]!r} is not a DNS label")
+        options = r.strings("sshOptions", nonempty=True)
         spaced = [o for o in options if o.split() != [o]]
         if spaced:
-            raise ValidationError(source, f"{where}.sshOptions", f"{spaced[0]!r} has white space")
+            raise r.fail("sshOptions", f"{spaced[0]!r} has white space")
+        identity_file = r.opt_text("identityFile", nonempty=True, what="a non-empty string")
+        command = r.opt_text("procurator", nonempty=True, what="a non-empty string") or "procurator"
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            raise r.fail("procurator", f"{command!r}: {exc}") from exc
         return cls(
             name=name,
             target=target,
             port=port,
-            identity_file=text("identityFile", optional=True),
+            identity_file=identity_file,
             ssh_options=options,
             tags=tags,
-            procurator=text("procurator", optional=True) or "procurator",
+            procurator=command,
         )
+
+    @property
+    def command(self) -> list[str]:
+        """The words of the `procurator` setting, split as a POSIX shell splits them (`shlex`); the
+        arguments of a remote command follow them."""
+        return shlex.split(self.procurator)
 
     @property
     def store(self) -> str:
@@ -137,19 +132,13 @@ class FleetRef:
 
     @classmethod
     def parse(cls, ref: str) -> FleetRef:
-        if not ref:
-            raise UsageError("empty REF; give a flake (`.`, `.#fleet`) or a Nix file (`hosts.nix[#attr]`)")
-        base, sep, attr = ref.partition("#")
-        if sep and not attr:
-            raise UsageError(f"{ref}: empty attribute after '#'")
-        local = Path(base)
-        if base.endswith(".nix") or local.is_file():
-            if not local.is_file():
-                raise UsageError(f"{base}: no such Nix file")
-            return cls(ref, base, attr, is_file=True)
-        if not (FLAKE_SCHEME.match(base) or local.is_dir()):
-            raise UsageError(f"{ref}: {base!r} is neither a flake directory, a flake URL nor a Nix file")
-        return cls(ref, base, attr or DEFAULT_ATTR, is_file=False)
+        """REF read by resolve.py's one parser of references: no store paths; a flake without
+        `#attr` means its `procuratorHosts`."""
+        hint = "a flake (`.`, `.#fleet`) or a Nix file (`hosts.nix[#attr]`)"
+        parsed = parse_ref(ref, hint=hint, paths=False)
+        if parsed.kind is RefKind.FILE:
+            return cls(ref, parsed.base, parsed.attr or "", is_file=True)
+        return cls(ref, parsed.base, parsed.attr or DEFAULT_ATTR, is_file=False)
 
     def _path(self, *rest: str) -> str:
         return ".".join(p for p in (self.attr, *rest) if p)
@@ -180,17 +169,17 @@ class Fleet:
     @classmethod
     def parse(cls, ref: FleetRef, data: Any) -> Fleet:
         source = f"{ref.ref} (inventory)"
-        if not isinstance(data, dict):
-            raise ValidationError(source, "", "expected the `inventory` of lib.mkHosts, an object")
-        version = data.get("schema")
-        if version != SCHEMA_VERSION:
-            raise ValidationError(
-                source, "schema", f"unknown version {version!r}; this procurator reads {SCHEMA_VERSION}"
-            )
-        hosts = data.get("hosts")
-        if not isinstance(hosts, dict):
-            raise ValidationError(source, "hosts", "expected an object of hosts by name")
-        return cls(ref, {name: HostSpec.parse(source, name, spec) for name, spec in sorted(hosts.items())})
+        r = Reader.versioned(
+            source,
+            data,
+            SCHEMA_VERSION,
+            what="the `inventory` of lib.mkHosts",
+            fix="use a procurator of the release whose lib.mkHosts the fleet calls",
+        )
+        hosts = r.obj("hosts", required=True, expected="an object of hosts by name")
+        return cls(
+            ref, {name: HostSpec.parse(source, name, hosts.data[name]) for name in sorted(hosts.names())}
+        )
 
     @classmethod
     def load(cls, ref: str) -> Fleet:

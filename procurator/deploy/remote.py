@@ -5,7 +5,6 @@ pre-flight check."""
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,34 +30,29 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Remote:
-    """Runs procurator on one host over ssh (through `procurator.process`)."""
+    """Runs commands on one host over ssh: `procurator.process.run(..., remote=...)` makes the ssh
+    command line and quotes every argument."""
 
     host: HostSpec
     connect_timeout: int = CONNECT_TIMEOUT
     control_dir: Path | None = None
 
-    def argv(self, args: Sequence[str], *, own_session: bool = False) -> list[str]:
-        """ssh's argv for `<procurator> ARGS` on the host. `-n`: ssh never reads our stdin.
+    def ssh(self, *, own_session: bool = False) -> process.SshRemote:
+        """The host as `process.run` reaches it (see `process.SshRemote` for `own_session`)."""
+        options = self.host.ssh_options_for(self.connect_timeout, self.control_dir)
+        return process.SshRemote(self.host.target, tuple(options), own_session=own_session)
 
-        With `own_session`, ssh runs in a session of its own (setsid): the terminal's Ctrl-C does not
-        reach it, so what it runs on the host is not cut off halfway.
-        """
-        return self.shell(f"{self.host.procurator} {shlex.join(args)}", own_session=own_session)
-
-    def shell(self, command: str, *, own_session: bool = False) -> list[str]:
-        """ssh's argv for a command line the host's shell runs."""
-        argv = [
-            "ssh",
-            "-n",
-            *self.host.ssh_options_for(self.connect_timeout, self.control_dir),
-            "--",
-            self.host.target,
-            command,
-        ]
-        return ["setsid", "--wait", *argv] if own_session else argv
+    def command(self, argv: Sequence[str], *, timeout: float, own_session: bool = False) -> process.Completed:
+        """`argv` on the host, its exit status and output (never raises for a non-zero exit)."""
+        return process.run(argv, check=False, timeout=timeout, remote=self.ssh(own_session=own_session))
 
     def run(self, args: Sequence[str], *, timeout: float, own_session: bool = False) -> process.Completed:
-        return process.run(self.argv(args, own_session=own_session), check=False, timeout=timeout)
+        """`<procurator> ARGS` on the host (the host's `procurator` command, then ARGS)."""
+        return self.command([*self.host.command, *args], timeout=timeout, own_session=own_session)
+
+    def close_shared(self, timeout: float) -> None:
+        """`ssh -O exit`: close the connection shared with this host (ControlMaster), if open."""
+        process.run(self.ssh().control_argv("exit"), check=False, timeout=timeout)
 
 
 class HostFailedError(ProcuratorError):
@@ -128,9 +122,8 @@ def preflight(
 ) -> None:
     """`ssh <target> true`: the host is reachable and accepts the key (nothing of procurator runs).
     Raises `HostFailedError`."""
-    argv = Remote(host, connect_timeout, control_dir).shell("true")
     try:
-        done = process.run(argv, check=False, timeout=PREFLIGHT_TIMEOUT)
+        done = Remote(host, connect_timeout, control_dir).command(["true"], timeout=PREFLIGHT_TIMEOUT)
     except ProcuratorError as exc:
         raise HostFailedError(Result.UNREACHABLE, Stage.PREFLIGHT, f"ssh {host.target}: {exc}") from exc
     if done.returncode == SSH_FAILED:

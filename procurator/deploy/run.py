@@ -12,12 +12,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from procurator import process
 from procurator.deploy.fleet import Fleet, HostSpec
 from procurator.deploy.host import HostRun
 from procurator.deploy.model import DeployResult, Event, HostResult, Options, Phase, Progress, Result, ignore
 from procurator.deploy.pool import Bounded
-from procurator.deploy.remote import HostFailedError, preflight
+from procurator.deploy.remote import HostFailedError, Remote, preflight
 from procurator.errors import ProcuratorError, UsageError
 
 PREFLIGHT_PARALLEL = 16  # pre-flight checks at once (at least; --parallel if higher)
@@ -65,15 +64,16 @@ def _shared_connections(
         yield control_dir
     finally:
         if any(control_dir.iterdir()):
-            for host in hosts:
-                if host.name in in_flight:
-                    continue
-                argv = ["ssh", *host.ssh_options_for(options.connect_timeout, control_dir)]
-                argv += ["-O", "exit", "--", host.target]
+
+            def close(host: HostSpec) -> None:
                 try:
-                    process.run(argv, check=False, timeout=CONTROL_EXIT_TIMEOUT)
+                    Remote(host, options.connect_timeout, control_dir).close_shared(CONTROL_EXIT_TIMEOUT)
                 except ProcuratorError as exc:
                     log.warning("%s: closing the shared ssh connection: %s", host.name, exc)
+
+            # All at once (bounded): each is a round trip to its master, and the deploy ends after them.
+            idle = [h for h in hosts if h.name not in in_flight]
+            Bounded(idle, close, lambda h: h.name, PREFLIGHT_PARALLEL, threading.Event()).wait()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 

@@ -13,10 +13,12 @@ without a content type, JSON bodies as `application/json`, and translates every 
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -133,6 +135,42 @@ class ApiClient:
         """PUT /api/v1/<endpoint>, with `body` as JSON or with no body at all (no content type either)."""
         return self._request("PUT", endpoint, body, timeout)
 
+    def put_with_fds(
+        self, endpoint: str, body: Mapping[str, Any], fds: Sequence[int], *, timeout: float | None = None
+    ) -> Any:
+        """PUT /api/v1/<endpoint> with `body`, the descriptors `fds` sent beside the request (SCM_RIGHTS).
+
+        micro_http collects the descriptors that arrive with a connection's bytes and hands them to the
+        request they complete (its connection.rs `recv_with_fds`); cloud-hypervisor's vm.add-net and
+        vm.restore take them (vmm/src/api/http/http_endpoint.rs). The request goes in one sendmsg with
+        the descriptors, on a connection of its own, closed after the answer."""
+        limit = self.timeout if timeout is None else timeout
+        content = _body(endpoint, body)
+        head = (
+            f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n"
+        )
+        request = head.encode() + content
+        log.debug("cloud-hypervisor api: PUT %s with %d fds (%s)", endpoint, len(fds), self.socket_path)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(limit)
+                sock.connect(str(self.socket_path))
+                sent = socket.send_fds(sock, [request], list(fds))
+                sock.sendall(request[sent:])
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                status, answer = response.status, response.read()
+        except TimeoutError as exc:
+            raise HypervisorError(
+                f"{endpoint}: cloud-hypervisor did not answer within {limit:.1f}s on {self.socket_path}"
+            ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise HypervisorError(
+                f"{endpoint}: cannot talk to cloud-hypervisor on {self.socket_path}: {exc}"
+            ) from exc
+        return _answer(endpoint, status, answer)
+
     def _request(
         self, method: str, endpoint: str, body: Mapping[str, Any] | None, timeout: float | None
     ) -> Any:
@@ -140,14 +178,8 @@ class ApiClient:
         content: bytes | None = None
         headers: dict[str, str] | None = None
         if body is not None:
-            content = json.dumps(body, separators=(",", ":")).encode()
+            content = _body(endpoint, body)
             headers = {"Content-Type": "application/json"}
-            if len(content) > MAX_BODY_BYTES:
-                raise HypervisorError(
-                    f"{endpoint}: the request body is {len(content)} bytes, more than the {MAX_BODY_BYTES} "
-                    "cloud-hypervisor's API accepts; shorten the VM's configuration (kernel command line, "
-                    "number of disks or interfaces)"
-                )
         request = httpx.Request(
             method,
             _url(endpoint),
@@ -173,21 +205,31 @@ class ApiClient:
             raise HypervisorError(
                 f"{endpoint}: cannot talk to cloud-hypervisor on {self.socket_path}: {reason}"
             ) from exc
-        return self._answer(endpoint, response)
+        return _answer(endpoint, response.status_code, response.content)
 
-    @staticmethod
-    def _answer(endpoint: str, response: httpx.Response) -> Any:
-        status = response.status_code
-        if status >= 400:
-            details = error_details(response.content)
-            if is_state_error(status, details):
-                raise InvalidStateError(endpoint, status, details)
-            raise HypervisorApiError(endpoint, status, details)
-        if status < 200 or status >= 300:
-            raise HypervisorApiError(endpoint, status, (f"unexpected status {status}",))
-        if not response.content.strip():
-            return None
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise HypervisorError(f"{endpoint}: cloud-hypervisor answered invalid JSON: {exc}") from exc
+
+def _body(endpoint: str, body: Mapping[str, Any]) -> bytes:
+    content = json.dumps(body, separators=(",", ":")).encode()
+    if len(content) > MAX_BODY_BYTES:
+        raise HypervisorError(
+            f"{endpoint}: the request body is {len(content)} bytes, more than the {MAX_BODY_BYTES} "
+            "cloud-hypervisor's API accepts; shorten the VM's configuration (kernel command line, "
+            "number of disks or interfaces)"
+        )
+    return content
+
+
+def _answer(endpoint: str, status: int, content: bytes) -> Any:
+    if status >= 400:
+        details = error_details(content)
+        if is_state_error(status, details):
+            raise InvalidStateError(endpoint, status, details)
+        raise HypervisorApiError(endpoint, status, details)
+    if status < 200 or status >= 300:
+        raise HypervisorApiError(endpoint, status, (f"unexpected status {status}",))
+    if not content.strip():
+        return None
+    try:
+        return json.loads(content)
+    except ValueError as exc:
+        raise HypervisorError(f"{endpoint}: cloud-hypervisor answered invalid JSON: {exc}") from exc

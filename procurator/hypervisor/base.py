@@ -8,7 +8,7 @@ to the same process again through `adopt`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -45,6 +45,22 @@ class LaunchSpec:
     netns: str | None = None  # run it inside this named network namespace (None: the host's)
     # Called with the hypervisor's pid right after spawn, before its guest runs: joins the VM's cgroup.
     join: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+    # Directories below which the hypervisor creates files while it runs (the VM's snapshots): a
+    # landlocked cloud-hypervisor is granted them (procurator/hypervisor/landlock.py).
+    writable: tuple[Path, ...] = ()
+    # The VM's own uid (its gid, supplementary groups) from `vmUsers`; excludes `user` (None: neither).
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    # TAP name -> descriptors of its queues, opened by Procurator: the backend hands them to the
+    # hypervisor instead of the TAP's name (empty: the hypervisor opens its TAPs by name). The caller
+    # closes them after `start`/`restore`.
+    tap_fds: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) of a VM uid of its own; None otherwise."""
+        return None if self.uid is None else (self.uid, self.uid if self.gid is None else self.gid)
 
     @property
     def api_socket(self) -> Path:

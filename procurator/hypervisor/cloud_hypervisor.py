@@ -8,7 +8,9 @@ behind (no process, no socket):
    `--log-file <vm_dir>/hypervisor.log` (its stdout and stderr go to the same file, so that errors
    printed before its logger exists are kept), `--seccomp true`, `--no-shutdown` and `-v`;
 3. wait (bounded) for `vmm.ping`, watching for the process exiting meanwhile;
-4. `vm.create` with the runtime VmConfig, then `vm.boot`.
+4. `vm.create` with the runtime VmConfig, then `vm.boot`. Where the release and the kernel have Landlock,
+   the body also says `landlock_enable` with our `landlock_rules` (procurator/hypervisor/landlock.py): the
+   VMM thread restricts itself at `vm.create` to the config's own paths and those rules.
 
 Stopping is a ladder, each rung bounded: the power button (the guest shuts down; we see the `vm`
 `shutdown` event in the events file or the VM leaving the running state), then `vm.shutdown`,
@@ -32,22 +34,26 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from procurator import logfiles, process, serial_keeper, sockets
+from procurator import jsonread, logfiles, process, serial_keeper, sockets
 from procurator.errors import (
     HypervisorError,
     HypervisorStartError,
     InvalidStateError,
     ProcessError,
+    ValidationError,
     WaitTimeoutError,
 )
+from procurator.hypervisor import landlock
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
+from procurator.jsonread import Reader
+from procurator.snapshots import PARTIAL
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +118,10 @@ class CloudHypervisor:
         step_timeout: float = 5.0,
         serial_max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES,
         snapshot_timeout: float = 300.0,
+        landlock: bool = True,
     ) -> None:
         self.binary = binary
+        self.landlock = landlock  # Landlock where supported (the worker configuration's hypervisor.landlock)
         self.snapshot_timeout = snapshot_timeout
         self.start_timeout = start_timeout
         self.api_timeout = api_timeout
@@ -155,18 +163,36 @@ class CloudHypervisor:
         """Spawn cloud-hypervisor for `spec`, create and boot the VM; on any failure leave nothing behind."""
         self._check_binary()
         version = self.version()
-        owner = _lookup_user(spec.user)
+        owner = spec.owner or _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
-        body = wire_config(spec)
+        body, handed = split_handed_nets(wire_config(spec), spec.tap_fds)
+        if self.landlocks(version):
+            body.update(landlock_fields(spec, body, version))
         serial = body.get("serial", {}).get("mode") == "Socket"
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
+            for net, fds in handed:
+                self._start_step(api, proc, spec, "vm.add-net", body=net, timeout=self.api_timeout, fds=fds)
             if start_time is not None and serial:
                 self._spawn_keeper(spec, proc.pid, start_time)
             self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
 
         return self._run(spec, owner, version, steps, "running")
+
+    def landlocks(self, version: Version) -> bool:
+        """Whether VMs of `version` run under Landlock: asked for, the release has it (v41+), and the kernel
+        has the ABI it asks for (V3; a hard requirement from v48, so an older kernel would fail vm.create)."""
+        if not self.landlock or version.major < landlock.LANDLOCK_SINCE:
+            return False
+        if landlock.host_abi() < landlock.NEEDED_ABI:
+            log.warning(
+                "this kernel has Landlock ABI %d, cloud-hypervisor needs %d: VMs run without Landlock",
+                landlock.host_abi(),
+                landlock.NEEDED_ABI,
+            )
+            return False
+        return True
 
     def _run(
         self,
@@ -231,6 +257,9 @@ class CloudHypervisor:
                     stderr=log_file,
                     pass_fds=(listener.fileno(),),
                     user=spec.user,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                    groups=spec.groups,
                     netns=spec.netns,
                     join=spec.join,
                 )
@@ -268,9 +297,13 @@ class CloudHypervisor:
         *,
         body: dict[str, Any] | None,
         timeout: float,
+        fds: tuple[int, ...] = (),
     ) -> None:
         try:
-            api.put(endpoint, body, timeout=timeout)
+            if fds and body is not None:
+                api.put_with_fds(endpoint, body, fds, timeout=timeout)
+            else:
+                api.put(endpoint, body, timeout=timeout)
         except HypervisorError as exc:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=0.05)
@@ -364,9 +397,20 @@ class CloudHypervisor:
     def snapshot(self, handle: Handle, directory: Path) -> None:
         """vm.snapshot into `directory` (which must exist and hold no config.json, state.json or
         memory-ranges: cloud-hypervisor creates them `create_new`). The VM must be paused (`Vm::snapshot`
-        refuses a running one: "Trying to snapshot while VM is running"); it stays paused."""
+        refuses a running one: "Trying to snapshot while VM is running"); it stays paused. A landlocked VMM
+        that may not write `directory` writes below its snapshot directory, and the files are moved."""
         with self._api(handle, timeout=self.snapshot_timeout) as api:
-            api.put("vm.snapshot", {"destination_url": f"file://{directory}"})
+            staging = _landlock_staging(api, directory)
+            try:
+                api.put("vm.snapshot", {"destination_url": f"file://{staging or directory}"})
+            except BaseException:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        staging.parent.rmdir()  # only when empty
+                raise
+        if staging is not None:
+            _move_into(staging, directory)
 
     def restore(self, spec: LaunchSpec, directory: Path, *, paused: bool) -> Handle:
         """A fresh cloud-hypervisor process (no VM: `vm_restore` refuses a VMM that has one), then
@@ -377,19 +421,14 @@ class CloudHypervisor:
         anew (the serial socket at the same path, which the serial keeper connects to before the guest
         runs). From v52 `vm.restore` takes `resume`; it is sent only from v53, whose serial device keeps
         what the guest writes before the keeper connects, else the guest resumes with `vm.resume` after.
-        Passed-in descriptors do not survive a restore (`net_fds` would be needed): Procurator passes none
-        to the VM, and a snapshot whose config has net `fds` is refused.
+        A net that was handed its TAP as descriptors (vm.add-net) is handed them again: `net_fds` in the
+        body, the descriptors with the request (`_restored_net_fds`).
         """
         self._check_binary()
         version = self.version()
-        owner = _lookup_user(spec.user)
+        owner = spec.owner or _lookup_user(spec.user)
         saved = _snapshot_config(directory)
-        for index, net in enumerate(saved.get("net") or []):
-            if isinstance(net, dict) and net.get("fds"):
-                raise HypervisorStartError(
-                    f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] uses passed-in fds, which "
-                    "do not survive a restore; take the snapshot of a VM whose nets are TAPs by name"
-                )
+        net_fds = _restored_net_fds(spec, saved, directory)
         socket_serial = (saved.get("serial") or {}).get("mode") == "Socket"
         resume_in_body = not paused and version >= RESTORE_RESUME_SINCE
         body: dict[str, Any] = {"source_url": f"file://{directory}"}
@@ -397,10 +436,15 @@ class CloudHypervisor:
             body["memory_restore_mode"] = "Copy"  # the default: OnDemand needs userfaultfd
         if resume_in_body:
             body["resume"] = True
+        if net_fds:
+            body["net_fds"] = [{"id": ident, "num_fds": len(fds)} for ident, fds in net_fds]
+        passed = tuple(fd for _, fds in net_fds for fd in fds)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            self._start_step(api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout)
+            self._start_step(
+                api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed
+            )
             if start_time is not None and socket_serial:
                 self._spawn_keeper(spec, proc.pid, start_time)
             if not paused and not resume_in_body:
@@ -558,18 +602,18 @@ class CloudHypervisor:
         self._remove_sockets(handle.vm_dir)
 
 
+MAX_SNAPSHOT_CONFIG = 4 * 1024 * 1024  # bytes of a snapshot's config.json (a VmConfig: a few KiB)
+
+
 def _snapshot_config(directory: Path) -> dict[str, Any]:
     """The VmConfig a cloud-hypervisor snapshot holds (`config.json`, as `recv_vm_config` reads it)."""
     path = directory / "config.json"
     try:
-        config = json.loads(path.read_bytes())
+        return Reader(str(path), jsonread.read_file(path, MAX_SNAPSHOT_CONFIG)).data
     except FileNotFoundError as exc:
         raise HypervisorStartError(f"{path} is missing; this is no cloud-hypervisor snapshot") from exc
-    except (OSError, ValueError) as exc:
-        raise HypervisorStartError(f"{path}: cannot read the snapshot's config: {exc}") from exc
-    if not isinstance(config, dict):
-        raise HypervisorStartError(f"{path}: the snapshot's config is not a JSON object")
-    return config
+    except ValidationError as exc:
+        raise HypervisorStartError(f"{path}: cannot read the snapshot's config: {exc.problem}") from exc
 
 
 def wire_config(spec: LaunchSpec) -> dict[str, Any]:
@@ -577,6 +621,75 @@ def wire_config(spec: LaunchSpec) -> dict[str, Any]:
     a `Socket` in the VM directory that the serial keeper copies into that file (see serial_keeper.py)."""
     body, _ = wire_serial(copy.deepcopy(spec.config), spec.vm_dir)  # copied whether or not changed
     return body
+
+
+def landlock_fields(spec: LaunchSpec, body: dict[str, Any], version: Version) -> dict[str, Any]:
+    """`landlock_enable` and our `landlock_rules` for `body`, after checking that the VMM's own rules and
+    ours give everything the VM opens after vm.create (landlock.needs). The directories we add are made
+    first: a rule whose path does not exist is dropped by cloud-hypervisor without a word."""
+    for path in spec.writable:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HypervisorStartError(
+                f"{path}: cannot create it for the VM's Landlock rules: {exc.strerror}"
+            ) from exc
+    ours = landlock.extra_rules(body, spec.writable)
+    missing = landlock.uncovered(
+        landlock.needs(body, spec.writable), landlock.vmm_rules(body, version.major) + ours
+    )
+    if missing:
+        raise HypervisorStartError(
+            f"vm {spec.name!r}: under Landlock cloud-hypervisor {version} could not reach "
+            f"{', '.join(f'{m.path} ({m.access})' for m in missing)}; set hypervisor.landlock to false in "
+            "the worker configuration and report this"
+        )
+    return {"landlock_enable": True, "landlock_rules": [rule.to_json() for rule in ours]}
+
+
+_STAGING = "landlock-staging"  # below the VM's snapshot directory; snapshots.prune removes what is left
+
+
+def _landlock_staging(api: ApiClient, directory: Path) -> Path | None:
+    """For a landlocked VMM (vm.info's config says so) that may not write `directory` (`snapshot --to`), a
+    fresh directory below the first directory it may write (the VM's snapshot directory), else None."""
+    answer = api.get("vm.info")
+    config = answer.get("config") if isinstance(answer, dict) else None
+    if not isinstance(config, dict) or not config.get("landlock_enable"):
+        return None
+    rules = [
+        landlock.Rule(str(r.get("path")), str(r.get("access")))
+        for r in config.get("landlock_rules") or []
+        if isinstance(r, dict)
+    ]
+    if not landlock.uncovered([landlock.Rule(str(directory), "w")], rules):
+        return None
+    writable = [Path(r.path) for r in rules if "w" in r.access and Path(r.path).is_dir()]
+    if not writable:
+        raise HypervisorError(
+            f"cloud-hypervisor runs under Landlock and may write no directory for a snapshot to {directory}; "
+            "restart the VM with this Procurator"
+        )
+    staging = writable[0] / _STAGING / f"{time.time_ns()}{PARTIAL}"
+    try:
+        staging.mkdir(parents=True)
+        st = directory.stat()
+        os.chown(staging, st.st_uid, st.st_gid)
+    except OSError as exc:
+        raise HypervisorError(f"{staging}: cannot stage the snapshot there: {exc.strerror}") from exc
+    return staging
+
+
+def _move_into(staging: Path, directory: Path) -> None:
+    """What cloud-hypervisor wrote into `staging`, moved into `directory`; `staging` removed."""
+    try:
+        for entry in sorted(staging.iterdir()):
+            shutil.move(entry, directory / entry.name)
+        staging.rmdir()
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # only when empty
+    except OSError as exc:
+        raise HypervisorError(f"{staging}: cannot move the snapshot into {directory}: {exc}") from exc
 
 
 @dataclass(frozen=True, order=True)
@@ -746,6 +859,59 @@ class _GuestEnds:
                     break
         self._seen[path] = _EventsSeen(key, verdict)
         return verdict
+
+
+def _restored_net_fds(
+    spec: LaunchSpec, saved: dict[str, Any], directory: Path
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(net id, descriptors) for each net of the snapshot's config.json that was built from passed-in
+    descriptors: those do not outlive the process, so vm.restore must be sent new ones (`net_fds`, with
+    the descriptors as SCM_RIGHTS; vmm/src/config.rs `RestoreConfig::validate` refuses a restore that
+    lacks one, v40.0-v53.0). They are the TAPs the runtime config names for the same net ids."""
+    taps = {
+        str(n.get("id")): str(n["tap"])
+        for n in spec.config.get("net") or []
+        if isinstance(n, dict) and isinstance(n.get("tap"), str)
+    }
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for index, net in enumerate(saved.get("net") or []):
+        if not isinstance(net, dict) or net.get("fds") is None:
+            continue
+        ident = str(net.get("id"))
+        fds = spec.tap_fds.get(taps.get(ident, ""))
+        if fds is None or len(fds) != len(net["fds"]):
+            raise HypervisorStartError(
+                f"vm {spec.name!r}: {directory / 'config.json'} net[{index}] ({ident}) was handed its TAP as "
+                f"{len(net['fds'])} descriptors, and this restore has {len(fds or ())} for it; restore it "
+                "where its hypervisor runs as another user (vmUsers or user), as it was snapshotted"
+            )
+        out.append((ident, fds))
+    return out
+
+
+def split_handed_nets(
+    body: dict[str, Any], tap_fds: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], tuple[int, ...]]]]:
+    """The vm.create body without the nets whose TAP is handed over as descriptors, and those nets as
+    vm.add-net bodies (no `tap`: a net with a TAP name is opened by name, `make_virtio_net_device`) with
+    their descriptors. vm.create drops any descriptor it is sent, v40 to v53 (http_endpoint.rs
+    `VmCreate`); vm.add-net takes those sent with it (`VmAddNet`, `attach_fds_to_cfg` from v49) and, on a
+    VM created but not booted, adds the net to its config (lib.rs `vm_add_net`): vm.boot then builds it
+    `from_tap_fds`, one descriptor per queue pair (config.rs `VnetQueueFdMismatch`)."""
+    if not tap_fds:
+        return body, []
+    kept: list[Any] = []
+    handed: list[tuple[dict[str, Any], tuple[int, ...]]] = []
+    for net in body.get("net") or []:
+        fds = tap_fds.get(str(net.get("tap"))) if isinstance(net, dict) else None
+        if fds is None:
+            kept.append(net)
+        else:
+            handed.append(({k: v for k, v in net.items() if k not in ("tap", "fds")}, fds))
+    out = {k: v for k, v in body.items() if k != "net"}
+    if kept:
+        out["net"] = kept
+    return out, handed
 
 
 def _lookup_user(user: str | None) -> tuple[int, int] | None:

@@ -9,8 +9,10 @@ guest makes progress. `Qemu` implements the Hypervisor protocol; each call opens
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import re
@@ -21,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -33,11 +35,13 @@ from procurator.errors import (
     HypervisorStartError,
     ProcessError,
     ProcuratorError,
+    ValidationError,
     WaitTimeoutError,
 )
 from procurator.hypervisor import qmp
 from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
+from procurator.jsonread import Reader, shown
 from procurator.net import netlink
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ DEFAULT_RNG_SOURCE = "/dev/urandom"  # cloud-hypervisor's default entropy source
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}")  # what QEMU accepts as a device, drive or netdev id
 _MAC = re.compile(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}")
+_SOURCE = "vm-config"  # how the reader's refusals name the config: `vm-config <field>: ...`
 _TAP = re.compile(r"[^\s/,:]{1,15}")  # a Linux interface name (IFNAMSIZ - 1); no comma for QEMU's sake
 CONSOLE_SOCKET = "console.sock"  # in the VM directory, beside the QMP socket
 SNAPSHOT_FILE = "memory.qemu"  # the migration stream of a snapshot, in its data directory
@@ -115,39 +120,66 @@ _DEVICE_DEFAULTS: dict[str, Any] = {"iommu": False, "pci_segment": 0}
 
 
 def build_argv(
-    config: Mapping[str, Any], *, qmp_socket: Path, accel: Accel, binary: str = DEFAULT_BINARY
+    config: Mapping[str, Any],
+    *,
+    qmp_socket: Path,
+    accel: Accel,
+    binary: str = DEFAULT_BINARY,
+    tap_fds: Mapping[str, Sequence[int]] | None = None,
 ) -> list[str]:
     """The QEMU command line that runs the VM described by the runtime VmConfig `config`.
 
+    A TAP named in `tap_fds` is given as the inherited descriptors of its queues (`fd=N`, `fds=N:M`;
+    QEMU refuses `ifname=` and `queues=` beside them, net/tap.c `net_init_tap`), so QEMU needs no
+    /dev/net/tun of its own.
+
     Raises HypervisorError naming the field for anything the qemu backend cannot express.
     """
-    _only("", config, handled=_TOP_HANDLED, defaults=_TOP_DEFAULTS)
+    with _translation():
+        return _argv(
+            _reader("", config, required=True),
+            qmp_socket=qmp_socket,
+            accel=accel,
+            binary=binary,
+            tap_fds=tap_fds,
+        )
+
+
+def _argv(
+    config: Reader,
+    *,
+    qmp_socket: Path,
+    accel: Accel,
+    binary: str,
+    tap_fds: Mapping[str, Sequence[int]] | None,
+) -> list[str]:
+    _only("", config.data, handled=_TOP_HANDLED, defaults=_TOP_DEFAULTS)
     if accel not in ("kvm", "tcg"):
         raise HypervisorError(f"qemu accel {accel!r}: expected kvm or tcg")
     argv = [binary, "-machine", "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
-    argv += ["-smp", _smp(_section("cpus", config.get("cpus")))]
-    argv += ["-m", _memory(_section("memory", config.get("memory")))]
-    argv += _payload(_section("payload", config.get("payload"), required=True))
+    argv += ["-smp", _smp(config.obj("cpus", nullable=True))]
+    argv += ["-m", _memory(config.obj("memory", nullable=True))]
+    argv += _payload(config.obj("payload", required=True))
     argv += ["-nodefaults", "-no-user-config", "-nographic", "-display", "none"]
     ids: dict[str, str] = {}  # id -> the field that declared it: cloud-hypervisor wants them unique
-    for index, disk in enumerate(_items("disks", config.get("disks"))):
-        argv += _disk(f"disks[{index}]", disk, ids)
-    for index, net in enumerate(_items("net", config.get("net"))):
-        argv += _net(f"net[{index}]", net, ids)
-    argv += _serial(_section("serial", config.get("serial")))
-    argv += _console(_section("console", config.get("console")), qmp_socket.parent / CONSOLE_SOCKET)
-    argv += _rng(_section("rng", config.get("rng")))
-    if _flag("pvpanic", config.get("pvpanic", False)):
+    for disk in config.items("disks", nullable=True):
+        argv += _disk(disk, ids)
+    for net in config.items("net", nullable=True):
+        argv += _net(net, ids, tap_fds or {})
+    argv += _serial(config.obj("serial", nullable=True))
+    argv += _console(config.obj("console", nullable=True), qmp_socket.parent / CONSOLE_SOCKET)
+    argv += _rng(config.obj("rng", nullable=True))
+    if config.boolean("pvpanic", False):
         argv += ["-device", "pvpanic"]
     argv += ["-qmp", f"unix:{_esc(str(qmp_socket))},server=on,wait=off", "-no-reboot"]
     return argv
 
 
-def _smp(cpus: Mapping[str, Any]) -> str:
-    _only("cpus", cpus, handled={"boot_vcpus", "max_vcpus", "affinity"}, defaults=_CPUS_DEFAULTS)
-    affinity(cpus)  # not a command-line option: the backend pins the vCPU threads before the guest runs
-    boot = _int("cpus.boot_vcpus", cpus.get("boot_vcpus", 1), minimum=1)
-    most = _int("cpus.max_vcpus", cpus.get("max_vcpus", boot), minimum=1)
+def _smp(cpus: Reader) -> str:
+    _only("cpus", cpus.data, handled={"boot_vcpus", "max_vcpus", "affinity"}, defaults=_CPUS_DEFAULTS)
+    _affinity(cpus)  # not a command-line option: the backend pins the vCPU threads before the guest runs
+    boot = cpus.integer("boot_vcpus", 1)
+    most = cpus.integer("max_vcpus", boot)
     if most < boot:
         raise _untranslatable("cpus.max_vcpus", f"{most} is less than boot_vcpus {boot}")
     return str(boot) if most == boot else f"{boot},maxcpus={most}"
@@ -155,97 +187,108 @@ def _smp(cpus: Mapping[str, Any]) -> str:
 
 def affinity(cpus: Mapping[str, Any]) -> dict[int, frozenset[int]]:
     """`cpus.affinity` ([{vcpu, host_cpus}], cloud-hypervisor's CpuAffinity) as {vCPU index: host CPUs}."""
+    with _translation():
+        return _affinity(_reader("cpus", cpus))
+
+
+def _affinity(cpus: Reader) -> dict[int, frozenset[int]]:
     out: dict[int, frozenset[int]] = {}
-    for index, item in enumerate(_items("cpus.affinity", cpus.get("affinity", []))):
-        where = f"cpus.affinity[{index}]"
-        _only(where, item, handled={"vcpu", "host_cpus"}, defaults={})
-        vcpu = _int(f"{where}.vcpu", item.get("vcpu"), minimum=0)
-        hosts = item.get("host_cpus")
-        if not isinstance(hosts, list) or not hosts:
-            problem = f"expected a non-empty list of CPUs, got {_show(hosts)}"
-            raise _untranslatable(f"{where}.host_cpus", problem)
-        out[vcpu] = frozenset(_int(f"{where}.host_cpus", cpu, minimum=0) for cpu in hosts)
+    for item in cpus.items("affinity", nullable=True):
+        _only(item.prefix, item.data, handled={"vcpu", "host_cpus"}, defaults={})
+        vcpu = item.integer("vcpu", minimum=0)
+        hosts = item.array("host_cpus", required=True)
+        if not hosts or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in hosts):
+            raise item.fail("host_cpus", f"expected a non-empty list of CPUs, not {shown(hosts)}")
+        out[vcpu] = frozenset(hosts)
     return out
 
 
-def _memory(memory: Mapping[str, Any]) -> str:
-    _only("memory", memory, handled={"size"}, defaults=_MEMORY_DEFAULTS)
-    size = _int("memory.size", memory.get("size", DEFAULT_MEMORY), minimum=MIB)
+def _memory(memory: Reader) -> str:
+    _only("memory", memory.data, handled={"size"}, defaults=_MEMORY_DEFAULTS)
+    size = memory.integer("size", DEFAULT_MEMORY, minimum=MIB)
     if size % MIB:
         raise _untranslatable("memory.size", f"{size} bytes is not a whole number of MiB")
     return f"{size // MIB}M"
 
 
-def _payload(payload: Mapping[str, Any]) -> list[str]:
-    _only("payload", payload, handled={"kernel", "initramfs", "cmdline"}, defaults={})
-    if "kernel" not in payload:
+def _payload(payload: Reader) -> list[str]:
+    _only("payload", payload.data, handled={"kernel", "initramfs", "cmdline"}, defaults={})
+    if not payload.has("kernel"):
         raise _untranslatable("payload.kernel", "missing; the qemu backend boots a kernel directly")
-    argv = ["-kernel", _str("payload.kernel", payload["kernel"])]
-    if "initramfs" in payload:
-        argv += ["-initrd", _str("payload.initramfs", payload["initramfs"])]
-    if "cmdline" in payload:
-        argv += ["-append", _str("payload.cmdline", payload["cmdline"], empty=True)]
+    argv = ["-kernel", _str(payload, "kernel")]
+    if payload.has("initramfs"):
+        argv += ["-initrd", _str(payload, "initramfs")]
+    if payload.has("cmdline"):
+        argv += ["-append", payload.text("cmdline")]
     return argv
 
 
-def _disk(field: str, disk: Mapping[str, Any], ids: dict[str, str]) -> list[str]:
-    _only(field, disk, handled=_DISK_HANDLED, defaults=_DISK_DEFAULTS)
-    ident = _id(f"{field}.id", disk.get("id"), ids)
-    path = _str(f"{field}.path", disk.get("path"))
-    image_type = disk.get("image_type", "Raw")
+def _disk(disk: Reader, ids: dict[str, str]) -> list[str]:
+    field = disk.prefix
+    _only(field, disk.data, handled=_DISK_HANDLED, defaults=_DISK_DEFAULTS)
+    ident = _id(disk, ids)
+    path = _str(disk, "path")
+    image_type = disk.text("image_type", "Raw")
     if image_type not in _IMAGE_FORMATS:
         raise _untranslatable(
             f"{field}.image_type", f"{image_type!r}; expected one of {sorted(_IMAGE_FORMATS)}"
         )
     drive = f"file={_esc(path)},if=none,id={ident},format={_IMAGE_FORMATS[image_type]}"
-    if _flag(f"{field}.readonly", disk.get("readonly", False)):
+    if disk.boolean("readonly", False):
         drive += ",readonly=on"
-    if _flag(f"{field}.direct", disk.get("direct", False)):
+    if disk.boolean("direct", False):
         drive += ",cache.direct=on"
     device = f"virtio-blk-pci,drive={ident}"
-    queues = _int(f"{field}.num_queues", disk.get("num_queues", 1), minimum=1)
+    queues = disk.integer("num_queues", 1)
     if queues != 1:
         device += f",num-queues={queues}"
-    if "serial" in disk:
-        device += f",serial={_esc(_str(f'{field}.serial', disk['serial']))}"
+    if disk.has("serial"):
+        device += f",serial={_esc(_str(disk, 'serial'))}"
     return ["-drive", drive, "-device", device]
 
 
-def _net(field: str, net: Mapping[str, Any], ids: dict[str, str]) -> list[str]:
-    _only(field, net, handled=_NET_HANDLED, defaults=_NET_DEFAULTS)
-    ident = _id(f"{field}.id", net.get("id"), ids)
-    tap = _str(f"{field}.tap", net.get("tap"))
+def _net(net: Reader, ids: dict[str, str], tap_fds: Mapping[str, Sequence[int]]) -> list[str]:
+    field = net.prefix
+    _only(field, net.data, handled=_NET_HANDLED, defaults=_NET_DEFAULTS)
+    ident = _id(net, ids)
+    tap = _str(net, "tap")
     if not _TAP.fullmatch(tap):
         raise _untranslatable(f"{field}.tap", f"{tap!r} is not an interface name of at most 15 characters")
-    pairs = _int(f"{field}.num_queues", net.get("num_queues", 2), minimum=2)
+    pairs = net.integer("num_queues", 2, minimum=2)
     if pairs % 2:
         raise _untranslatable(f"{field}.num_queues", f"{pairs} is odd; queues come in rx/tx pairs")
-    netdev = f"tap,id={ident},ifname={tap},script=no,downscript=no,vhost=off"
+    fds = tap_fds.get(tap)
+    if fds is not None and len(fds) != pairs // 2:
+        raise _untranslatable(f"{field}.tap", f"{len(fds)} descriptors for {pairs // 2} queue pairs")
+    if fds is None:
+        netdev = f"tap,id={ident},ifname={tap},script=no,downscript=no,vhost=off"
+    elif len(fds) == 1:
+        netdev = f"tap,id={ident},fd={fds[0]},vhost=off"
+    else:
+        netdev = f"tap,id={ident},fds={':'.join(map(str, fds))},vhost=off"
     device = f"virtio-net-pci,netdev={ident}"
-    if "mac" in net:
-        mac = _str(f"{field}.mac", net["mac"])
+    if net.has("mac"):
+        mac = _str(net, "mac")
         if not _MAC.fullmatch(mac):
             raise _untranslatable(f"{field}.mac", f"{mac!r} is not a MAC address like 52:54:00:12:34:56")
         device += f",mac={mac.lower()}"
     if pairs > 2:
-        netdev += f",queues={pairs // 2}"
+        netdev += f",queues={pairs // 2}" if fds is None else ""
         device += f",mq=on,vectors={pairs + 2}"  # one MSI-X vector per queue, plus config and control
-    if "mtu" in net:
-        device += f",host_mtu={_int(f'{field}.mtu', net['mtu'], minimum=68)}"
+    if net.has("mtu"):
+        device += f",host_mtu={net.integer('mtu', minimum=68)}"
     return ["-netdev", netdev, "-device", device]
 
 
-def _serial(serial: Mapping[str, Any]) -> list[str]:
-    _only("serial", serial, handled={"mode", "file", "socket"}, defaults={})
-    mode = serial.get("mode", "Null")
+def _serial(serial: Reader) -> list[str]:
+    _only("serial", serial.data, handled={"mode", "file", "socket"}, defaults={})
+    mode = serial.text("mode", "Null")
     if mode in ("Off", "Null"):
         return []
     if mode == "File":
-        chardev = f"file,id=serial0,path={_esc(_str('serial.file', serial.get('file')))}"
+        chardev = f"file,id=serial0,path={_esc(_str(serial, 'file'))}"
     elif mode == "Socket":
-        chardev = (
-            f"socket,id=serial0,path={_esc(_str('serial.socket', serial.get('socket')))},server=on,wait=off"
-        )
+        chardev = f"socket,id=serial0,path={_esc(_str(serial, 'socket'))},server=on,wait=off"
     else:
         raise _untranslatable(
             "serial.mode", f"{mode!r}; the qemu backend supports File, Socket, Off and Null"
@@ -253,19 +296,19 @@ def _serial(serial: Mapping[str, Any]) -> list[str]:
     return ["-chardev", chardev, "-serial", "chardev:serial0"]
 
 
-def _console(console: Mapping[str, Any], pty_socket: Path) -> list[str]:
+def _console(console: Reader, pty_socket: Path) -> list[str]:
     """The virtio console. `Pty` (what cloud-hypervisor gets) is served as a UNIX socket at `pty_socket`:
     QEMU would report a pty's path only over QMP, and the socket needs no terminal settings."""
-    _only("console", console, handled={"mode", "file", "socket"}, defaults=_DEVICE_DEFAULTS)
-    mode = console.get("mode", "Off")
+    _only("console", console.data, handled={"mode", "file", "socket"}, defaults=_DEVICE_DEFAULTS)
+    mode = console.text("mode", "Off")
     if mode in ("Off", "Null"):
         return []
     if mode == "Pty":
         chardev = f"socket,id=console0,path={_esc(str(pty_socket))},server=on,wait=off"
     elif mode == "File":
-        chardev = f"file,id=console0,path={_esc(_str('console.file', console.get('file')))}"
+        chardev = f"file,id=console0,path={_esc(_str(console, 'file'))}"
     elif mode == "Socket":
-        path = _esc(_str("console.socket", console.get("socket")))
+        path = _esc(_str(console, "socket"))
         chardev = f"socket,id=console0,path={path},server=on,wait=off"
     else:
         raise _untranslatable(
@@ -274,14 +317,23 @@ def _console(console: Mapping[str, Any], pty_socket: Path) -> list[str]:
     return ["-device", "virtio-serial-pci", "-chardev", chardev, "-device", "virtconsole,chardev=console0"]
 
 
-def _rng(rng: Mapping[str, Any]) -> list[str]:
-    _only("rng", rng, handled={"src", "id"}, defaults=_DEVICE_DEFAULTS)
-    source = _str("rng.src", rng.get("src", DEFAULT_RNG_SOURCE))
+def _rng(rng: Reader) -> list[str]:
+    _only("rng", rng.data, handled={"src", "id"}, defaults=_DEVICE_DEFAULTS)
+    source = rng.text("src", DEFAULT_RNG_SOURCE, nonempty=True, what="a non-empty string")
     return ["-object", f"rng-random,id=rng0,filename={_esc(source)}", "-device", "virtio-rng-pci,rng=rng0"]
 
 
 def _untranslatable(field: str, problem: str) -> HypervisorError:
     return HypervisorError(f"vm-config {field or '<root>'}: {problem} (the qemu backend cannot translate it)")
+
+
+@contextlib.contextmanager
+def _translation() -> Iterator[None]:
+    """The reader's refusals (a field of the wrong kind, out of bounds, missing) as untranslatable."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise _untranslatable(exc.field, exc.problem) from exc
 
 
 def _only(field: str, section: Mapping[str, Any], *, handled: Set[str], defaults: Mapping[str, Any]) -> None:
@@ -297,56 +349,35 @@ def _only(field: str, section: Mapping[str, Any], *, handled: Set[str], defaults
         raise _untranslatable(name, "not supported")
 
 
-def _section(field: str, value: Any, *, required: bool = False) -> Mapping[str, Any]:
+def _reader(field: str, value: Any, *, required: bool = False) -> Reader:
+    """A reader of section `field` of the VmConfig (a null one is absent, as cloud-hypervisor takes it)."""
     if value is None:
         if required:
             raise _untranslatable(field, "missing")
-        return {}
-    if not isinstance(value, Mapping):
-        raise _untranslatable(field, f"expected an object, got {_show(value)}")
-    return value
+        return Reader(_SOURCE, {}, field)
+    return Reader(_SOURCE, dict(value) if isinstance(value, Mapping) else value, field)
 
 
-def _items(field: str, value: Any) -> list[Mapping[str, Any]]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise _untranslatable(field, f"expected a list, got {_show(value)}")
-    return [_section(f"{field}[{index}]", item, required=True) for index, item in enumerate(value)]
+def _section(field: str, value: Any, *, required: bool = False) -> Mapping[str, Any]:
+    with _translation():
+        return _reader(field, value, required=required).data
 
 
-def _id(field: str, value: Any, seen: dict[str, str]) -> str:
-    if value is None:
+def _id(section: Reader, seen: dict[str, str]) -> str:
+    field = section.path("id")
+    if section.data.get("id") is None:
         raise _untranslatable(field, "missing; every disk and net needs an explicit id")
-    ident = _str(field, value)
+    ident = _str(section, "id")
     if not _ID.fullmatch(ident):
         raise _untranslatable(field, f"{ident!r} is not a QEMU id (a letter, then letters, digits, -._)")
     if ident in seen:
         raise _untranslatable(field, f"{ident!r} is already the id of {seen[ident]}")
-    seen[ident] = field.rsplit(".", 1)[0]
+    seen[ident] = section.prefix
     return ident
 
 
-def _str(field: str, value: Any, *, empty: bool = False) -> str:
-    if value is None:
-        raise _untranslatable(field, "missing")
-    if not isinstance(value, str) or (not value and not empty):
-        raise _untranslatable(field, f"expected a non-empty string, got {_show(value)}")
-    return value
-
-
-def _int(field: str, value: Any, *, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _untranslatable(field, f"expected an integer, got {_show(value)}")
-    if value < minimum:
-        raise _untranslatable(field, f"{value} is less than {minimum}")
-    return value
-
-
-def _flag(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _untranslatable(field, f"expected true or false, got {_show(value)}")
-    return value
+def _str(section: Reader, key: str) -> str:
+    return section.text(key, nonempty=True, what="a non-empty string")
 
 
 def _show(value: Any) -> str:
@@ -563,7 +594,9 @@ class Qemu:
 
     def start(self, spec: LaunchSpec) -> Handle:
         config, keep = wire_serial(spec.config, spec.vm_dir)
-        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv = build_argv(
+            config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
+        )
         argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
         return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc, keep=keep))
 
@@ -572,14 +605,23 @@ class Qemu:
     ) -> Handle:
         """Spawn QEMU with `argv` for `spec` and wait (`until`, bounded) for it; its Handle. On any failure
         nothing is left running, and an exit while `doing` quotes the end of the hypervisor log."""
-        _require_taps(spec, _taps_in(argv).values())
+        _require_taps(spec, _config_taps(spec.config).values())
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
             try:
                 proc = process.spawn(
-                    argv, stdout=log_file, stderr=log_file, user=spec.user, netns=spec.netns, join=spec.join
+                    argv,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=[fd for fds in spec.tap_fds.values() for fd in fds],
+                    user=spec.user,
+                    uid=spec.uid,
+                    gid=spec.gid,
+                    groups=spec.groups,
+                    netns=spec.netns,
+                    join=spec.join,
                 )
             except ProcessError as exc:
                 raise HypervisorStartError(f"{spec.name}: cannot start qemu: {exc}") from exc
@@ -670,7 +712,7 @@ class Qemu:
                     "write_ops": int(stats.get("wr_operations", 0)),
                 }
         host_side = _net_dev_stats(handle.pid)
-        for ident, tap in _taps_of(handle.pid).items():
+        for ident, tap in (_taps_of(handle.pid) | _recorded_taps(handle.vm_dir)).items():
             if tap in host_side:
                 rx_bytes, rx_packets, tx_bytes, tx_packets = host_side[tap]
                 # What the host sends into the TAP is what the guest receives, and the other way round.
@@ -780,7 +822,9 @@ class Qemu:
         if not source.is_file():
             raise HypervisorStartError(f"{spec.name}: {source} is missing; this is no qemu snapshot")
         config, keep = wire_serial(spec.config, spec.vm_dir)
-        argv = build_argv(config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary)
+        argv = build_argv(
+            config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
+        )
         argv += ["-incoming", "defer"]
         return self._launch(
             spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused, keep=keep)
@@ -934,6 +978,26 @@ def _taps_of(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return _taps_in(argv)
+
+
+def _config_taps(config: Mapping[str, Any]) -> dict[str, str]:
+    """net id -> TAP name of a runtime config's nets."""
+    nets = config.get("net") or []
+    return {
+        str(n.get("id", "")): str(n["tap"])
+        for n in nets
+        if isinstance(n, Mapping) and isinstance(n.get("tap"), str)
+    }
+
+
+def _recorded_taps(vm_dir: Path) -> dict[str, str]:
+    """net id -> TAP name from the runtime config the VM started with (TAPs passed as descriptors are not
+    named on QEMU's command line)."""
+    try:
+        config = json.loads((vm_dir / "vm-config.runtime.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return _config_taps(config) if isinstance(config, dict) else {}
 
 
 def _taps_in(argv: Sequence[str]) -> dict[str, str]:

@@ -26,7 +26,9 @@ def factory(
 
             binary = settings.binary if own else None
             made[backend] = CloudHypervisor(
-                resolve_binary(binary or "cloud-hypervisor"), serial_max_bytes=serial_max_bytes
+                resolve_binary(binary or "cloud-hypervisor"),
+                serial_max_bytes=serial_max_bytes,
+                landlock=settings.landlock,
             )
         elif backend == "qemu":
             from procurator.hypervisor.qemu import Qemu  # noqa: PLC0415

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
 from typing import Any
 
 from procurator.errors import ValidationError
+from procurator.jsonread import Reader
 from procurator.net.names import check_ifname
 
 DEFAULT_BRIDGE = "procurator0"
@@ -85,42 +85,26 @@ class NetworkConfig:
         return self.network.network_address + 1
 
     @classmethod
-    def parse(cls, data: Mapping[str, Any], *, source: str = "worker config") -> NetworkConfig:
+    def parse(cls, data: Any, *, source: str = "worker config") -> NetworkConfig:
         """Read the ``network`` object of the worker config; ValidationError names the offending field."""
-        if not isinstance(data, Mapping):
-            raise ValidationError(source, "network", "expected an object")
-        unknown = sorted(set(data) - set(_FIELDS))
-        if unknown:
-            raise ValidationError(
-                source, f"network.{unknown[0]}", f"unknown setting; known: {', '.join(_FIELDS)}"
-            )
+        return cls.read(Reader(source, data, "network"))
+
+    @classmethod
+    def read(cls, r: Reader) -> NetworkConfig:
+        """The ``network`` object `r` reads (`network.*` of the worker config)."""
+        r.only(_FIELDS, listed=_FIELDS)
         values: dict[str, Any] = {}
         for key in ("bridge", "subnet"):
-            if key in data:
-                values[key] = _string(data[key], source, key, optional=False)
+            if r.has(key):
+                values[key] = r.text(key, nonempty=True, what="a non-empty string")
         for key in ("gateway", "uplink", "netns"):
-            if key in data:
-                values[key] = _string(data[key], source, key, optional=True)
+            values[key] = r.opt_text(key, nonempty=True, what="a string or null")
         for key in ("nat", "isolate"):
-            if key in data:
-                if not isinstance(data[key], bool):
-                    raise ValidationError(
-                        source, f"network.{key}", f"expected true or false, not {data[key]!r}"
-                    )
-                values[key] = data[key]
+            values[key] = r.boolean(key, False)
         try:
             return cls(**values)
         except ValidationError as exc:  # re-issued naming the config file instead of the class
-            raise ValidationError(source, exc.field, exc.problem) from exc
+            raise ValidationError(r.source, exc.field, exc.problem) from exc
 
     def to_json(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in _FIELDS}
-
-
-def _string(value: Any, source: str, key: str, *, optional: bool) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        expected = "a string or null" if optional else "a non-empty string"
-        raise ValidationError(source, f"network.{key}", f"expected {expected}, not {value!r}")
-    return value

@@ -21,6 +21,7 @@ from ipaddress import AddressValueError, IPv4Address
 from pathlib import Path
 
 from procurator.errors import DamagedStateError, LeaseExhaustedError, ValidationError
+from procurator.jsonread import Reader
 from procurator.net.config import NetworkConfig
 from procurator.net.names import check_id, mac_address
 from procurator.state import atomic_write, read_json
@@ -72,29 +73,21 @@ class Leases:
 
     def _load(self) -> None:
         data = read_json(self.path, fix=REBUILD_FIX)
-        source = str(self.path)
-        if not isinstance(data, dict) or data.get("schema") != LEASES_SCHEMA:
-            raise ValidationError(source, "schema", f"expected a lease file of schema {LEASES_SCHEMA}")
-        table = data.get("leases")
-        if not isinstance(table, dict):
-            raise ValidationError(source, "leases", "expected an object of VM name -> {ip, mac}")
+        r = Reader.versioned(str(self.path), data, LEASES_SCHEMA, what="a lease file")
+        table = r.obj("leases", required=True, expected="an object of VM name -> {ip, mac}")
         seen: dict[int, str] = {}
-        for name, entry in table.items():
-            field = f"leases.{name}"
-            if not isinstance(entry, dict) or not isinstance(entry.get("ip"), str):
-                raise ValidationError(source, field, 'expected {"ip": ..., "mac": ...}')
-            mac = entry.get("mac")
+        for name in table.names():
+            entry = table.obj(name, expected='{"ip": ..., "mac": ...}')
+            text, mac = entry.text("ip"), entry.data.get("mac")
             if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac):
-                raise ValidationError(source, f"{field}.mac", f"{mac!r} is not a MAC like 02:00:00:00:00:01")
+                raise entry.fail("mac", f"{mac!r} is not a MAC like 02:00:00:00:00:01")
             try:
-                ip = IPv4Address(entry["ip"])
+                ip = IPv4Address(text)
             except (AddressValueError, ValueError) as exc:
-                raise ValidationError(
-                    source, f"{field}.ip", f"{entry['ip']!r} is not an IPv4 address"
-                ) from exc
+                raise entry.fail("ip", f"{text!r} is not an IPv4 address") from exc
             value = int(ip)
             if value in seen:
-                raise ValidationError(source, f"{field}.ip", f"{ip} is also leased to {seen[value]!r}")
+                raise entry.fail("ip", f"{ip} is also leased to {seen[value]!r}")
             seen[value] = name
             if not self._usable(value):
                 log.warning(

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import re
 
+from procurator import limits
 from procurator.errors import ValidationError
 
-IFNAMSIZ = 15  # usable characters of a Linux interface name
+IFNAMSIZ = limits.IFNAME_MAX  # usable characters of a Linux interface name (the kernel's IFNAMSIZ - 1)
 TAP_PREFIX = "pc-"
 ALIAS_PREFIX = "procurator"
 MAX_ID_LENGTH = 100
 
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_IFNAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{IFNAMSIZ - 1}}}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 _READABLE_RE = re.compile(r"[^a-z0-9]")
 

@@ -58,6 +58,7 @@ TUNSETPERSIST = 0x400454CB
 TUNSETOWNER = 0x400454CC
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
 IFF_NO_PI = 0x1000
 IFF_TUN_EXCL = 0x8000  # fail with EBUSY if a device of that name exists: create, never adopt
 IFF_UP = 0x1
@@ -524,6 +525,34 @@ class Netlink:
         except OSError as exc:
             raise NetworkError(f"creating TAP {name} in {self.where}: {_describe(exc)}") from exc
         return None if made is None else PendingTap(made[0], name, made[1])
+
+    def open_tap(self, name: str, queues: int) -> list[int]:
+        """Descriptors of `queues` queues of the existing TAP `name` (its owner need not be us), for a
+        hypervisor that gets its TAP as inherited or passed descriptors and so needs no /dev/net/tun of
+        its own. IFF_VNET_HDR as cloud-hypervisor's own open_tap asks it; IFF_MULTI_QUEUE for more than
+        one queue (the kernel refuses a mismatch with how the TAP was made). Close-on-exec: whoever
+        passes them on says so (pass_fds, SCM_RIGHTS). All or nothing."""
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+        request = struct.pack("16sH", name.encode(), flags)
+
+        def attach() -> list[int]:
+            fds: list[int] = []
+            try:
+                for _ in range(queues):
+                    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+                    fds.append(fd)
+                    fcntl.ioctl(fd, TUNSETIFF, request)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return fds
+
+        try:
+            return self.in_netns(attach)
+        except OSError as exc:
+            where = f"{queues} queues, in {self.where}"
+            raise NetworkError(f"opening TAP {name} ({where}): {_describe(exc)}") from exc
 
     # -- addresses and routes ------------------------------------------------------------------------
 

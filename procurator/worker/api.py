@@ -14,6 +14,16 @@ only routes them.
     GET  /history                   the deployment profile's generations
     POST /rollback                  {"to"?: N, "wait"?: ...} -> the ApplyResult (as `rollback --json`)
     POST /pause, /resume            {"vm": NAME} -> the VM as `ps --json` shows it (paused or running)
+    POST /up                        {"bundle": PATH, "backend"?: NAME, "wait"?: ...} -> Started (below)
+    POST /vm/NAME/stop              {} -> Stopped: {"schema", "name", "was_running", "graceful", "steps"}
+    POST /vm/NAME/start             {"wait"?: ...} -> Started: {"schema", "changed", "vm": the `ps` row}
+    POST /vm/NAME/down              {"purge"?: bool} -> Stopped, with "purged"
+    POST /vm/NAME/pause, /resume    {} -> Started ("changed": false when it already was)
+    POST /vm/NAME/snapshot          {"keep"?: N, "stay_paused"?: bool} -> {"schema", "snapshot": as --json}
+    POST /vm/NAME/restore           {"id"?: ID, "paused"?: bool, "wait"?: ...} -> {"schema", "snapshot": ID,
+                                    "vm": the `ps` row}
+                                    (worker/commands.py: the same results the commands make without a
+                                    worker; the daemon runs each under its work lock and the state lock)
     GET  /metrics                   Prometheus text exposition
     GET  /                          the status page (HTML, worker/status.py)
     GET  /vm/NAME                   one VM's page, with the tail of its serial log
@@ -45,6 +55,7 @@ from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from procurator import metrics, sockets
+from procurator.config import BACKENDS
 from procurator.errors import (
     ConfigError,
     ConflictError,
@@ -56,7 +67,7 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.lifecycle import WaitFor
-from procurator.worker import status
+from procurator.worker import commands, status
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,9 @@ class ForbiddenError(UsageError):
     """A status page action that is not allowed here (answered 403)."""
 
 
+_VM_VERBS = frozenset({"log", "stop", "start", "down", "pause", "resume", "snapshot", "restore"})
+
+
 def _route(path: str) -> tuple[str, str]:
     """The route a path takes, and the VM name in /vm/NAME paths ("" otherwise)."""
     parts = path.split("/")
@@ -77,8 +91,8 @@ def _route(path: str) -> tuple[str, str]:
         name = unquote(parts[2])
         if len(parts) == 3:
             return "/vm/*", name
-        if parts[3] == "log":
-            return "/vm/*/log", name
+        if parts[3] in _VM_VERBS:
+            return f"/vm/*/{parts[3]}", name
     return path, ""
 
 
@@ -103,12 +117,26 @@ def _status_of(exc: ProcuratorError) -> int:
 MAX_PATH = 4096  # PATH_MAX
 
 
-def _path_arg(value: str) -> Path:
-    """A deployment path from a request: absolute, without NUL, at most PATH_MAX bytes (else 400)."""
+def _path_arg(value: str, what: str = "deployment") -> Path:
+    """A deployment (bundle) path from a request: absolute, without NUL, at most PATH_MAX bytes (else 400)."""
     if not value.startswith("/") or "\0" in value or len(value.encode()) > MAX_PATH:
         shown = value if len(value) <= 80 else f"{value[:77]}..."
-        raise UsageError(f"deployment: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
+        raise UsageError(f"{what}: {shown!r} is not an absolute path of at most {MAX_PATH} bytes")
     return Path(value)
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{key}: {json.dumps(value)[:40]} is not true or false")
+    return value
+
+
+def _wait_arg(body: dict[str, Any]) -> WaitFor | None:
+    wait = body.get("wait")
+    if wait is not None and wait not in {w.value for w in WaitFor}:
+        raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
+    return WaitFor(wait) if wait else None
 
 
 class Service(Protocol):
@@ -149,6 +177,24 @@ class Service(Protocol):
 
     def rollback(self, to: int | None = None, wait: WaitFor | None = None) -> Any: ...
 
+    # the VM commands (worker/commands.py): each answers its result's to_json()
+
+    def up_vm(self, bundle_path: Path, *, backend: str | None, wait: WaitFor | None) -> dict[str, Any]: ...
+
+    def stop_vm(self, name: str) -> dict[str, Any]: ...
+
+    def start_vm(self, name: str, *, wait: WaitFor | None) -> dict[str, Any]: ...
+
+    def down_vm(self, name: str, *, purge: bool) -> dict[str, Any]: ...
+
+    def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]: ...
+
+    def snapshot_vm(self, name: str, *, keep: int | None, stay_paused: bool) -> dict[str, Any]: ...
+
+    def restore_vm(
+        self, name: str, *, ident: str | None, paused: bool, wait: WaitFor | None
+    ) -> dict[str, Any]: ...
+
 
 # --- the server --------------------------------------------------------------------------------------
 
@@ -160,6 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60.0  # a client that stops sending (or reading) mid-request is dropped after this
     query: dict[str, list[str]]
     name: str  # the NAME of /vm/NAME routes
+    body_read: bool  # whether this request's body was read (else an error answer reads it first)
     sys_version = ""
 
     # Routes: path -> {method: handler name}
@@ -176,6 +223,14 @@ class _Handler(BaseHTTPRequestHandler):
         "/": {"GET": "get_page"},
         "/vm/*": {"GET": "get_vm_page"},
         "/vm/*/log": {"GET": "get_vm_log"},
+        "/up": {"POST": "post_up"},
+        "/vm/*/stop": {"POST": "post_vm_stop"},
+        "/vm/*/start": {"POST": "post_vm_start"},
+        "/vm/*/down": {"POST": "post_vm_down"},
+        "/vm/*/pause": {"POST": "post_vm_pause"},
+        "/vm/*/resume": {"POST": "post_vm_resume"},
+        "/vm/*/snapshot": {"POST": "post_vm_snapshot"},
+        "/vm/*/restore": {"POST": "post_vm_restore"},
         "/actions/restart": {"POST": "post_restart"},
         "/actions/apply": {"POST": "post_apply_desired"},
         "/actions/rollback": {"POST": "post_rollback"},
@@ -204,6 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        self.body_read = False
         url = urlsplit(self.path)
         route, self.name = _route(url.path)
         routes = self.ROUTES.get(route)
@@ -245,10 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         if not isinstance(body, dict) or not isinstance(body.get("deployment"), str):
             raise UsageError('POST /apply expects {"deployment": "<store path>"}')
-        wait = body.get("wait")
-        if wait is not None and wait not in {w.value for w in WaitFor}:
-            raise UsageError(f"wait: {wait!r} is not one of {', '.join(w.value for w in WaitFor)}")
-        report = worker.apply(_path_arg(body["deployment"]), wait=WaitFor(wait) if wait else None)
+        report = worker.apply(_path_arg(body["deployment"]), wait=_wait_arg(body))
         self._json(200, report.to_json())
 
     def post_rollback_to(self, worker: Service) -> None:
@@ -267,6 +320,65 @@ class _Handler(BaseHTTPRequestHandler):
 
     def post_resume(self, worker: Service) -> None:
         self._json(200, worker.pause(self._vm_name(), pause=False))
+
+    # --- the VM commands ---
+
+    def post_up(self, worker: Service) -> None:
+        body = self._body()
+        if not isinstance(body, dict) or not isinstance(body.get("bundle"), str):
+            raise UsageError('POST /up expects {"bundle": "<store path>", "backend"?: ..., "wait"?: ...}')
+        backend = body.get("backend")
+        if backend is not None and backend not in BACKENDS:
+            raise UsageError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        bundle = _path_arg(body["bundle"], "bundle")
+        self._json(200, worker.up_vm(bundle, backend=backend, wait=_wait_arg(body)))
+
+    def post_vm_stop(self, worker: Service) -> None:
+        self._command_body("stop")
+        self._json(200, worker.stop_vm(self._named()))
+
+    def post_vm_start(self, worker: Service) -> None:
+        body = self._command_body("start", '{"wait"?: "none"|"booted"|"healthy"}')
+        self._json(200, worker.start_vm(self._named(), wait=_wait_arg(body)))
+
+    def post_vm_down(self, worker: Service) -> None:
+        body = self._command_body("down", '{"purge"?: true|false}')
+        self._json(200, worker.down_vm(self._named(), purge=_flag(body, "purge")))
+
+    def post_vm_pause(self, worker: Service) -> None:
+        self._command_body("pause")
+        self._json(200, worker.pause_vm(self._named(), pause=True))
+
+    def post_vm_resume(self, worker: Service) -> None:
+        self._command_body("resume")
+        self._json(200, worker.pause_vm(self._named(), pause=False))
+
+    def post_vm_snapshot(self, worker: Service) -> None:
+        body = self._command_body("snapshot", '{"keep"?: N, "stay_paused"?: true|false}')
+        keep = body.get("keep")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise UsageError(f"keep: {json.dumps(keep)[:40]} is not a number of snapshots (1 or more)")
+        stay = _flag(body, "stay_paused")
+        self._json(200, worker.snapshot_vm(self._named(), keep=keep, stay_paused=stay))
+
+    def post_vm_restore(self, worker: Service) -> None:
+        body = self._command_body("restore", '{"id"?: "<snapshot id>", "paused"?: true|false, "wait"?: ...}')
+        ident = body.get("id")
+        if ident is not None and not isinstance(ident, str):
+            raise UsageError(f"id: {json.dumps(ident)[:40]} is not a snapshot id")
+        ident = None if ident is None else commands.check_snapshot_id(ident)
+        paused, wait = _flag(body, "paused"), _wait_arg(body)
+        self._json(200, worker.restore_vm(self._named(), ident=ident, paused=paused, wait=wait))
+
+    def _command_body(self, verb: str, shape: str = "{}") -> dict[str, Any]:
+        """The JSON object a /vm/NAME/VERB request carries (an empty body is {})."""
+        body = {} if self.headers.get("Content-Length") in (None, "0") else self._body()
+        if not isinstance(body, dict):
+            raise UsageError(f"POST /vm/NAME/{verb} expects {shape}")
+        return body
+
+    def _named(self) -> str:
+        return commands.check_name(self.name)
 
     def _vm_name(self) -> str:
         body = self._body()
@@ -325,6 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit() or int(length) > MAX_BODY:
             raise UsageError("a form body with Content-Length is required")
+        self.body_read = True
         form = status.parse_form(self.rfile.read(int(length)))
         worker.csrf.check(form)
         return form
@@ -344,16 +457,30 @@ class _Handler(BaseHTTPRequestHandler):
         size = int(length)
         if size > MAX_BODY:
             raise UsageError(f"the body is larger than {MAX_BODY} bytes")
+        self.body_read = True
         raw = self.rfile.read(size)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"the body is not JSON: {exc}") from exc
 
+    def _skip_body(self) -> None:
+        """Read and drop the body of a request refused before its body was read, so that the connection
+        can carry the next request (and the client can finish sending); one too large to read: closed."""
+        if self.body_read:
+            return
+        self.body_read = True
+        length = self.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) <= MAX_BODY and not self.headers.get("Transfer-Encoding"):
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
     def _json(self, status: int, body: Any) -> None:
         self._send(status, (json.dumps(body, sort_keys=True) + "\n").encode(), "application/json")
 
     def _error(self, status: int, kind: str, message: str, *, allow: str | None = None) -> None:
+        self._skip_body()
         self._send(status, (json.dumps({"error": message, "type": kind}) + "\n").encode(), "application/json",
                    allow=allow)  # fmt: skip
 
@@ -363,6 +490,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if allow is not None:
             self.send_header("Allow", allow)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

@@ -2,9 +2,11 @@
 
 `WorkerClient` talks to the daemon (worker/api.py) with httpx over its UNIX socket
 (`httpx.HTTPTransport(uds=...)`); connection failures become `WorkerUnavailableError`, error answers
-`WorkerApiError` with the daemon's message. `listing` is the one read that `procurator ps` makes of a
-running worker: the standard library's http.client on the socket, so that a `ps` answered by the worker
-does not pay httpx's import.
+`WorkerApiError` with the daemon's message. The VM commands (`vm_up`, `vm_stop`, ...: the `Commands`
+of worker/commands.py) answer typed results, and their errors come back as the command's own: the
+daemon's one line and the exit code the command has when it does the work itself. `listing` is the one
+read that `procurator ps` makes of a running worker: the standard library's http.client on the
+socket, so that a `ps` answered by the worker does not pay httpx's import.
 """
 
 from __future__ import annotations
@@ -12,16 +14,28 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-from procurator import sockets
+from procurator import errors, sockets
 from procurator.errors import WaitTimeoutError, WorkerApiError, WorkerUnavailableError
+from procurator.worker.commands import (
+    Restored,
+    Snapshotted,
+    Started,
+    Stopped,
+    check_name,
+    check_snapshot_id,
+    rows_of,
+)
 
 if TYPE_CHECKING:
     import httpx
 
     from procurator.lifecycle import WaitFor
+    from procurator.models import Bundle
 
 CLIENT_TIMEOUT = 10.0
 APPLY_TIMEOUT = 1800.0  # a reconcile boots VMs and waits for their health checks
@@ -86,6 +100,59 @@ class WorkerClient:
     def history(self) -> Any:
         return self._request("GET", "/history").json()
 
+    # --- the VM commands (worker/commands.py `Commands`) ---
+
+    def vm_up(self, bundle: Bundle, *, backend: str | None, wait: WaitFor) -> Started:
+        body: dict[str, Any] = {"bundle": str(bundle.path), "wait": wait.value}
+        if backend is not None:
+            body["backend"] = backend
+        return Started.from_json(*self._command("/up", body))
+
+    def vm_stop(self, name: str) -> Stopped:
+        return Stopped.from_json(*self._command(_vm(name, "stop"), {}))
+
+    def vm_start(self, name: str, *, wait: WaitFor) -> Started:
+        return Started.from_json(*self._command(_vm(name, "start"), {"wait": wait.value}))
+
+    def vm_down(self, name: str, *, purge: bool) -> Stopped:
+        return Stopped.from_json(*self._command(_vm(name, "down"), {"purge": purge}))
+
+    def vm_pause(self, name: str, *, pause: bool) -> Started:
+        return Started.from_json(*self._command(_vm(name, "pause" if pause else "resume"), {}))
+
+    def vm_snapshot(self, name: str, *, keep: int | None, stay_paused: bool) -> Snapshotted:
+        body: dict[str, Any] = {"stay_paused": stay_paused}
+        if keep is not None:
+            body["keep"] = keep
+        return Snapshotted.from_json(*self._command(_vm(name, "snapshot"), body))
+
+    def vm_restore(self, name: str, *, ident: str | None, paused: bool, wait: WaitFor) -> Restored:
+        body: dict[str, Any] = {"paused": paused, "wait": wait.value}
+        if ident is not None:
+            body["id"] = check_snapshot_id(ident)
+        return Restored.from_json(*self._command(_vm(name, "restore"), body))
+
+    def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        listed = self._request("GET", "/vms").json()
+        rows = listed.get("vms") if isinstance(listed, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise errors.ValidationError(
+                f"GET /vms on {self.api_socket}", "vms", "expected a list of objects"
+            )
+        return rows_of(rows, names)
+
+    def _command(self, path: str, body: dict[str, Any]) -> tuple[Any, str]:
+        """POST one VM command; (the answer's JSON, where it came from). An error answer is raised as
+        the command's own error (`CommandError`)."""
+        try:
+            response = self._request("POST", path, json=body, timeout=COMMAND_TIMEOUT)
+        except WorkerApiError as exc:
+            raise CommandError(exc) from exc
+        try:
+            return response.json(), f"POST {path} on {self.api_socket}"
+        except ValueError as exc:
+            raise WorkerApiError(f"POST {path}", response.status_code, "the answer is not JSON") from exc
+
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 
@@ -100,6 +167,11 @@ class WorkerClient:
         except httpx.TimeoutException as exc:
             raise WaitTimeoutError(
                 f"the worker to answer {method} {path}", _seconds(self._client, timeout)
+            ) from exc
+        except httpx.RemoteProtocolError as exc:  # it took the request, then went away (stopped, killed)
+            raise WorkerUnavailableError(
+                f"the worker on {self.api_socket} went away during {method} {path} ({exc}); "
+                "run the command again (without a worker it does the work itself)"
             ) from exc
         except httpx.TransportError as exc:
             raise WorkerUnavailableError(
@@ -118,6 +190,26 @@ class WorkerClient:
             str(message or response.text.strip() or response.reason_phrase),
             kind=str(body.get("type", "")) if isinstance(body, dict) else "",
         )
+
+
+COMMAND_TIMEOUT = APPLY_TIMEOUT  # a stop waits for the guest's shutdown, a start maybe for its health checks
+
+
+def _vm(name: str, verb: str) -> str:
+    return f"/vm/{quote(check_name(name), safe='')}/{verb}"
+
+
+class CommandError(WorkerApiError):
+    """A VM command the worker refused or that failed in it, reported as the command reports it when it
+    does the work itself: the daemon's message alone, and that error class's exit code (the API's `type`)."""
+
+    def __init__(self, exc: WorkerApiError) -> None:
+        message = exc.message.removeprefix(f"worker: {exc.request}: ")
+        super().__init__(exc.request, exc.status, message, kind=exc.kind)
+        self.message = message
+        kind = getattr(errors, exc.kind, None)
+        if isinstance(kind, type) and issubclass(kind, errors.ProcuratorError):
+            self.exit_code = kind.exit_code
 
 
 def _seconds(client: httpx.Client, timeout: float | None) -> float:

@@ -17,6 +17,10 @@ daemon restarted it before (unit-tested with a fake clock), driven by a thin loo
 - crash loop: once `maxRestarts` restarts happened within `Limits.window`, the daemon gives up: the
   VM's record gets desired "failed" and `last_exit` says why; `procurator start` boots it again.
 
+The VM commands (`up`, `stop`, `start`, `down`, `pause`, `resume`, `snapshot`, `restore`) come to a running
+daemon over its API (worker/commands.py) and run under its work lock, so no supervision pass acts on a
+VM a command is changing; a command run without the daemon is kept apart by the state lock as below.
+
 The daemon holds the state lock only while it mutates (one restart, one give-up, the start-up sweep;
 reconcile takes it itself), never while it sleeps, so CLI commands keep working beside it; before it
 acts it reads the record again under the lock and does nothing if a command changed the VM meanwhile.
@@ -31,6 +35,7 @@ record), then adopts the VMs whose pid and start time are alive and whose hyperv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import resource
 import threading
@@ -48,7 +53,7 @@ from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle, Deployment, Restart
 from procurator.state import VmRecord
 from procurator.supervision import DEFAULT_INTERVAL, DEFAULT_POLL, Decision, ExitKind, Limits, Verdict, decide
-from procurator.worker import api, probes, status, views
+from procurator.worker import api, commands, probes, status, views
 from procurator.worker.exits import Exit, Tracked, observe_exit, reap
 from procurator.worker.records import RecordCache
 from procurator.worker.views import ApplyReport, Figures
@@ -102,7 +107,8 @@ class Worker:
         self._tracked: dict[str, Tracked] = {}
         self._pids = process.PidWatch()
         self._records = RecordCache(host.state)
-        self._listing = RecordCache(host.state)  # GET /vms's own (the API's threads, under its lock)
+        # GET /vms, /status and /metrics's own (the API's threads, under its lock)
+        self._listing = RecordCache(host.state, log_damage=False, share=self._records)
         self._listing_lock = threading.Lock()
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
@@ -112,10 +118,13 @@ class Worker:
         self._durations = metrics.Histogram()
         self._restarted_total = 0
         self._watchdog_kills = 0
-        self.watchdog = Watchdog(host, settings.watchdog, clock=clock)
+        self.watchdog = Watchdog(host, settings.watchdog, clock=clock, records=self._listed)
         self.counters = metrics.CountersCache(host.hypervisors, ttl=settings.counters_ttl)
+        self.processes = metrics.ProcessCache(clock=clock)  # /proc figures of /metrics and GET /status
         self._servers: list[api.Server] = []
-        self.health = probes.HealthWatch(host, every=settings.health_every, wall=wall)
+        self.health = probes.HealthWatch(
+            host, every=settings.health_every, wall=wall, listing=lambda: self.listing().statuses
+        )
         self.csrf = status.Csrf()
 
     # --- running ---------------------------------------------------------------------------------
@@ -124,6 +133,7 @@ class Worker:
         """Serve the API, sweep, adopt and reconcile, then supervise until `stop()`."""
         self.host.state.ensure()
         _raise_open_files_limit()
+        _tune_malloc()
         self._servers = api.serve(
             self, self.settings.api_socket, self.settings.metrics_listen, self.settings.status_listen
         )
@@ -302,6 +312,56 @@ class Worker:
         with self._working(timeout=WORK_WAIT):
             (lifecycle.pause if pause else lifecycle.resume)(self.host, name)
         return next(s.to_json() for s in lifecycle.status(self.host) if s.record.name == name)
+
+    # --- the VM commands (worker/commands.py; POST /up, /vm/NAME/VERB) ---------------------------------
+    #
+    # Each runs under the work lock (no supervision pass or reconcile meanwhile) and, inside lifecycle,
+    # the state lock; then supervision of that VM starts afresh. `stop` and `down` write the VM's desired
+    # state before it goes down, so supervision never restarts it; `start` boots it and supervision takes
+    # it from there (a VM the worker gave up on, desired "failed", is supervised again).
+
+    def up_vm(self, bundle_path: Path, *, backend: str | None, wait: WaitFor | None) -> dict[str, Any]:
+        bundle = Bundle.load(bundle_path)
+        with self._working(timeout=WORK_WAIT):
+            started = commands.Here(self.host).vm_up(bundle, backend=backend, wait=wait or WaitFor.BOOTED)
+            self._tracked.pop(started.name, None)
+        return started.to_json()
+
+    def stop_vm(self, name: str) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            stopped = commands.Here(self.host).vm_stop(name)
+            self._tracked.pop(name, None)
+        return stopped.to_json()
+
+    def start_vm(self, name: str, *, wait: WaitFor | None) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            started = commands.Here(self.host).vm_start(name, wait=wait or WaitFor.BOOTED)
+            self._tracked.pop(name, None)
+        return started.to_json()
+
+    def down_vm(self, name: str, *, purge: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            stopped = commands.Here(self.host).vm_down(name, purge=purge)
+            self._tracked.pop(name, None)
+        return stopped.to_json()
+
+    def pause_vm(self, name: str, *, pause: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            return commands.Here(self.host).vm_pause(name, pause=pause).to_json()
+
+    def snapshot_vm(self, name: str, *, keep: int | None, stay_paused: bool) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            return commands.Here(self.host).vm_snapshot(name, keep=keep, stay_paused=stay_paused).to_json()
+
+    def restore_vm(
+        self, name: str, *, ident: str | None, paused: bool, wait: WaitFor | None
+    ) -> dict[str, Any]:
+        with self._working(timeout=WORK_WAIT):
+            restored = commands.Here(self.host).vm_restore(
+                name, ident=ident, paused=paused, wait=wait or WaitFor.BOOTED
+            )
+            self._tracked.pop(name, None)
+        return restored.to_json()
 
     def _reconcile(self, trigger: str, deployment: Deployment, wait: WaitFor) -> ApplyReport:
         started, began = self.wall(), self.clock()
@@ -546,11 +606,16 @@ class Worker:
         )
 
     def status_json(self) -> dict[str, Any]:
-        return views.status_json(self.figures(), self.host)
+        return views.status_json(self.figures(), self.host, self.listing(), self.processes)
 
-    def vms_json(self) -> dict[str, Any]:
-        """GET /vms: the VMs exactly as `procurator ps --json` lists them, from records parsed again only
-        when they changed (the answer `ps` asks a running worker for)."""
+    def _listed(self) -> list[VmRecord]:
+        with self._listing_lock:
+            return self._listing.records()
+
+    def listing(self) -> views.Listing:
+        """`lifecycle.listing` from records parsed again only when they changed (GET /vms, /status and
+        /metrics, the watchdog's and the health probes' rounds: a thousand records are not read and
+        parsed again at every request and round)."""
         with self._listing_lock:
             records = self._listing.records()
             damaged = list(self._listing.damaged.values())
@@ -558,16 +623,18 @@ class Worker:
         statuses = [
             lifecycle.classify(r, r.pid > 0 and process.alive(r.pid, r.start_time), now) for r in records
         ]
-        rows = [s.to_json() for s in lifecycle.with_usage(self.host, statuses)]
-        rows += [lifecycle.damaged_json(d) for d in damaged]
-        rows.sort(key=lambda row: str(row["name"]))
-        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": rows}
+        return views.Listing(lifecycle.with_usage(self.host, statuses), damaged)
+
+    def vms_json(self) -> dict[str, Any]:
+        """GET /vms: the VMs exactly as `procurator ps --json` lists them (the answer `ps` asks a running
+        worker for)."""
+        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": views.vms_json(self.listing())}
 
     def supervision_json(self) -> dict[str, Any]:
         return views.supervision_json(self.figures())
 
     def metrics_text(self) -> str:
-        return views.metrics_text(self.figures(), self.host, self.counters)
+        return views.metrics_text(self.figures(), self.listing(), self.counters, self.processes)
 
     # --- the status page (worker/status.py) --------------------------------------------------------
 
@@ -636,6 +703,35 @@ def _raise_open_files_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# glibc's mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_ARENAS = 2
+MALLOC_THRESHOLD = 128 * 1024
+
+
+def _tune_malloc() -> None:
+    """Keep the daemon's resident memory from ratcheting up with every request (glibc only).
+
+    Each request runs on a new thread and builds megabyte-sized answers (/metrics, /status): with
+    glibc's defaults each thread may get an arena of its own, and once a large block is freed the
+    mmap threshold rises to its size, so later ones come from the arenas and their freed pages stay
+    resident. A fixed threshold (large blocks mapped and unmapped), trimming at that size and two
+    arenas keep a daemon with a thousand VMs megabytes smaller. Without glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in (
+        (_M_ARENA_MAX, MALLOC_ARENAS),
+        (_M_MMAP_THRESHOLD, MALLOC_THRESHOLD),
+        (_M_TRIM_THRESHOLD, MALLOC_THRESHOLD),
+    ):
+        if mallopt(param, value) != 1:
+            log.debug("mallopt(%d, %d) refused", param, value)
 
 
 def _load_deployment(path: Path) -> Deployment:

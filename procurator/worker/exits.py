@@ -76,6 +76,8 @@ def observe_exit(record: VmRecord, hypervisor: Hypervisor, *, alive: bool | None
             found = describe_exit(*status)
             if said is GuestEnd.PANIC:
                 return Exit(ExitKind.CRASHED, f"guest panicked; {found.detail}")
+            if said is GuestEnd.RESET:  # a landlocked cloud-hypervisor exits 1 at a reset (architecture.md)
+                return Exit(ExitKind.CRASHED, RESET_DETAIL)
             return found
     if said is GuestEnd.PANIC:
         return Exit(ExitKind.CRASHED, "guest panicked")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ PROBE_EVERY = 10.0  # seconds between two rounds
 PROBE_PARALLEL = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seen:
     ok: bool
     detail: str  # what failed, or "" when every check passed
@@ -44,8 +44,11 @@ class HealthWatch:
         every: float = PROBE_EVERY,
         wall: Callable[[], float],
         probe: Callable[[HealthCheck, str, str | None], str | None] = health.probe,
+        listing: Callable[[], Sequence[lifecycle.VmStatus]] | None = None,
     ) -> None:
         self.host = host
+        # the daemon's listing, from records parsed again only when they changed (default: read again)
+        self.listing = listing or (lambda: lifecycle.listing(host)[0])
         self.every = every
         self.wall = wall
         self.probe = probe
@@ -75,7 +78,7 @@ class HealthWatch:
 
     def round(self) -> None:
         """Probe every running VM once (bounded: each check by its own timeout, PROBE_PARALLEL at once)."""
-        statuses, _ = lifecycle.listing(self.host)
+        statuses = self.listing()
         running = [
             s.record
             for s in statuses

@@ -14,8 +14,10 @@ log = logging.getLogger("procurator.worker")
 class RecordCache:
     """The VM records, parsed again only when their file changed (every write replaces the file)."""
 
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, *, log_damage: bool = True, share: RecordCache | None = None) -> None:
         self.state = state
+        self.log_damage = log_damage  # one cache of the daemon's says so: a damage is logged once
+        self.share = share  # another cache whose record of the same file is taken rather than parsed again
         self._seen: dict[str, tuple[tuple[int, int, int], VmRecord]] = {}
         self.damaged: dict[str, Damaged] = {}  # VMs set aside: their record cannot be read
 
@@ -35,7 +37,10 @@ class RecordCache:
                 continue
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
             cached = self._seen.get(name)
-            if cached is not None and cached[0] == key:
+            if cached is None or cached[0] != key:
+                cached = self.share._seen.get(name) if self.share is not None else None
+            if cached is not None and cached[0] == key:  # records are frozen: shared between threads
+                self._seen[name] = cached
                 out.append(cached[1])
                 continue
             try:
@@ -57,6 +62,6 @@ class RecordCache:
 
     def _set_aside(self, bad: Damaged) -> None:
         known = self.damaged.get(bad.name)
-        if known is None or known.error.message != bad.error.message:  # once per damage, not every pass
+        if self.log_damage and (known is None or known.error.message != bad.error.message):  # once
             log.error("%s: not supervised: %s", bad.name, bad.error)
         self.damaged[bad.name] = bad

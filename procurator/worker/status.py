@@ -12,18 +12,20 @@ forms carrying the page's CSRF token, and only over the UNIX socket or from a lo
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-import jinja2
-
 from procurator.errors import UsageError
+
+if TYPE_CHECKING:
+    import jinja2
 
 LOG_LINES = 200  # lines of the serial log a VM page starts with
 LOG_CHUNK = 64 * 1024  # at most this many new bytes per GET /vm/NAME/log
@@ -43,14 +45,25 @@ def _duration(seconds: object) -> str:
     return f"{s}s"
 
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("procurator.worker", "templates"),
-    autoescape=True,  # every value is text: a VM's serial output or name never becomes markup
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_ENV.filters["duration"] = _duration
+@functools.cache
+def _env() -> jinja2.Environment:
+    """The templates' environment, made when a page is first asked for: jinja2 costs the daemon
+    megabytes of memory, and most workers never serve a page."""
+    import jinja2  # noqa: PLC0415 - deferred on purpose, see above
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("procurator.worker", "templates"),
+        autoescape=True,  # every value is text: a VM's serial output or name never becomes markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["duration"] = _duration
+    return env
+
+
+def _template(name: str) -> jinja2.Template:
+    return _env().get_template(name)
 
 
 class Csrf:
@@ -96,7 +109,7 @@ def index(status: Mapping[str, Any], history: Mapping[str, Any], *, actions: boo
     details = status.get("details", {})
     generations = list(history.get("generations", []))
     now = float(status["worker"]["started_at"]) + float(status["worker"]["uptime"])
-    return _ENV.get_template("index.html").render(
+    return _template("index.html").render(
         worker=status["worker"],
         vms=[_row(vm, details.get(vm["name"], {}), now) for vm in status["vms"]],
         last_apply=status["worker"].get("last_apply"),
@@ -118,7 +131,7 @@ def vm_page(
     now: float | None = None,
 ) -> str:
     when = time.time() if now is None else now
-    return _ENV.get_template("vm.html").render(
+    return _template("vm.html").render(
         vm=_row(vm, details, when), lines=lines, offset=offset, actions=actions, csrf=csrf
     )
 

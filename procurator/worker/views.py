@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
 from procurator import lifecycle, metrics
 from procurator.lifecycle import Host
 from procurator.models import Deployment
-from procurator.state import Damaged
+from procurator.state import Damaged, VmRecord
 from procurator.supervision import Verdict, recent
 from procurator.worker.exits import Tracked
 from procurator.worker.probes import Seen
@@ -85,7 +89,12 @@ def supervision_json(fig: Figures) -> dict[str, Any]:
     return out
 
 
-def status_json(fig: Figures, host: Host) -> dict[str, Any]:
+def status_json(
+    fig: Figures,
+    host: Host,
+    listing: Listing,
+    processes: metrics.ProcessCache,
+) -> dict[str, Any]:
     deployment = fig.desired
     return {
         "worker": {
@@ -104,24 +113,38 @@ def status_json(fig: Figures, host: Host) -> dict[str, Any]:
             "restarts": fig.restarted_total,
             "watchdog_kills": fig.watchdog_kills,
         },
-        "vms": vms_json(host),
-        "details": details_json(fig, host),
+        "vms": vms_json(listing),
+        "details": details_json(fig, listing, processes),
         "supervision": supervision_json(fig),
     }
 
 
-def vms_json(host: Host) -> list[dict[str, Any]]:
-    statuses, damaged = lifecycle.listing(host)
-    rows = [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged]
+@dataclass(frozen=True)
+class Listing:
+    """The VMs at one moment, as `lifecycle.listing` gives them (the daemon's from its record cache)."""
+
+    statuses: Sequence[lifecycle.VmStatus]
+    damaged: Sequence[Damaged] = ()
+
+    @property
+    def running(self) -> list[VmRecord]:
+        return [s.record for s in self.statuses if s.status is lifecycle.Status.RUNNING]
+
+
+def vms_json(listing: Listing) -> list[dict[str, Any]]:
+    rows = [s.to_json() for s in listing.statuses] + [lifecycle.damaged_json(d) for d in listing.damaged]
     return sorted(rows, key=lambda row: str(row["name"]))
 
 
-def details_json(fig: Figures, host: Host) -> dict[str, dict[str, Any]]:
+def details_json(
+    fig: Figures, listing: Listing, processes: metrics.ProcessCache
+) -> dict[str, dict[str, Any]]:
     """What the status page shows beside `ps --json`'s fields: per VM its last exit, the health the
-    worker last saw (worker/probes.py), and its hypervisor's CPU time and resident memory."""
-    statuses, _ = lifecycle.listing(host)
+    worker last saw (worker/probes.py), and its hypervisor's CPU time and resident memory (the figures
+    /metrics reads too, from `processes`: /proc is read at most once per its ttl, not at every poll)."""
+    figures = processes.get(listing.running)
     out: dict[str, dict[str, Any]] = {}
-    for status in statuses:
+    for status in listing.statuses:
         r = status.record
         entry: dict[str, Any] = {
             "last_exit": r.last_exit,
@@ -130,114 +153,129 @@ def details_json(fig: Figures, host: Host) -> dict[str, dict[str, Any]]:
             "memory_bytes": None,
         }
         seen = fig.health.get(r.name)
-        if seen is not None and status.status is lifecycle.Status.RUNNING and seen.pid == r.pid:
+        running = status.status is lifecycle.Status.RUNNING
+        if seen is not None and running and seen.pid == r.pid:
             entry["health"] = seen.to_json()
-        if status.status is lifecycle.Status.RUNNING:
-            figures = metrics.process_figures(r.pid, r.start_time)
-            if figures is not None:
-                entry["cpu_seconds"] = round(figures.cpu_seconds, 2)
-                entry["memory_bytes"] = figures.rss_bytes
+        got = figures.get(r.name) if running else None
+        if got is not None:
+            entry["cpu_seconds"] = round(got.cpu_seconds, 2)
+            entry["memory_bytes"] = got.rss_bytes
         out[r.name] = entry
     return out
 
 
-def metrics_text(fig: Figures, host: Host, counters: metrics.CountersCache) -> str:
-    """The Prometheus exposition: one API call per VM at most (device counters, cached)."""
-    statuses, damaged = lifecycle.listing(host)
-    running = [s.record for s in statuses if s.status is lifecycle.Status.RUNNING]
-    families = vm_families(statuses, damaged)
-    families += metrics.device_families(counters.get(running))
-    families += worker_families(fig)
-    return metrics.render(families)
+class WorkerCollector(Collector):
+    """The worker's metrics as prometheus_client collects them: built from one `Figures` snapshot and
+    one `Listing` at each scrape, one family at a time (a thousand VMs' samples are never all held)."""
+
+    def __init__(
+        self,
+        fig: Figures,
+        listing: Listing,
+        counters: metrics.CountersCache,
+        processes: metrics.ProcessCache,
+    ) -> None:
+        self.fig = fig
+        self.listing = listing
+        self.counters = counters
+        self.processes = processes
+
+    def collect(self) -> Iterator[Metric]:
+        running = self.listing.running
+        # The device counters (one API call per VM at most, when not cached) are fetched while the
+        # per-VM families are built and written: the calls mostly wait for the hypervisors.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape") as one:
+            counters = one.submit(self.counters.get, running)
+            yield from vm_families(self.listing, self.processes.get(running))
+            yield from metrics.device_families(counters.result())
+        yield from worker_families(self.fig)
 
 
-def worker_families(fig: Figures) -> list[metrics.Family]:
-    p = metrics.PREFIX
-    total = metrics.Family(
-        p + "reconcile_total", "Reconciles run, by trigger and result.", metrics.MetricType.COUNTER
+def metrics_text(
+    fig: Figures, listing: Listing, counters: metrics.CountersCache, processes: metrics.ProcessCache
+) -> str:
+    """The Prometheus exposition (prometheus_client's text format)."""
+    return metrics.exposition(WorkerCollector(fig, listing, counters, processes)).decode()
+
+
+def worker_families(fig: Figures) -> Iterator[Metric]:
+    total = metrics.counter(
+        "reconcile_total", "Reconciles run, by trigger and result.", ("trigger", "result")
     )
     for (trigger, result), count in sorted(fig.reconciles.items()):
-        total.add(count, {"trigger": trigger, "result": result})
-    duration = metrics.Family(
-        p + "reconcile_duration_seconds", "How long reconciles took.", metrics.MetricType.HISTOGRAM
-    )
+        total.add_metric((trigger, result), count)
+    yield total
+    duration = metrics.histogram("reconcile_duration_seconds", "How long reconciles took.")
     fig.durations.add_to(duration)
-    success = metrics.Family(
-        p + "last_apply_success",
-        "Whether the last reconcile succeeded (1) or not (0).",
-        metrics.MetricType.GAUGE,
-    )
-    stamp = metrics.Family(
-        p + "last_apply_timestamp_seconds",
-        "When the last reconcile started (Unix time).",
-        metrics.MetricType.GAUGE,
-    )
+    yield duration
+    success = metrics.gauge("last_apply_success", "Whether the last reconcile succeeded (1) or not (0).")
+    stamp = metrics.gauge("last_apply_timestamp_seconds", "When the last reconcile started (Unix time).")
     if fig.last_apply is not None:
-        success.add(1 if fig.last_apply.success else 0)
-        stamp.add(fig.last_apply.started_at)
-    restarts = metrics.Family(
-        p + "worker_restarts_total",
-        "VM restarts this daemon made after exits.",
-        metrics.MetricType.COUNTER,
+        success.add_metric((), 1 if fig.last_apply.success else 0)
+        stamp.add_metric((), fig.last_apply.started_at)
+    yield success
+    yield stamp
+    restarts = metrics.counter("worker_restarts_total", "VM restarts this daemon made after exits.")
+    restarts.add_metric((), fig.restarted_total)
+    yield restarts
+    kills = metrics.counter(
+        "watchdog_kills_total", "Hypervisors the worker killed because they stopped answering their API."
     )
-    restarts.add(fig.restarted_total)
-    kills = metrics.Family(
-        p + "watchdog_kills_total",
-        "Hypervisors the worker killed because they stopped answering their API.",
-        metrics.MetricType.COUNTER,
-    )
-    kills.add(fig.watchdog_kills)
-    up = metrics.Family(
-        p + "worker_start_time_seconds", "When the daemon started (Unix time).", metrics.MetricType.GAUGE
-    )
-    up.add(fig.started_at)
-    return [total, duration, success, stamp, restarts, kills, up]
+    kills.add_metric((), fig.watchdog_kills)
+    yield kills
+    up = metrics.gauge("worker_start_time_seconds", "When the daemon started (Unix time).")
+    up.add_metric((), fig.started_at)
+    yield up
 
 
-def vm_families(
-    statuses: Sequence[lifecycle.VmStatus], damaged: Sequence[Damaged] = ()
-) -> list[metrics.Family]:
-    p, kind = metrics.PREFIX, metrics.MetricType
-    up = metrics.Family(p + "vm_up", "Whether the VM's hypervisor runs (1) or not (0).", kind.GAUGE)
-    state = metrics.Family(p + "vm_state", "The VM's state (1 for its current one).", kind.GAUGE)
-    uptime = metrics.Family(p + "vm_uptime_seconds", "Seconds since the VM's hypervisor started.", kind.GAUGE)
-    restarts = metrics.Family(
-        p + "vm_restarts_total", "Times the VM was restarted after an exit.", kind.COUNTER
+def vm_families(listing: Listing, figures: Mapping[str, metrics.ProcessFigures]) -> Iterator[Metric]:
+    """The per-VM families, each built in its own pass over the VMs and yielded before the next."""
+    statuses = listing.statuses
+    running = [s for s in statuses if s.status is lifecycle.Status.RUNNING]
+    up = metrics.gauge(
+        "vm_up", "Whether the VM's hypervisor runs (1) or not (0).", ("vm", "generation", "backend")
     )
-    cpu = metrics.Family(
-        p + "vm_cpu_seconds_total", "CPU time of the VM's hypervisor process (all threads).", kind.COUNTER
+    for s in statuses:
+        runs = 1 if s.status is lifecycle.Status.RUNNING else 0
+        up.add_metric((s.record.name, s.record.generation, s.record.backend), runs)
+    yield up
+    state = metrics.gauge("vm_state", "The VM's state (1 for its current one).", ("vm", "state"))
+    for s in statuses:
+        state.add_metric((s.record.name, s.state), 1)
+    for bad in listing.damaged:  # set aside: not supervised until `procurator down NAME`
+        state.add_metric((bad.name, lifecycle.DAMAGED), 1)
+    yield state
+    uptime = metrics.gauge("vm_uptime_seconds", "Seconds since the VM's hypervisor started.", ("vm",))
+    for s in running:
+        if s.uptime is not None:
+            uptime.add_metric((s.record.name,), max(0.0, s.uptime))
+    yield uptime
+    restarts = metrics.counter("vm_restarts_total", "Times the VM was restarted after an exit.", ("vm",))
+    for s in statuses:
+        restarts.add_metric((s.record.name,), s.record.restarts)
+    yield restarts
+    cpu = metrics.counter(
+        "vm_cpu_seconds_total", "CPU time of the VM's hypervisor process (all threads).", ("vm",)
     )
-    rss = metrics.Family(
-        p + "vm_memory_rss_bytes", "Resident memory of the VM's hypervisor process.", kind.GAUGE
+    rss = metrics.gauge("vm_memory_rss_bytes", "Resident memory of the VM's hypervisor process.", ("vm",))
+    for s in running:
+        got = figures.get(s.record.name)
+        if got is not None:
+            cpu.add_metric((s.record.name,), got.cpu_seconds)
+            rss.add_metric((s.record.name,), got.rss_bytes)
+    yield cpu
+    yield rss
+    memory = metrics.gauge(
+        "vm_cgroup_memory_bytes", "Memory the VM's cgroup uses (all its processes).", ("vm",)
     )
-    memory = metrics.Family(p + "vm_cgroup_memory_bytes", "Memory the VM's cgroup uses (all its processes).",
-                            kind.GAUGE)  # fmt: skip
-    limit = metrics.Family(
-        p + "vm_cgroup_memory_limit_bytes", "The memory limit of the VM's cgroup.", kind.GAUGE
-    )
-    ooms = metrics.Family(p + "vm_oom_kills_total", "OOM kills inside the VM's cgroup.", kind.COUNTER)
-    for status in statuses:
-        r = status.record
-        vm = {"vm": r.name}
-        up.add(
-            1 if status.status is lifecycle.Status.RUNNING else 0,
-            {**vm, "generation": r.generation, "backend": r.backend},
-        )
-        state.add(1, {**vm, "state": status.state})
-        restarts.add(r.restarts, vm)
-        if status.status is not lifecycle.Status.RUNNING:
-            continue
-        if status.uptime is not None:
-            uptime.add(max(0.0, status.uptime), vm)
-        figures = metrics.process_figures(r.pid, r.start_time)
-        if figures is not None:
-            cpu.add(figures.cpu_seconds, vm)
-            rss.add(figures.rss_bytes, vm)
-        if status.usage is not None:  # from its cgroup
-            memory.add(status.usage.memory_bytes, vm)
-            if status.usage.memory_max is not None:
-                limit.add(status.usage.memory_max, vm)
-            ooms.add(status.usage.oom_kills, vm)
-    for bad in damaged:  # set aside: not supervised until `procurator down NAME`
-        state.add(1, {"vm": bad.name, "state": lifecycle.DAMAGED})
-    return [up, state, uptime, restarts, cpu, rss, memory, limit, ooms]
+    limit = metrics.gauge("vm_cgroup_memory_limit_bytes", "The memory limit of the VM's cgroup.", ("vm",))
+    ooms = metrics.counter("vm_oom_kills_total", "OOM kills inside the VM's cgroup.", ("vm",))
+    for s in running:
+        if s.usage is not None:  # from its cgroup
+            memory.add_metric((s.record.name,), s.usage.memory_bytes)
+            if s.usage.memory_max is not None:
+                limit.add_metric((s.record.name,), s.usage.memory_max)
+            ooms.add_metric((s.record.name,), s.usage.oom_kills)
+    yield memory
+    yield limit
+    yield ooms

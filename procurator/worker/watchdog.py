@@ -27,13 +27,13 @@ from procurator.state import VmRecord
 
 log = logging.getLogger("procurator.worker")
 
-PING_PARALLEL = 8
+PING_PARALLEL = 4  # more only contend for the interpreter's lock
 DETAIL = "hypervisor stopped answering its API"
 
 Key = tuple[str, int, int]  # (name, pid, start time): counts belong to one process
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failing:
     count: int  # failed pings in a row
     since: float  # monotonic time of the first of them
@@ -47,10 +47,13 @@ class Watchdog:
         settings: WatchdogSettings,
         *,
         clock: Callable[[], float],
+        records: Callable[[], list[VmRecord]] | None = None,
     ) -> None:
         self.host = host
         self.settings = settings
         self.clock = clock
+        # the daemon's records, parsed again only when they changed (default: every record read again)
+        self.records = records or (lambda: host.state.scan()[0])
         self._failing: dict[Key, Failing] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -76,7 +79,7 @@ class Watchdog:
 
     def round(self) -> None:
         """Ping every supervised VM's hypervisor once (each within `timeout`)."""
-        records, _ = self.host.state.scan()
+        records = self.records()
         watched = [
             r for r in records if r.desired == "running" and r.pid > 0 and process.alive(r.pid, r.start_time)
         ]

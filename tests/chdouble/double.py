@@ -27,6 +27,9 @@ What it copies from cloud-hypervisor (v53/v54 sources: `cloud-hypervisor/src/mai
 - disks: vm.boot opens and types each disk image for real, as make_virtio_block_device does, and from v46
   locks it (an OFD lock) while the VM exists (tests/chdouble/disk.py).
 - before v47 an error answer is one text, not the JSON array (README.md, "error answers before v47").
+- Landlock (v41+): vm.create with `landlock_enable` makes the one VMM thread (`VmmThread`, which serves
+  every request) restrict itself for real to the config's paths and `landlock_rules`, as
+  `VmConfig::apply_landlock` does (tests/chdouble/landlock.py), so what no rule allows fails to open.
 - events: pretty-printed JSON objects `{"timestamp": {"secs", "nanos"}, "source", "event", "properties"}`
   separated by a blank line, as the real event monitor writes them.
 
@@ -53,6 +56,8 @@ Knobs (environment):
   CHDOUBLE_HANG_AFTER      seconds after the API is first served at which the VMM thread hangs for good:
                            connections are still accepted, no request is answered, SIGTERM is not acted
                            on (only SIGKILL ends it); a test knob, no cloud-hypervisor rule
+  CHDOUBLE_LANDLOCK_PROBE  a path the VMM thread tries to open once it is landlocked, logging the outcome;
+                           a test knob, no cloud-hypervisor rule
   CHDOUBLE_VERSION         the release to act as, a major number from 40 to 53 (default 53): gates flags
                            and rules as that release's code does (see tests/chdouble/README.md)
 """
@@ -61,8 +66,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import io
 import json
 import os
+import queue
 import signal
 import socket
 import socketserver
@@ -74,8 +82,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, ClassVar
 
+from tests.chdouble import landlock
 from tests.chdouble.disk import DiskOpener, OpenDisk, close_disks, device_manager, lock_disks
-from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, io_error, rust_str
+from tests.chdouble.tap import ChainError, RustError, TapOpener, boot_chain, from_tap_fds, io_error, rust_str
 from tests.chdouble.validate import validate
 
 MAX_PAYLOAD_SIZE = 51200  # micro_http (the micro-http crate cloud-hypervisor pins): larger bodies get 400
@@ -104,6 +113,7 @@ FAULTS = frozenset({"die-at-start", "no-answer", "die-on-boot", "ignore-power-bu
 DEFAULT_MEMORY = 512 << 20
 
 API_ERROR = "Error from API"
+FDS_HELPER_SINCE = 49  # http_endpoint.rs: attach_fds_to_cfg's warning from v49, "Ignoring FDs .." before
 PREFIX = "/api/v1/"
 
 # Route kinds, after vmm/src/api/http/mod.rs: which handler serves the endpoint decides what a wrong
@@ -188,6 +198,7 @@ class Settings:
     release: int = DEFAULT_RELEASE
     guest_reset: float | None = None
     hang_after: float | None = None
+    landlock_probe: str = ""
 
     @classmethod
     def from_env(cls, *, no_shutdown: bool) -> Settings:
@@ -212,6 +223,7 @@ class Settings:
             hang_after=_seconds("CHDOUBLE_HANG_AFTER", -1.0)
             if os.environ.get("CHDOUBLE_HANG_AFTER")
             else None,
+            landlock_probe=os.environ.get("CHDOUBLE_LANDLOCK_PROBE", ""),
         )
 
 
@@ -303,7 +315,8 @@ class SpecCheck:
         try:
             from tests.support import chspec  # noqa: PLC0415 - heavy import, off the start-up path
 
-            chspec.validator("VmConfig")
+            for name in ("VmConfig", *SNAPSHOT_ROUTES.values()):  # built before any Landlock restriction
+                chspec.validator(name)
             self._errors = chspec.errors
         except Exception as exc:  # reported on every vm.create instead
             self._failure = f"{type(exc).__name__}: {exc}"
@@ -336,6 +349,13 @@ def _url_to_path(url: str, text: str, variant: str) -> str | RustError:
     return path
 
 
+def _console_error(exc: OSError) -> RustError:
+    """vmm/src/lib.rs `VmError::CreateConsoleDevices` over vmm/src/console_devices.rs
+    `ConsoleDeviceError::CreateConsoleDevice` (v53.0) over the io error."""
+    inner = RustError("CreateConsoleDevice", "Error creating console device", io_error(exc))
+    return RustError("CreateConsoleDevices", "Error creating console devices", inner)
+
+
 def _json(status: int, value: Any) -> Answer:
     return Answer(status, json.dumps(value).encode())
 
@@ -357,6 +377,7 @@ BEFORE_V47 = {
     "Resume": "embed",
     "MigratablePause": "embed",
     "MigratableResume": "embed",
+    "ApplyLandlock": "embed",  # vm.rs v41.0-v46.0: "Failed to apply landlock config during vm_create: {0}"
 }
 
 
@@ -422,17 +443,23 @@ class Vmm:
         self.serial_pending = b""
         self.ptys: list[int] = []  # the main ends of Pty consoles, held as the VMM holds them
         self.tap_fds: list[int] = []  # the TAP queues of the VM's virtio-net devices, while the VM exists
+        self.passed_fds: list[int] = []  # descriptors vm.add-net was sent, kept while the VM's config is
         self.disks: list[OpenDisk] = []  # the images of the VM's virtio-block devices, while the VM exists
+        self.landlocked = False  # the VMM thread restricted itself at vm.create (tests/chdouble/landlock.py)
         self.lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
     # --- routing (vmm/src/api/http) -------------------------------------------------------------
 
-    def dispatch(self, method: str, path: str, body: bytes | None) -> Answer:
+    @staticmethod
+    def _route(path: str) -> str:
         if path.startswith("http://"):  # absolute form: micro_http keeps only the path
             rest = path[len("http://") :]
             path = rest[rest.find("/") :] if "/" in rest else ""
-        name = path[len(PREFIX) :] if path.startswith(PREFIX) else ""
+        return path[len(PREFIX) :] if path.startswith(PREFIX) else ""
+
+    def dispatch(self, method: str, path: str, body: bytes | None) -> Answer:
+        name = self._route(path)
         kind = ROUTES.get(name)
         if kind is None:
             return _errors(404, "Not Found")
@@ -460,9 +487,23 @@ class Vmm:
         action: Callable[[], Answer] = getattr(self, "op_" + name.replace(".", "_").replace("-", "_"))
         return action()
 
-    def answer(self, method: str, path: str, body: bytes | None) -> Answer:
-        """`dispatch`, and from v52 error_response's log line (vmm/src/api/http/mod.rs)."""
-        answer = self.dispatch(method, path, body)
+    def answer(self, method: str, path: str, body: bytes | None, files: Sequence[int] = ()) -> Answer:
+        """`dispatch`, and from v52 error_response's log line (vmm/src/api/http/mod.rs). `files` are the
+        descriptors the request came with (micro_http's `Request::files`): vm.add-net takes them, every
+        other handler drops them (closed)."""
+        left = list(files)
+        try:
+            route = self._route(path)
+            if route == "vm.add-net" and method == "PUT":
+                answer = self.op_vm_add_net(body, left)
+            elif route == "vm.restore" and method == "PUT":
+                answer = self._with_body(route, SNAPSHOT_ROUTES[route], body, left)
+            else:
+                answer = self.dispatch(method, path, body)
+        finally:
+            for fd in left:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if self.settings.release >= ERROR_RESPONSE_LOG_SINCE and answer.status >= 400 and answer.body:
             with contextlib.suppress(ValueError):
                 chain = json.loads(answer.body)
@@ -481,22 +522,32 @@ class Vmm:
             return _errors(400, "Failed to deserialize JSON", str(exc))
         return _errors(500, API_ERROR, f"chdouble: {name} is not simulated")
 
-    def _with_body(self, name: str, schema: str, body: bytes | None) -> Answer:
+    def _with_body(
+        self, name: str, schema: str, body: bytes | None, files: list[int] | None = None
+    ) -> Answer:
         """`vm_action_put_handler_body!` (vmm/src/api/http/http_endpoint.rs): no body is 400, a body serde
-        cannot read is 400 ["Failed to deserialize JSON", ..]; checked against our schema (stricter)."""
+        cannot read is 400 ["Failed to deserialize JSON", ..]; checked against our schema (stricter).
+        vm.restore's `net_fds` is taken out first: `RestoreConfig` (vmm/src/config.rs) has it, the official
+        OpenAPI spec our schema follows does not."""
         if body is None:
             return BAD_REQUEST
         try:
             request = json.loads(body)
         except ValueError as exc:
             return _errors(400, "Failed to deserialize JSON", str(exc))
+        net_fds = request.pop("net_fds", None) if isinstance(request, dict) and name == "vm.restore" else None
         try:
             problems = self.spec.errors(schema, request)
         except SpecUnavailableError as exc:
             return _errors(500, "chdouble: cannot validate against the cloud-hypervisor spec", str(exc))
         if problems:
             return _errors(400, "Failed to deserialize JSON", *problems)
-        return self.op_vm_snapshot(request) if name == "vm.snapshot" else self.op_vm_restore(request)
+        if name == "vm.snapshot":
+            return self.op_vm_snapshot(request)
+        restored = _restored_nets(net_fds, files if files is not None else [])
+        if isinstance(restored, Answer):
+            return restored
+        return self.op_vm_restore(request, restored, files if files is not None else [])
 
     # --- endpoints ------------------------------------------------------------------------------
 
@@ -512,6 +563,56 @@ class Vmm:
                     "features": list(FEATURES),
                 },
             )
+
+    def op_vm_add_net(self, body: bytes | None, files: list[int]) -> Answer:
+        """vm.add-net: vmm/src/api/http/http_endpoint.rs `VmAddNet` (v40.0: a body's `fds` are dropped
+        with "Ignoring FDs sent via the HTTP request body", the request's descriptors become `fds`; v53.0:
+        the same through `attach_fds_to_cfg`), then vmm/src/lib.rs `vm_add_net`: no VM is VmNotCreated,
+        the config with the net added is validated (`VmConfig::validate`, tests/chdouble/validate.py),
+        and on a VM created but not booted the net is added to its config (`add_to_config`), answered 204.
+        Hot-adding to a booted VM is not simulated."""
+        if body is None:
+            return BAD_REQUEST
+        try:
+            net = json.loads(body)
+        except ValueError as exc:
+            return _errors(400, "Failed to deserialize JSON", str(exc))
+        if not isinstance(net, dict):
+            return _errors(400, "Failed to deserialize JSON", "invalid type: expected struct NetConfig")
+        try:
+            problems = self.spec.errors("NetConfig", net)
+        except SpecUnavailableError as exc:
+            return _errors(500, "chdouble: cannot validate against the cloud-hypervisor spec", str(exc))
+        if problems:
+            return _errors(400, "Failed to deserialize JSON", *problems)
+        if net.pop("fds", None) is not None:
+            if self.settings.release >= FDS_HELPER_SINCE:  # fds_helper: the device id's Debug form
+                ident = net.get("id")
+                shown = f"Some({rust_str(ident)})" if isinstance(ident, str) else "None"
+                text = f"FD numbers were present in HTTP request body for device {shown} but will be ignored"
+            else:
+                text = "Ignoring FDs sent via the HTTP request body"
+            self.log.warn_at("vmm/src/api/http/http_endpoint.rs", text)
+        api = "The network device could not be added to the VM"
+        with self.lock:
+            self.log.info_at("vmm/src/api/mod.rs:1445", "API request event: VmAddNet")
+            if self.config is None:
+                return self._fail(500, api, "VM is not created")
+            if files:
+                net["fds"], files[:] = list(files), []
+            candidate = copy.deepcopy(self.config)
+            candidate.setdefault("net", []).append(net)
+            invalid = validate(candidate, self.settings.release, self.log.warn_at)
+            if invalid is not None:
+                for fd in net.get("fds") or []:
+                    files.append(fd)  # dropped with the request
+                return self._fail(500, api, invalid)
+            if self.state is not None:
+                files.extend(net.get("fds") or [])
+                return _errors(500, API_ERROR, "chdouble: vm.add-net on a booted VM is not simulated")
+            self.config.setdefault("net", []).append(net)
+            self.passed_fds.extend(net.get("fds") or [])
+            return NO_CONTENT
 
     def create(self, body: bytes | None) -> Answer:
         if body is None:
@@ -538,7 +639,28 @@ class Vmm:
             if refused is not None:
                 return refused
             self.config = config
+            if config.get("landlock_enable") and self.settings.release >= landlock.LANDLOCK_SINCE:
+                return self._apply_landlock(config)
             return NO_CONTENT
+
+    def _apply_landlock(self, config: dict[str, Any]) -> Answer:
+        """vmm/src/lib.rs `vm_create` (v41.0-v53.0): once the config is stored and the consoles exist, the
+        VMM thread restricts itself to the config's paths (`VmConfig::apply_landlock`); a failure answers
+        `VmError::ApplyLandlock` and leaves the config stored, as the real one does."""
+        failed = landlock.restrict(landlock.config_rules(config, self.settings.release))
+        if failed is not None:
+            error = RustError("ApplyLandlock", "Failed to apply landlock config during vm_create", failed)
+            return self._fail(500, "The VM could not be created", error)
+        self.landlocked = True
+        probe = self.settings.landlock_probe
+        if probe:  # CHDOUBLE_LANDLOCK_PROBE: a test knob, no cloud-hypervisor rule
+            try:
+                with open(probe, "rb"):
+                    outcome = "opened"
+            except OSError as exc:
+                outcome = f"refused: {exc.strerror} (os error {exc.errno})"
+            self.log.info_at("chdouble", f"CHDOUBLE_LANDLOCK_PROBE {probe}: {outcome}")
+        return NO_CONTENT
 
     def _warn_net_defaults(self, config: dict[str, Any]) -> None:
         """v48 vmm/src/vm_config.rs: serde calls default_netconfig_ip/mask for a net entry without them,
@@ -590,11 +712,7 @@ class Vmm:
                 try:
                     self._bind_serial(device.get("socket") or "")
                 except OSError as exc:
-                    return self._fail(
-                        500,
-                        api,
-                        RustError("CreateConsoleDevices", "Error creating console devices", io_error(exc)),
-                    )
+                    return self._fail(500, api, _console_error(exc))
             elif device.get("mode") == "Pty":
                 main_fd, sub_fd = os.openpty()
                 device["file"] = os.ttyname(sub_fd)
@@ -608,7 +726,7 @@ class Vmm:
         """Listen on the serial socket; one client at a time, a new connection replaces the old one.
         Before the first client, output is dropped, and from v53 kept and replayed on connect."""
         self._close_serial()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # under Landlock the removal fails, and bind then finds it
             os.unlink(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
@@ -685,9 +803,12 @@ class Vmm:
                 return self._fail(500, "The VM could not boot", failed)
             payload = self.config.get("payload") or {}
             for key, what in (("kernel", "kernel"), ("initramfs", "initramfs"), ("firmware", "firmware")):
-                if key in payload and not os.access(payload[key], os.R_OK):
+                try:  # opened for real, so that Landlock applies (Vm::new's payload thread)
+                    if key in payload:
+                        os.close(os.open(payload[key], os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as exc:
                     self._close_devices()
-                    cause = RustError("Os", "No such file or directory (os error 2)")
+                    cause = io_error(exc)
                     return self._fail(
                         500,
                         "The VM could not boot",
@@ -726,8 +847,7 @@ class Vmm:
             )
         failed = self._open_disks()
         if failed is None:
-            net = self._open_taps()
-            failed = boot_chain(net) if net is not None else None
+            failed = self._open_taps()
         if failed is not None:
             self._close_devices()
         return failed
@@ -765,6 +885,16 @@ class Vmm:
         assert self.config is not None
         opener = TapOpener(self.settings.release, self.log.warn_at)
         for net in self.config.get("net") or []:
+            if not net.get("tap") and net.get("fds") and not net.get("vhost_user"):
+                self.log.info_at(
+                    "vmm/src/device_manager.rs:2929",
+                    f"Creating virtio-net device: NetConfig {{ tap: None, fds: Some({net['fds']}), .. }}",
+                )
+                try:
+                    self.tap_fds.extend(from_tap_fds(self.settings.release, net["fds"]))
+                except ChainError as exc:
+                    return exc.error  # the whole chain: from_tap_fds is not open_tap
+                continue
             if not net.get("tap") or net.get("vhost_user") or net.get("fds"):
                 continue
             self.log.info_at(
@@ -775,7 +905,7 @@ class Vmm:
             try:
                 self.tap_fds.extend(opener.open_tap(net))
             except ChainError as exc:
-                return exc.error
+                return boot_chain(exc.error)
         return None
 
     def _close_devices(self) -> None:
@@ -955,7 +1085,12 @@ class Vmm:
                     out.write(data)
         return None
 
-    def op_vm_restore(self, request: dict[str, Any]) -> Answer:
+    def op_vm_restore(
+        self,
+        request: dict[str, Any],
+        net_fds: list[dict[str, Any]] | None = None,
+        files: list[int] | None = None,
+    ) -> Answer:
         """`Vmm::vm_restore` on a VMM without a VM (else "VM is already created"): config.json and
         state.json read from the `file://` directory (`recv_vm_config`, `recv_vm_state`), the config
         validated and the devices made as `Vm::new` does at boot (consoles pre-created, TAPs opened by the
@@ -974,6 +1109,18 @@ class Vmm:
             snapshot = self._recv(url, SNAPSHOT_STATE_FILE, "VM state")
             if isinstance(snapshot, RustError):
                 return self._fail(500, api, RustError("Restore", "Cannot restore VM", snapshot))
+            invalid = _restore_validate(net_fds, config)
+            if invalid is not None:  # lib.rs vm_restore: VmError::ConfigValidation
+                refused = RustError("ConfigValidation", "Failed to validate config", invalid)
+                return self._fail(500, api, refused)
+            for restored in net_fds or []:  # lib.rs vm_restore: only nets backed by descriptors
+                for net in config.get("net") or []:
+                    if net.get("id") == restored["id"] and net.get("fds") is not None:
+                        net["fds"] = list(restored["fds"])
+            taken = [fd for restored in net_fds or [] for fd in restored["fds"]]
+            if files is not None:
+                files[:] = [fd for fd in files if fd not in taken]
+            self.passed_fds.extend(taken)
             self.config = config
             failed = self._restore_vm(config)
             if failed is not None:
@@ -995,6 +1142,20 @@ class Vmm:
         if invalid is not None:
             return self._fail(500, api, invalid)
         failed = self._create_devices()  # Vm::new with the snapshot
+        if (
+            failed is None
+            and config.get("landlock_enable")
+            and self.settings.release >= landlock.LANDLOCK_SINCE
+        ):
+            # vmm/src/lib.rs vm_restore (v41.0-v53.0): the restored config's rules, after Vm::new
+            failed = landlock.restrict(landlock.config_rules(config, self.settings.release))
+            if failed is not None:
+                self._close_devices()
+                failed = RustError(
+                    "ApplyLandlock", "Failed to apply landlock config during vm_create", failed
+                )
+            else:
+                self.landlocked = True
         if failed is None:
             self.events.emit("vm", "restoring")  # Vm::restore: the disk locks again, then the vCPUs
             failed = self._lock_disks()
@@ -1086,8 +1247,12 @@ class Vmm:
                 with contextlib.suppress(OSError), open(device["file"], "w"):
                     pass
             elif key == "serial" and device.get("mode") == "Socket":
-                with contextlib.suppress(OSError):
+                try:
                     self._bind_serial(device.get("socket") or "")
+                except OSError as exc:  # e.g. under Landlock, which grants no MakeSock in its directory
+                    self._cancel_poweroff()
+                    self.state = None
+                    return _console_error(exc)
         failed = self._create_devices() or self._lock_disks()
         if failed is not None:
             self._cancel_poweroff()
@@ -1158,6 +1323,10 @@ class Vmm:
         if self.state is not None:
             self._vm_shutdown()
         self.config = None
+        fds, self.passed_fds = self.passed_fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.events.emit("vm", "deleted")
 
     def _vmm_shutdown(self) -> None:
@@ -1244,6 +1413,81 @@ class Vmm:
         return tree
 
 
+class VmmThread:
+    """The VMM thread (vmm/src/lib.rs `start_vmm_thread`): the HTTP threads hand it each request and wait
+    for its answer (vmm/src/api/mod.rs `ApiRequest`), so what it restricts itself to at vm.create
+    (Landlock) holds for every later request and for the threads it starts."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[
+            tuple[Callable[[], Answer], list[Answer | BaseException], threading.Event]
+        ]
+        self._requests = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="vmm", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            work, result, done = self._requests.get()
+            try:
+                result.append(work())
+            except BaseException as exc:  # handed back to the HTTP thread that asked
+                result.append(exc)
+            done.set()
+
+    def call(self, work: Callable[[], Answer]) -> Answer:
+        result: list[Answer | BaseException] = []
+        done = threading.Event()
+        self._requests.put((work, result, done))
+        done.wait()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+
+def _restored_nets(net_fds: Any, files: list[int]) -> list[dict[str, Any]] | Answer | None:
+    """vm.restore's `net_fds` with the request's descriptors given out in order, `num_fds` each
+    (vmm/src/api/http/http_endpoint.rs `VmRestore`: v40.0 by hand, v53.0 `attach_fds_to_cfgs`); another
+    count of descriptors than their sum is 400 Bad Request."""
+    if net_fds is None:
+        return None
+    if not isinstance(net_fds, list) or not all(
+        isinstance(n, dict) and isinstance(n.get("id"), str) and isinstance(n.get("num_fds"), int)
+        for n in net_fds
+    ):
+        return _errors(400, "Failed to deserialize JSON", "net_fds: expected [{id, num_fds}]")
+    if sum(n["num_fds"] for n in net_fds) != len(files):
+        return BAD_REQUEST
+    out, start = [], 0
+    for n in net_fds:
+        out.append({"id": n["id"], "num_fds": n["num_fds"], "fds": files[start : start + n["num_fds"]]})
+        start += n["num_fds"]
+    return out
+
+
+def _restore_validate(net_fds: list[dict[str, Any]] | None, config: dict[str, Any]) -> RustError | None:
+    """vmm/src/config.rs `RestoreConfig::validate` (v40.0, v53.0; the texts the same from v40): every net of
+    the snapshot's config backed by descriptors needs a `net_fds` entry of its id with as many."""
+    given: dict[str, dict[str, Any]] = {}
+    for n in net_fds or []:
+        if n["id"] in given:
+            return RustError("IdentifierNotUnique", f"Identifier {n['id']} is not unique")
+        given[n["id"]] = n
+    for net in config.get("net") or []:
+        fds = net.get("fds")
+        if fds is None:
+            continue
+        ident = str(net.get("id"))
+        found = given.pop(ident, None)
+        if found is None:
+            text = f"Net id {ident} is associated with FDs and is required"
+            return RustError("RestoreMissingRequiredNetId", text)
+        if found["num_fds"] != len(fds):
+            passed = found["num_fds"]
+            text = f"Number of Net FDs passed for '{ident}' during Restore: {passed}. Expected: {len(fds)}"
+            return RustError("RestoreNetFdCountMismatch", text)
+    return None
+
+
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """micro_http stand-in: HTTP/1.1 with keep-alive on an already listening UNIX socket."""
 
@@ -1255,6 +1499,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.socket.close()
         self.socket = listener
         self.vmm = vmm
+        self.vmm_thread = VmmThread()
         self.recorder = recorder
         self.accepted_at: dict[int, float] = {}  # connection fd -> when it was accepted
 
@@ -1270,6 +1515,29 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         )
 
 
+SCM_MAX_FD = 253  # the most descriptors one recvmsg takes (micro_http's connection.rs, the kernel's)
+
+
+class _FdReader(io.RawIOBase):
+    """A connection's bytes as micro_http reads them (src/connection.rs `recv_with_fds`, at the commits
+    cloud-hypervisor v40.0 and v53.0 pin): each read also takes the descriptors sent with the bytes, and
+    they wait on the connection (`files`) for the request they complete."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        super().__init__()
+        self.connection = connection
+        self.files: list[int] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data, fds, _flags, _address = socket.recv_fds(self.connection, len(buffer), SCM_MAX_FD)
+        self.files.extend(fds)
+        buffer[: len(data)] = data
+        return len(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     _arrived = 0.0
@@ -1280,6 +1548,8 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.server
         assert isinstance(server, ApiServer)
         self._accepted = server.accepted_at.pop(self.connection.fileno(), None)
+        self._files = _FdReader(self.connection)
+        self.rfile = io.BufferedReader(self._files)
 
     def parse_request(self) -> bool:
         # When the request reached the double: for the first request on a connection, when the connection
@@ -1333,7 +1603,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         received = self._arrived or time.monotonic()
-        threading.current_thread().name = "vmm"  # the real VMM thread serves API requests one by one
+        threading.current_thread().name = "http-server"  # the VMM thread (VmmThread) answers
         server = self.server
         assert isinstance(server, ApiServer)
         body: bytes | None = None
@@ -1357,7 +1627,9 @@ class _Handler(BaseHTTPRequestHandler):
                 answer = _micro_http_error("Invalid request.")
         if answer is None:
             try:
-                answer = server.vmm.answer(self.command, self.path, body)
+                command, path = self.command, self.path
+                files, self._files.files = self._files.files, []
+                answer = server.vmm_thread.call(lambda: server.vmm.answer(command, path, body, files))
             except Exception as exc:  # a bug in the double: say so rather than drop the connection
                 server.vmm.log.error_at("chdouble", f"internal error: {exc!r}")
                 answer = _errors(500, "chdouble: internal error", repr(exc))
@@ -1468,6 +1740,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _landlock_flags(argv: Sequence[str], acting_as: int) -> str:
+    """clap's refusals of `--landlock`/`--landlock-rules` (cloud-hypervisor/src/main.rs; src/main.rs to
+    v49): unknown before v41; from v44 in the `vm-config` group, which `.requires("vm-payload")`, so only
+    with `--kernel`, `--firmware` or `--igvm`. The usage lines after the first are not copied."""
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    flags = [f for f in ("--landlock", "--landlock-rules") if f in given]
+    if not flags:
+        return ""
+    if acting_as < landlock.LANDLOCK_SINCE:
+        return (
+            f"error: unexpected argument '{flags[0]}' found\n\nUsage: cloud-hypervisor [OPTIONS]\n\n"
+            "For more information, try '--help'."
+        )
+    if acting_as >= landlock.PAYLOAD_REQUIRED_SINCE and not {"--kernel", "--firmware", "--igvm"} & set(given):
+        return (
+            "error: the following required arguments were not provided:\n  <--firmware <firmware>|--kernel "
+            "<kernel>>\n\nUsage: cloud-hypervisor [OPTIONS]\n\nFor more information, try '--help'."
+        )
+    return ""
+
+
 def _option(value: str, keys: tuple[str, ...]) -> dict[str, str]:
     """cloud-hypervisor's OptionParser for `k=v,k=v` values (only `keys` are known)."""
     found: dict[str, str] = {}
@@ -1504,6 +1797,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "For more information, try '--help'.",
             file=sys.stderr,
         )
+        return 2
+    refused = _landlock_flags(args_list, acting_as)
+    if refused:
+        print(refused, file=sys.stderr)
         return 2
     args = parse_args(args_list)
     if args.version:

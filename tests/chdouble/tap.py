@@ -387,3 +387,56 @@ class TapOpener:
 
     def _set_vnet_hdr_size(self, fd: int) -> None:
         self._ioctl(fd, TUNSETVNETHDRSZ, bytearray(struct.pack("i", VNET_HDR_LEN)))
+
+
+TUNGETIFF = 0x800454D2
+
+
+def from_tap_fds(release: int, fds: list[int]) -> list[int]:
+    """virtio-devices/src/net.rs `Net::from_tap_fds` (v40.0, v53.0): each descriptor vm.add-net was sent
+    is dup()ed ("so that it can survive reboots") and made a `Tap` by net_util/src/tap.rs
+    `Tap::from_tap_fd`: O_NONBLOCK, TUNGETIFF (the descriptor must be an attached TAP), TUNSETIFF with
+    IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (| IFF_MULTI_QUEUE for more than one pair; EEXIST, an attached
+    descriptor's answer, is ignored), then the vnet header size. The descriptors are the double's own
+    duplicates; all closed again if one fails. Errors as `boot_chain` builds them, with `TapError` or
+    `DuplicateTapFd` in place of `OpenTap`."""
+    opener = TapOpener(release, lambda _where, _text: None)
+    pairs = len(fds)
+    made: list[int] = []
+
+    def fail(net: RustError) -> ChainError:
+        for fd in made:
+            os.close(fd)
+        chain = RustError(
+            "DeviceManager",
+            "Error from device manager",
+            RustError("CreateVirtioNet", "Cannot create virtio-net device", net),
+        )
+        return ChainError(chain)
+
+    for fd in fds:
+        try:
+            copy = os.dup(fd)
+        except OSError as exc:
+            raise fail(RustError("DuplicateTapFd", "Error calling dup() on tap fd", io_error(exc))) from None
+        made.append(copy)
+        try:
+            flags = fcntl.fcntl(copy, fcntl.F_GETFL)
+            fcntl.fcntl(copy, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        except OSError as exc:
+            tap = RustError("ConfigureTap", "Unable to configure tap interface", io_error(exc))
+            raise fail(RustError("TapError", "Using existing tap", tap)) from None
+        try:
+            ifreq = opener._ioctl(copy, TUNGETIFF, _ifreq(b""))
+            flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
+            request = _ifreq(bytes(ifreq[:IFNAMSIZ]), struct.pack("H", flags))
+            try:
+                fcntl.ioctl(copy, TUNSETIFF, request, True)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    tap = RustError("ConfigureTap", "Unable to configure tap interface", io_error(exc))
+                    raise ChainError(tap) from None
+            opener._set_vnet_hdr_size(copy)
+        except ChainError as exc:
+            raise fail(RustError("TapError", "Using existing tap", exc.error)) from None
+    return made

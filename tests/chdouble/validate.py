@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tests.chdouble.landlock import LANDLOCK_SINCE, validate_rules
 from tests.chdouble.tap import RustError
 
 VALIDATION_FAILED = "Failed to validate config"  # vmm/src/vm.rs Error::ConfigValidation (v47+)
@@ -119,6 +120,13 @@ class _Validator:
             raise RefusedError("VsockSpecialCid", f"{vsock['cid']} is a special VSOCK CID")
         if isinstance(vsock, dict):
             self.identifier(vsock.get("id"))
+        if self.release >= LANDLOCK_SINCE:  # after the platform checks, last but ivshmem (v41.0-v53.0)
+            refused = validate_rules(self.config)
+            if refused is not None:
+                variant = (
+                    "InvalidLandlockAccess" if refused.startswith("Invalid") else "LandlockPathDoesNotExist"
+                )
+                raise RefusedError(variant, refused)
 
     def payload(self) -> None:
         """v48+: `PayloadConfig::validate` (vmm/src/vm_config.rs): a kernel or a firmware, not both; with a
@@ -250,8 +258,8 @@ class _Validator:
 
     def net(self, net: dict[str, Any]) -> None:
         """The net loop of `VmConfig::validate`, then `NetConfig::validate`, then the id (v40-v53). `fds`
-        are not checked: from v49 vm.create sets them to none (`attach_fds_to_cfg` in http_endpoint.rs),
-        and Procurator sends none."""
+        are those vm.add-net was sent (vm.create drops any: `VmCreate` in http_endpoint.rs): one per
+        queue pair, none of them 0-2 (`VnetQueueFdMismatch`, `VnetReservedFd`; numbered texts from v51)."""
         self.vhost_user(net, socket_since=NET_VHOST_SOCKET_SINCE)
         queues, size = int(net.get("num_queues", 2)), int(net.get("queue_size", 256))
         if queues < 2:
@@ -260,6 +268,21 @@ class _Validator:
             else:
                 text = "Number of queues to virtio_net less than 2"
             raise RefusedError("VnetQueueLowerThan2", text)
+        fds = net.get("fds")
+        if isinstance(fds, list):
+            numbered = self.release >= NUMBERED_TEXTS_SINCE
+            if len(fds) * 2 != queues:
+                text = (
+                    f"Number of queues ({queues}) to virtio_net does not match the number of FDs "
+                    f"({len(fds) * 2})"
+                    if numbered
+                    else "Number of queues to virtio_net does not match the number of input FDs"
+                )
+                raise RefusedError("VnetQueueFdMismatch", text)
+            for fd in fds:
+                if fd <= 2:
+                    text = f"Reserved fd number (<= 2): {fd}" if numbered else "Reserved fd number (<= 2)"
+                    raise RefusedError("VnetReservedFd", text)
         if queues // 2 > self.boot_vcpus:
             raise self.too_many_queues(queues)
         self.queue_size(size)

@@ -149,7 +149,10 @@ def test_malformed_json_and_not_a_bundle(tmp_path: Path) -> None:
     (path / "procurator.json").write_text("{not json")
     done = run("build", str(path))
     assert done.returncode == 1
-    assert "procurator.json: malformed JSON at line 1 column 2" in done.stderr
+    assert (
+        "procurator.json: not JSON (Expecting property name enclosed in double quotes at line 1 column 2)"
+        in done.stderr
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     done = run("build", str(empty))

@@ -46,8 +46,21 @@ def spec(tmp_path: Path) -> LaunchSpec:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"\x7fELF not really a kernel")
     return LaunchSpec(
-        name="web", vm_dir=vm_dir, config=sample_config(vm_dir, kernel), serial_log=vm_dir / "serial.log"
+        name="web",
+        vm_dir=vm_dir,
+        config=sample_config(vm_dir, kernel),
+        serial_log=vm_dir / "serial.log",
+        writable=(tmp_path / "snapshots" / "web",),
     )
+
+
+def landlocked(spec: LaunchSpec) -> dict[str, object]:
+    """What the backend adds to vm.create where Landlock is used (v41+ on a kernel with ABI 3, as here): the
+    VM's snapshot directory, besides what the VMM grants itself from the config."""
+    return {
+        "landlock_enable": True,
+        "landlock_rules": [{"path": str(p), "access": "rw"} for p in spec.writable],
+    }
 
 
 @pytest.fixture
@@ -139,7 +152,7 @@ def test_start_and_stop_send_the_expected_command_line_and_requests(
     assert create["headers"]["content-type"] == "application/json"
     # the File serial port is sent as a Socket that the serial keeper copies into the same file
     serial_socket = {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")}
-    assert json.loads(create["body"]) == {**spec.config, "serial": serial_socket}
+    assert json.loads(create["body"]) == {**spec.config, "serial": serial_socket, **landlocked(spec)}
     for bodyless in (sent[2], sent[4], sent[5]):
         assert bodyless["body"] is None
         assert "content-type" not in bodyless["headers"]
@@ -169,6 +182,7 @@ def test_lifecycle_start_info_counters_pause_resume_and_graceful_shutdown(
         **spec.config,
         "disks": typed,
         "serial": {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")},
+        **landlocked(spec),
     }
     assert backend.ping(handle)["pid"] == handle.pid
 
@@ -698,7 +712,10 @@ def test_the_serial_log_survives_guest_resets_and_is_bounded(
     # a reset every 0.4 s: the log rotates after about four, and the next rotation (which would drop the
     # first boot) comes a second or more later, time enough for this loop even on a loaded machine
     monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.4")
-    backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=3.0, serial_max_bytes=600)
+    # without Landlock: under it the VMM cannot re-create its serial socket at a reset (next test)
+    backend = CloudHypervisor(
+        BINARY, start_timeout=15.0, step_timeout=3.0, serial_max_bytes=600, landlock=False
+    )
     handle = backend.start(spec)
     logs = (spec.serial_log, spec.serial_log.with_name("serial.log.1"))
 
@@ -748,8 +765,8 @@ def test_snapshot_then_restore_in_a_fresh_process(  # noqa: PLR0917 - fixtures
     clean: None,
 ) -> None:
     monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     first = backend.start(spec)
     backend.pause(first)
     backend.snapshot(first, target)
@@ -783,8 +800,8 @@ def test_snapshot_then_restore_in_a_fresh_process(  # noqa: PLR0917 - fixtures
 def test_restore_paused_leaves_the_guest_paused(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     first = backend.start(spec)
     backend.pause(first)
     backend.snapshot(first, target)
@@ -802,8 +819,8 @@ def test_a_running_vm_is_not_snapshotted(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
     """`Vm::snapshot` (vmm/src/vm.rs) refuses a VM that is not paused, after its `snapshotting` event."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     handle = backend.start(spec)
     try:
         with pytest.raises(HypervisorApiError) as refused:
@@ -823,8 +840,8 @@ def test_a_snapshot_into_a_used_directory_is_refused(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
     """`Vm::send` creates config.json `create_new`: an older snapshot there is never overwritten."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     handle = backend.start(spec)
     try:
@@ -866,8 +883,8 @@ def test_a_restore_while_the_source_still_holds_its_volume_is_refused(
         f.truncate(1 << 20)
     disk = {"id": "vol-data", "path": str(volume), "readonly": False, "image_type": "Raw"}
     source = replace(spec, config={**spec.config, "disks": [*spec.config["disks"], disk]})
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     other_dir = spec.vm_dir.with_name("other")
     other_dir.mkdir()
     handle = backend.start(source)
@@ -888,8 +905,8 @@ def test_a_restore_on_a_vmm_that_has_a_vm_is_refused(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
     """`vm_restore` (vmm/src/lib.rs) needs a VMM without a VM: the real restore runs on a fresh process."""
-    target = tmp_path / "snap"
-    target.mkdir()
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
     handle = backend.start(spec)
     try:
         backend.pause(handle)
@@ -901,16 +918,15 @@ def test_a_restore_on_a_vmm_that_has_a_vm_is_refused(
         backend.kill(handle)
 
 
-def test_a_snapshot_with_passed_in_net_fds_is_refused(
+def test_a_snapshot_with_passed_in_net_fds_needs_them_again(
     backend: CloudHypervisor, spec: LaunchSpec, tmp_path: Path, clean: None
 ) -> None:
-    """Descriptors passed to the old process are gone after it: Procurator refuses instead of sending
-    `net_fds`, which it never passes."""
-    target = tmp_path / "snap"
-    target.mkdir()
-    config = {**spec.config, "net": [{"id": "eth0", "fds": [3, 4]}]}
+    """Descriptors passed to the old process are gone after it: a restore that has none to hand again
+    (`net_fds`, tests/integration/test_vm_users.py has one that does) is refused before any process runs."""
+    target = spec.writable[0] / "snap"  # where the VM's snapshots go (granted to it under Landlock)
+    target.mkdir(parents=True)
+    config = {**spec.config, "net": [{"id": "eth0", "fds": [3]}]}
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        HypervisorStartError, match=r"net\[0\] uses passed-in fds, which do not survive a restore"
-    ):
+    handed = r"net\[0\] \(eth0\) was handed its TAP as 1 descriptors, and this restore has 0"
+    with pytest.raises(HypervisorStartError, match=handed):
         backend.restore(spec, target, paused=False)

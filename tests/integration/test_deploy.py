@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from procurator import process
+from procurator.deploy import Fleet, Remote
 from tests.support.host import PROCURATOR
 from tests.support.sshhost import HOSTS_NIX, FakeFleet, HostDecl, fake_fleet
 
@@ -332,6 +334,21 @@ def test_interrupt_lets_the_apply_in_flight_finish_and_skips_the_rest(fleet_root
         for name in ("h2", "h3"):
             assert fleet.hosts[name].running() == {}
             assert fleet.hosts[name].history() == []
+
+
+def test_remote_arguments_reach_the_host_intact(fleet_root: Path) -> None:
+    """`process.run(argv, remote=...)` through a real sshd: the host's shell gets back each argument as
+    it was given, none split, expanded, substituted or run."""
+    tricky = ["a b", "it's", '"quoted"', "$HOME", "`id`", "$(echo x)", "; echo injected", "*", "\\", ""]
+    with fake_fleet(fleet_root, {"h1": "double"}) as fleet:
+        hosts = fleet.write_hosts({"h1": HostDecl(FakeFleet.example("h1"))})
+        remote = Remote(Fleet.load(str(hosts)).hosts["h1"]).ssh()
+        argv = ["printf", "<%s>\\n", *tricky]
+        done = fleet.deployer._in_netns(lambda: process.run(argv, remote=remote, check=False, timeout=30))
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.splitlines() == [f"<{a}>" for a in tricky]
+        # And that went over ssh to the host, as the host's sshd logs.
+        assert "Accepted publickey for root" in (fleet.hosts["h1"].root / "sshd.log").read_text()
 
 
 def test_fleet_mistakes_are_refused_before_any_host_is_contacted(tmp_path: Path) -> None:

@@ -191,6 +191,16 @@ def test_deployment_lists_and_carries_both_bundles(example_build: ExampleBuild) 
         assert str(path) in closure
 
 
+def test_a_bundle_closure_is_itself_its_kernel_and_its_initrd(example_build: ExampleBuild) -> None:
+    # What `nix copy` sends for a VM: nothing twice and nothing beyond what the hypervisor opens
+    # (docs/nixos.md "Size" for the NixOS bundles, whose store image refers to none of its paths).
+    closure = subprocess.run(
+        ["nix-store", "-qR", str(example_build.web)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    payload = load(example_build.web / "vm-config.json")["payload"]
+    assert sorted(closure) == sorted([str(example_build.web), payload["kernel"], payload["initramfs"]])
+
+
 def test_changing_one_vm_changes_only_its_bundle(
     example_build: ExampleBuild, nix_build_example: NixBuild
 ) -> None:

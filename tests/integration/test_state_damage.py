@@ -79,7 +79,11 @@ def damages(good: dict[str, Any]) -> list[tuple[str, bytes | None, str]]:
         ),
         ("unknown field", json.dumps({**good, "colour": "red"}).encode(), "colour: unknown field"),
         ("pid missing", json.dumps({k: v for k, v in good.items() if k != "pid"}).encode(), "pid: missing"),
-        ("schema 2", json.dumps({**good, "schema": 2}).encode(), "schema: expected a VM record of schema 1"),
+        (
+            "schema 2",
+            json.dumps({**good, "schema": 2}).encode(),
+            "schema: unknown schema version 2; this procurator reads 1",
+        ),
         ("a list", b"[1, 2]", "schema: expected a VM record"),
         ("torn", json.dumps(good).encode()[:50], "not JSON (Unterminated string"),
         ("empty", b"", "not JSON (Expecting value at line 1 column 1)"),

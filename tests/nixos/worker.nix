@@ -16,7 +16,7 @@ let
       modules = [
         {
           networking.hostName = name;
-          system.stateVersion = "25.05";
+          system.stateVersion = "26.05";
           procurator.vm.memoryMiB = 256;
         }
         extra

@@ -115,7 +115,7 @@ def vm_host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VmHost]:
     """A host in its own namespace. Parametrise with indirect=True to pass config overrides."""
     overrides: dict[str, Any] = getattr(request, "param", {}) or {}
     with contextlib.ExitStack() as stack:
-        if "user" in overrides:  # an unprivileged hypervisor must be able to reach its state directory
+        if "user" in overrides or "vmUsers" in overrides:  # an unprivileged hypervisor reaches its state
             tmp_path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="procurator-test-")))
             tmp_path.chmod(0o755)
         yield from _host(tmp_path, overrides)

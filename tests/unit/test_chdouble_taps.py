@@ -19,8 +19,11 @@ import httpx
 import pytest
 
 from procurator import process
+from procurator.errors import HypervisorApiError
+from procurator.hypervisor.api import ApiClient
+from procurator.net import netlink
 from tests.chdouble import BINARY, sample_config
-from tests.chdouble.tap import ChainError, TapOpener
+from tests.chdouble.tap import TUNGETIFF, ChainError, TapOpener
 from tests.support.netns import Netns, throwaway_netns
 from tests.support.tundev import open_tun_for_everyone
 
@@ -102,9 +105,10 @@ def tun(ns: Netns, name: str = TAP) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def double(ns: Netns, *, as_nobody: bool, **env: str) -> Iterator[Double]:
+def double(ns: Netns, *, as_nobody: bool, tun: bool = True, **env: str) -> Iterator[Double]:
     """Spawn the double in `ns` (as `nobody`: setpriv drops every capability with root's uid, and the
-    double gets a 0666 /dev/net/tun, as on a host with udev) and wait, bounded, until it answers."""
+    double gets a 0666 /dev/net/tun, as on a host with udev, unless not `tun`: then this host's, root's
+    alone) and wait, bounded, until it answers."""
     with tempfile.TemporaryDirectory(prefix="pct-double-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
@@ -117,7 +121,7 @@ def double(ns: Netns, *, as_nobody: bool, **env: str) -> Iterator[Double]:
         if as_nobody:  # in the mount namespace `ip netns exec` makes; see tests/support/tundev.py
             (root / "dev").mkdir()
             setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
-            drop = open_tun_for_everyone(root / "dev", setpriv)
+            drop = open_tun_for_everyone(root / "dev", setpriv) if tun else setpriv
         argv = ["ip", "netns", "exec", ns.name, *drop, str(BINARY), "--api-socket", f"path={sock}",
                 "--log-file", str(root / "ch.log"), "-v"]  # fmt: skip
         # `nobody` cannot reach the virtualenv (under /root): the system python3 runs it, without jsonschema
@@ -287,3 +291,81 @@ def test_an_over_long_tap_name_is_refused_before_any_descriptor_is_opened() -> N
         "Interface name too long (max length is 15): a-name-of-16-chr",
     ]
     assert refused.value.error.debug() == 'TapOpen(IfnameTooLong("a-name-of-16-chr"))'
+
+
+# --- TAPs handed over as descriptors (vm.add-net with SCM_RIGHTS, Net::from_tap_fds) -------------------
+
+
+def hand(ch: Double, ns: Netns, num_queues: int, fds: list[int] | None = None) -> Any:
+    """vm.add-net for TAP's queues, opened here (as Procurator opens them) and sent with the request."""
+    net = {"id": "eth0", "num_queues": num_queues}
+    with netlink.session(ns.name) as nl:
+        queues = fds if fds is not None else nl.open_tap(TAP, num_queues // 2)
+    try:
+        with ApiClient(ch.root / "api.sock") as api:
+            return api.put_with_fds("vm.add-net", net, queues)
+    finally:
+        for fd in queues:
+            os.close(fd)
+
+
+def create_without_nets(ch: Double, vcpus: int) -> None:
+    config = sample_config(ch.root, ch.root / "kernel", tap=TAP)
+    del config["net"]
+    config["cpus"] = {"boot_vcpus": vcpus, "max_vcpus": vcpus}
+    assert ch.client.put("vm.create", json=config).status_code == 204
+
+
+@pytest.mark.parametrize(("num_queues", "multi_queue"), [(2, False), (4, True)])
+def test_handed_queues_boot_a_double_that_cannot_open_dev_net_tun(
+    ns: Netns, num_queues: int, multi_queue: bool
+) -> None:
+    add_tap(ns, owner=0, multi_queue=multi_queue)  # root's TAP, and /dev/net/tun root's alone: no way by name
+    with double(ns, as_nobody=True, tun=False) as ch:
+        create_without_nets(ch, num_queues // 2)
+        assert hand(ch, ns, num_queues) is None  # 204: added to the config of a VM not booted
+        assert ch.queues() == (num_queues // 2, num_queues // 2)  # ours are closed, the double holds them
+        assert ch.client.put("vm.boot").status_code == 204
+        assert ch.state() == "Running"
+        assert ch.queues() == (num_queues // 2, num_queues)  # from_tap_fds dup()s each
+        assert "Creating virtio-net device: NetConfig { tap: None, fds: Some([" in ch.log()
+        net = ch.client.get("vm.info").json()["config"]["net"][0]
+        assert "tap" not in net
+        assert len(net["fds"]) == num_queues // 2
+        assert ch.client.put("vm.shutdown").status_code == 204
+        assert ch.queues() == (num_queues // 2, num_queues // 2)  # the config keeps the ones it was sent
+        assert ch.client.put("vm.delete").status_code == 204
+        assert ch.queues() == (0, 0)
+
+
+def test_handed_queues_must_match_num_queues(ns: Netns) -> None:
+    add_tap(ns, owner=0, multi_queue=True)
+    with double(ns, as_nobody=False) as ch:
+        create_without_nets(ch, 2)
+        with netlink.session(ns.name) as nl:
+            first, second = nl.open_tap(TAP, 2)
+        os.close(second)
+        one = [first]  # one queue for two pairs
+        with pytest.raises(HypervisorApiError) as refused:
+            hand(ch, ns, 4, one)
+        assert refused.value.details[-3:] == (
+            "The network device could not be added to the VM",
+            "Failed to validate config",
+            "Number of queues (4) to virtio_net does not match the number of FDs (2)",
+        )
+        assert ch.queues() == (0, 0)  # dropped with the request
+        assert "net" not in ch.client.get("vm.info").json()["config"]
+
+
+def test_a_handed_descriptor_that_is_no_tap_fails_the_boot(ns: Netns, tmp_path: Path) -> None:
+    with double(ns, as_nobody=False) as ch:
+        create_without_nets(ch, 1)
+        fd = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT, 0o600)
+        assert hand(ch, ns, 2, [fd]) is None
+        answer = ch.client.put("vm.boot")
+        assert answer.status_code == 500
+        assert answer.json()[:7] == [
+            *BOOT[:2], "Error from device manager", "Cannot create virtio-net device", "Using existing tap",
+            f"Ioctl failed ({TUNGETIFF})", "Inappropriate ioctl for device (os error 25)",
+        ]  # fmt: skip
+        assert ch.state() == "Created"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from procurator.deploy import Event, Fleet, FleetRef, HostResult, HostSpec, Opti
 from procurator.errors import UsageError, ValidationError
 from procurator.history import Generation, History
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome
+from procurator.resolve import RefKind, parse_ref
 
 
 def inventory(**hosts: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +81,7 @@ def test_host_settings_are_parsed_and_checked() -> None:
         ("w1", {"target": "x", "tags": ["Web"]}, "hosts.w1.tags"),
         ("w1", {"target": "x", "sshOptions": ["-o A=b"]}, "hosts.w1.sshOptions"),
         ("w1", {"target": "x", "procurator": " "}, "hosts.w1.procurator"),
+        ("w1", {"target": "x", "procurator": "sudo 'procurator"}, "hosts.w1.procurator"),
     ]
     for name, data, where in bad:
         with pytest.raises(ValidationError, match=where):
@@ -111,15 +114,57 @@ def test_refs_and_selection(tmp_path: Path) -> None:
         fleet.select("a,,b")
 
 
+# Arguments a shell would otherwise split, expand, substitute or run.
+TRICKY = ("a b", "it's", '"quoted"', "$HOME", "${PATH}", "`id`", "$(id)", "; echo injected", "*", "\\n", "")
+
+
+def test_a_remote_command_is_one_quoted_line_that_a_shell_splits_back_into_its_arguments() -> None:
+    spec = HostSpec.parse("x", "w1", {"target": "root@w1", "procurator": "sudo -n procurator", "port": 2222})
+    assert spec.command == ["sudo", "-n", "procurator"]
+    remote = deploy.Remote(spec, 5)
+    argv = remote.ssh().argv(["printf", "<%s>\\n", *TRICKY])
+    opts = spec.ssh_options_for(5)
+    assert argv == ("ssh", "-n", *opts, "--", "root@w1", argv[-1])
+    assert argv[-1].startswith("printf '<%s>\\n' 'a b' 'it'\"'\"'s' ")
+    # What sshd does with it: the login shell runs the line (`sh -c LINE`).
+    done = process.run(["sh", "-c", argv[-1]])
+    assert done.stdout.splitlines() == [f"<{a}>" for a in TRICKY]
+    assert remote.ssh(own_session=True).argv(["true"]) == ("setsid", "--wait", *argv[:-1], "true")
+    assert remote.ssh().control_argv("exit") == ("ssh", *opts, "-O", "exit", "--", "root@w1")
+
+
+def test_the_fleet_reads_its_ref_with_the_one_parser_of_refs(tmp_path: Path) -> None:
+    """resolve.parse_ref serves both: a bundle REF may be a store path, a fleet REF may not; a flake
+    fleet may go without its attribute; the same error lines."""
+    (tmp_path / "hosts").write_text("{ }")  # a Nix file without .nix
+    file_ref = parse_ref(f"{tmp_path}/hosts#fleet", hint="x")
+    assert (file_ref.kind, file_ref.attr) == (RefKind.FILE, "fleet")
+    assert (FleetRef.parse(file_ref.text).is_file, FleetRef.parse(file_ref.text).attr) == (True, "fleet")
+    assert parse_ref(str(tmp_path), hint="x").kind is RefKind.PATH
+    assert FleetRef.parse(str(tmp_path)).attr == deploy.DEFAULT_ATTR
+    for ref in (f"{tmp_path}#", f"{tmp_path}/a.nix#"):
+        with pytest.raises(UsageError, match="empty attribute after '#'"):
+            parse_ref(ref, hint="x")
+        with pytest.raises(UsageError, match="empty attribute after '#'"):
+            FleetRef.parse(ref)
+    with pytest.raises(UsageError, match=r"^empty REF; give a flake \(`\.`, `\.#fleet`\) or a Nix file"):
+        FleetRef.parse("")
+    with pytest.raises(UsageError, match="is neither a flake directory, a flake URL nor a Nix file"):
+        FleetRef.parse(f"{tmp_path}/nothing-here")
+    with pytest.raises(UsageError, match="no such path"):
+        parse_ref(f"{tmp_path}/nothing-here", hint="x")
+
+
 class FakeHosts:
-    """Stands in for ssh: answers `procurator ...` per host, records every argv."""
+    """Stands in for ssh (the process chokepoint's subprocess.run): answers `procurator ...` per host,
+    records every argv."""
 
     def __init__(self, answers: dict[tuple[str, str], tuple[int, Any, str]]) -> None:
         self.answers = answers  # (target, subcommand) -> (exit status, JSON or None, stderr)
         self.calls: list[tuple[str, ...]] = []
         self.lock = threading.Lock()
 
-    def run(self, argv: Sequence[str], **_kw: Any) -> process.Completed:
+    def run(self, argv: Sequence[str], **_kw: Any) -> subprocess.CompletedProcess[str]:
         args = tuple(argv)
         with self.lock:
             self.calls.append(args)
@@ -127,7 +172,10 @@ class FakeHosts:
         target, command = ssh[ssh.index("--") + 1], ssh[-1]
         sub = command.split()[1] if " " in command else command
         code, doc, err = self.answers.get((target, sub), (0, None, ""))
-        return process.Completed(args, code, json.dumps(doc) if doc is not None else "", err)
+        return subprocess.CompletedProcess(args, code, json.dumps(doc) if doc is not None else "", err)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(subprocess, "run", self.run)  # the one process.run calls
 
 
 def apply_doc(*, failed: bool, history: int | None) -> dict[str, Any]:
@@ -167,7 +215,7 @@ def test_a_failed_apply_rolls_that_host_back_and_the_others_go_on(
             ("root@d", "apply"): (1, apply_doc(failed=True, history=None), "error: apply failed"),
         }
     )
-    monkeypatch.setattr(process, "run", fake.run)
+    fake.install(monkeypatch)
     built: list[str] = []
     copied: list[tuple[str, tuple[str, ...]]] = []
 
@@ -242,7 +290,7 @@ def test_an_apply_that_refuses_before_acting_is_not_rolled_back(
             ("root@a", "apply"): (1, None, "error: another command holds the state lock"),
         }
     )
-    monkeypatch.setattr(process, "run", fake.run)
+    fake.install(monkeypatch)
     monkeypatch.setattr(nix, "build_file", lambda _file, _attr: [tmp_path / "d"])
     monkeypatch.setattr(nix, "copy_to", lambda *_a, **_k: None)
     (tmp_path / "d").mkdir()

@@ -143,9 +143,9 @@ def test_the_stated_limits(tmp_path: Path) -> None:
     store = [{"id": "__store", "path": "/nix/store/s", "readonly": True}]
     meta_cases: list[tuple[str, dict[str, Any]]] = [
         ("not UTF-8 (byte 1)", {"raw": b'{\xff"}'}),
-        ("nested too deeply to be a bundle or deployment", {"raw": b"[" * 100_000}),
-        ("not readable JSON: Exceeds the limit (4300 digits)", {"raw": b"1" * 5000}),
-        (f"larger than {models.MAX_INPUT_BYTES} bytes; not a file Nix wrote", {"raw": too_big}),
+        ("not JSON that can be read (RecursionError): nested too deeply", {"raw": b"[" * 100_000}),
+        ("not JSON that can be read (ValueError): Exceeds the limit (4300 digits)", {"raw": b"1" * 5000}),
+        (f"larger than {models.MAX_INPUT_BYTES} bytes; not a file Procurator reads", {"raw": too_big}),
         (
             f"volumes[0].sizeMiB: must be at most {models.MAX_VOLUME_MIB}, found 10000000000000",
             {"meta_data": with_meta(volumes=[volume])},

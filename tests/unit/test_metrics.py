@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from procurator import metrics, process
 from procurator.config import WorkerConfig
 from procurator.errors import HypervisorError
 from procurator.hypervisor.base import GuestEnd, Handle, Hypervisor, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.lifecycle import Host
-from procurator.metrics import CountersCache, Family, Histogram, MetricType
+from procurator.metrics import CountersCache, Histogram
 from procurator.state import StateDir, VmRecord
 from procurator.worker import Settings, Worker
 
@@ -170,75 +172,109 @@ def check_histogram(parsed: Parsed, family: str) -> None:
 # --- the format --------------------------------------------------------------------------------------
 
 
-def test_render_round_trips_names_help_types_labels_and_values() -> None:
-    gauge = Family("demo_temperature", 'A "help" text\\with a backslash\nand a line feed', MetricType.GAUGE)
-    gauge.add(21.5, {"room": 'kitchen "north"', "path": "C:\\dir\\", "note": "two\nlines"})
-    gauge.add(-3, {"room": "cellar"})
-    gauge.add(math.inf, {"room": "sun"})
-    gauge.add(-math.inf, {"room": "space"})
-    gauge.add(math.nan, {"room": "unknown"})
-    counter = Family("demo_events_total", "Events.", MetricType.COUNTER)
-    counter.add(12345678901)
-    counter.add(0.1, {"kind": ""})
-    empty = Family("demo_unused", "No samples: not rendered.", MetricType.GAUGE)
-    text = metrics.render([gauge, counter, empty])
+class Families:
+    """A collector of fixed families (what the worker's collector yields at a scrape)."""
+
+    def __init__(self, *families: Metric) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def render(*families: Metric) -> str:
+    return metrics.exposition(Families(*families)).decode()
+
+
+def test_exposition_round_trips_names_help_types_labels_and_values() -> None:
+    gauge = metrics.gauge(
+        "demo_temperature", 'A "help" text\\with a backslash\nand a line feed', ("room", "path", "note")
+    )
+    gauge.add_metric(('kitchen "north"', "C:\\dir\\", "two\nlines"), 21.5)
+    gauge.add_metric(("cellar", "", ""), -3)
+    gauge.add_metric(("sun", "", ""), math.inf)
+    gauge.add_metric(("space", "", ""), -math.inf)
+    gauge.add_metric(("unknown", "", ""), math.nan)
+    counter = metrics.counter("demo_events_total", "Events.", ("kind",))
+    counter.add_metric(("",), 12345678901)
+    counter.add_metric(("x",), 0.1)
+    empty = metrics.gauge("demo_unused", "No samples: not rendered.")
+    text = render(gauge, counter, empty)
 
     parsed = parse_exposition(text)
-    assert parsed.type == {"demo_temperature": "gauge", "demo_events_total": "counter"}
-    assert parsed.help["demo_temperature"] == 'A "help" text\\with a backslash\nand a line feed'
-    assert parsed.one("demo_temperature", room='kitchen "north"') == 21.5
-    assert parsed.one("demo_temperature", path="C:\\dir\\") == 21.5
-    assert parsed.one("demo_temperature", note="two\nlines") == 21.5
-    assert parsed.one("demo_temperature", room="cellar") == -3
-    assert parsed.one("demo_temperature", room="sun") == math.inf
-    assert parsed.one("demo_temperature", room="space") == -math.inf
-    assert math.isnan(parsed.one("demo_temperature", room="unknown"))
-    assert parsed.values("demo_events_total") == {(): 12345678901, (("kind", ""),): 0.1}
+    assert parsed.type == {"procurator_demo_temperature": "gauge", "procurator_demo_events_total": "counter"}
+    assert parsed.help["procurator_demo_temperature"] == 'A "help" text\\with a backslash\nand a line feed'
+    t = "procurator_demo_temperature"
+    assert parsed.one(t, room='kitchen "north"') == 21.5
+    assert parsed.one(t, path="C:\\dir\\") == 21.5
+    assert parsed.one(t, note="two\nlines") == 21.5
+    assert parsed.one(t, room="cellar") == -3
+    assert parsed.one(t, room="sun") == math.inf
+    assert parsed.one(t, room="space") == -math.inf
+    assert math.isnan(parsed.one(t, room="unknown"))
+    assert parsed.values("procurator_demo_events_total") == {
+        (("kind", ""),): 12345678901,
+        (("kind", "x"),): 0.1,
+    }
     assert "demo_unused" not in text
     lines = text.splitlines()
-    assert lines[0] == '# HELP demo_temperature A "help" text\\\\with a backslash\\nand a line feed'
-    assert lines[1] == "# TYPE demo_temperature gauge"
     assert (
-        lines[2]
-        == 'demo_temperature{room="kitchen \\"north\\"",path="C:\\\\dir\\\\",note="two\\nlines"} 21.5'
+        lines[0] == '# HELP procurator_demo_temperature A "help" text\\\\with a backslash\\nand a line feed'
     )
-    assert "demo_events_total 12345678901" in lines
+    assert lines[1] == "# TYPE procurator_demo_temperature gauge"
+    assert lines[2] == (
+        'procurator_demo_temperature{note="two\\nlines",path="C:\\\\dir\\\\",room="kitchen \\"north\\""} 21.5'
+    )
+    # prometheus_client's own parser reads the same
+    read = {f.name: f for f in text_string_to_metric_families(text)}
+    assert (
+        read["procurator_demo_temperature"].documentation
+        == 'A "help" text\\with a backslash\nand a line feed'
+    )
+    assert read["procurator_demo_events"].type == "counter"
+    assert {s.labels["kind"]: s.value for s in read["procurator_demo_events"].samples} == {
+        "": 12345678901,
+        "x": 0.1,
+    }
 
 
 def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
     histogram = Histogram((0.1, 1.0, 10.0))
     for value in (0.05, 0.1, 0.5, 2.0, 20.0, 30.0):
         histogram.observe(value)
-    family = Family("demo_duration_seconds", "Durations.", MetricType.HISTOGRAM)
-    histogram.add_to(family, {"kind": "x"})
-    parsed = parse_exposition(metrics.render([family]))
-    buckets = {labels["le"]: v for n, labels, v in parsed.samples if n == "demo_duration_seconds_bucket"}
+    family = metrics.histogram("demo_duration_seconds", "Durations.", ("kind",))
+    histogram.add_to(family, ("x",))
+    parsed = parse_exposition(render(family))
+    name = "procurator_demo_duration_seconds"
+    buckets = {labels["le"]: v for n, labels, v in parsed.samples if n == name + "_bucket"}
     assert buckets == {"0.1": 2, "1": 3, "10": 4, "+Inf": 6}
-    assert parsed.one("demo_duration_seconds_count") == 6
-    assert parsed.one("demo_duration_seconds_sum") == pytest.approx(52.65)
+    assert parsed.one(name + "_count", kind="x") == 6
+    assert parsed.one(name + "_sum", kind="x") == pytest.approx(52.65)
     assert histogram.count == 6
 
 
 @pytest.mark.parametrize(
-    ("name", "labels", "suffix"),
+    ("kind", "name", "labels"),
     [
-        ("1starts_with_digit", {}, ""),
-        ("has-dash", {}, ""),
-        ("ok_name", {"bad-label": "x"}, ""),
-        ("ok_name", {"__reserved": "x"}, ""),
-        ("ok_name", {}, "_bucket"),  # a gauge has no buckets
+        ("gauge", "has-dash", ()),
+        ("gauge", "ok_name", ("bad-label",)),
+        ("gauge", "ok_name", ("__reserved",)),
+        ("gauge", "ok_name", ("vm", "vm")),
+        ("counter", "events", ()),  # a counter's name ends in _total
+        ("histogram", "ok_seconds", ("le",)),  # the buckets' own label
     ],
 )
-def test_bad_names_are_refused_when_added(name: str, labels: dict[str, str], suffix: str) -> None:
-    with pytest.raises(ValueError, match=r"invalid|has no"):
-        Family(name, "x", MetricType.GAUGE).add(1, labels, suffix=suffix)
+def test_bad_names_are_refused_when_the_family_is_made(kind: str, name: str, labels: tuple[str, ...]) -> None:
+    make = {"gauge": metrics.gauge, "counter": metrics.counter, "histogram": metrics.histogram}[kind]
+    with pytest.raises(ValueError, match=r"invalid|repeats"):
+        make(name, "x", labels)
 
 
 def test_a_family_is_rendered_once() -> None:
-    family = Family("demo_total", "x", MetricType.COUNTER)
-    family.add(1)
+    family = metrics.counter("demo_total", "x")
+    family.add_metric((), 1)
     with pytest.raises(ValueError, match="twice"):
-        metrics.render([family, family])
+        render(family, family)
 
 
 # --- what is measured ------------------------------------------------------------------------------
@@ -405,3 +441,59 @@ def test_worker_metrics_have_every_series_and_parse(tmp_path: Path, sleeper: sub
     assert hv.calls == [sleeper.pid]  # one API call for the one running VM
     worker.metrics_text()
     assert hv.calls == [sleeper.pid]  # the next scrape within the ttl costs none
+
+
+def test_worker_metrics_read_by_prometheus_clients_parser(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    state = StateDir(tmp_path / "state")
+    start = process.process_start_time(sleeper.pid)
+    assert start is not None
+    state.save_record(fake_record("web", sleeper.pid, start, state.vms_dir, restarts=2, started_at=1000.0))
+    state.save_record(fake_record("db", 0, 0, state.vms_dir, desired="stopped"))
+    factory: dict[str, Hypervisor] = {"cloud-hypervisor": FakeHypervisor()}
+    host = Host(state=state, config=WorkerConfig(), hypervisors=factory.__getitem__, clock=lambda: 1010.0)
+    worker = Worker(host, Settings(api_socket=tmp_path / "api.sock"))
+
+    read = {f.name: f for f in text_string_to_metric_families(worker.metrics_text())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in read.values() for s in f.samples}
+    assert read["procurator_vm_up"].type == "gauge"
+    assert read["procurator_vm_restarts"].type == "counter"  # the family; its samples end in _total
+    assert read["procurator_reconcile_duration_seconds"].type == "histogram"
+    assert samples[("procurator_vm_restarts_total", (("vm", "web"),))] == 2
+    assert samples[("procurator_vm_state", (("state", "stopped"), ("vm", "db")))] == 1
+    assert samples[("procurator_vm_uptime_seconds", (("vm", "web"),))] == 10.0
+    assert samples[("procurator_vm_network_transmit_bytes_total", (("device", "eth0"), ("vm", "web")))] == 7
+    assert samples[("procurator_vm_block_reads_total", (("device", "store"), ("vm", "web")))] == 1
+    assert samples[("procurator_reconcile_duration_seconds_bucket", (("le", "+Inf"),))] == 0
+    assert samples[("procurator_watchdog_kills_total", ())] == 0
+    assert not any("read_latency" in name for name, _ in samples)  # only the counters the metrics know
+    assert ("procurator_vm_cpu_seconds_total", (("vm", "db"),)) not in samples  # not running: no figures
+    assert all(f.documentation for f in read.values())
+
+
+def test_process_figures_are_read_once_per_ttl_and_shared_with_status(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    state = StateDir(tmp_path / "state")
+    start = process.process_start_time(sleeper.pid)
+    assert start is not None
+    state.save_record(fake_record("web", sleeper.pid, start, state.vms_dir))
+    factory: dict[str, Hypervisor] = {"cloud-hypervisor": FakeHypervisor()}
+    now = [0.0]
+    host = Host(state=state, config=WorkerConfig(), hypervisors=factory.__getitem__)
+    worker = Worker(host, Settings(api_socket=tmp_path / "api.sock"), clock=lambda: now[0])
+
+    details = worker.status_json()["details"]["web"]
+    assert details["memory_bytes"] > 1 << 20
+    assert details["cpu_seconds"] >= 0
+    parsed = parse_exposition(worker.metrics_text())
+    assert parsed.one("procurator_vm_memory_rss_bytes", vm="web") == details["memory_bytes"]
+    worker.status_json()
+    assert worker.processes.reads == 1  # /metrics and every poll within the ttl: one reading of /proc
+    now[0] = metrics.PROCESS_TTL
+    worker.status_json()
+    assert worker.processes.reads == 2
+    state.save_record(fake_record("web", sleeper.pid, start + 1, state.vms_dir))  # another process
+    assert worker.status_json()["details"]["web"]["memory_bytes"] is None
+    assert worker.processes.reads == 2  # not running: not read at all

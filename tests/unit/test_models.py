@@ -35,13 +35,13 @@ def test_store_hash_of_a_non_store_name_is_empty() -> None:
     [
         ({"name": "Web_1"}, "name", "not a DNS label"),
         ({"schema": 7}, "schema", "unknown schema version 7"),
-        ({"schema": "1"}, "schema", "expected int"),
+        ({"schema": "1"}, "schema", 'of schema 1, not "1"'),
         ({"interfaces": [{"id": "eth0"}, {"id": "eth0"}]}, "interfaces", "must be unique"),
         ({"interfaces": [{"id": "eth0", "mac": "zz"}]}, "interfaces[0].mac", "not a lower-case MAC"),
         ({"restart": {"policy": "sometimes"}}, "restart.policy", "always, on-failure, never"),
         ({"volumes": [{"name": "d", "sizeMiB": 0}]}, "volumes[0].sizeMiB", "at least 1"),
         ({"health": [{"type": "udp", "port": 1}]}, "health[0].type", "tcp or http"),
-        ({"shutdownTimeout": True}, "shutdownTimeout", "boolean"),
+        ({"shutdownTimeout": True}, "shutdownTimeout", "expected a whole number, not true"),
     ],
 )
 def test_invalid_procurator_json_names_file_and_field(
@@ -67,7 +67,9 @@ def test_missing_name_is_reported(tmp_path: Path) -> None:
 def test_malformed_json_names_line_and_column(tmp_path: Path) -> None:
     path = write_bundle(tmp_path)
     (path / "vm-config.json").write_text('{"cpus": ')
-    with pytest.raises(ValidationError, match=r"vm-config.json: malformed JSON at line 1 column 10"):
+    with pytest.raises(
+        ValidationError, match=r"vm-config.json: not JSON \(Expecting value at line 1 column 10\)"
+    ):
         Bundle.load(path)
 
 
@@ -149,7 +151,7 @@ def test_resources_are_parsed_and_translated(tmp_path: Path) -> None:
         ({"memoryMaxMiB": 8}, "resources.memoryMaxMiB: must be at least 16, found 8"),
         ({"cpuQuotaPercent": 0}, "resources.cpuQuotaPercent: must be at least 1, found 0"),
         ({"cpuWeight": 10001}, "resources.cpuWeight: must be at most 10000, found 10001"),
-        ({"ioWeight": "high"}, "resources.ioWeight: expected int, found str"),
+        ({"ioWeight": "high"}, 'resources.ioWeight: expected a whole number, not "high"'),
         ({"cpuAffinity": [0, 0]}, "resources.cpuAffinity: names a CPU more than once: [0, 0]"),
         ({"cpuAffinity": [True]}, "resources.cpuAffinity: [0] True is not a host CPU number 0-4095"),
     ],
@@ -169,9 +171,9 @@ def test_the_worker_configuration_watchdog_setting() -> None:
     assert not WorkerConfig.parse("w.json", {"watchdog": {"enable": False}}).watchdog.enable
     for bad, message in [
         ({"interval": 0}, r"w.json: watchdog.interval: expected seconds from 0.1 to 3600, not 0"),
-        ({"timeout": True}, r"watchdog.timeout: expected seconds from 0.1 to 3600, not True"),
+        ({"timeout": True}, r"watchdog.timeout: expected seconds from 0.1 to 3600, not true"),
         ({"failures": 0}, r"watchdog.failures: expected a count from 1 to 100, not 0"),
-        ({"enable": "yes"}, r"watchdog.enable: expected true or false, not 'yes'"),
+        ({"enable": "yes"}, r'watchdog.enable: expected true or false, not "yes"'),
         ({"every": 3}, r"watchdog.every: unknown setting; known: enable, failures, interval, timeout"),
     ]:
         with pytest.raises(ValidationError, match=message):
@@ -190,3 +192,28 @@ def test_the_worker_configuration_cgroups_setting() -> None:
         WorkerConfig.parse("w.json", {"cgroups": {"mode": "on"}})
     with pytest.raises(ValidationError, match=r"cgroups.base: '../x' is not a relative cgroup path"):
         WorkerConfig.parse("w.json", {"cgroups": {"base": "../x"}})
+
+
+def test_the_worker_configuration_checks_schema_user_and_binary() -> None:
+    """`schema`, `user` and `hypervisor.binary` are checked like every other setting (issue 12): a file
+    of another schema, a user that is no user name, a binary that is no path are refused, naming them."""
+    got = WorkerConfig.parse(
+        "w.json", {"schema": 1, "user": "procurator-vm", "hypervisor": {"binary": "/bin/ch", "accel": "auto"}}
+    )
+    assert (got.user, got.hypervisor.binary) == ("procurator-vm", "/bin/ch")
+    assert WorkerConfig.parse("w.json", {"user": None, "hypervisor": None}).user is None
+    for bad, message in [
+        (
+            {"schema": 2},
+            r"^w.json: schema: unknown schema version 2; this procurator reads 1 \(upgrade it\)$",
+        ),
+        ({"schema": "1"}, r'^w.json: schema: expected a worker configuration of schema 1, not "1"'),
+        ({"user": "root user"}, r'^w.json: user: "root user" is not a user name'),
+        ({"user": 0}, r"^w.json: user: expected a string, not 0$"),
+        ({"hypervisor": {"binary": 7}}, r"^w.json: hypervisor.binary: expected a path as a string, not 7$"),
+        ({"hypervisor": {"binary": ""}}, r'^w.json: hypervisor.binary: expected a path as a string, not ""$'),
+        ({"hypervisor": {"bin": "/x"}}, r"^w.json: hypervisor.bin: unknown setting; known: accel, backend,"),
+        ({"network": {"bridge": None}}, r"^w.json: network.bridge: expected a non-empty string, not null$"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            WorkerConfig.parse("w.json", bad)

@@ -220,6 +220,18 @@ def test_guest_store_image_is_lz4hc_compressed() -> None:
     assert "mkfs.erofs --quiet --tar=f -zlz4hc " in script
 
 
+def test_guest_store_image_refers_to_none_of_the_paths_it_holds() -> None:
+    # Nix's scanner finds the hash of every path in the image's bytes (erofs directory entries are not
+    # compressed), so without this the image refers to the whole system and the bundle's closure holds
+    # the system twice: once as store paths, once inside the image. Honoured by Nix >= 2.18, the oldest
+    # that evaluates nixpkgs; unsafeDiscardReferences is read only with structured attributes.
+    image = guest(
+        select="{ inherit (e.config.system.build.procuratorBundle.env.passthru.storeImage.env) "
+        "__structuredAttrs unsafeDiscardReferences; }"
+    )
+    assert image == {"__structuredAttrs": True, "unsafeDiscardReferences": {"out": True}}
+
+
 def test_guest_aarch64_console_is_the_pl011() -> None:
     params = guest(select="e.config.boot.kernelParams", system="aarch64-linux")
     assert params == ["boot.panic_on_fail", "console=ttyAMA0"]
@@ -456,4 +468,28 @@ def test_worker_pull_and_deployment_exclude_each_other() -> None:
     assert failures == [
         "procurator worker: services.procurator.deployment and services.procurator.pull.enable both set "
         "this host's deployment; choose one"
+    ]
+
+
+def test_worker_vm_users_reach_the_configuration_file() -> None:
+    config = "{ services.procurator.vmUsers = { first = 400000; count = 500; }; }"
+    settings = json.loads(worker(config, 'e.config.environment.etc."procurator/worker.json".source.text'))
+    assert settings["vmUsers"] == {"first": 400000, "count": 500, "extraGroups": ["kvm"]}
+    assert settings["user"] is None  # vmUsers excludes the shared user
+    parsed = WorkerConfig.parse("worker.json", settings)
+    assert parsed.vm_users is not None
+    assert (parsed.vm_users.first, parsed.vm_users.last) == (400000, 400499)
+    assert worker(config, "e.failedAssertions") == []
+    default = json.loads(worker("{ }", 'e.config.environment.etc."procurator/worker.json".source.text'))
+    assert default["vmUsers"] is None
+
+
+def test_worker_vm_users_overlapping_a_user_are_refused() -> None:
+    config = (
+        "{ services.procurator.vmUsers = { first = 400000; count = 10; }; "
+        "users.users.alice = { uid = 400005; }; }"
+    )
+    assert worker(config, "e.failedAssertions") == [
+        "procurator worker: services.procurator.vmUsers 400000-400009 holds the uid 400005 of "
+        "users.users.alice; move the range (vmUsers.first) or the user"
     ]

@@ -28,7 +28,7 @@ from procurator.hypervisor.base import Hypervisor
 from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome, bundle_diff, plan
-from procurator.state import StateDir, VmRecord, record_fix
+from procurator.state import Desired, StateDir, VmRecord, record_fix
 from tests.support.bundles import meta, vm_config, write_bundle
 
 HASHES = {
@@ -52,7 +52,7 @@ def observed(name: str, bundle: str, status: Status = Status.RUNNING, last_exit:
         start_time=1,
         api_socket=f"/state/vms/{name}/api.sock",
         vm_dir=f"/state/vms/{name}",
-        desired="stopped" if status is Status.STOPPED else "running",
+        desired=Desired.STOPPED if status is Status.STOPPED else Desired.RUNNING,
         last_exit=last_exit,
     )
     return VmStatus(record, status, 5.0 if status is Status.RUNNING else None)
@@ -444,10 +444,13 @@ def test_the_wire_documents_read_back_what_was_written_and_refuse_the_rest() -> 
     report = reconcile.PlanReport("/d", "d", reconcile.Plan((create,)))
     assert reconcile.PlanReport.from_json(report.to_json()) == report
     older = {k: v for k, v in result.to_json().items() if k != "schema"}  # a release before schemas
-    with pytest.raises(ValidationError, match=r"schema: None, not 1: the other side runs another procurator"):
+    with pytest.raises(
+        ValidationError,
+        match=r"schema: expected a procurator document of schema 1, not null \(the other side runs another",
+    ):
         ApplyResult.from_json(older, "apply --json on root@a")
     renamed = {**result.to_json(), "failed": "no"}
-    with pytest.raises(ValidationError, match=r'failed: expected true or false, found "no"'):
+    with pytest.raises(ValidationError, match=r'failed: expected true or false, not "no"'):
         ApplyResult.from_json(renamed)
     lying = {**result.to_json(), "failed": False}  # says it succeeded while an action failed
     with pytest.raises(ValidationError, match="does not agree with the actions' outcomes"):

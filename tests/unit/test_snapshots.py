@@ -49,13 +49,19 @@ def test_a_good_meta_round_trips() -> None:
 @pytest.mark.parametrize(
     ("changes", "field", "problem"),
     [
-        ({"schema": 2}, "schema", "expected a snapshot meta of schema 1"),
-        ({"vm": ""}, "vm", "'' is not a str"),
-        ({"size": True}, "size", "True is not a int"),
-        ({"size": -1}, "size", "-1 is negative"),
-        ({"created": "now"}, "created", "'now' is not a int or float"),
-        ({"paused": 0}, "paused", "0 is not a bool"),
-        ({"extra": 1}, "extra", "unknown field of a snapshot meta"),
+        ({"schema": 2}, "schema", "unknown schema version 2; this procurator reads 1"),
+        ({"schema": "1"}, "schema", 'expected a snapshot meta of schema 1, not "1"'),
+        ({"vm": ""}, "vm", 'expected a non-empty string, not ""'),
+        ({"size": True}, "size", "expected a size in bytes from 0, not true"),
+        ({"size": -1}, "size", "expected a size in bytes from 0, not -1"),
+        ({"created": "now"}, "created", 'expected seconds since the epoch, not "now"'),
+        ({"paused": 0}, "paused", "expected true or false, not 0"),
+        (
+            {"extra": 1},
+            "extra",
+            "unknown field of a snapshot meta; known: vm, bundle, generation, backend, created, size, "
+            "paused, ip",
+        ),
     ],
 )
 def test_a_bad_meta_names_the_field(changes: dict[str, Any], field: str, problem: str) -> None:
@@ -80,7 +86,10 @@ def test_read_names_damage_and_its_fix(tmp_path: Path) -> None:
         f"finished snapshot; remove {tmp_path / 'snap'} (it is no usable snapshot)"
     )
     (tmp_path / "snap" / "snapshot.json").write_text(json.dumps({**GOOD, "size": "big"}))
-    with pytest.raises(DamagedStateError, match="size: 'big' is not a int"):
+    with pytest.raises(
+        DamagedStateError,
+        match=r'damaged state file: size: expected a size in bytes from 0, not "big"; remove ',
+    ):
         snapshots.read(tmp_path / "snap")
 
 

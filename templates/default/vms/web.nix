@@ -3,7 +3,7 @@
 { pkgs, ... }:
 {
   networking.hostName = "web"; # also the VM's name (procurator.vm.name defaults to it)
-  system.stateVersion = "25.05";
+  system.stateVersion = "26.05";
 
   procurator.vm = {
     vcpus = 1;

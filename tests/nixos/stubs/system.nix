@@ -88,6 +88,10 @@ in
               type = types.str;
               default = "";
             };
+            uid = mkOption {
+              type = types.nullOr types.int;
+              default = null;
+            };
           };
         }
       );
