@@ -21,21 +21,13 @@ from urllib.parse import quote
 
 from procurator import errors, sockets
 from procurator.errors import WaitTimeoutError, WorkerApiError, WorkerUnavailableError
-from procurator.worker.commands import (
-    Restored,
-    Snapshotted,
-    Started,
-    Stopped,
-    check_name,
-    check_snapshot_id,
-    rows_of,
-)
 
 if TYPE_CHECKING:
     import httpx
 
     from procurator.lifecycle import WaitFor
     from procurator.models import Bundle
+    from procurator.worker.commands import Restored, Snapshotted, Started, Stopped
 
 CLIENT_TIMEOUT = 10.0
 APPLY_TIMEOUT = 1800.0  # a reconcile boots VMs and waits for their health checks
@@ -103,43 +95,59 @@ class WorkerClient:
     # --- the VM commands (worker/commands.py `Commands`) ---
 
     def vm_up(self, bundle: Bundle, *, backend: str | None, wait: WaitFor) -> Started:
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
         body: dict[str, Any] = {"bundle": str(bundle.path), "wait": wait.value}
         if backend is not None:
             body["backend"] = backend
-        return Started.from_json(*self._command("/up", body))
+        return commands.Started.from_json(*self._command("/up", body))
 
     def vm_stop(self, name: str) -> Stopped:
-        return Stopped.from_json(*self._command(_vm(name, "stop"), {}))
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
+        return commands.Stopped.from_json(*self._command(_vm(name, "stop"), {}))
 
     def vm_start(self, name: str, *, wait: WaitFor) -> Started:
-        return Started.from_json(*self._command(_vm(name, "start"), {"wait": wait.value}))
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
+        return commands.Started.from_json(*self._command(_vm(name, "start"), {"wait": wait.value}))
 
     def vm_down(self, name: str, *, purge: bool) -> Stopped:
-        return Stopped.from_json(*self._command(_vm(name, "down"), {"purge": purge}))
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
+        return commands.Stopped.from_json(*self._command(_vm(name, "down"), {"purge": purge}))
 
     def vm_pause(self, name: str, *, pause: bool) -> Started:
-        return Started.from_json(*self._command(_vm(name, "pause" if pause else "resume"), {}))
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
+        return commands.Started.from_json(*self._command(_vm(name, "pause" if pause else "resume"), {}))
 
     def vm_snapshot(self, name: str, *, keep: int | None, stay_paused: bool) -> Snapshotted:
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
         body: dict[str, Any] = {"stay_paused": stay_paused}
         if keep is not None:
             body["keep"] = keep
-        return Snapshotted.from_json(*self._command(_vm(name, "snapshot"), body))
+        return commands.Snapshotted.from_json(*self._command(_vm(name, "snapshot"), body))
 
     def vm_restore(self, name: str, *, ident: str | None, paused: bool, wait: WaitFor) -> Restored:
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
         body: dict[str, Any] = {"paused": paused, "wait": wait.value}
         if ident is not None:
-            body["id"] = check_snapshot_id(ident)
-        return Restored.from_json(*self._command(_vm(name, "restore"), body))
+            body["id"] = commands.check_snapshot_id(ident)
+        return commands.Restored.from_json(*self._command(_vm(name, "restore"), body))
 
     def vm_rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
         listed = self._request("GET", "/vms").json()
         rows = listed.get("vms") if isinstance(listed, dict) else None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise errors.ValidationError(
                 f"GET /vms on {self.api_socket}", "vms", "expected a list of objects"
             )
-        return rows_of(rows, names)
+        return commands.rows_of(rows, names)
 
     def _command(self, path: str, body: dict[str, Any]) -> tuple[Any, str]:
         """POST one VM command; (the answer's JSON, where it came from). An error answer is raised as
@@ -196,7 +204,9 @@ COMMAND_TIMEOUT = APPLY_TIMEOUT  # a stop waits for the guest's shutdown, a star
 
 
 def _vm(name: str, verb: str) -> str:
-    return f"/vm/{quote(check_name(name), safe='')}/{verb}"
+    from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
+
+    return f"/vm/{quote(commands.check_name(name), safe='')}/{verb}"
 
 
 class CommandError(WorkerApiError):
