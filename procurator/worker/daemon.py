@@ -535,7 +535,7 @@ class Worker:
                 self._restart(record, tracked, exit_)
                 return
             with contextlib.suppress(ProcuratorError):
-                network.detach_vm(self.host.net, record.name)
+                network.detach_vm(self.host.net, record.name, ip=record.ip)
             lifecycle.unbox(self.host, record.runtime)  # not restarted: its (empty) group goes
             if decision.verdict is Verdict.GIVE_UP:
                 log.error("%s: giving up: %s", record.name, decision.reason)
