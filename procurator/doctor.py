@@ -26,14 +26,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from procurator import history, lifecycle, network, process
+from procurator import history, lifecycle, network
 from procurator.errors import DamagedStateError, ProcuratorError, StateError
+from procurator.hypervisor import registry
+from procurator.hypervisor.base import Finding
 from procurator.lifecycle import Host, WaitFor
 from procurator.models import Bundle
 
 if TYPE_CHECKING:
-    from procurator.config import HypervisorSettings
-    from procurator.hypervisor.cloud_hypervisor import Version
+    pass
 
 SCHEMA = 1
 KVM_DEVICE = Path("/dev/kvm")
@@ -212,16 +213,20 @@ def _vm_uids_may(path: Path, groups: tuple[str, ...]) -> bool:
     return bits & 6 == 6
 
 
+def _found(finding: Finding) -> _Outcome:
+    if finding.level == "fail":
+        raise _CheckFailedError(finding.detail, finding.fix)
+    return _Outcome(Status.OK if finding.level == "ok" else Status.WARN, finding.detail, finding.fix)
+
+
 def _kvm(host: Host) -> _Outcome:
     from procurator.hypervisor import qemu  # noqa: PLC0415 - the probe lives with the backend that uses it
 
-    backend = host.config.hypervisor.backend
+    settings = host.config.hypervisor
+    backend = registry.diagnosis(settings.backend)
     problem = qemu.kvm_device_problem(KVM_DEVICE)
     if problem:
-        fix = "enable virtualisation in the firmware and load kvm_intel or kvm_amd"
-        if backend == "qemu":
-            return _Outcome(Status.WARN, f"{problem}; qemu guests run under TCG (slow)", fix)
-        raise _CheckFailedError(f"{problem}; cloud-hypervisor needs KVM", fix)
+        return _found(backend.kvm_missing(problem))
     user = host.config.user
     if user is not None and not _user_may(KVM_DEVICE, user, os.R_OK | os.W_OK):
         group = _group_name(KVM_DEVICE.stat().st_gid)
@@ -242,75 +247,12 @@ def _kvm(host: Host) -> _Outcome:
         raise _CheckFailedError(
             f"{KVM_DEVICE} opens (KVM API 12) but the uids of {users.describe()} may not open it", fix
         )
-    detail = f"{KVM_DEVICE} opens, KVM API 12"
-    if backend == "qemu":
-        accel = qemu.accel_setting(host.config.hypervisor.accel)
-        if accel != "tcg":
-            usable, reason = qemu.kvm_usable(host.config.hypervisor.binary or qemu.DEFAULT_BINARY)
-            if not usable:
-                return _Outcome(
-                    Status.WARN,
-                    f"{detail}, but {reason}; qemu guests run under TCG (slow)",
-                    "on nested virtualisation, enable nested KVM on the outer host",
-                )
-            detail += f"; {reason}"
-    return _Outcome(Status.OK, detail)
-
-
-def _landlock(settings: HypervisorSettings, version: Version) -> str:
-    """Whether the VMs of this cloud-hypervisor run under Landlock, and why not (hypervisor/landlock.py)."""
-    from procurator.hypervisor import landlock  # noqa: PLC0415
-
-    if not settings.landlock:
-        return "Landlock off (hypervisor.landlock)"
-    if version.major < landlock.LANDLOCK_SINCE:
-        return f"no Landlock (it came in v{landlock.LANDLOCK_SINCE}.0)"
-    abi = landlock.host_abi()
-    if abi < landlock.NEEDED_ABI:
-        return f"no Landlock (the kernel has ABI {abi}, cloud-hypervisor needs {landlock.NEEDED_ABI})"
-    return f"Landlock on (kernel ABI {abi})"
+    return _found(backend.kvm_present(settings, f"{KVM_DEVICE} opens, KVM API 12"))
 
 
 def _hypervisor(host: Host) -> _Outcome:
     settings = host.config.hypervisor
-    if settings.backend == "cloud-hypervisor":
-        from procurator.hypervisor import cloud_hypervisor as ch  # noqa: PLC0415
-
-        try:
-            binary = ch.resolve_binary(settings.binary or "cloud-hypervisor")
-            version = ch.binary_version(binary)
-        except ProcuratorError as exc:
-            raise _CheckFailedError(
-                exc.message, f"install cloud-hypervisor {ch.OLDEST_SUPPORTED} to {ch.NEWEST_KNOWN}"
-            ) from exc
-        supported = f"supported {ch.OLDEST_SUPPORTED} to {ch.NEWEST_KNOWN}"
-        if version > ch.NEWEST_KNOWN:
-            return _Outcome(
-                Status.WARN,
-                f"{binary} is cloud-hypervisor {version}, newer than checked ({supported})",
-                f"run `procurator doctor --vm REF` to check it boots, or pin {ch.NEWEST_KNOWN}",
-            )
-        flags = "with --no-shutdown" if version >= ch.NO_SHUTDOWN_SINCE else "without --no-shutdown"
-        landlocked = _landlock(settings, version)
-        return _Outcome(
-            Status.OK, f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags}); {landlocked}"
-        )
-    from procurator.hypervisor import qemu  # noqa: PLC0415
-
-    binary_name = settings.binary or qemu.DEFAULT_BINARY
-    found = shutil.which(binary_name)
-    if found is None:
-        raise _CheckFailedError(
-            f"{binary_name}: not found",
-            "install QEMU (Debian: qemu-system-x86) or set hypervisor.binary in the worker config",
-        )
-    done = process.run([found, "--version"], check=False, timeout=10.0)
-    first = (done.stdout.strip().splitlines() or [f"exit status {done.returncode}"])[0]
-    if done.returncode != 0:
-        raise _CheckFailedError(
-            f"{found} --version failed: {first}", "reinstall QEMU or fix hypervisor.binary"
-        )
-    return _Outcome(Status.OK, f"{found}: {first}")
+    return _found(registry.diagnosis(settings.backend).binary_finding(settings))
 
 
 def _tap(host: Host) -> _Outcome:

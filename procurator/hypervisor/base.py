@@ -12,7 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from procurator.config import HypervisorSettings
 
 
 class VmState(StrEnum):
@@ -98,6 +101,33 @@ class StopResult:
 
     graceful: bool
     steps: tuple[str, ...]  # the ladder steps taken, e.g. ("power-button",) or (..., "SIGKILL")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A backend's answer to one of `procurator doctor`'s questions (doctor.py): what it found, how
+    serious it is, and the fix."""
+
+    level: Literal["ok", "warn", "fail"]
+    detail: str
+    fix: str = ""
+
+
+class Diagnosis(Protocol):
+    """What `procurator doctor` asks the configured backend's module (hypervisor/registry.py
+    `diagnosis`): the questions whose answers differ by backend."""
+
+    def kvm_missing(self, problem: str) -> Finding:
+        """/dev/kvm cannot be used (`problem` says why)."""
+        ...
+
+    def kvm_present(self, settings: HypervisorSettings, detail: str) -> Finding:
+        """/dev/kvm opens (`detail` says so); anything this backend adds about it."""
+        ...
+
+    def binary_finding(self, settings: HypervisorSettings) -> Finding:
+        """The hypervisor binary the settings name: found, runnable, a supported release."""
+        ...
 
 
 class Hypervisor(Protocol):

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from procurator import jsonread, logfiles, process, serial_keeper, sockets
 from procurator.errors import (
@@ -45,15 +45,19 @@ from procurator.errors import (
     HypervisorStartError,
     InvalidStateError,
     ProcessError,
+    ProcuratorError,
     ValidationError,
     WaitTimeoutError,
 )
 from procurator.hypervisor import landlock
 from procurator.hypervisor.api import ApiClient
-from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.base import Finding, GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
 from procurator.jsonread import Reader
 from procurator.snapshots import PARTIAL
+
+if TYPE_CHECKING:
+    from procurator.config import HypervisorSettings
 
 log = logging.getLogger(__name__)
 
@@ -972,3 +976,47 @@ def _bind_api_socket(path: Path) -> socket.socket:
         sockets.remove(path)
         raise HypervisorStartError(f"{path}: cannot bind the API socket: {exc.strerror or exc}") from exc
     return sock
+
+
+# --- `procurator doctor`'s questions (hypervisor/base.py `Diagnosis`) ---------------------------------
+
+
+def kvm_missing(problem: str) -> Finding:
+    return Finding(
+        "fail", f"{problem}; cloud-hypervisor needs KVM", "enable virtualisation in the firmware and load "
+        "kvm_intel or kvm_amd"
+    )  # fmt: skip
+
+
+def kvm_present(settings: HypervisorSettings, detail: str) -> Finding:  # noqa: ARG001 - the protocol's
+    return Finding("ok", detail)
+
+
+def binary_finding(settings: HypervisorSettings) -> Finding:
+    try:
+        binary = resolve_binary(settings.binary or "cloud-hypervisor")
+        version = binary_version(binary)
+    except ProcuratorError as exc:
+        return Finding("fail", exc.message, f"install cloud-hypervisor {OLDEST_SUPPORTED} to {NEWEST_KNOWN}")
+    supported = f"supported {OLDEST_SUPPORTED} to {NEWEST_KNOWN}"
+    if version > NEWEST_KNOWN:
+        return Finding(
+            "warn",
+            f"{binary} is cloud-hypervisor {version}, newer than checked ({supported})",
+            f"run `procurator doctor --vm REF` to check it boots, or pin {NEWEST_KNOWN}",
+        )
+    flags = "with --no-shutdown" if version >= NO_SHUTDOWN_SINCE else "without --no-shutdown"
+    landlocked = _landlock_state(settings, version)
+    return Finding("ok", f"{binary}: cloud-hypervisor {version} ({supported}; runs {flags}); {landlocked}")
+
+
+def _landlock_state(settings: HypervisorSettings, version: Version) -> str:
+    """Whether the VMs of this cloud-hypervisor run under Landlock, and why not (hypervisor/landlock.py)."""
+    if not settings.landlock:
+        return "Landlock off (hypervisor.landlock)"
+    if version.major < landlock.LANDLOCK_SINCE:
+        return f"no Landlock (it came in v{landlock.LANDLOCK_SINCE}.0)"
+    abi = landlock.host_abi()
+    if abi < landlock.NEEDED_ABI:
+        return f"no Landlock (the kernel has ABI {abi}, cloud-hypervisor needs {landlock.NEEDED_ABI})"
+    return f"Landlock on (kernel ABI {abi})"

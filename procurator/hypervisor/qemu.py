@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -25,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from procurator import logfiles, process, serial_keeper, sockets, waits
 from procurator.errors import (
@@ -39,10 +40,13 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.hypervisor import qmp
-from procurator.hypervisor.base import GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
+from procurator.hypervisor.base import Finding, GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
 from procurator.jsonread import Reader, shown
 from procurator.net import netlink
+
+if TYPE_CHECKING:
+    from procurator.config import HypervisorSettings
 
 log = logging.getLogger(__name__)
 
@@ -1026,3 +1030,42 @@ def _net_dev_stats(pid: int) -> dict[str, tuple[int, int, int, int]]:
         if len(values) >= 10:
             stats[name.strip()] = (int(values[0]), int(values[1]), int(values[8]), int(values[9]))
     return stats
+
+
+# --- `procurator doctor`'s questions (hypervisor/base.py `Diagnosis`) ---------------------------------
+
+
+def kvm_missing(problem: str) -> Finding:
+    return Finding("warn", f"{problem}; qemu guests run under TCG (slow)", "enable virtualisation in the "
+                   "firmware and load kvm_intel or kvm_amd")  # fmt: skip
+
+
+def kvm_present(settings: HypervisorSettings, detail: str) -> Finding:
+    if accel_setting(settings.accel) == "tcg":
+        return Finding("ok", detail)
+    usable, reason = kvm_usable(settings.binary or DEFAULT_BINARY)
+    if not usable:
+        return Finding(
+            "warn",
+            f"{detail}, but {reason}; qemu guests run under TCG (slow)",
+            "on nested virtualisation, enable nested KVM on the outer host",
+        )
+    return Finding("ok", f"{detail}; {reason}")
+
+
+def binary_finding(settings: HypervisorSettings) -> Finding:
+    binary_name = settings.binary or DEFAULT_BINARY
+    found = shutil.which(binary_name)
+    if found is None:
+        return Finding(
+            "fail",
+            f"{binary_name}: not found",
+            "install QEMU (Debian: qemu-system-x86) or set hypervisor.binary in the worker config",
+        )
+    done = process.run([found, "--version"], check=False, timeout=10.0)
+    first = (done.stdout.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+    if done.returncode != 0:
+        return Finding(
+            "fail", f"{found} --version failed: {first}", "reinstall QEMU or fix hypervisor.binary"
+        )
+    return Finding("ok", f"{found}: {first}")

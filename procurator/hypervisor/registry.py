@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from procurator.config import DEFAULT_SERIAL_LOG_MAX_BYTES, HypervisorSettings
 from procurator.errors import ConfigError
-from procurator.hypervisor.base import Hypervisor
+from procurator.hypervisor.base import Diagnosis, Hypervisor
 
 
 def factory(
@@ -43,3 +43,16 @@ def factory(
         return made[backend]
 
     return make
+
+
+def diagnosis(backend: str) -> Diagnosis:
+    """The module of `backend`, for `procurator doctor`'s questions that differ by backend."""
+    if backend == "cloud-hypervisor":
+        from procurator.hypervisor import cloud_hypervisor  # noqa: PLC0415
+
+        return cloud_hypervisor
+    if backend == "qemu":
+        from procurator.hypervisor import qemu  # noqa: PLC0415
+
+        return qemu
+    raise ConfigError(f"unknown hypervisor backend {backend!r}; use cloud-hypervisor or qemu")
