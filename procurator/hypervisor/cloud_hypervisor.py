@@ -49,7 +49,7 @@ from procurator.errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from procurator.hypervisor import landlock
+from procurator.hypervisor import keepers, landlock
 from procurator.hypervisor.api import ApiClient
 from procurator.hypervisor.base import Finding, GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
@@ -170,9 +170,12 @@ class CloudHypervisor:
         owner = spec.owner or _lookup_user(spec.user)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         body, handed = split_handed_nets(wire_config(spec), spec.tap_fds)
-        if self.landlocks(version):
-            body.update(landlock_fields(spec, body, version))
         serial = body.get("serial", {}).get("mode") == "Socket"
+        writable = spec.writable
+        if serial:  # the VMM binds the socket there again at a guest reset: under Landlock it may write there
+            writable = (*writable, keepers.prepare(spec.vm_dir, owner))
+        if self.landlocks(version):
+            body.update(landlock_fields(spec, body, version, writable))
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
@@ -225,7 +228,9 @@ class CloudHypervisor:
         log.info("vm %s: cloud-hypervisor %s as pid %d", spec.name, done, proc.pid)
         return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
 
-    def _spawn_keeper(self, spec: LaunchSpec, pid: int, start_time: int) -> None:
+    def _spawn_keeper(
+        self, spec: LaunchSpec, pid: int, start_time: int, socket_path: Path | None = None
+    ) -> None:
         """The serial keeper (procurator/serial_keeper.py), connected before the guest boots."""
         self._keepers.start(
             spec.name,
@@ -234,6 +239,7 @@ class CloudHypervisor:
             pid=pid,
             start_time=start_time,
             timeout=self.start_timeout,
+            socket_path=socket_path,
         )
 
     def _remove_sockets(self, vm_dir: Path) -> None:
@@ -433,7 +439,8 @@ class CloudHypervisor:
         owner = spec.owner or _lookup_user(spec.user)
         saved = _snapshot_config(directory)
         net_fds = _restored_net_fds(spec, saved, directory)
-        socket_serial = (saved.get("serial") or {}).get("mode") == "Socket"
+        saved_serial = saved.get("serial") or {}
+        socket_serial = saved_serial.get("mode") == "Socket" and bool(saved_serial.get("socket"))
         resume_in_body = not paused and version >= RESTORE_RESUME_SINCE
         body: dict[str, Any] = {"source_url": f"file://{directory}"}
         if version >= RESTORE_MODE_SINCE:
@@ -444,13 +451,17 @@ class CloudHypervisor:
             body["net_fds"] = [{"id": ident, "num_fds": len(fds)} for ident, fds in net_fds]
         passed = tuple(fd for _, fds in net_fds for fd in fds)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
+        if (
+            socket_serial
+        ):  # the VMM binds the saved path: ours, or the VM dir's (an older Procurator's snapshot)
+            keepers.prepare(spec.vm_dir, owner)
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
             self._start_step(
                 api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed
             )
             if start_time is not None and socket_serial:
-                self._spawn_keeper(spec, proc.pid, start_time)
+                self._spawn_keeper(spec, proc.pid, start_time, Path(str(saved_serial["socket"])))
             if not paused and not resume_in_body:
                 self._start_step(api, proc, spec, "vm.resume", body=None, timeout=self.api_timeout)
 
@@ -627,20 +638,23 @@ def wire_config(spec: LaunchSpec) -> dict[str, Any]:
     return body
 
 
-def landlock_fields(spec: LaunchSpec, body: dict[str, Any], version: Version) -> dict[str, Any]:
+def landlock_fields(
+    spec: LaunchSpec, body: dict[str, Any], version: Version, writable: tuple[Path, ...]
+) -> dict[str, Any]:
     """`landlock_enable` and our `landlock_rules` for `body`, after checking that the VMM's own rules and
-    ours give everything the VM opens after vm.create (landlock.needs). The directories we add are made
-    first: a rule whose path does not exist is dropped by cloud-hypervisor without a word."""
-    for path in spec.writable:
+    ours give everything the VM opens after vm.create (landlock.needs). `writable` is the spec's
+    directories plus the serial socket's. The directories we add are made first: a rule whose path does
+    not exist is dropped by cloud-hypervisor without a word."""
+    for path in writable:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise HypervisorStartError(
                 f"{path}: cannot create it for the VM's Landlock rules: {exc.strerror}"
             ) from exc
-    ours = landlock.extra_rules(body, spec.writable)
+    ours = landlock.extra_rules(body, writable)
     missing = landlock.uncovered(
-        landlock.needs(body, spec.writable), landlock.vmm_rules(body, version.major) + ours
+        landlock.needs(body, writable), landlock.vmm_rules(body, version.major) + ours
     )
     if missing:
         raise HypervisorStartError(

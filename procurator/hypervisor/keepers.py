@@ -1,10 +1,15 @@
 """Starting and collecting serial keepers (procurator/serial_keeper.py), for both backends.
 
-A backend whose runtime config has a `File` serial port serves it as a UNIX socket in the VM directory
-(`SERIAL_SOCKET`) instead and starts a keeper on it before the guest runs: the keeper appends what it
-reads to the serial log and rotates it at `max_bytes` (the worker configuration's `serialLogMaxBytes`),
-so a guest flooding its serial port uses at most twice that much disk. `wire_serial` is the config
-change, `Keepers` the processes.
+A backend whose runtime config has a `File` serial port serves it as a UNIX socket instead and starts a
+keeper on it before the guest runs: the keeper appends what it reads to the serial log and rotates it at
+`max_bytes` (the worker configuration's `serialLogMaxBytes`), so a guest flooding its serial port uses at
+most twice that much disk. `wire_serial` is the config change, `Keepers` the processes.
+
+The socket lives in a directory of its own below the VM directory (`serial_socket`): cloud-hypervisor
+removes and binds it again at every guest reset (vmm/src/serial_manager.rs `Drop` removes the file,
+vmm/src/console_devices.rs `pre_create_console_devices` binds it, from vmm/src/lib.rs `vm_reboot`),
+which needs RemoveFile and MakeSock on its directory; a landlocked VMM is granted that one directory
+(hypervisor/landlock.py `extra_rules`), not the VM directory with its records and logs.
 """
 
 from __future__ import annotations
@@ -21,18 +26,51 @@ from typing import Any
 from procurator import process, serial_keeper, sockets
 from procurator.errors import HypervisorStartError, ProcessError
 
+SERIAL_DIR = "serial"
 SERIAL_SOCKET = "serial.sock"
+_OLD_SOCKET = (
+    "serial.sock"  # in the VM directory itself: before the socket had a directory, and old snapshots
+)
+
+
+def serial_dir(vm_dir: Path) -> Path:
+    """The directory of the VM's serial socket, and nothing else."""
+    return vm_dir / SERIAL_DIR
+
+
+def serial_socket(vm_dir: Path) -> Path:
+    return serial_dir(vm_dir) / SERIAL_SOCKET
 
 
 def wire_serial(config: dict[str, Any], vm_dir: Path) -> tuple[dict[str, Any], bool]:
-    """`config` with a `File` serial port turned into a `Socket` at `vm_dir`/SERIAL_SOCKET, and whether
-    it was (then a keeper is to copy that socket into the VM's serial log)."""
+    """`config` with a `File` serial port turned into a `Socket` at `serial_socket(vm_dir)`, and whether
+    it was (then a keeper is to copy that socket into the VM's serial log; `prepare` makes its directory)."""
     serial = config.get("serial") or {}
     if not isinstance(serial, dict) or serial.get("mode") != "File":
         return config, False
     wired = copy.deepcopy(config)
-    wired["serial"] = {"mode": "Socket", "socket": str(vm_dir / SERIAL_SOCKET)}
+    wired["serial"] = {"mode": "Socket", "socket": str(serial_socket(vm_dir))}
     return wired, True
+
+
+def prepare(vm_dir: Path, owner: tuple[int, int] | None) -> Path:
+    """Make the serial socket's directory (empty: a socket left by a killed run is removed), owned by
+    `owner` (uid, gid), the user the hypervisor runs as, or else by the VM directory's owner (lifecycle
+    gives the VM directory to the hypervisor's user); the directory."""
+    directory = serial_dir(vm_dir)
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        sockets.remove(directory / SERIAL_SOCKET)
+        if owner is None:
+            st = vm_dir.stat()
+            owner = st.st_uid, st.st_gid
+        if directory.stat().st_uid != owner[0]:
+            os.chown(directory, *owner)
+    except OSError as exc:
+        raise HypervisorStartError(
+            f"{directory}: cannot prepare the serial socket's directory: {exc.strerror}"
+        ) from exc
+    return directory
 
 
 class Keepers:
@@ -42,12 +80,24 @@ class Keepers:
         self.max_bytes = max_bytes
         self._running: dict[Path, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, vm_dir: Path, log: Path, *, pid: int, start_time: int, timeout: float) -> None:
-        """Start the keeper of hypervisor `pid` and wait (bounded) until it is connected to the socket."""
+    def start(
+        self,
+        name: str,
+        vm_dir: Path,
+        log: Path,
+        *,
+        pid: int,
+        start_time: int,
+        timeout: float,
+        socket_path: Path | None = None,
+    ) -> None:
+        """Start the keeper of hypervisor `pid` and wait (bounded) until it is connected to the socket
+        (`serial_socket(vm_dir)`, or `socket_path`: where a restored snapshot's config puts it)."""
+        socket_path = socket_path or serial_socket(vm_dir)
         env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         argv = [
             sys.executable, "-m", "procurator.serial_keeper",
-            "--socket", str(vm_dir / SERIAL_SOCKET),
+            "--socket", str(socket_path),
             "--log", str(log),
             "--pid", str(pid),
             "--start-time", str(start_time),
@@ -65,16 +115,19 @@ class Keepers:
             said = keeper.stdout.readline() if ready else b""
         if said != b"connected\n":
             raise HypervisorStartError(
-                f"vm {name!r}: its serial keeper did not connect to {vm_dir / SERIAL_SOCKET} "
+                f"vm {name!r}: its serial keeper did not connect to {socket_path} "
                 f"within {timeout:.0f}s (exit status {keeper.poll()})"
             )
 
     def gone(self, vm_dir: Path, timeout: float) -> None:
         """After the hypervisor is gone: wait (bounded) for its keeper to exit, reap it if it is ours, and
-        remove the serial socket."""
+        remove the serial socket and its directory."""
         serial_keeper.wait_gone(vm_dir, timeout)
         keeper = self._running.pop(vm_dir, None)
         if keeper is not None:
             with contextlib.suppress(Exception):
                 keeper.wait(timeout=timeout)
-        sockets.remove(vm_dir / SERIAL_SOCKET)
+        sockets.remove(serial_socket(vm_dir))
+        sockets.remove(vm_dir / _OLD_SOCKET)
+        with contextlib.suppress(OSError):
+            serial_dir(vm_dir).rmdir()

@@ -20,10 +20,11 @@ What cloud-hypervisor does (read at the tags named; docs/architecture.md, "Landl
 
 What we add (`extra_rules`) is only what the VM needs after `vm.create` that the config's own rules do not
 give: for each TAP named in the config, `/sys/class/net/<tap>/tun_flags` "r" (net_util/src/open_tap.rs
-`check_mq_support` reads it at `vm.boot` when the TAP exists, as ours do; v41.0-v53.0), and the VM's
-snapshot directory "rw", where `vm.snapshot` creates its files. Nothing else: the VM
-directory (records, logs) stays out of reach, so a guest reset, which re-binds the serial socket there
-(`vm_reboot` -> `pre_create_console_devices`), ends a landlocked VMM instead (the worker restarts it).
+`check_mq_support` reads it at `vm.boot` when the TAP exists, as ours do; v41.0-v53.0), the VM's
+snapshot directory "rw", where `vm.snapshot` creates its files, and the serial socket's own directory
+"rw", where a guest reset removes and binds the socket again (vmm/src/serial_manager.rs `Drop`,
+`vm_reboot` -> `pre_create_console_devices`; hypervisor/keepers.py). Nothing else: the VM directory
+(records, logs, the API socket) stays out of reach.
 `needs` and `uncovered` check a config against a rule list, so a rule left out is caught before start.
 """
 
@@ -75,7 +76,7 @@ def vmm_rules(config: dict[str, Any], release: int) -> list[Rule]:
 
 def extra_rules(config: dict[str, Any], writable: tuple[PurePath, ...]) -> list[Rule]:
     """The `landlock_rules` we send: each TAP's `tun_flags` in sysfs, "r", and the directories below which
-    the VMM creates files after start (the VM's snapshot directory), "rw"."""
+    the VMM creates files after start (the VM's snapshot directory, the serial socket's), "rw"."""
     return [*(Rule(_tun_flags(tap), "r") for tap in _taps(config)), *(Rule(str(p), "rw") for p in writable)]
 
 

@@ -39,7 +39,7 @@ from procurator.errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from procurator.hypervisor import qmp
+from procurator.hypervisor import keepers, qmp
 from procurator.hypervisor.base import Finding, GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
 from procurator.jsonread import Reader, shown
@@ -612,6 +612,8 @@ class Qemu:
         _require_taps(spec, _config_taps(spec.config).values())
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
+        if (spec.config.get("serial") or {}).get("mode") == "File":  # QEMU binds it (wire_serial)
+            keepers.prepare(spec.vm_dir, None)
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
             try:

@@ -56,10 +56,12 @@ def spec(tmp_path: Path) -> LaunchSpec:
 
 def landlocked(spec: LaunchSpec) -> dict[str, object]:
     """What the backend adds to vm.create where Landlock is used (v41+ on a kernel with ABI 3, as here): the
-    VM's snapshot directory, besides what the VMM grants itself from the config."""
+    VM's snapshot directory and the serial socket's, besides what the VMM grants itself from the config."""
     return {
         "landlock_enable": True,
-        "landlock_rules": [{"path": str(p), "access": "rw"} for p in spec.writable],
+        "landlock_rules": [
+            {"path": str(p), "access": "rw"} for p in (*spec.writable, spec.vm_dir / "serial")
+        ],
     }
 
 
@@ -151,7 +153,7 @@ def test_start_and_stop_send_the_expected_command_line_and_requests(
     create = sent[1]
     assert create["headers"]["content-type"] == "application/json"
     # the File serial port is sent as a Socket that the serial keeper copies into the same file
-    serial_socket = {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")}
+    serial_socket = {"mode": "Socket", "socket": str(spec.vm_dir / "serial" / "serial.sock")}
     assert json.loads(create["body"]) == {**spec.config, "serial": serial_socket, **landlocked(spec)}
     for bodyless in (sent[2], sent[4], sent[5]):
         assert bodyless["body"] is None
@@ -181,7 +183,7 @@ def test_lifecycle_start_info_counters_pause_resume_and_graceful_shutdown(
     assert info.details["config"] == {
         **spec.config,
         "disks": typed,
-        "serial": {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")},
+        "serial": {"mode": "Socket", "socket": str(spec.vm_dir / "serial" / "serial.sock")},
         **landlocked(spec),
     }
     assert backend.ping(handle)["pid"] == handle.pid
@@ -712,10 +714,9 @@ def test_the_serial_log_survives_guest_resets_and_is_bounded(
     # a reset every 0.4 s: the log rotates after about four, and the next rotation (which would drop the
     # first boot) comes a second or more later, time enough for this loop even on a loaded machine
     monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.4")
-    # without Landlock: under it the VMM cannot re-create its serial socket at a reset (next test)
-    backend = CloudHypervisor(
-        BINARY, start_timeout=15.0, step_timeout=3.0, serial_max_bytes=600, landlock=False
-    )
+    # under Landlock from v41 (the double's VMM thread is landlocked for real): the VMM re-creates its
+    # serial socket in the directory granted to it
+    backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=3.0, serial_max_bytes=600)
     handle = backend.start(spec)
     logs = (spec.serial_log, spec.serial_log.with_name("serial.log.1"))
 
@@ -773,7 +774,7 @@ def test_snapshot_then_restore_in_a_fresh_process(  # noqa: PLR0917 - fixtures
     assert backend.info(first).state is VmState.PAUSED  # it stays paused
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "memory-ranges", "state.json"]
     saved = json.loads((target / "config.json").read_text())
-    assert saved["serial"] == {"mode": "Socket", "socket": str(spec.vm_dir / "serial.sock")}
+    assert saved["serial"] == {"mode": "Socket", "socket": str(spec.vm_dir / "serial" / "serial.sock")}
     assert (target / "memory-ranges").stat().st_size == spec.config["memory"]["size"]
     backend.kill(first)
 

@@ -64,6 +64,7 @@ def test_a_vm_with_a_volume_boots_under_landlock_and_reaches_nothing_else(
     assert body["landlock_rules"] == [
         {"path": f"/sys/class/net/{tap}/tun_flags", "access": "r"},  # read when the TAP is opened
         {"path": str(snapshots), "access": "rw"},
+        {"path": str(host.state / "vms" / "web" / "serial"), "access": "rw"},  # re-bound at a guest reset
     ]
     log = (host.state / "vms" / "web" / "hypervisor.log").read_text()
     # the double's VMM thread really is landlocked: it opened its volume at vm.boot, not the probe
@@ -213,11 +214,48 @@ def test_the_start_refuses_rules_that_leave_out_what_the_vm_needs(
     assert not spec.api_socket.exists()
 
 
-def test_under_landlock_a_guest_reset_ends_the_vmm(
+def test_under_landlock_a_guest_reset_binds_the_serial_socket_again_and_the_guest_runs_on(
     backend: CloudHypervisor, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`vm_reboot` re-binds the serial socket (`pre_create_console_devices`); Landlock grants no MakeSock
-    in the VM directory, so the reboot fails and the VMM exits 1 (the worker restarts the VM)."""
+    """`vm_reboot` removes the serial socket (SerialManager's Drop) and binds it again
+    (`pre_create_console_devices`): RemoveFile and MakeSock in its directory, which is granted."""
+    monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.3")
+    handle = backend.start(spec)
+    proc, _ = backend._children[handle.pid]
+    try:
+        deadline = time.monotonic() + 20
+        while spec.events_path.read_text().count('"event": "rebooted"') < 2:
+            assert proc.poll() is None, spec.hypervisor_log.read_text()
+            assert time.monotonic() < deadline, "no two guest resets within 20 s"
+            time.sleep(0.02)
+        assert proc.poll() is None
+        assert "Error rebooting VM" not in spec.hypervisor_log.read_text()
+        # the serial keeper connected again to the socket bound anew, and says so in the log
+        deadline = time.monotonic() + 5
+        while "serial port re-created (guest reset)" not in spec.serial_log.read_text():
+            assert time.monotonic() < deadline, spec.serial_log.read_text()
+            time.sleep(0.02)
+    finally:
+        backend.kill(handle)
+    assert not (spec.vm_dir / "serial").exists()  # the socket and its directory go with the VM
+
+
+def test_without_the_serial_directory_granted_a_guest_reset_ends_the_vmm(
+    backend: CloudHypervisor, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the serial directory's rule is for: without it Landlock grants no RemoveFile nor MakeSock
+    there, so the socket cannot be removed, bind finds it, the reboot fails and the VMM exits 1."""
+    serial_dir = spec.vm_dir / "serial"
+    real_extra, real_needs = rules.extra_rules, rules.needs
+
+    def without_serial(config: dict[str, Any], writable: tuple[Path, ...]) -> list[rules.Rule]:
+        return real_extra(config, tuple(p for p in writable if p != serial_dir))
+
+    def needs_no_serial(config: dict[str, Any], writable: tuple[Path, ...]) -> list[rules.Rule]:
+        return real_needs(config, tuple(p for p in writable if p != serial_dir))
+
+    monkeypatch.setattr(rules, "extra_rules", without_serial)
+    monkeypatch.setattr(rules, "needs", needs_no_serial)
     monkeypatch.setenv("CHDOUBLE_GUEST_RESET", "0.3")
     handle = backend.start(spec)
     proc, _ = backend._children[handle.pid]

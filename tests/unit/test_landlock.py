@@ -9,7 +9,7 @@ import pytest
 
 from procurator.config import WorkerConfig
 from procurator.errors import ValidationError
-from procurator.hypervisor import landlock
+from procurator.hypervisor import keepers, landlock
 from procurator.hypervisor.base import LaunchSpec
 from procurator.hypervisor.cloud_hypervisor import CloudHypervisor, Version, landlock_fields, wire_config
 from procurator.models import Bundle
@@ -52,7 +52,7 @@ def test_the_rules_give_the_vm_everything_it_opens_after_vm_create(tmp_path: Pat
     # the VMM grants its disks, payload, serial socket and TAP device itself: we add the TAP's flags in
     # sysfs (open_tap.rs check_mq_support reads them) and the snapshots
     assert ours == [flags, landlock.Rule(str(spec.writable[0]), "rw")]
-    assert landlock.Rule(str(spec.vm_dir / "serial.sock"), "rw") in own
+    assert landlock.Rule(str(spec.vm_dir / "serial" / "serial.sock"), "rw") in own
     # each rule matters: without ours the TAP could not be opened nor a snapshot written, without the
     # VMM's disk rule the volume could not be opened
     assert landlock.uncovered(wanted, own) == [flags, snapshots]
@@ -71,15 +71,19 @@ def test_the_rules_are_what_the_double_grants_itself(tmp_path: Path) -> None:
 
 def test_the_body_says_landlock_and_names_the_tap_flags_and_the_snapshot_directory(tmp_path: Path) -> None:
     spec = web_spec(tmp_path)
-    fields = landlock_fields(spec, wire_config(spec), Version(53))
+    writable = (*spec.writable, keepers.serial_dir(spec.vm_dir))
+    fields = landlock_fields(spec, wire_config(spec), Version(53), writable)
     assert fields == {
         "landlock_enable": True,
         "landlock_rules": [
             {"path": "/sys/class/net/pc-web-1a2b/tun_flags", "access": "r"},
             {"path": str(tmp_path / "snapshots" / "web"), "access": "rw"},
+            {"path": str(spec.vm_dir / "serial"), "access": "rw"},  # the socket is bound again at a reset
         ],
     }
-    assert spec.writable[0].is_dir()  # made first: cloud-hypervisor drops a rule whose path is missing
+    # made first: cloud-hypervisor drops a rule whose path is missing
+    assert spec.writable[0].is_dir()
+    assert keepers.serial_dir(spec.vm_dir).is_dir()
 
 
 def test_landlock_is_version_gated_and_can_be_turned_off() -> None:
