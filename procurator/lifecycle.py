@@ -202,6 +202,39 @@ def _handed_taps(host: Host, config: dict[str, Any], hand: bool) -> Iterator[dic
         network.close_fds(opened)
 
 
+@contextlib.contextmanager
+def _launch_spec(
+    host: Host,
+    name: str,
+    *,
+    vm_dir: Path,
+    config: dict[str, Any],
+    bundle: Bundle,
+    box: Box,
+    who: vmusers.Owner | None,
+    snapshot_name: str,
+) -> Iterator[LaunchSpec]:
+    """The LaunchSpec of a start or a restore of `name` (its runtime name: `web@green` for a slot), its
+    TAPs handed over as descriptors when the hypervisor is not us; valid inside the block only (the
+    descriptors are closed after it). `snapshot_name` is the VM whose snapshot directory is granted."""
+    with _handed_taps(host, config, _hands_taps(host, who)) as tap_fds:
+        yield LaunchSpec(
+            name=name,
+            vm_dir=vm_dir,
+            config=config,
+            serial_log=vm_dir / "serial.log",
+            shutdown_timeout=float(bundle.meta.shutdown_timeout),
+            user=host.config.user,
+            netns=host.net.netns,
+            join=box.join,
+            uid=None if who is None else who.uid,
+            gid=None if who is None else who.gid,
+            groups=() if who is None else who.groups,
+            tap_fds=tap_fds,
+            writable=(snapshots.vm_root(host.state, snapshot_name),),
+        )
+
+
 def _take_back(host: Host, name: str, record: VmRecord | None) -> None:
     """Give back to the worker what VM `name`'s own uid still owns of its volumes and snapshots: any uid
     of the range (a damaged record does not say which), else the record's."""
@@ -611,22 +644,9 @@ def _start(
         atomic_write_json(vm_dir / "vm-config.runtime.json", config)
         _check_affinity(bundle)
         box = Box.make(host, runtime, limits(bundle, backend), undo)
-        with _handed_taps(host, config, _hands_taps(host, who)) as tap_fds:
-            spec = LaunchSpec(
-                name=runtime,
-                vm_dir=vm_dir,
-                config=config,
-                serial_log=serial_log,
-                shutdown_timeout=float(bundle.meta.shutdown_timeout),
-                user=host.config.user,
-                netns=host.net.netns,
-                join=box.join,
-                uid=None if who is None else who.uid,
-                gid=None if who is None else who.gid,
-                groups=() if who is None else who.groups,
-                tap_fds=tap_fds,
-                writable=(snapshots.vm_root(host.state, name),),
-            )
+        with _launch_spec(
+            host, runtime, vm_dir=vm_dir, config=config, bundle=bundle, box=box, who=who, snapshot_name=name
+        ) as spec:
             handle = hv.start(spec)
         undo.callback(hv.kill, handle)
         box.check(handle.pid)
@@ -1290,22 +1310,9 @@ def _restore(
         box = Box.make(host, name, limits(bundle, record.backend), undo)  # boxed as a booted VM is
         # QEMU gets the same command line again; cloud-hypervisor takes them for the nets its snapshot
         # says were built from descriptors (vm.restore `net_fds`) and reopens the others by name
-        with _handed_taps(host, config, _hands_taps(host, who)) as fds:
-            spec = LaunchSpec(
-                name=name,
-                vm_dir=vm_dir,
-                config=config,
-                serial_log=vm_dir / "serial.log",
-                shutdown_timeout=float(bundle.meta.shutdown_timeout),
-                user=host.config.user,
-                netns=host.net.netns,
-                join=box.join,
-                uid=None if who is None else who.uid,
-                gid=None if who is None else who.gid,
-                groups=() if who is None else who.groups,
-                tap_fds=fds,
-                writable=(snapshots.vm_root(host.state, name),),
-            )
+        with _launch_spec(
+            host, name, vm_dir=vm_dir, config=config, bundle=bundle, box=box, who=who, snapshot_name=name
+        ) as spec:
             handle = hv.restore(spec, snap.data, paused=paused)
         undo.callback(hv.kill, handle)
         box.check(handle.pid)
