@@ -50,7 +50,7 @@ from procurator.errors import (
     WaitTimeoutError,
 )
 from procurator.hypervisor import keepers, landlock
-from procurator.hypervisor.api import ApiClient
+from procurator.hypervisor.api import ApiClient, get_once
 from procurator.hypervisor.base import Finding, GuestEnd, Handle, LaunchSpec, StopResult, VmInfo, VmState
 from procurator.hypervisor.keepers import Keepers, wire_serial
 from procurator.jsonread import Reader
@@ -359,8 +359,8 @@ class CloudHypervisor:
 
         The VMM thread answers it (vmm/src/api/mod.rs `VmmPing`): a hung VMM does not, whatever its
         HTTP thread still accepts."""
-        with self._api(handle, timeout=timeout) as api:
-            answer = api.get("vmm.ping")
+        limit = self.api_timeout if timeout is None else timeout
+        answer = get_once(handle.api_socket, "vmm.ping", timeout=limit)
         if not isinstance(answer, dict):
             raise HypervisorError(
                 f"vmm.ping: expected a JSON object from {handle.api_socket}, got {answer!r}"
@@ -385,8 +385,7 @@ class CloudHypervisor:
 
     def counters(self, handle: Handle) -> dict[str, dict[str, int]]:
         """vm.counters: per device id, its counters."""
-        with self._api(handle) as api:
-            answer = api.get("vm.counters")
+        answer = get_once(handle.api_socket, "vm.counters", timeout=self.api_timeout)
         if answer is None:
             return {}
         if not isinstance(answer, dict) or not all(

@@ -20,7 +20,7 @@ import pytest
 from procurator import process
 from procurator.errors import HypervisorApiError, HypervisorError, HypervisorStartError, InvalidStateError
 from procurator.hypervisor import cloud_hypervisor
-from procurator.hypervisor.api import ApiClient
+from procurator.hypervisor.api import ApiClient, get_once
 from procurator.hypervisor.base import Handle, LaunchSpec, VmState
 from procurator.hypervisor.cloud_hypervisor import ENV_BINARY, CloudHypervisor, EventReader, resolve_binary
 from tests.chdouble import BINARY, sample_config
@@ -429,6 +429,35 @@ def test_wrong_state_is_an_invalid_state_error(
         assert not isinstance(unknown.value, InvalidStateError)
     finally:
         backend.kill(handle)
+
+
+def test_get_once_answers_and_fails_as_the_client_does(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None, tmp_path: Path
+) -> None:
+    """`get_once` (the watchdog's ping and the scrape's counters, one connection each) decodes the answer
+    and translates errors, a missing socket and a silent one as ApiClient does."""
+    handle = backend.start(spec)
+    try:
+        assert get_once(handle.api_socket, "vmm.ping", timeout=5)["pid"] == handle.pid
+        with ApiClient(handle.api_socket) as client:  # the same devices and counters (their values move)
+            once, again = get_once(handle.api_socket, "vm.counters", timeout=5), client.get("vm.counters")
+        assert {d: sorted(c) for d, c in once.items()} == {d: sorted(c) for d, c in again.items()}
+        assert set(once) == {"store", "eth0"}
+        with pytest.raises(HypervisorApiError) as unknown:
+            get_once(handle.api_socket, "vm.nope", timeout=5)
+        assert (unknown.value.status, unknown.value.details) == (404, ("Not Found",))
+    finally:
+        backend.kill(handle)
+    with pytest.raises(HypervisorError, match=r"vmm\.ping: cannot talk to cloud-hypervisor on .*api\.sock"):
+        get_once(spec.api_socket, "vmm.ping", timeout=1)
+    silent = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(silent))
+        listener.listen(1)
+        began = time.monotonic()
+        with pytest.raises(HypervisorError, match=r"vmm\.ping: cloud-hypervisor did not answer within 0\.3s"):
+            get_once(silent, "vmm.ping", timeout=0.3)
+        assert time.monotonic() - began < 2
 
 
 @pytest.mark.parametrize("release", [45, 46])
