@@ -178,11 +178,14 @@ class CloudHypervisor:
             body.update(landlock_fields(spec, body, version, writable))
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
+            keep = start_time is not None and serial
+            if start_time is not None and keep:  # started now, it connects once vm.create binds the socket
+                self._spawn_keeper(spec, proc.pid, start_time)
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
             for net, fds in handed:
                 self._start_step(api, proc, spec, "vm.add-net", body=net, timeout=self.api_timeout, fds=fds)
-            if start_time is not None and serial:
-                self._spawn_keeper(spec, proc.pid, start_time)
+            if keep:
+                self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
             self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
 
         return self._run(spec, owner, version, steps, "running")
@@ -231,15 +234,10 @@ class CloudHypervisor:
     def _spawn_keeper(
         self, spec: LaunchSpec, pid: int, start_time: int, socket_path: Path | None = None
     ) -> None:
-        """The serial keeper (procurator/serial_keeper.py), connected before the guest boots."""
-        self._keepers.start(
-            spec.name,
-            spec.vm_dir,
-            spec.serial_log,
-            pid=pid,
-            start_time=start_time,
-            timeout=self.start_timeout,
-            socket_path=socket_path,
+        """The serial keeper (procurator/serial_keeper.py), started without waiting: the start awaits its
+        connection (`Keepers.connected`) before the guest boots."""
+        self._keepers.spawn(
+            spec.name, spec.vm_dir, spec.serial_log, pid=pid, start_time=start_time, socket_path=socket_path
         )
 
     def _remove_sockets(self, vm_dir: Path) -> None:
@@ -456,11 +454,14 @@ class CloudHypervisor:
             keepers.prepare(spec.vm_dir, owner)
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
+            keep = start_time is not None and socket_serial
+            if start_time is not None and keep:  # it connects once vm.restore binds the saved socket
+                self._spawn_keeper(spec, proc.pid, start_time, Path(str(saved_serial["socket"])))
             self._start_step(
                 api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed
             )
-            if start_time is not None and socket_serial:
-                self._spawn_keeper(spec, proc.pid, start_time, Path(str(saved_serial["socket"])))
+            if keep:
+                self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
             if not paused and not resume_in_body:
                 self._start_step(api, proc, spec, "vm.resume", body=None, timeout=self.api_timeout)
 

@@ -79,6 +79,7 @@ class Keepers:
     def __init__(self, max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self._running: dict[Path, subprocess.Popen[bytes]] = {}
+        self._sockets: dict[Path, Path] = {}  # of keepers spawned and not yet connected
 
     def start(
         self,
@@ -93,6 +94,22 @@ class Keepers:
     ) -> None:
         """Start the keeper of hypervisor `pid` and wait (bounded) until it is connected to the socket
         (`serial_socket(vm_dir)`, or `socket_path`: where a restored snapshot's config puts it)."""
+        self.spawn(name, vm_dir, log, pid=pid, start_time=start_time, socket_path=socket_path)
+        self.connected(name, vm_dir, timeout)
+
+    def spawn(
+        self,
+        name: str,
+        vm_dir: Path,
+        log: Path,
+        *,
+        pid: int,
+        start_time: int,
+        socket_path: Path | None = None,
+    ) -> None:
+        """Start the keeper of hypervisor `pid` without waiting: it connects once the socket exists (it
+        tries every 10 ms), while the hypervisor starts up; `connected` waits for it. A keeper costs an
+        interpreter's start (about 60 ms), which so overlaps the hypervisor's own."""
         socket_path = socket_path or serial_socket(vm_dir)
         env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         argv = [
@@ -108,8 +125,14 @@ class Keepers:
         except ProcessError as exc:
             raise HypervisorStartError(f"vm {name!r}: cannot start its serial keeper: {exc}") from exc
         self._running[vm_dir] = keeper
-        if keeper.stdout is None:  # pragma: no cover - spawned with stdout=PIPE
-            raise HypervisorStartError(f"vm {name!r}: its serial keeper has no stdout")
+        self._sockets[vm_dir] = socket_path
+
+    def connected(self, name: str, vm_dir: Path, timeout: float) -> None:
+        """Wait (bounded) until the keeper `spawn` started for `vm_dir` says it is connected."""
+        keeper = self._running.get(vm_dir)
+        socket_path = self._sockets.pop(vm_dir, serial_socket(vm_dir))
+        if keeper is None or keeper.stdout is None:
+            raise HypervisorStartError(f"vm {name!r}: no serial keeper was started")
         with keeper.stdout:
             ready, _, _ = select.select([keeper.stdout], [], [], timeout)
             said = keeper.stdout.readline() if ready else b""
@@ -124,7 +147,10 @@ class Keepers:
         remove the serial socket and its directory."""
         serial_keeper.wait_gone(vm_dir, timeout)
         keeper = self._running.pop(vm_dir, None)
+        self._sockets.pop(vm_dir, None)
         if keeper is not None:
+            if keeper.stdout is not None:  # open still when the start failed before `connected`
+                keeper.stdout.close()
             with contextlib.suppress(Exception):
                 keeper.wait(timeout=timeout)
         sockets.remove(serial_socket(vm_dir))

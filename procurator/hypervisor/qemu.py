@@ -654,6 +654,8 @@ class Qemu:
         start_time = process.process_start_time(proc.pid)
         if start_time is None:
             raise HypervisorStartError(f"{spec.name}: qemu exited at once")
+        if keep:  # it starts while QEMU does, and connects once QEMU's chardev listens
+            self._keepers.spawn(spec.name, spec.vm_dir, spec.serial_log, pid=proc.pid, start_time=start_time)
         with qmp.connect(spec.api_socket, self.start_timeout, alive=lambda: proc.poll() is None) as client:
             seen = [""]
 
@@ -662,7 +664,7 @@ class Qemu:
                 if status == "prelaunch":  # started with -S: pin, keep the serial, then let the guest run
                     pin_vcpus(client, spec.name, affinity(_section("cpus", spec.config.get("cpus"))))
                     if keep:
-                        self._start_keeper(spec, proc.pid, start_time)
+                        self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
                     client.execute("cont")
                     return False
                 if _STATES.get(status) == VmState.SHUTDOWN:
@@ -673,16 +675,6 @@ class Qemu:
                 running, self.start_timeout, f"VM {spec.name} to run", last=lambda: f"QMP status {seen[0]}"
             )
             return start_time
-
-    def _start_keeper(self, spec: LaunchSpec, pid: int, start_time: int) -> None:
-        self._keepers.start(
-            spec.name,
-            spec.vm_dir,
-            spec.serial_log,
-            pid=pid,
-            start_time=start_time,
-            timeout=self.start_timeout,
-        )
 
     def _clear_stale_socket(self, spec: LaunchSpec) -> None:
         """Remove a QMP socket left by a dead process; refuse to start over one that is still served."""
@@ -844,9 +836,11 @@ class Qemu:
         start_time = process.process_start_time(proc.pid)
         if start_time is None:
             raise HypervisorStartError(f"{spec.name}: qemu exited at once")
+        if keep:
+            self._keepers.spawn(spec.name, spec.vm_dir, spec.serial_log, pid=proc.pid, start_time=start_time)
         with qmp.connect(spec.api_socket, self.start_timeout, alive=lambda: proc.poll() is None) as client:
             if keep:
-                self._start_keeper(spec, proc.pid, start_time)
+                self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
             client.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
             self._await_migration(client, f"{spec.name}: the restore from {source}")
             status = _status(client)
