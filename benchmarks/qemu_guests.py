@@ -8,6 +8,7 @@ namespace and deletes it, with everything in it, when it is done; the host's int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -15,9 +16,11 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from procurator import sockets
 from procurator.errors import WaitTimeoutError
 from procurator.health import wait_healthy
 from procurator.models import HealthCheck
@@ -71,8 +74,9 @@ class Guests:
             "PROCURATOR_STATE_DIR": str(self.state),
             "PROCURATOR_CONFIG": str(self.work / "worker.json"),
         }
+        self.api_socket = self.work / "api.sock"  # a worker's, when `worker()` runs one
         (self.work / "worker.json").write_text(
-            json.dumps({"hypervisor": {"backend": "qemu", "accel": "tcg"},
+            json.dumps({"hypervisor": {"backend": "qemu", "accel": "tcg"}, "apiSocket": str(self.api_socket),
                         "network": {"bridge": bridge, "subnet": subnet, "netns": self.ns}})
         )  # fmt: skip
 
@@ -108,6 +112,30 @@ class Guests:
     ) -> subprocess.Popen[str]:
         """`procurator ARGS` started, not waited for (text streams for any pipe asked for)."""
         return subprocess.Popen(self.argv(*args), env=self.env, text=True, stdout=stdout, stderr=stderr)
+
+    @contextlib.contextmanager
+    def worker(self) -> Iterator[subprocess.Popen[str]]:
+        """`procurator worker` on this state, answering on `api_socket` (waited for, bounded), stopped
+        with SIGTERM after the block; VM commands meanwhile go through it."""
+        log = (self.work / "worker.log").open("w")
+        daemon = subprocess.Popen(self.argv("worker"), env=self.env, text=True, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while not sockets.answers(self.api_socket):
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"procurator worker did not answer:\n{(self.work / 'worker.log').read_text()}"
+                    )
+                time.sleep(0.05)
+            yield daemon
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=10)
+            log.close()
 
     def ps(self) -> dict[str, dict[str, object]]:
         return {vm["name"]: vm for vm in json.loads(self.run("ps", "--json").stdout)}
