@@ -184,9 +184,13 @@ class CloudHypervisor:
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
             for net, fds in handed:
                 self._start_step(api, proc, spec, "vm.add-net", body=net, timeout=self.api_timeout, fds=fds)
-            if keep:
+            # Before v53 the serial device drops what the guest writes while no client is connected, so
+            # the guest boots only once the keeper is; from v53 it keeps it (up to 1 MiB) for the keeper
+            if keep and version < SERIAL_BUFFERED_SINCE:
                 self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
             self._start_step(api, proc, spec, "vm.boot", body=None, timeout=self.boot_timeout)
+            if keep and version >= SERIAL_BUFFERED_SINCE:
+                self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
 
         return self._run(spec, owner, version, steps, "running")
 
@@ -726,6 +730,9 @@ NEWEST_KNOWN = Version(53)
 NO_SHUTDOWN_SINCE = Version(52)
 RESTORE_MODE_SINCE = Version(52)  # RestoreConfig.memory_restore_mode (vmm/src/config.rs)
 RESTORE_RESUME_SINCE = Version(53)  # RestoreConfig.resume is v52's, but v53's serial buffers (see restore)
+# vmm/src/serial_manager.rs v53.0: a Socket serial's output goes to a persistent buffer (serial_buffer
+# MAX_BUFFER_SIZE, 1 MiB) while no client is connected and is replayed on connect; before, it was dropped
+SERIAL_BUFFERED_SINCE = Version(53)
 _VERSION_RE = re.compile(r"\bv?(\d+)\.(\d+)(?:\.\d+)?")
 _versions: dict[tuple[str, int, int, int], Version] = {}
 

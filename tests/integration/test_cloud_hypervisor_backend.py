@@ -733,6 +733,25 @@ def test_a_disk_without_image_type_loses_sector_0_from_v51(
     assert "DEPRECATION: auto-detection of disk image type is deprecated" in logged  # v52+, the default v53
 
 
+@pytest.mark.parametrize("release", [40, 52, 53])
+def test_the_first_boot_line_reaches_the_serial_log(
+    spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, release: int, clean: None
+) -> None:
+    """Before v53 the serial device drops what the guest writes with no client connected, so the guest
+    boots only once the keeper is; from v53 the device keeps it (serial_manager.rs' buffer) and the keeper
+    is awaited after vm.boot. Either way the guest's first line is in serial.log."""
+    monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
+    backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=3.0)
+    handle = backend.start(spec)
+    try:
+        deadline = time.monotonic() + 10
+        while "Linux version chdouble: booting" not in spec.serial_log.read_text():
+            assert time.monotonic() < deadline, spec.serial_log.read_text()
+            time.sleep(0.02)
+    finally:
+        backend.kill(handle)
+
+
 @pytest.mark.parametrize("release", [40, 53])
 def test_the_serial_log_survives_guest_resets_and_is_bounded(
     spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, release: int, clean: None
