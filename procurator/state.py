@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -174,6 +175,9 @@ class VmRecord:
         `directory` is the name of the VM directory it was read from: the record's `name` must be it (a
         record is found by its directory, and a name that says otherwise is damage, never a rename).
         """
+        fast = _well_formed(data)
+        if fast is not None and (directory is None or fast["name"] == directory):
+            return cls(**fast)
         r = Reader.versioned(source, data, RECORD_SCHEMA, what="a VM record")
         r.only([*_RECORD_FIELDS, "schema"], what="field of a VM record", listed=_RECORD_FIELDS)
         missing = [k for k in _RECORD_REQUIRED if not r.has(k)]
@@ -189,6 +193,7 @@ class VmRecord:
 
 
 RECORD_DESIRED = tuple(d.value for d in Desired)
+_DESIRED_VALUES = frozenset(RECORD_DESIRED)
 SLOT_MARK = "@"  # never in a VM name (a DNS label): `web@b` cannot be another VM
 
 
@@ -235,6 +240,54 @@ _FIELD_READERS: dict[str, Callable[[Reader, str], Any]] = {
     "seconds": lambda r, key: r.number(key, minimum=0, what="a number of seconds from 0"),
     "desired": lambda r, key: r.enum(key, Desired),
 }
+
+
+def _well_formed(data: Any) -> dict[str, Any] | None:
+    """The fields of a record that passes every check `VmRecord.parse` makes through its Reader, read in
+    one pass (`ps` and the reconcile read every record); None for anything else, which the Reader then
+    reads again, accepting or refusing it with its one wording. It accepts nothing the Reader refuses:
+    each kind below is the Reader's own check of that kind, no looser."""
+    if type(data) is not dict or data.get("schema") != RECORD_SCHEMA or type(data["schema"]) is not int:
+        return None
+    fields: dict[str, Any] = {}
+    for key, raw in data.items():
+        value = raw
+        kind = _RECORD_FIELDS.get(key)
+        if kind is None:
+            if key == "schema":
+                continue
+            return None
+        kind_of = type(value)
+        if kind == "str":
+            if kind_of is not str:
+                return None
+        elif kind == "count":
+            if kind_of is not int or not 0 <= value <= _MAX_COUNT:
+                return None
+        elif kind == "seconds":
+            if (kind_of is not int and kind_of is not float) or not 0 <= value < math.inf:
+                return None
+            value = float(raw)
+        elif kind == "strs":
+            if kind_of is not list or not all(type(v) is str for v in value):
+                return None
+            value = tuple(raw)
+        elif kind == "str?":
+            if value is not None and kind_of is not str:
+                return None
+        elif kind == "bool":
+            if kind_of is not bool:
+                return None
+        elif kind == "desired":
+            if kind_of is not str or value not in _DESIRED_VALUES:
+                return None
+            value = Desired(raw)
+        else:  # a kind this pass does not know: the Reader's
+            return None
+        fields[key] = value
+    if not all(key in fields for key in _RECORD_REQUIRED):
+        return None
+    return fields
 
 
 class _Holders:
