@@ -1,7 +1,8 @@
 """Starting and collecting serial keepers (procurator/serial_keeper.py), for both backends.
 
-A backend whose runtime config has a `File` serial port serves it as a UNIX socket instead and starts a
-keeper on it before the guest runs: the keeper appends what it reads to the serial log and rotates it at
+A backend whose runtime config has a `File` serial port serves it as a UNIX socket instead, spawns a
+keeper on it with the hypervisor (`spawn`) and waits for it to connect (`connected`) before the guest's
+first output could be lost: the keeper appends what it reads to the serial log and rotates it at
 `max_bytes` (the worker configuration's `serialLogMaxBytes`), so a guest flooding its serial port uses at
 most twice that much disk. `wire_serial` is the config change, `Keepers` the processes.
 
@@ -80,22 +81,6 @@ class Keepers:
         self.max_bytes = max_bytes
         self._running: dict[Path, subprocess.Popen[bytes]] = {}
         self._sockets: dict[Path, Path] = {}  # of keepers spawned and not yet connected
-
-    def start(
-        self,
-        name: str,
-        vm_dir: Path,
-        log: Path,
-        *,
-        pid: int,
-        start_time: int,
-        timeout: float,
-        socket_path: Path | None = None,
-    ) -> None:
-        """Start the keeper of hypervisor `pid` and wait (bounded) until it is connected to the socket
-        (`serial_socket(vm_dir)`, or `socket_path`: where a restored snapshot's config puts it)."""
-        self.spawn(name, vm_dir, log, pid=pid, start_time=start_time, socket_path=socket_path)
-        self.connected(name, vm_dir, timeout)
 
     def spawn(
         self,
