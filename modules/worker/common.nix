@@ -38,7 +38,7 @@ let
     statusListen = cfg.status.listen;
     statusActions = cfg.status.actions;
     hypervisor = {
-      inherit (cfg.hypervisor) backend accel;
+      inherit (cfg.hypervisor) backend accel landlock;
       binary = hypervisorBinary;
     };
     network = {

@@ -116,6 +116,17 @@ in
           allowed with cloud-hypervisor, which always uses KVM.
         '';
       };
+
+      landlock = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Confine each cloud-hypervisor with Landlock (from release 41, on a kernel with Landlock ABI 3
+          or newer; elsewhere VMs run without it and `procurator doctor` says why): the VMM may reach
+          only its VM's kernel, initrd, disks, TAPs, serial socket and snapshot directory. Turn it off
+          only to tell a Landlock refusal from another failure. Ignored by the qemu backend.
+        '';
+      };
     };
 
     network = {

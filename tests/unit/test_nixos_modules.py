@@ -484,6 +484,15 @@ def test_worker_vm_users_reach_the_configuration_file() -> None:
     assert default["vmUsers"] is None
 
 
+def test_worker_landlock_reaches_the_configuration_file() -> None:
+    text = 'e.config.environment.etc."procurator/worker.json".source.text'
+    default = json.loads(worker("{ }", text))
+    assert default["hypervisor"]["landlock"] is True
+    off = json.loads(worker("{ services.procurator.hypervisor.landlock = false; }", text))
+    assert off["hypervisor"]["landlock"] is False
+    assert WorkerConfig.parse("worker.json", off).hypervisor.landlock is False
+
+
 def test_worker_vm_users_overlapping_a_user_are_refused() -> None:
     config = (
         "{ services.procurator.vmUsers = { first = 400000; count = 10; }; "
