@@ -734,20 +734,38 @@ def test_a_disk_without_image_type_loses_sector_0_from_v51(
 
 
 @pytest.mark.parametrize("release", [40, 52, 53])
-def test_the_first_boot_line_reaches_the_serial_log(
+def test_the_keeper_is_awaited_before_vm_boot_below_v53_and_after_it_from_v53(
     spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, release: int, clean: None
 ) -> None:
     """Before v53 the serial device drops what the guest writes with no client connected, so the guest
-    boots only once the keeper is; from v53 the device keeps it (serial_manager.rs' buffer) and the keeper
-    is awaited after vm.boot. Either way the guest's first line is in serial.log."""
+    boots only once the keeper is; from v53 the device keeps it for the first client (serial_manager.rs'
+    buffer, which the double models), the keeper is awaited after vm.boot, and the guest's first line
+    still reaches serial.log."""
     monkeypatch.setenv("CHDOUBLE_VERSION", str(release))
     backend = CloudHypervisor(BINARY, start_timeout=15.0, step_timeout=3.0)
+    sequence: list[str] = []
+    real_step, real_connected = backend._start_step, backend._keepers.connected
+
+    def step(*args: Any, **kwargs: Any) -> None:
+        sequence.append(args[3])
+        real_step(*args, **kwargs)
+
+    def connected(*args: Any, **kwargs: Any) -> None:
+        real_connected(*args, **kwargs)
+        sequence.append("keeper connected")
+
+    monkeypatch.setattr(backend, "_start_step", step)
+    monkeypatch.setattr(backend._keepers, "connected", connected)
     handle = backend.start(spec)
     try:
-        deadline = time.monotonic() + 10
-        while "Linux version chdouble: booting" not in spec.serial_log.read_text():
-            assert time.monotonic() < deadline, spec.serial_log.read_text()
-            time.sleep(0.02)
+        if release < 53:
+            assert sequence == ["vm.create", "keeper connected", "vm.boot"]
+        else:
+            assert sequence == ["vm.create", "vm.boot", "keeper connected"]
+            deadline = time.monotonic() + 10
+            while "Linux version chdouble: booting" not in spec.serial_log.read_text():
+                assert time.monotonic() < deadline, spec.serial_log.read_text()
+                time.sleep(0.02)
     finally:
         backend.kill(handle)
 
