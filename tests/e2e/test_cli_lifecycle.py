@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from tests.integration.conftest import ExampleBuild
-from tests.support.host import PROCURATOR, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import VmHost
 
 pytestmark = pytest.mark.e2e
 

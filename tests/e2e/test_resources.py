@@ -20,7 +20,8 @@ from procurator.hypervisor import qmp
 from procurator.models import VMM_OVERHEAD_MIB_BY_BACKEND
 from procurator.state import StateDir
 from tests.integration.conftest import NixBuild
-from tests.support.host import PROCURATOR, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import VmHost
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,8 @@ import pytest
 from procurator.errors import ProcessError
 from tests.integration.conftest import ExampleBuild, NixBuild
 from tests.integration.test_worker import Daemon, start_daemon, wait_for
-from tests.support.host import PROCURATOR, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import VmHost
 
 pytestmark = pytest.mark.e2e
 __all__ = ["start_daemon"]  # the fixture, used by name

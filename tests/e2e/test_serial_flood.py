@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tests.integration.conftest import ExampleBuild
-from tests.support.host import PROCURATOR, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import VmHost
 
 pytestmark = pytest.mark.e2e
 

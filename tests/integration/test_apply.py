@@ -21,7 +21,8 @@ from procurator import process
 from procurator.state import record_fix
 from tests.integration.conftest import ExampleBuild, NixBuild
 from tests.support.bundles import write_deployment
-from tests.support.host import PROCURATOR, REPO, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, VmHost
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
 CH = {"hypervisor": {"backend": "cloud-hypervisor", "binary": str(DOUBLE)}}

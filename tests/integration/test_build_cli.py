@@ -11,8 +11,7 @@ import pytest
 
 from tests.integration.conftest import EXAMPLE, REPO, ExampleBuild
 from tests.support.bundles import meta, write_bundle
-
-PROCURATOR = REPO / ".venv" / "bin" / "procurator"
+from tests.support.cli import PROCURATOR
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

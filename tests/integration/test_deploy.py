@@ -19,7 +19,7 @@ import pytest
 
 from procurator import process
 from procurator.deploy import Fleet, Remote
-from tests.support.host import PROCURATOR
+from tests.support.cli import PROCURATOR
 from tests.support.sshhost import HOSTS_NIX, FakeFleet, HostDecl, fake_fleet
 
 RELEASE2 = 'cmdline = "procurator.release=2";'

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import ExampleBuild
-from tests.support.host import PROCURATOR, REPO, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, VmHost
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
 CH = {"hypervisor": {"backend": "cloud-hypervisor", "binary": str(DOUBLE)}}

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from tests.integration.conftest import ExampleBuild, NixBuild
-from tests.support.host import PROCURATOR, REPO, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, VmHost
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
 CH = {"hypervisor": {"backend": "cloud-hypervisor", "binary": str(DOUBLE)}}

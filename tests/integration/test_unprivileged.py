@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ExampleBuild
-from tests.support.host import PROCURATOR, REPO, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, VmHost
 from tests.support.tundev import in_private_mounts, open_tun_for_everyone
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"

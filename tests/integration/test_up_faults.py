@@ -14,7 +14,8 @@ import pytest
 
 from tests.integration.conftest import ExampleBuild
 from tests.support.bundles import write_bundle, write_deployment
-from tests.support.host import PROCURATOR, REPO, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, VmHost
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"
 CH = {"hypervisor": {"backend": "cloud-hypervisor", "binary": str(DOUBLE)}}

@@ -26,7 +26,8 @@ from procurator.hypervisor.api import ApiClient
 from procurator.lifecycle import WaitFor
 from procurator.worker.client import WorkerClient
 from tests.integration.conftest import ExampleBuild, NixBuild
-from tests.support.host import PROCURATOR, REPO, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, VmHost
 from tests.unit.test_metrics import parse_exposition
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"

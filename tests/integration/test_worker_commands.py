@@ -19,7 +19,8 @@ import pytest
 from procurator import process
 from tests.integration.conftest import ExampleBuild
 from tests.integration.test_worker import CH, Daemon, kill9, record, restarted, start_daemon, wait_for
-from tests.support.host import PROCURATOR, VmHost
+from tests.support.cli import PROCURATOR
+from tests.support.host import VmHost
 
 __all__ = ["start_daemon"]  # the fixture, shared with test_worker.py
 

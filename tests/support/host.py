@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from tests.support.cli import PROCURATOR
 from tests.support.netns import Netns, throwaway_netns
 
 REPO = Path(__file__).resolve().parents[2]
-PROCURATOR = REPO / ".venv" / "bin" / "procurator"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.host import PROCURATOR, REPO, pids_mentioning
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO, pids_mentioning
 from tests.support.netns import Netns, throwaway_netns, veth
 
 DOUBLE = REPO / "tests" / "chdouble" / "cloud-hypervisor"

@@ -12,9 +12,9 @@ import click
 import pytest
 
 from procurator.cli.app import cli
+from tests.support.cli import PROCURATOR
 
 REPO = Path(__file__).resolve().parents[2]
-PROCURATOR = REPO / ".venv" / "bin" / "procurator"
 
 
 def run(*args: str, state: Path, **env: str) -> subprocess.CompletedProcess[str]:

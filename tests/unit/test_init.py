@@ -11,7 +11,8 @@ import pytest
 
 from procurator import init as starter
 from procurator.errors import ConflictError, UsageError
-from tests.support.host import PROCURATOR, REPO
+from tests.support.cli import PROCURATOR
+from tests.support.host import REPO
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
