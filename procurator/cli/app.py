@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from procurator import __version__
 from procurator.config import DEFAULT_STATE_DIR
 
 
@@ -127,7 +128,7 @@ def _global_options() -> list[click.Option]:
     help="Worker configuration JSON [env PROCURATOR_CONFIG].",
 )
 @click.option("--debug", is_flag=True, help="Log every command run and show tracebacks.")
-@click.version_option(package_name="procurator", prog_name="procurator", message="%(prog)s %(version)s")
+@click.version_option(__version__, prog_name="procurator", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, state_dir: Path | None, config: Path | None, debug: bool) -> None:
     """Build microVMs with Nix and run them on this host."""
