@@ -178,8 +178,8 @@ class CloudHypervisor:
             body.update(landlock_fields(spec, body, version, writable))
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            keep = start_time is not None and serial
-            if start_time is not None and keep:  # started now, it connects once vm.create binds the socket
+            keep = serial and start_time is not None
+            if serial and start_time is not None:  # started now, it connects once vm.create binds the socket
                 self._spawn_keeper(spec, proc.pid, start_time)
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
             for net, fds in handed:
@@ -452,14 +452,14 @@ class CloudHypervisor:
             body["net_fds"] = [{"id": ident, "num_fds": len(fds)} for ident, fds in net_fds]
         passed = tuple(fd for _, fds in net_fds for fd in fds)
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
-        if (
-            socket_serial
-        ):  # the VMM binds the saved path: ours, or the VM dir's (an older Procurator's snapshot)
+        # the VMM binds the saved socket path: in our serial directory, or (a snapshot of an older
+        # Procurator) in the VM directory itself
+        if socket_serial:
             keepers.prepare(spec.vm_dir, owner)
 
         def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            keep = start_time is not None and socket_serial
-            if start_time is not None and keep:  # it connects once vm.restore binds the saved socket
+            keep = socket_serial and start_time is not None
+            if socket_serial and start_time is not None:  # it connects once vm.restore binds the saved socket
                 self._spawn_keeper(spec, proc.pid, start_time, Path(str(saved_serial["socket"])))
             self._start_step(
                 api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed

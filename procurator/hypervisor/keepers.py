@@ -29,9 +29,8 @@ from procurator.errors import HypervisorStartError, ProcessError
 
 SERIAL_DIR = "serial"
 SERIAL_SOCKET = "serial.sock"
-_OLD_SOCKET = (
-    "serial.sock"  # in the VM directory itself: before the socket had a directory, and old snapshots
-)
+# the socket's place before it had a directory (the VM directory itself), kept by older snapshots
+_OLD_SOCKET = "serial.sock"
 
 
 def serial_dir(vm_dir: Path) -> Path:

@@ -602,17 +602,26 @@ class Qemu:
             config, qmp_socket=spec.api_socket, accel=self.accel(), binary=self.binary, tap_fds=spec.tap_fds
         )
         argv.append("-S")  # the guest waits (prelaunch) until its vCPUs are pinned; then `cont`
-        return self._launch(spec, argv, "starting", lambda proc: self._wait_running(spec, proc, keep=keep))
+        return self._launch(
+            spec, argv, "starting", lambda proc: self._wait_running(spec, proc, keep=keep), keep=keep
+        )
 
     def _launch(
-        self, spec: LaunchSpec, argv: list[str], doing: str, until: Callable[[subprocess.Popen[bytes]], int]
+        self,
+        spec: LaunchSpec,
+        argv: list[str],
+        doing: str,
+        until: Callable[[subprocess.Popen[bytes]], int],
+        *,
+        keep: bool,
     ) -> Handle:
-        """Spawn QEMU with `argv` for `spec` and wait (`until`, bounded) for it; its Handle. On any failure
+        """Spawn QEMU with `argv` for `spec` and wait (`until`, bounded) for it; its Handle. With `keep`, the
+        config's serial port is a socket for a serial keeper (wire_serial). On any failure
         nothing is left running, and an exit while `doing` quotes the end of the hypervisor log."""
         _require_taps(spec, _config_taps(spec.config).values())
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_socket(spec)
-        if (spec.config.get("serial") or {}).get("mode") == "File":  # QEMU binds it (wire_serial)
+        if keep:  # QEMU binds the serial socket (wire_serial) in a directory made for it
             keepers.prepare(spec.vm_dir, None)
         with spec.hypervisor_log.open("ab") as log_file:
             log_offset = log_file.tell()
@@ -825,7 +834,11 @@ class Qemu:
         )
         argv += ["-incoming", "defer"]
         return self._launch(
-            spec, argv, "restoring", lambda proc: self._incoming(spec, proc, source, paused=paused, keep=keep)
+            spec,
+            argv,
+            "restoring",
+            lambda proc: self._incoming(spec, proc, source, paused=paused, keep=keep),
+            keep=keep,
         )
 
     def _incoming(
