@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from procurator import waits
+from procurator import procstat, waits
 from procurator.errors import ProcessError, WaitTimeoutError
 
 log = logging.getLogger(__name__)
@@ -219,17 +219,9 @@ class ProcStat:
 
 
 def read_stat(pid: int, proc: str = "/proc") -> ProcStat | None:
-    """/proc/PID/stat in one read; None if the process is gone (or the file unreadable)."""
-    try:
-        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)  # no buffered file: ps reads many
-        try:
-            data = os.read(fd, 4096)  # one line, well under a page: /proc answers it in one read
-        finally:
-            os.close(fd)
-        fields = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces and ")"
-        return ProcStat(fields[0].decode(), int(fields[19]), int(fields[11]) + int(fields[12]))
-    except (OSError, ValueError, IndexError):
-        return None
+    """/proc/PID/stat in one read (procstat.py); None if the process is gone (or the file unreadable)."""
+    fields = procstat.read(pid, proc)
+    return None if fields is None else ProcStat(*fields)
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

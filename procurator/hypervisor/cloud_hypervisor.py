@@ -177,10 +177,7 @@ class CloudHypervisor:
         if self.landlocks(version):
             body.update(landlock_fields(spec, body, version, writable))
 
-        def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            keep = serial and start_time is not None
-            if serial and start_time is not None:  # started now, it connects once vm.create binds the socket
-                self._spawn_keeper(spec, proc.pid, start_time)
+        def steps(api: ApiClient, proc: subprocess.Popen[bytes], keep: bool) -> None:
             self._start_step(api, proc, spec, "vm.create", body=body, timeout=self.api_timeout)
             for net, fds in handed:
                 self._start_step(api, proc, spec, "vm.add-net", body=net, timeout=self.api_timeout, fds=fds)
@@ -192,7 +189,8 @@ class CloudHypervisor:
             if keep and version >= SERIAL_BUFFERED_SINCE:
                 self._keepers.connected(spec.name, spec.vm_dir, self.start_timeout)
 
-        return self._run(spec, owner, version, steps, "running")
+        keeper_socket = Path(body["serial"]["socket"]) if serial else None
+        return self._run(spec, owner, version, steps, "running", keeper_socket=keeper_socket)
 
     def landlocks(self, version: Version) -> bool:
         """Whether VMs of `version` run under Landlock: asked for, the release has it (v41+), and the kernel
@@ -213,11 +211,17 @@ class CloudHypervisor:
         spec: LaunchSpec,
         owner: tuple[int, int] | None,
         version: Version,
-        steps: Callable[[ApiClient, subprocess.Popen[bytes], int | None], None],
+        steps: Callable[[ApiClient, subprocess.Popen[bytes], bool], None],
         done: str,
+        *,
+        keeper_socket: Path | None,
     ) -> Handle:
         """A fresh cloud-hypervisor process for `spec`, its API awaited, then `steps` (create and boot, or
-        restore); on any failure nothing is left behind."""
+        restore), told whether a serial keeper was started; on any failure nothing is left behind.
+
+        With a `keeper_socket` (the serial socket the VMM will bind) the keeper is spawned right after the
+        VMM, so that its interpreter starts while the VMM does; it connects once vm.create or vm.restore
+        binds the socket, and `steps` await it (`Keepers.connected`) where the release needs it."""
         with contextlib.ExitStack() as undo:
             listener = _bind_api_socket(spec.api_socket)
             undo.callback(self._remove_sockets, spec.vm_dir)
@@ -225,9 +229,12 @@ class CloudHypervisor:
                 proc = self._spawn(spec, listener, owner, version)
             undo.callback(self._kill_child, proc)
             start_time = process.process_start_time(proc.pid)
+            keep = keeper_socket is not None and start_time is not None
+            if keeper_socket is not None and start_time is not None:
+                self._spawn_keeper(spec, proc.pid, start_time, keeper_socket)
             with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
                 self._await_api(api, proc, spec)
-                steps(api, proc, start_time)
+                steps(api, proc, keep)
             if start_time is None or proc.poll() is not None:
                 raise self._died(spec, proc)
             undo.pop_all()
@@ -235,11 +242,8 @@ class CloudHypervisor:
         log.info("vm %s: cloud-hypervisor %s as pid %d", spec.name, done, proc.pid)
         return Handle(BACKEND, proc.pid, start_time, spec.api_socket, spec.vm_dir)
 
-    def _spawn_keeper(
-        self, spec: LaunchSpec, pid: int, start_time: int, socket_path: Path | None = None
-    ) -> None:
-        """The serial keeper (procurator/serial_keeper.py), started without waiting: the start awaits its
-        connection (`Keepers.connected`) before the guest boots."""
+    def _spawn_keeper(self, spec: LaunchSpec, pid: int, start_time: int, socket_path: Path) -> None:
+        """The serial keeper (procurator/serial_keeper.py) of `socket_path`, started without waiting."""
         self._keepers.spawn(
             spec.name, spec.vm_dir, spec.serial_log, pid=pid, start_time=start_time, socket_path=socket_path
         )
@@ -457,10 +461,7 @@ class CloudHypervisor:
         if socket_serial:
             keepers.prepare(spec.vm_dir, owner)
 
-        def steps(api: ApiClient, proc: subprocess.Popen[bytes], start_time: int | None) -> None:
-            keep = socket_serial and start_time is not None
-            if socket_serial and start_time is not None:  # it connects once vm.restore binds the saved socket
-                self._spawn_keeper(spec, proc.pid, start_time, Path(str(saved_serial["socket"])))
+        def steps(api: ApiClient, proc: subprocess.Popen[bytes], keep: bool) -> None:
             self._start_step(
                 api, proc, spec, "vm.restore", body=body, timeout=self.snapshot_timeout, fds=passed
             )
@@ -469,7 +470,8 @@ class CloudHypervisor:
             if not paused and not resume_in_body:
                 self._start_step(api, proc, spec, "vm.resume", body=None, timeout=self.api_timeout)
 
-        return self._run(spec, owner, version, steps, "restored")
+        keeper_socket = Path(str(saved_serial["socket"])) if socket_serial else None
+        return self._run(spec, owner, version, steps, "restored", keeper_socket=keeper_socket)
 
     def console_path(self, handle: Handle) -> Path:
         """The pty of the virtio console: cloud-hypervisor writes its path into vm.info's `console.file`."""

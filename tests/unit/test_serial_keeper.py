@@ -8,7 +8,7 @@ import pytest
 
 from procurator.config import WorkerConfig
 from procurator.errors import ValidationError
-from procurator.serial_keeper import _Log
+from procurator.serial_keeper import _Log, main
 
 
 def test_the_log_never_passes_its_cap_and_keeps_the_newest_bytes(tmp_path: Path) -> None:
@@ -32,3 +32,21 @@ def test_serial_log_max_bytes_in_the_worker_configuration() -> None:
     for bad in (100, "8M", True, 1 << 41):
         with pytest.raises(ValidationError, match=r"w.json: serialLogMaxBytes: expected bytes from 4096 to"):
             WorkerConfig.parse("w.json", {"serialLogMaxBytes": bad})
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--socket", "s", "--log", "l", "--pid", "1"], "missing --start-time"),
+        (["--socket", "s", "--log"], "every flag takes one value"),
+        (["--socket", "s", "--socket", "t"], "unknown or repeated flag '--socket'"),
+        (["--sockets", "s"], "unknown or repeated flag '--sockets'"),
+    ],
+)
+def test_the_keeper_refuses_flags_it_does_not_know(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"procurator-serial-keeper: {said}\n" in err
+    assert "usage: python -m procurator.serial_keeper" in err
