@@ -99,4 +99,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check "${editable[@]}"
   echo "$want_stamp" > "$stamp"
 fi
+# Bytecode for every module, as an installed package has it (Nix compiles it when it builds the package):
+# with PYTHONDONTWRITEBYTECODE set, as on this machine, each `procurator`, keeper or worker started would
+# otherwise compile again whatever has no .pyc. Quick when nothing changed (compileall checks mtimes).
+"$venv/bin/python" -m compileall -q "$here/procurator" >/dev/null
 echo "setup: ready (nix $(nix --version | awk '{print $NF}'), kernel $(cat "$kdir/version"), venv $venv)" >&2

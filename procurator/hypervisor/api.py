@@ -13,7 +13,6 @@ without a content type, JSON bodies as `application/json`, and translates every 
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from procurator import http1
 from procurator.errors import HypervisorApiError, HypervisorError, InvalidStateError
 
 log = logging.getLogger(__name__)
@@ -202,21 +202,19 @@ def get_once(socket_path: Path, endpoint: str, *, timeout: float) -> Any:
 
 def _exchange(socket_path: Path, endpoint: str, request: bytes, fds: Sequence[int], limit: float) -> Any:
     """Send `request` (with `fds` beside its first bytes, SCM_RIGHTS) on a new connection to
-    `socket_path`, read the answer with http.client's parser, and translate it."""
+    `socket_path`, read the answer (procurator/http1.py), and translate it."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(limit)
             sock.connect(str(socket_path))
             sent = socket.send_fds(sock, [request], list(fds)) if fds else 0
             sock.sendall(request[sent:])
-            response = http.client.HTTPResponse(sock)
-            response.begin()
-            status, answer = response.status, response.read()
+            status, answer = http1.read_answer(sock)
     except TimeoutError as exc:
         raise HypervisorError(
             f"{endpoint}: cloud-hypervisor did not answer within {limit:.1f}s on {socket_path}"
         ) from exc
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http1.ProtocolError) as exc:
         raise HypervisorError(f"{endpoint}: cannot talk to cloud-hypervisor on {socket_path}: {exc}") from exc
     return _answer(endpoint, status, answer)
 

@@ -5,13 +5,13 @@
 `WorkerApiError` with the daemon's message. The VM commands (`vm_up`, `vm_stop`, ...: the `Commands`
 of worker/commands.py) answer typed results, and their errors come back as the command's own: the
 daemon's one line and the exit code the command has when it does the work itself. `listing` is the one
-read that `procurator ps` makes of a running worker: the standard library's http.client on the
-socket, so that a `ps` answered by the worker does not pay httpx's import.
+read that `procurator ps` makes of a running worker: one request on the socket, its answer read by
+procurator/http1.py, so that a `ps` answered by the worker pays neither httpx's import nor
+http.client's.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from procurator import errors, sockets
+from procurator import errors, http1, sockets
 from procurator.errors import WaitTimeoutError, WorkerApiError, WorkerUnavailableError
 
 if TYPE_CHECKING:
@@ -238,22 +238,6 @@ def connect(api_socket: Path, *, timeout: float = CLIENT_TIMEOUT) -> WorkerClien
 LISTING_TIMEOUT = 2.0  # a worker that does not answer this fast: `ps` reads the state itself
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("procurator-worker", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self._path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def listing(
     api_socket: Path, state_dir: Path, *, timeout: float = LISTING_TIMEOUT
 ) -> list[dict[str, Any]] | None:
@@ -262,16 +246,15 @@ def listing(
     state itself."""
     if not api_socket.exists():
         return None
-    conn = _Unix(api_socket, timeout)
     try:
-        conn.request("GET", "/vms")
-        answer = conn.getresponse()
-        body = answer.read()
-    except (OSError, http.client.HTTPException):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(api_socket))
+            sock.sendall(b"GET /vms HTTP/1.1\r\nHost: procurator-worker\r\nConnection: close\r\n\r\n")
+            status, body = http1.read_answer(sock)
+    except (OSError, http1.ProtocolError):
         return None
-    finally:
-        conn.close()
-    if answer.status != 200:
+    if status != 200:
         return None
     try:
         listed = json.loads(body)
