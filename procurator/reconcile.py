@@ -300,10 +300,23 @@ def read_bundle_files(path: str) -> dict[str, Any]:
 # -- the impure layer ----------------------------------------------------------------------------------
 
 
-def observe(host: Host) -> list[VmStatus]:
+class RecordSource(Protocol):
+    """Records read again only when their file changed: the worker's `RecordCache`, whose `records` are
+    the readable ones and `damaged` the VMs whose record could not be read."""
+
+    @property
+    def damaged(self) -> Mapping[str, object]: ...
+
+    def records(self) -> list[VmRecord]: ...
+
+
+def observe(host: Host, records: RecordSource | None = None) -> list[VmStatus]:
     """What `lifecycle.status` reports, read with the fewest system calls: per VM, one read of its record
-    and one of /proc/PID/stat. No subprocess, no hypervisor. A record that cannot be read or parsed is
-    read again through the state module, which raises its own error naming the file and the fix."""
+    (or with `records`, one stat of the files that did not change) and one of /proc/PID/stat. No
+    subprocess, no hypervisor. A record that cannot be read or parsed is read again through the state
+    module, which raises its own error naming the file and the fix."""
+    if records is not None:
+        return _observe_cached(host, records)
     vms_dir = host.state.vms_dir
     try:
         names = sorted(os.listdir(vms_dir))
@@ -318,6 +331,18 @@ def observe(host: Host) -> list[VmStatus]:
         if record is not None:
             out.append(lifecycle.classify(record, process.alive(record.pid, record.start_time), now))
     return out
+
+
+def _observe_cached(host: Host, source: RecordSource) -> list[VmStatus]:
+    by_name = {r.name: r for r in source.records()}
+    for name in sorted(source.damaged):  # as observe does: the state module raises the damage
+        record = host.state.load_record(name)
+        if record is not None:  # mended meanwhile: it counts, or the plan would create a VM that exists
+            by_name[name] = record
+    now = host.clock()
+    return [
+        lifecycle.classify(r, process.alive(r.pid, r.start_time), now) for _, r in sorted(by_name.items())
+    ]
 
 
 _READ = 65536
@@ -377,9 +402,12 @@ def with_strategies(the_plan: Plan, bundles: Mapping[str, Bundle]) -> Plan:
     )
 
 
-def make_plan(host: Host, deployment: Deployment, *, diffs: bool = True) -> Plan:
-    """Observe this host and plan `deployment` (no lock, no change). Bundles to start are checked."""
-    the_plan = plan(deployment, observe(host), files=read_bundle_files if diffs else None)
+def make_plan(
+    host: Host, deployment: Deployment, *, diffs: bool = True, records: RecordSource | None = None
+) -> Plan:
+    """Observe this host (through `records` if given) and plan `deployment` (no lock, no change).
+    Bundles to start are checked."""
+    the_plan = plan(deployment, observe(host, records), files=read_bundle_files if diffs else None)
     return with_strategies(the_plan, check_bundles(deployment, the_plan))
 
 
@@ -679,8 +707,10 @@ def apply(
     wait: WaitFor = WaitFor.HEALTHY,
     record: bool = True,
     lock_timeout: float = LOCK_TIMEOUT,
+    records: RecordSource | None = None,
 ) -> ApplyResult:
-    """Make this host run `deployment`: plan, then run the actions `parallel` at a time.
+    """Make this host run `deployment`: plan, then run the actions `parallel` at a time. The host is
+    observed through `records` when given (the worker's cache of its records).
 
     Raises (having changed nothing) when the deployment cannot be applied at all: a bundle missing from
     the store or invalid, a damaged state file, the state lock busy for `lock_timeout` seconds. Otherwise
@@ -691,7 +721,7 @@ def apply(
         raise UsageError(f"parallel must be at least 1, got {parallel}")
     started = time.monotonic()
     with lifecycle.locked(host, lock_timeout):
-        observed = observe(host)
+        observed = observe(host, records)
         # with the replacements' diffs (read only for them), for `apply --json` and the status page
         the_plan = plan(deployment, observed, files=read_bundle_files)
         bundles = check_bundles(deployment, the_plan)

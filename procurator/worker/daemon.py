@@ -110,6 +110,8 @@ class Worker:
         # GET /vms, /status and /metrics's own (the API's threads, under its lock)
         self._listing = RecordCache(host.state, log_damage=False, share=self._records)
         self._listing_lock = threading.Lock()
+        # the reconciles' own (each under the work lock): a no-op plan stats the records, not parse them
+        self._planning = RecordCache(host.state, log_damage=False, share=self._records)
         self._profile_seen: tuple[int, Path] | None = None
         self._profile_problem = ""
         self._desired: Deployment | None = None
@@ -281,7 +283,7 @@ class Worker:
         with self._working():
             if trigger != "change":
                 try:
-                    the_plan = reconcile.make_plan(self.host, deployment, diffs=False)
+                    the_plan = reconcile.make_plan(self.host, deployment, diffs=False, records=self._planning)
                 except ProcuratorError as exc:
                     log.warning("plan (%s) of %s failed: %s", trigger, deployment.path, exc)
                     return None
@@ -368,7 +370,9 @@ class Worker:
         result: dict[str, Any] | None = None
         error = None
         try:
-            outcome = reconcile.apply(self.host, deployment, parallel=self.settings.parallel, wait=wait)
+            outcome = reconcile.apply(
+                self.host, deployment, parallel=self.settings.parallel, wait=wait, records=self._planning
+            )
         except ProcuratorError as exc:
             success, error = False, str(exc)
             log.warning("reconcile (%s) of %s failed: %s", trigger, deployment.path, exc)

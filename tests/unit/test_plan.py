@@ -29,6 +29,7 @@ from procurator.lifecycle import Host, Status, VmStatus, WaitFor
 from procurator.models import Bundle, Deployment
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome, bundle_diff, plan
 from procurator.state import Desired, StateDir, VmRecord, record_fix
+from procurator.worker import RecordCache
 from tests.support.bundles import meta, vm_config, write_bundle
 
 HASHES = {
@@ -492,6 +493,51 @@ def test_a_damaged_record_is_reported_by_the_state_module(tmp_path: Path) -> Non
         reconcile.observe(host)
     assert str(caught.value).startswith(f"{path}: damaged state file: not JSON (")
     assert str(caught.value).endswith(record_fix("web"))
+
+
+def test_observe_through_the_workers_record_cache_sees_what_a_fresh_read_sees(tmp_path: Path) -> None:
+    host = make_host(tmp_path)
+    host.clock = lambda: 1000.0
+    running = own_record("api", store("a", "api")).with_(started_at=900.0)
+    for name in ("api", "db", "web"):
+        host.state.save_record(running.with_(name=name))
+    cache = RecordCache(host.state, log_damage=False)
+    assert reconcile.observe(host, cache) == reconcile.observe(host)
+    stopped = running.with_(name="db", bundle=store("b", "db"), pid=0, start_time=0, desired="stopped")
+    host.state.save_record(stopped)  # a change
+    host.state.remove_vm_dir("web")
+    host.state.save_record(running.with_(name="new"))
+    seen = reconcile.observe(host, cache)
+    assert seen == reconcile.observe(host)
+    assert [(s.record.name, s.record.bundle, s.status) for s in seen] == [
+        ("api", store("a", "api"), Status.RUNNING),
+        ("db", store("b", "db"), Status.STOPPED),
+        ("new", store("a", "api"), Status.RUNNING),
+    ]
+
+
+def test_a_damaged_record_seen_through_the_cache_is_reported_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = make_host(tmp_path)
+    host.state.save_record(own_record("web", store("a", "web")))
+    cache = RecordCache(host.state, log_damage=False)
+    path = host.state.record_path("web")
+    whole = path.read_text()
+    path.write_text(whole[:40])
+    with pytest.raises(StateError, match=r"damaged state file: not JSON \("):
+        reconcile.observe(host, cache)
+    assert "web" in cache.damaged
+    # mended between the cache's read and the state module's: the VM counts (a plan must not create it)
+    real_load = StateDir.load_record
+
+    def mended(state: StateDir, name: str) -> VmRecord | None:
+        path.write_text(whole)
+        return real_load(state, name)
+
+    monkeypatch.setattr(StateDir, "load_record", mended)
+    path.write_text(whole[:40])
+    assert [s.record.name for s in reconcile.observe(host, cache)] == ["web"]
 
 
 def test_a_busy_state_lock_fails_after_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
