@@ -2,8 +2,9 @@
 
 For the one-request connections of the hot paths, where http.client's parser (email.parser for the
 headers: about 60 us an answer, and 17 ms of imports for a command that makes one request) costs more
-than the request: `hypervisor.api.get_once` and `put_with_fds` (cloud-hypervisor's micro_http, which
-sends `Content-Length` with every answer, vmm/src/api/http: micro_http's response.rs) and
+than the request: `hypervisor.api.get_once` and `put_with_fds` (cloud-hypervisor's micro_http, whose
+src/response.rs writes `Content-Length` in every answer but a 1xx or 204, and a status line of the code
+alone, `HTTP/1.1 200 `) and
 `worker.client.listing` (our own worker/api.py, http.server's `send_header("Content-Length")`). An
 answer without `Content-Length` is read to the end of the connection; a chunked one is refused (neither
 server sends one), as is a head over `MAX_HEAD` bytes or a body over `max_body`.

@@ -229,9 +229,10 @@ class CloudHypervisor:
                 proc = self._spawn(spec, listener, owner, version)
             undo.callback(self._kill_child, proc)
             start_time = process.process_start_time(proc.pid)
-            keep = keeper_socket is not None and start_time is not None
+            keep = False
             if keeper_socket is not None and start_time is not None:
                 self._spawn_keeper(spec, proc.pid, start_time, keeper_socket)
+                keep = True
             with ApiClient(spec.api_socket, timeout=self.api_timeout) as api:
                 self._await_api(api, proc, spec)
                 steps(api, proc, keep)
