@@ -121,6 +121,8 @@ def steps_of(lines: list[tuple[float, str]], t0: float, t_end: float) -> tuple[d
         match = PROGRESS.match(line)
         if match:
             phase = "done" if match[2].endswith(" in ") else match[2]
+            if phase == "waiting" and line.endswith("(built)"):  # built with the others, until its turn
+                phase = "built"
             seen.setdefault(match[1], {}).setdefault(phase, when)
     hosts = seen.values()
 
@@ -131,7 +133,7 @@ def steps_of(lines: list[tuple[float, str]], t0: float, t_end: float) -> tuple[d
     steps = {
         "start-up": min(h["checking"] for h in hosts) - t0,
         "pre-flight": slowest("checking", "waiting"),
-        "build": slowest("building", "copying"),
+        "build": max(h.get("built", h["copying"]) - h["building"] for h in hosts),
         "copy": slowest("copying", "applying"),
         "apply (remote)": slowest("applying", "done"),
         "tail": t_end - last_done,

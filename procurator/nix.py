@@ -78,7 +78,13 @@ def _outputs(stdout: str) -> list[Path]:
 
 def build_flake(ref: str, *, impure: bool = False) -> list[Path]:
     """`nix build --json --no-link REF` for a flake reference; returns the output store paths."""
-    args = ["build", "--json", "--no-link", ref]
+    return build_flakes([ref], impure=impure)
+
+
+def build_flakes(refs: Sequence[str], *, impure: bool = False) -> list[Path]:
+    """`nix build --json --no-link REF...`: flake references built by one nix (one evaluation of what
+    they share); the output store paths of all of them."""
+    args = ["build", "--json", "--no-link", *refs]
     if impure:
         args.append("--impure")
     return _outputs(_nix(args, timeout=BUILD_TIMEOUT))
@@ -86,9 +92,13 @@ def build_flake(ref: str, *, impure: bool = False) -> list[Path]:
 
 def build_file(file: Path, attr: str | None) -> list[Path]:
     """`nix build --json --no-link -f FILE [ATTR]` for a Nix file (evaluated impurely, like nix-build)."""
-    args = ["build", "--json", "--no-link", "--file", str(file)]
-    if attr:
-        args.append(attr)
+    return build_file_attrs(file, [attr] if attr else [])
+
+
+def build_file_attrs(file: Path, attrs: Sequence[str]) -> list[Path]:
+    """`nix build --json --no-link -f FILE ATTR...` (the whole file without ATTRs): one nix, one
+    evaluation of the file; the output store paths of all of them."""
+    args = ["build", "--json", "--no-link", "--file", str(file), *attrs]
     return _outputs(_nix(args, timeout=BUILD_TIMEOUT))
 
 

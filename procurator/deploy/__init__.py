@@ -12,8 +12,9 @@ procurator there, and a deployment. `Fleet.load(REF)` reads the settings of ever
    true`, so a host that is unreachable or refuses the key is reported (`unreachable`) and left
    alone, and the others go on. (Nothing of procurator runs there yet: a host without procurator
    fails at its apply or plan, having changed nothing.)
-2. **Per host**, `parallel` hosts at a time: build `<REF>.hosts.<name>.deployment` (one host's
-   evaluation or build failing fails that host only), `nix copy --to ssh://<target>` its closure, then
+2. **Per host**, `parallel` hosts at a time: build `<REF>.hosts.<name>.deployment` (all of them
+   first with one `nix build`; when that fails each host builds its own, so one host's evaluation or
+   build failing fails that host only), `nix copy --to ssh://<target>` its closure, then
    `<procurator> apply <deployment> --json` there. The remote apply is health-gated and puts back the old
    generation of any VM that fails; when the apply fails having changed something, the host is rolled
    back to the generation it ran before (`rollback --to N`, N being its current generation: an apply

@@ -4,6 +4,7 @@ and `--on` selection."""
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,14 @@ class FleetRef:
         if self.is_file:
             return nix.build_file(Path(self.base), self._path(*rest))
         return nix.build_flake(f"{self.base}#{self._path(*rest)}")
+
+    def build_all(self, attrs: Sequence[Sequence[str]]) -> list[Path]:
+        """One `nix build` of several attributes below the fleet (one evaluation of it): their output
+        paths, in no promised order."""
+        paths = [self._path(*rest) for rest in attrs]
+        if self.is_file:
+            return nix.build_file_attrs(Path(self.base), paths)
+        return nix.build_flakes([f"{self.base}#{p}" for p in paths])
 
     def deployment_attr(self, name: str) -> str:
         """How people would name the deployment of host `name`."""

@@ -46,6 +46,7 @@ class HostRun:
     stop: threading.Event
     progress: Progress
     control_dir: Path | None = None
+    built: Path | None = None  # the deployment, when the deploy built every host's at once
     started: float = field(default_factory=time.monotonic)
     deployment: str | None = None
 
@@ -97,9 +98,13 @@ class HostRun:
         return self._apply(path)
 
     def _build(self) -> Path:
-        self.phase(Phase.BUILDING, self.fleet.deployment_attr(self.host.name))
+        if self.built is None:  # else the deploy said so when it built every host's at once
+            self.phase(Phase.BUILDING, self.fleet.deployment_attr(self.host.name))
         try:
-            paths = self.fleet.build("hosts", self.host.name, "deployment")
+            if self.built is not None:
+                paths = [self.built]
+            else:
+                paths = self.fleet.build("hosts", self.host.name, "deployment")
             if len(paths) != 1:
                 raise ValidationError(self.fleet.deployment_attr(self.host.name), "", "not one output")
             deployment = Deployment.load(paths[0])

@@ -12,12 +12,23 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from procurator.deploy.fleet import Fleet, HostSpec
+from procurator.deploy.fleet import Fleet, FleetRef, HostSpec
 from procurator.deploy.host import HostRun
-from procurator.deploy.model import DeployResult, Event, HostResult, Options, Phase, Progress, Result, ignore
+from procurator.deploy.model import (
+    DeployResult,
+    Event,
+    HostResult,
+    Options,
+    Phase,
+    Progress,
+    Result,
+    Stage,
+    ignore,
+)
 from procurator.deploy.pool import Bounded
 from procurator.deploy.remote import HostFailedError, Remote, preflight
 from procurator.errors import ProcuratorError, UsageError
+from procurator.models import Deployment
 
 PREFLIGHT_PARALLEL = 16  # pre-flight checks at once (at least; --parallel if higher)
 CONTROL_EXIT_TIMEOUT = 10.0  # seconds for `ssh -O exit` (local: it talks to the master's socket)
@@ -77,6 +88,43 @@ def _shared_connections(
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
+def _build_together(
+    fleet: Fleet, hosts: Sequence[HostSpec], stop: threading.Event, progress: Progress
+) -> tuple[dict[str, Path], bool]:
+    """Every host's deployment built by one `nix build`, so the fleet is evaluated once and not once per
+    host: the deployments by host name, and whether the deploy was interrupted meanwhile (the terminal's
+    Ctrl-C reaches nix too). Empty for a single host, when that build fails (then each host builds its
+    own and a failure stays with its host), or when the outputs do not name each host once (they are
+    matched by the host each deployment names, not by nix's order). The build runs on a pool thread, so
+    that a Ctrl-C finds this thread waiting, as it finds the hosts' own builds."""
+    if len(hosts) < 2 or stop.is_set():
+        return {}, False
+    for host in hosts:
+        progress(Event(host.name, Phase.BUILDING, fleet.ref.deployment_attr(host.name)))
+
+    def build(ref: FleetRef) -> dict[str, Path]:
+        try:
+            paths = ref.build_all([("hosts", h.name, "deployment") for h in hosts])
+            deployments = [Deployment.load(p) for p in paths]
+        except ProcuratorError as exc:
+            log.info("building the hosts' deployments together failed, each builds its own: %s", exc)
+            return {}
+        by_host = {d.host: d.path for d in deployments}
+        if len(by_host) != len(deployments) or set(by_host) != {h.name for h in hosts}:
+            log.info("the deployments built together do not name each host once: each builds its own")
+            return {}
+        return by_host
+
+    batch = Bounded([fleet.ref], build, lambda _ref: "build", 1, stop)
+    batch.wait()
+    if batch.interrupted:
+        return {}, True
+    built = batch.done.get("build", {})
+    for name in built:  # until its turn to copy
+        progress(Event(name, Phase.WAITING, "built"))
+    return built, False
+
+
 def _deploy(  # noqa: PLR0917 - the private body of deploy()
     fleet: Fleet,
     hosts: Sequence[HostSpec],
@@ -118,14 +166,27 @@ def _deploy(  # noqa: PLR0917 - the private body of deploy()
     # 2. Per host: build, copy, apply (or plan), `parallel` at a time, in the order given.
     if not interrupted:
         reachable = [h for h in hosts if first.done.get(h.name)]
+        built, interrupted = _build_together(fleet, reachable, stop, progress)
+        for host in reachable if interrupted else ():
+            results[host.name] = finish(
+                HostResult(
+                    host.name,
+                    host.target,
+                    Result.INTERRUPTED,
+                    Stage.BUILD,
+                    "interrupted while building; host unchanged",
+                    duration=time.monotonic() - started,
+                )
+            )
 
         def run(host: HostSpec) -> HostResult:
-            return finish(HostRun(fleet.ref, host, options, stop, progress, control_dir).run())
+            one = HostRun(fleet.ref, host, options, stop, progress, control_dir, built=built.get(host.name))
+            return finish(one.run())
 
-        second = Bounded(reachable, run, lambda h: h.name, options.parallel, stop)
+        second = Bounded([] if interrupted else reachable, run, lambda h: h.name, options.parallel, stop)
         second.wait()
         results.update(second.done)
-        interrupted = second.interrupted
+        interrupted = interrupted or second.interrupted
         in_flight.update(second.running)
         for name in sorted(second.running):
             results[name] = finish(

@@ -139,6 +139,13 @@ def test_deploy_three_hosts_then_change_one(fleet_root: Path) -> None:
         assert "procurator.release=2" in Path(h2.running()["web"], "vm-config.json").read_text()
         assert [g["number"] for g in fleet.hosts["h3"].history()] == [1]
 
+        # Every host's deployment comes from one nix, one evaluation of the fleet, not one per host.
+        again = fleet.deploy(str(v2), "--debug")
+        assert again.returncode == 0, again.stderr
+        builds = [line for line in again.stderr.splitlines() if "run: nix" in line and " build " in line]
+        assert len(builds) == 1, builds
+        assert all(f"hosts.{name}.deployment" in builds[0] for name in ("q1", "h2", "h3"))
+
 
 def test_failing_host_is_rolled_back_while_the_others_deploy(fleet_root: Path) -> None:
     names = ("h1", "h2", "h3", "h4")

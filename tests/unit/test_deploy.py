@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import pytest
 from procurator import deploy, nix, process
 from procurator.cli.deploy import LiveStatus, render
 from procurator.deploy import Event, Fleet, FleetRef, HostResult, HostSpec, Options, Phase, Result
-from procurator.errors import UsageError, ValidationError
+from procurator.errors import NixError, UsageError, ValidationError
 from procurator.history import Generation, History
 from procurator.reconcile import Action, ActionKind, ActionResult, ApplyResult, Outcome
 from procurator.resolve import RefKind, parse_ref
@@ -219,18 +222,24 @@ def test_a_failed_apply_rolls_that_host_back_and_the_others_go_on(
     built: list[str] = []
     copied: list[tuple[str, tuple[str, ...]]] = []
 
-    def build_file(file: Path, attr: str | None) -> list[Path]:
-        host = str(attr).split(".")[1]
-        built.append(str(attr))
-        out = tmp_path / f"deployment-{host}"
-        out.mkdir(exist_ok=True)
-        (out / "deployment.json").write_text(json.dumps({"schema": 1, "host": host, "vms": {}}))
-        return [out]
+    batches: list[list[str]] = []
+
+    def build_file_attrs(file: Path, attrs: Sequence[str]) -> list[Path]:
+        batches.append(list(attrs))
+        outs = []
+        for attr in reversed(attrs):  # matched by the host each names, not by order
+            host = attr.split(".")[1]
+            built.append(attr)
+            out = tmp_path / f"deployment-{host}"
+            out.mkdir(exist_ok=True)
+            (out / "deployment.json").write_text(json.dumps({"schema": 1, "host": host, "vms": {}}))
+            outs.append(out)
+        return outs
 
     def copy_to(paths: Sequence[Path], store: str, *, ssh_options: Sequence[str] = (), **_kw: Any) -> None:
         copied.append((store, tuple(ssh_options)))
 
-    monkeypatch.setattr(nix, "build_file", build_file)
+    monkeypatch.setattr(nix, "build_file_attrs", build_file_attrs)
     monkeypatch.setattr(nix, "copy_to", copy_to)
     events: list[Event] = []
     options = Options(parallel=2, share_connections=False)
@@ -243,6 +252,7 @@ def test_a_failed_apply_rolls_that_host_back_and_the_others_go_on(
         "d": Result.ROLLED_BACK,
     }
     assert sorted(built) == ["hosts.a.deployment", "hosts.b.deployment", "hosts.d.deployment"]
+    assert len(batches) == 1  # one nix for every reachable host: the fleet is evaluated once
     assert sorted(s for s, _ in copied) == ["ssh://root@a", "ssh://root@b", "ssh://root@d"]
     a, b, c, d = result.hosts
     assert a.counts == {"create": 1, "replace": 1, "start": 0, "remove": 0}
@@ -273,6 +283,7 @@ def test_a_failed_apply_rolls_that_host_back_and_the_others_go_on(
         Phase.CHECKING,
         Phase.WAITING,
         Phase.BUILDING,
+        Phase.WAITING,  # built with the others, until its turn
         Phase.COPYING,
         Phase.APPLYING,
         Phase.ROLLING_BACK,
@@ -349,3 +360,56 @@ def test_the_final_table(capsys: pytest.CaptureFixture[str]) -> None:
         ["b", "rolled-back", "-", "-", "-", "1.2s"],
     ]
     assert err == "b: rolled-back at apply: apply failed: x\n"
+
+
+def test_when_the_build_together_fails_each_host_builds_its_own_and_keeps_its_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = fleet_of(tmp_path, a={}, b={})
+    FakeHosts({("root@a", "apply"): (0, apply_doc(failed=False, history=1), "")}).install(monkeypatch)
+
+    def together(_file: Path, attrs: Sequence[str]) -> list[Path]:
+        raise NixError(f"error: attribute 'deployment' missing in {attrs[1]}")
+
+    def alone(_file: Path, attr: str | None) -> list[Path]:
+        host = str(attr).split(".")[1]
+        if host == "b":
+            raise NixError("error: attribute 'deployment' missing")
+        out = tmp_path / f"deployment-{host}"
+        out.mkdir(exist_ok=True)
+        (out / "deployment.json").write_text(json.dumps({"schema": 1, "host": host, "vms": {}}))
+        return [out]
+
+    monkeypatch.setattr(nix, "build_file_attrs", together)
+    monkeypatch.setattr(nix, "build_file", alone)
+    monkeypatch.setattr(nix, "copy_to", lambda *_a, **_k: None)
+    a, b = deploy.deploy(fleet, fleet.select(None), Options(share_connections=False)).hosts
+    assert a.result is Result.DEPLOYED
+    assert (b.result, b.stage) == (Result.FAILED, deploy.Stage.BUILD)
+    assert "attribute 'deployment' missing" in str(b.error)
+
+
+def test_a_ctrl_c_while_building_together_leaves_every_host_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = fleet_of(tmp_path, a={}, b={})
+    fake = FakeHosts({})
+    fake.install(monkeypatch)
+
+    def together(_file: Path, _attrs: Sequence[str]) -> list[Path]:
+        time.sleep(0.3)  # a person presses Ctrl-C while nix builds
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's: it reaches us and nix alike
+        time.sleep(0.3)
+        raise NixError("error: interrupted by the user")
+
+    def alone(_file: Path, _attr: str | None) -> list[Path]:
+        raise AssertionError("no host builds after the interrupt")
+
+    monkeypatch.setattr(nix, "build_file_attrs", together)
+    monkeypatch.setattr(nix, "build_file", alone)
+    result = deploy.deploy(fleet, fleet.select(None), Options(share_connections=False))
+    assert result.interrupted
+    assert [(h.result, h.stage, h.error) for h in result.hosts] == [
+        (Result.INTERRUPTED, deploy.Stage.BUILD, "interrupted while building; host unchanged")
+    ] * 2
+    assert all(c[-1] == "true" for c in fake.calls)  # the pre-flight, and nothing after it
