@@ -4,14 +4,23 @@ the selection of the nixpkgs_lib tests (below)."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import example_build, nix_build_example
+from tests.support.cli import REPO
 from tests.support.host import vm_host
 
 __all__ = ["example_build", "nix_build_example", "vm_host"]
+
+# The cloud-hypervisor double (tests/chdouble/cloud-hypervisor) runs on make setup's .venv/bin/python, else
+# on `python3` from PATH, which need not have the project's dependencies: when the tests run from another
+# environment (a venv made elsewhere), the double runs on the interpreter running them, as the CLI does
+# (tests/support/cli.py). A test that sets CHDOUBLE_PYTHON itself (an unprivileged double) still wins.
+if not (REPO / ".venv" / "bin" / "python").is_file():
+    os.environ.setdefault("CHDOUBLE_PYTHON", sys.executable)
 
 
 # The tests marked nixpkgs_lib evaluate the NixOS modules with nixpkgs' lib, which is neither in this

@@ -12,6 +12,7 @@ import pytest
 
 from procurator.errors import LockBusyError, StateError
 from procurator.state import StateDir
+from tests.support.cli import REPO
 
 
 def test_another_thread_waits_for_the_holder_and_times_out(tmp_path: Path) -> None:
@@ -43,9 +44,9 @@ def test_another_process_is_refused_while_held(tmp_path: Path) -> None:
     )
     with StateDir(tmp_path).lock():
         held = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                              timeout=30, check=True)  # fmt: skip
+                              timeout=30, check=True, cwd=REPO)  # fmt: skip
     free = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                          timeout=30, check=True)  # fmt: skip
+                          timeout=30, check=True, cwd=REPO)  # fmt: skip
     assert held.stdout.strip() == "LockBusyError"
     assert free.stdout.strip() == "got it"
 
@@ -73,7 +74,8 @@ def test_a_holder_killed_holding_the_lock_is_known_to_the_next_one(tmp_path: Pat
         "import os, signal, sys; from pathlib import Path; from procurator.state import StateDir\n"
         "with StateDir(Path(sys.argv[1])).lock(): os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=30, check=False)
+    # cwd: the child imports this checkout's procurator (`-c` puts the working directory on its path)
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=30, check=False, cwd=REPO)
     assert killed.returncode == -9
     with state.lock():
         assert state.interrupted() is True
