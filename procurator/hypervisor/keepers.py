@@ -78,8 +78,7 @@ class Keepers:
 
     def __init__(self, max_bytes: int = serial_keeper.DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._running: dict[Path, subprocess.Popen[bytes]] = {}
-        self._sockets: dict[Path, Path] = {}  # of keepers spawned and not yet connected
+        self._running: dict[Path, tuple[subprocess.Popen[bytes], Path]] = {}  # each with its socket
 
     def spawn(
         self,
@@ -109,13 +108,11 @@ class Keepers:
             keeper = process.spawn(argv, env=env, stdout=subprocess.PIPE)
         except ProcessError as exc:
             raise HypervisorStartError(f"vm {name!r}: cannot start its serial keeper: {exc}") from exc
-        self._running[vm_dir] = keeper
-        self._sockets[vm_dir] = socket_path
+        self._running[vm_dir] = keeper, socket_path
 
     def connected(self, name: str, vm_dir: Path, timeout: float) -> None:
         """Wait (bounded) until the keeper `spawn` started for `vm_dir` says it is connected."""
-        keeper = self._running.get(vm_dir)
-        socket_path = self._sockets.pop(vm_dir, serial_socket(vm_dir))
+        keeper, socket_path = self._running.get(vm_dir) or (None, None)
         if keeper is None or keeper.stdout is None:
             raise HypervisorStartError(f"vm {name!r}: no serial keeper was started")
         with keeper.stdout:
@@ -131,8 +128,7 @@ class Keepers:
         """After the hypervisor is gone: wait (bounded) for its keeper to exit, reap it if it is ours, and
         remove the serial socket and its directory."""
         serial_keeper.wait_gone(vm_dir, timeout)
-        keeper = self._running.pop(vm_dir, None)
-        self._sockets.pop(vm_dir, None)
+        keeper, _ = self._running.pop(vm_dir, None) or (None, None)
         if keeper is not None:
             if keeper.stdout is not None:  # open still when the start failed before `connected`
                 keeper.stdout.close()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from procurator import process
+from procurator import process, waits
 from procurator.errors import HypervisorApiError, HypervisorError, HypervisorStartError, InvalidStateError
 from procurator.hypervisor import cloud_hypervisor
 from procurator.hypervisor.api import ApiClient, get_once
@@ -762,10 +762,13 @@ def test_the_keeper_is_awaited_before_vm_boot_below_v53_and_after_it_from_v53(
             assert sequence == ["vm.create", "keeper connected", "vm.boot"]
         else:
             assert sequence == ["vm.create", "vm.boot", "keeper connected"]
-            deadline = time.monotonic() + 10
-            while "Linux version chdouble: booting" not in spec.serial_log.read_text():
-                assert time.monotonic() < deadline, spec.serial_log.read_text()
-                time.sleep(0.02)
+            waits.wait_until(
+                lambda: "Linux version chdouble: booting" in spec.serial_log.read_text(),
+                10,
+                "the guest's first line, replayed to the keeper, in the serial log",
+                poll=0.02,
+                last=spec.serial_log.read_text,
+            )
     finally:
         backend.kill(handle)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from procurator import waits
 from procurator.errors import HypervisorError, HypervisorStartError
 from procurator.hypervisor import cloud_hypervisor
 from procurator.hypervisor import landlock as rules
@@ -231,10 +232,13 @@ def test_under_landlock_a_guest_reset_binds_the_serial_socket_again_and_the_gues
         assert proc.poll() is None
         assert "Error rebooting VM" not in spec.hypervisor_log.read_text()
         # the serial keeper connected again to the socket bound anew, and says so in the log
-        deadline = time.monotonic() + 5
-        while "serial port re-created (guest reset)" not in spec.serial_log.read_text():
-            assert time.monotonic() < deadline, spec.serial_log.read_text()
-            time.sleep(0.02)
+        waits.wait_until(
+            lambda: "serial port re-created (guest reset)" in spec.serial_log.read_text(),
+            5,
+            "the keeper's reconnect marker in the serial log",
+            poll=0.02,
+            last=spec.serial_log.read_text,
+        )
     finally:
         backend.kill(handle)
     assert not (spec.vm_dir / "serial").exists()  # the socket and its directory go with the VM
