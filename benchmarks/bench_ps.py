@@ -91,7 +91,10 @@ def through_worker(host: lifecycle.Host, root: Path, env: dict[str, str]) -> lis
     sock = root / "api.sock"
     config = root / "worker.json"
     config.write_text(json.dumps({"stateDir": str(root), "apiSocket": str(sock)}))
-    worker = Worker(host, Settings(api_socket=sock))
+    # the worker loads the configuration `ps` is given, as on a NixOS host (PROCURATOR_CONFIG for both)
+    loaded = WorkerConfig.load(config)
+    served_host = lifecycle.Host(state=host.state, config=loaded, hypervisors=host.hypervisors)
+    worker = Worker(served_host, Settings(api_socket=sock))
     servers = api.serve(worker, sock, None)
     try:
         times = []

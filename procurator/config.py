@@ -42,11 +42,11 @@ procurator/vmusers.py. It excludes `user`; without either, hypervisors run as th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from procurator import jsonread
+from procurator import configfile, jsonread
 from procurator.errors import ConfigError, ValidationError
 from procurator.jsonread import Reader, shown
 from procurator.net.config import NetworkConfig
@@ -72,10 +72,10 @@ _KNOWN = (
     "serialLogMaxBytes",
     "schema",
 )
-DEFAULT_API_SOCKET = Path("/run/procurator/api.sock")
-DEFAULT_STATE_DIR = Path("/var/lib/procurator")  # state.py re-exports it
+DEFAULT_API_SOCKET = Path(configfile.API_SOCKET)
+DEFAULT_STATE_DIR = Path(configfile.STATE_DIR)  # state.py re-exports it
 DEFAULT_HEALTH_TIMEOUT = 600.0
-MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_BYTES = configfile.MAX_BYTES
 MAX_HEALTH_TIMEOUT = 86400.0
 DEFAULT_SNAPSHOT_KEEP = 3
 MAX_SNAPSHOT_KEEP = 1000
@@ -145,6 +145,8 @@ class WorkerConfig:
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     serial_log_max_bytes: int = DEFAULT_SERIAL_LOG_MAX_BYTES  # serial.log rotates to serial.log.1 past it
     vm_users: VmUsers | None = None  # a uid per VM from this range (None: all run as `user`, or as us)
+    # configfile.digest of the file `load` read (None: the defaults); the worker's GET /vms names it
+    digest: str | None = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, source: str, data: Any) -> WorkerConfig:
@@ -232,7 +234,8 @@ class WorkerConfig:
         if path is None:
             return cls()
         try:
-            data = jsonread.read_file(path, MAX_CONFIG_BYTES)
+            raw = jsonread.read_bytes(path, MAX_CONFIG_BYTES)
+            data = jsonread.parse_text(str(path), raw)
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"{path}: no such worker configuration; fix --config/PROCURATOR_CONFIG"
@@ -240,7 +243,7 @@ class WorkerConfig:
         except ValidationError as exc:  # unreadable, too large, not UTF-8, not JSON
             where = f"{exc.field}: " if exc.field else ""
             raise ConfigError(f"{path}: cannot read the worker configuration: {where}{exc.problem}") from exc
-        return cls.parse(str(path), data)
+        return replace(cls.parse(str(path), data), digest=configfile.digest(raw))
 
 
 def _cgroups(r: Reader) -> CgroupSettings:

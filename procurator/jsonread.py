@@ -79,6 +79,11 @@ def read_file(path: Path, max_bytes: int) -> Any:
     """The JSON value in file `path`, at most `max_bytes` long. A missing file is FileNotFoundError; any
     other fault (unreadable, a directory, too large, not UTF-8, not JSON, a key twice) a ValidationError
     naming the file."""
+    return parse_text(str(path), read_bytes(path, max_bytes))
+
+
+def read_bytes(path: Path, max_bytes: int) -> bytes:
+    """The bytes of file `path`, at most `max_bytes`; its faults as `read_file` says."""
     source = str(path)
     try:
         with open(path, "rb") as f:
@@ -93,7 +98,7 @@ def read_file(path: Path, max_bytes: int) -> Any:
         raise ValidationError(source[:200], "", f"not a path that can be opened: {exc}") from exc
     if len(data) > max_bytes:
         raise ValidationError(source, "", f"larger than {max_bytes} bytes; not a file Procurator reads")
-    return parse_text(source, data)
+    return data
 
 
 class Reader:

@@ -4,18 +4,23 @@ When a worker answers, `ps` is one request on its socket; Click (its import, the
 was then about a sixth of the command's time. `answer(args)` recognises exactly the invocations it can
 answer as the Click command would: `ps` or `ps --json`, with the global `--config FILE` and
 `--state-dir DIR` (each at most once, before or after `ps`, as `--opt VALUE` or `--opt=VALUE`) and the
-environment's PROCURATOR_CONFIG / PROCURATOR_STATE_DIR, and a worker of that state directory answering.
-For anything else (another command, --help, --debug, an option it does not know, a configuration that
-does not load, no worker answering) it returns None and the Click command runs as before, so every error
+environment's PROCURATOR_CONFIG / PROCURATOR_STATE_DIR, and a worker of that state directory answering
+that loaded the very same configuration file (by its digest: procurator/configfile.py, which is how this
+path reads a configuration without importing config.py's reader). For anything else (another command,
+--help, --debug, an option it does not know, a configuration file that is not the worker's, no worker
+answering) it returns None and the Click command runs as before, so every error
 and every other output stays the Click command's. Both print through `render` below.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # as in procurator/worker/__init__.py: no typing import for `ps`
+if TYPE_CHECKING:
+    from typing import Any
 
 DAMAGED = "damaged"  # lifecycle.DAMAGED, the state of a VM whose record cannot be read
 HEADERS = ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS", "LAST EXIT"]
@@ -97,24 +102,20 @@ def answer(args: list[str]) -> bool:
     if parsed is None:
         return False
     given, as_json = parsed
-    from procurator.config import DEFAULT_STATE_DIR, WorkerConfig  # noqa: PLC0415 - only for a plain ps
-    from procurator.errors import ProcuratorError  # noqa: PLC0415
+    from procurator import configfile  # noqa: PLC0415 - only for a plain ps
     from procurator.worker import client  # noqa: PLC0415
 
     config_arg = given.get("--config") or os.environ.get("PROCURATOR_CONFIG") or None
     state_arg = given.get("--state-dir") or os.environ.get("PROCURATOR_STATE_DIR") or None
-    config_path = Path(config_arg) if config_arg else None
-    state_path = Path(state_arg) if state_arg else None
-    if (config_path is not None and config_path.is_dir()) or (
-        state_path is not None and state_path.is_file()
+    if (config_arg is not None and os.path.isdir(config_arg)) or (
+        state_arg is not None and os.path.isfile(state_arg)
     ):
         return False  # Click's path checks say what is wrong
-    try:
-        config = WorkerConfig.load(config_path)
-    except ProcuratorError:
+    where = _where(config_arg)
+    if where is None:
         return False
-    state_dir = state_path or config.state_dir or DEFAULT_STATE_DIR
-    rows = client.listing(config.api_socket, state_dir)
+    api_socket, state_dir, digest = where
+    rows = client.listing(api_socket, state_arg or state_dir or configfile.STATE_DIR, config_digest=digest)
     if rows is None:
         return False
     out, notes = render(rows, as_json)
@@ -123,3 +124,26 @@ def answer(args: list[str]) -> bool:
     sys.stdout.write(out + "\n")
     sys.stdout.flush()
     return True
+
+
+def _where(config_arg: str | None) -> tuple[str, str | None, str | None] | None:
+    """(apiSocket, stateDir or None, the file's configfile.digest) of the configuration at `config_arg`
+    (the defaults without one), read without config.py's reader: the worker's answer must then name the
+    same digest (procurator/configfile.py), else `ps` is the Click command's. None for a file that is
+    not even JSON with those keys as strings."""
+    from procurator import configfile  # noqa: PLC0415 - see answer
+
+    if config_arg is None:
+        return configfile.API_SOCKET, None, None
+    try:
+        with open(config_arg, "rb") as f:
+            raw = f.read(configfile.MAX_BYTES + 1)
+        data = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    if len(raw) > configfile.MAX_BYTES or not isinstance(data, dict):
+        return None
+    api_socket, state_dir = data.get("apiSocket"), data.get("stateDir")
+    if not isinstance(api_socket, str | None) or not isinstance(state_dir, str | None):
+        return None
+    return api_socket or configfile.API_SOCKET, state_dir or None, configfile.digest(raw)

@@ -6,8 +6,11 @@ Click is imported by the functions that print with it: `ps` answered by a worker
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # as in procurator/worker/__init__.py: no typing import for `ps`
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 
 def json_text(obj: Any) -> str:

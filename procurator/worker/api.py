@@ -8,7 +8,8 @@ only routes them.
 
     GET  /status                    {"worker": {...}, "vms": [VmStatus.to_json()...], "supervision": {...},
                                      "details": {NAME: {last_exit, health, cpu_seconds, memory_bytes}}}
-    GET  /vms                       {"schema": 1, "state_dir", "vms": [...]}: the rows `ps --json` prints
+    GET  /vms                       {"schema": 1, "state_dir", "config", "vms": [...]}: the rows `ps --json`
+                                     prints; `config` the digest of its configuration file (or null)
     GET  /plan[?deployment=PATH]    the plan to PATH (default: the desired deployment)
     POST /apply                     {"deployment": PATH, "wait"?: "none"|"booted"|"healthy"} -> the report
     GET  /history                   the deployment profile's generations

@@ -13,16 +13,20 @@ http.client's.
 from __future__ import annotations
 
 import json
+import os
 import socket
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
-from procurator import errors, http1, sockets
+from procurator import errors, http1
 from procurator.errors import WaitTimeoutError, WorkerApiError, WorkerUnavailableError
 
+# What `ps` imports of this module is the standard library's json, os and socket (see `listing`); the
+# rest is imported where it is used. typing.TYPE_CHECKING without typing (mypy reads the name as True):
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import Any
+
     import httpx
 
     from procurator.lifecycle import WaitFor
@@ -209,6 +213,8 @@ COMMAND_TIMEOUT = APPLY_TIMEOUT  # a stop waits for the guest's shutdown, a star
 
 
 def _vm(name: str, verb: str) -> str:
+    from urllib.parse import quote  # noqa: PLC0415 - see the imports
+
     from procurator.worker import commands  # noqa: PLC0415 - lifecycle and most of Procurator: not for `ps`
 
     return f"/vm/{quote(commands.check_name(name), safe='')}/{verb}"
@@ -235,6 +241,8 @@ def _seconds(client: httpx.Client, timeout: float | None) -> float:
 
 def connect(api_socket: Path, *, timeout: float = CLIENT_TIMEOUT) -> WorkerClient | None:
     """A client if a worker answers on `api_socket`, else None (no daemon: callers work without it)."""
+    from procurator import sockets  # noqa: PLC0415 - see the imports
+
     if not sockets.answers(api_socket):
         return None
     return WorkerClient(api_socket, timeout=timeout)
@@ -244,17 +252,22 @@ LISTING_TIMEOUT = 2.0  # a worker that does not answer this fast: `ps` reads the
 
 
 def listing(
-    api_socket: Path, state_dir: Path, *, timeout: float = LISTING_TIMEOUT
+    api_socket: str | os.PathLike[str],
+    state_dir: str | os.PathLike[str],
+    *,
+    config_digest: str | None = None,
+    timeout: float = LISTING_TIMEOUT,
 ) -> list[dict[str, Any]] | None:
     """The VMs as a running worker of `state_dir` lists them (`GET /vms`: the rows `ps --json` prints), or
-    None when no worker answers there, or one of another state directory: then the caller reads the
-    state itself."""
-    if not api_socket.exists():
+    None when no worker answers there, or one of another state directory, or (`config_digest` given) one
+    that did not load a configuration of exactly those bytes (`WorkerConfig.digest`): then the caller
+    reads the state itself."""
+    if not os.path.exists(api_socket):
         return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            sock.connect(str(api_socket))
+            sock.connect(os.fspath(api_socket))
             sock.sendall(b"GET /vms HTTP/1.1\r\nHost: procurator-worker\r\nConnection: close\r\n\r\n")
             status, body = http1.read_answer(sock)
     except (OSError, http1.ProtocolError):
@@ -263,9 +276,11 @@ def listing(
         return None
     try:
         listed = json.loads(body)
-        same = listed["schema"] == 1 and Path(listed["state_dir"]).resolve() == state_dir.resolve()
+        same = listed["schema"] == 1 and os.path.realpath(listed["state_dir"]) == os.path.realpath(state_dir)
+        if config_digest is not None:
+            same = same and listed.get("config") == config_digest
         rows = listed["vms"]
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return None
     if not same or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         return None

@@ -632,7 +632,12 @@ class Worker:
     def vms_json(self) -> dict[str, Any]:
         """GET /vms: the VMs exactly as `procurator ps --json` lists them (the answer `ps` asks a running
         worker for)."""
-        return {"schema": 1, "state_dir": str(self.host.state.root), "vms": views.vms_json(self.listing())}
+        return {
+            "schema": 1,
+            "state_dir": str(self.host.state.root),
+            "config": self.host.config.digest,
+            "vms": views.vms_json(self.listing()),
+        }
 
     def supervision_json(self) -> dict[str, Any]:
         return views.supervision_json(self.figures())

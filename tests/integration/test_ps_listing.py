@@ -3,6 +3,7 @@ Click command prints, and anything but a plain `ps` goes to the Click command.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from procurator import lifecycle, process
+from procurator import configfile, lifecycle, process
 from procurator.cli import listing
 from procurator.config import WorkerConfig
 from procurator.hypervisor.registry import factory
@@ -42,7 +43,8 @@ def served(tmp_path: Path) -> Iterator[Path]:
     sock = tmp_path / "api.sock"
     config = tmp_path / "worker.json"
     config.write_text(json.dumps({"stateDir": str(state.root), "apiSocket": str(sock)}))
-    host = lifecycle.Host(state=state, config=WorkerConfig(), hypervisors=factory(WorkerConfig().hypervisor))
+    loaded = WorkerConfig.load(config)  # as the worker loads it: `ps` asks only a worker of this very file
+    host = lifecycle.Host(state=state, config=loaded, hypervisors=factory(loaded.hypervisor))
     servers = api.serve(Worker(host, Settings(api_socket=sock)), sock, None)
     try:
         yield config
@@ -115,6 +117,41 @@ def test_a_worker_of_another_state_directory_is_not_asked_and_click_reads_the_st
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
     assert done.stderr.endswith("click imported: True\n")
+
+
+def test_a_configuration_file_changed_since_the_worker_loaded_it_is_the_click_commands(served: Path) -> None:
+    """The fast path reads apiSocket and stateDir without config.py's reader, trusting them only for
+    the bytes the worker validated (their digest in GET /vms). Bytes changed since: the Click command
+    reads them whole, so a now invalid file gets its one-line error, and a valid one its listing."""
+    original = served.read_text()
+    data = json.loads(original)
+    served.write_text(json.dumps({**data, "snapshotKeep": 0}))
+    done = _cli("--config", str(served), "ps", "--json")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert str(served) in errors[0]
+    assert "snapshotKeep" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    served.write_text(json.dumps(data, indent=4))  # the same settings, other bytes
+    done = _cli("--config", str(served), "ps", "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.endswith("click imported: True\n")
+    assert len(json.loads(done.stdout)) == 4  # the Click command asked the worker (without the digest)
+    served.write_text(original)
+    assert _cli("--config", str(served), "ps", "--json").stderr.endswith("click imported: False\n")
+
+
+def test_the_digest_is_of_the_bytes_load_read(tmp_path: Path) -> None:
+    path = tmp_path / "worker.json"
+    path.write_bytes(b'{"stateDir": "/srv/p"}')
+    loaded = WorkerConfig.load(path)
+    assert loaded.digest == configfile.digest(b'{"stateDir": "/srv/p"}')
+    assert loaded.digest == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert WorkerConfig().digest is None
+    assert WorkerConfig.load(None).digest is None
+    assert loaded == WorkerConfig(state_dir=Path("/srv/p"))  # the digest is not a setting
 
 
 @pytest.mark.parametrize(
