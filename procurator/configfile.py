@@ -9,8 +9,6 @@ started, so they are a valid configuration and the two keys mean what the reader
 
 from __future__ import annotations
 
-import hashlib
-
 API_SOCKET = "/run/procurator/api.sock"  # the default `apiSocket`
 STATE_DIR = "/var/lib/procurator"  # the default `stateDir`
 MAX_BYTES = 1024 * 1024  # a configuration file larger than this is refused
@@ -18,4 +16,6 @@ MAX_BYTES = 1024 * 1024  # a configuration file larger than this is refused
 
 def digest(raw: bytes) -> str:
     """The identity of a configuration file's bytes (the worker's `GET /vms` names the one it loaded)."""
+    import hashlib  # noqa: PLC0415 - only where a file is read, not for every command that imports this
+
     return "sha256:" + hashlib.sha256(raw).hexdigest()

@@ -604,8 +604,10 @@ def _unpin_neighbour(nl: Netlink, cfg: NetworkConfig, vm: str, ip: IPv4Address) 
 # -- NAT and the whole network -----------------------------------------------------------------------------
 
 
-def _nat_status(nl: Netlink, cfg: NetworkConfig) -> NatStatus:
-    present = nft.table_present(cfg.netns)
+def _nat_status(nl: Netlink, cfg: NetworkConfig, present: bool | None = None) -> NatStatus:
+    """`present`: whether the table is there, when the caller measured it and changed nothing since."""
+    if present is None:
+        present = nft.table_present(cfg.netns)
     rules = nft.table_rules(cfg.netns) if present else []
     return NatStatus(
         uplink=cfg.uplink,
@@ -616,14 +618,14 @@ def _nat_status(nl: Netlink, cfg: NetworkConfig) -> NatStatus:
     )
 
 
-def _status(nl: Netlink, cfg: NetworkConfig) -> NetStatus:
+def _status(nl: Netlink, cfg: NetworkConfig, table_present: bool | None = None) -> NetStatus:
     return NetStatus(
         netns=cfg.netns,
         subnet=str(cfg.network),
         gateway=str(cfg.gateway_address),
         bridge=_bridge_status(nl, cfg),
         taps=tuple(_our_taps(nl)),
-        nat=_nat_status(nl, cfg),
+        nat=_nat_status(nl, cfg, table_present),
     )
 
 
@@ -680,14 +682,18 @@ def net_up(cfg: NetworkConfig, services: Sequence[nft.Service] | None = None) ->
         _converge_isolation(nl, cfg, bridge)
         if cfg.uplink is not None:
             _ensure_forwarding(nl, cfg.uplink)
+        # measured once (each nft call is a process: about 15 ms), again only after a step that acts on it
+        present: bool | None = nft.table_present(cfg.netns)
         if services is None:  # kept as the kernel has them: only the VMs' owner (lifecycle) changes them
-            services = current_services(cfg)
+            services = nft.services_of(nft.table_rules(cfg.netns)) if present else []
         if cfg.uplink is not None or services:
             _ensure_table(nl, cfg, services)
-        elif nft.table_present(cfg.netns):
+            present = None
+        elif present:
             log.info("removing nftables table inet procurator (no uplink configured, no service DNAT)")
             nft.delete_table(cfg.netns)
-        return dataclasses.replace(_status(nl, cfg), created=created)
+            present = None
+        return dataclasses.replace(_status(nl, cfg, present), created=created)
 
 
 def net_down(cfg: NetworkConfig) -> NetStatus:

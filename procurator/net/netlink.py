@@ -19,13 +19,17 @@ before that closes the descriptor and the kernel removes the half-made TAP itsel
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import importlib
+import importlib.util
 import logging
 import os
 import secrets
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
@@ -36,13 +40,50 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_NEWLINK
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netns import setns
-
 from procurator.errors import NetworkError, WaitTimeoutError
+
+
+def _register_pyroute2_lazily() -> None:
+    """Register the pyroute2 package without running its __init__, which imports every module pyroute2
+    has (IPDB, NDB, conntrack, plan9, IPVS, WireGuard, ...: 370 modules, some 40 ms and 6 MB of a
+    worker; svinota/pyroute2#1404). The submodules below then load alone, from the package's own
+    directory (module_from_spec keeps its __path__); `from pyroute2 import config`, which they do, gets
+    the submodule. The real __init__ runs in the registered module on the first other attribute asked of
+    it (PEP 562 __getattr__), so any other `from pyroute2 import X` in the process still gets X."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return  # not the package layout this expects: the plain import below reports what is wrong
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    running: list[bool] = []
+
+    def whole(name: str) -> Any:
+        if running:  # asked while __init__ runs: it has not defined `name` yet
+            raise AttributeError(f"module 'pyroute2' has no attribute {name!r} (yet)")
+        if importlib.util.find_spec(f"pyroute2.{name}") is not None:  # `from pyroute2 import config`
+            return importlib.import_module(f"pyroute2.{name}")
+        running.append(True)
+        del package.__dict__["__getattr__"]
+        loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__dict__["__getattr__"] = whole
+    sys.modules["pyroute2"] = package
+
+
+_register_pyroute2_lazily()
+
+from pyroute2.iproute.linux import IPRoute  # noqa: E402 - after the registration above
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+from pyroute2.netlink.rtnl import RTM_NEWLINK  # noqa: E402
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # noqa: E402
+from pyroute2.netns import setns  # noqa: E402
+
+# setns's libc: pyroute2 finds its own with ctypes.util.find_library, which runs `ldconfig -p` (a fork
+# of this process and some 25 ms) on the first namespace entered.
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 log = logging.getLogger(__name__)
 
@@ -286,14 +327,14 @@ class _NetnsRunner:
 
         def call() -> T:
             try:
-                setns(netns, flags=0)
+                setns(netns, flags=0, libc=_LIBC)
             except OSError as exc:
                 raise _CannotEnterError(str(exc)) from exc
             try:
                 return fn()
             finally:
                 try:
-                    setns(self._home)
+                    setns(self._home, libc=_LIBC)
                 except OSError as exc:  # never leave the shared thread inside a namespace
                     raise _CannotEnterError(f"cannot return from it: {exc}") from exc
 

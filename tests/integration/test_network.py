@@ -25,6 +25,7 @@ from pyroute2 import IPRoute
 
 from procurator import network, process
 from procurator.errors import ConflictError, NetworkError
+from procurator.net import nft
 from procurator.net.netlink import Netlink
 from procurator.network import NetworkConfig, tap_name
 from tests.support.netns import Netns, throwaway_netns, veth
@@ -51,6 +52,37 @@ def _link_of(ns: Netns, name: str) -> dict[str, Any]:
 
 
 # -- bridge ------------------------------------------------------------------------------------------------
+
+
+_LEAN = """
+import ctypes.util, json, sys
+looked_up = []  # find_library runs `ldconfig -p`: a fork of the process
+find_library = ctypes.util.find_library
+ctypes.util.find_library = lambda name: looked_up.append(name) or find_library(name)
+from procurator.net import netlink
+whole = ("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.plan9", "pyroute2.ipset")  # the __init__'s
+loaded = sorted(m for m in whole if m in sys.modules)
+with netlink.session(sys.argv[1]) as nl:
+    links = sorted(link.name for link in nl.links())
+lean = {"loaded": loaded, "links": links, "looked_up": looked_up}
+from pyroute2 import NDB, IPRoute  # anyone else's import of the package: its __init__ runs whole then
+lean.update(same=IPRoute is netlink.IPRoute, ndb=NDB.__module__)
+print(json.dumps(lean))
+"""
+
+
+def test_netlink_loads_pyroute2_without_its_package_init_and_others_still_get_it_whole(ns: Netns) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAN, ns.name], capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lean = json.loads(done.stdout)
+    assert lean["loaded"] == []  # none of what the package's __init__ would have imported
+    assert lean["links"] == ["lo"]  # the namespace was entered (setns with our libc) and read
+    assert lean["looked_up"] == []  # pyroute2 did not look for libc with find_library (ldconfig)
+    assert lean["same"] is True
+    assert lean["ndb"] == "pyroute2.ndb.main"
 
 
 def test_bridge_is_created_addressed_up_and_left_alone_the_second_time(ns: Netns, cfg: NetworkConfig) -> None:
@@ -414,6 +446,27 @@ def test_everything_twice_changes_nothing_and_down_leaves_nothing(ns: Netns) -> 
         after["ip_forward"] = empty["ip_forward"]  # turned on by net_up and deliberately left on
         assert after == empty
         assert ns.nft_tables() == tables_before == []
+
+
+def test_net_up_without_nat_measures_the_table_once_and_still_removes_one_left_behind(
+    ns: Netns, cfg: NetworkConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+    real = nft._run
+
+    def counted(netns: str | None, args: list[str], **kw: Any) -> str:
+        calls.append(args)
+        return real(netns, args, **kw)
+
+    monkeypatch.setattr(nft, "_run", counted)
+    assert not network.net_up(cfg).nat.table_present
+    assert calls == [["-j", "list", "tables"]]  # one nft process, not one per question
+    ns.exec("nft", "add", "table", "inet", "procurator")  # left by a configuration with NAT
+    calls.clear()
+    status = network.net_up(cfg)
+    assert not status.nat.table_present  # measured again after removing it
+    assert ns.nft_tables() == []
+    assert calls.count(["-j", "list", "tables"]) == 3  # before, in table_rules, and after the removal
 
 
 def _table_handle(ns: Netns) -> int:
