@@ -13,27 +13,39 @@ without a content type, JSON bodies as `application/json`, and translates every 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
-import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from procurator import http1
 from procurator.errors import HypervisorApiError, HypervisorError, InvalidStateError
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "http://localhost/api/v1/"
 
-# httpx builds an SSL context for every transport, and the default one loads the CA bundle (tens of
-# milliseconds). This API is plain HTTP over a UNIX socket, so hand it one empty context, made once.
-_UNUSED_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+# httpx (and ssl) are imported by the first ApiClient: a worker that only pings and scrapes its VMs
+# (`get_once`, through http1.py) never pays for them, some 5 MB of its memory and 20 ms of its start.
+
+
+@functools.cache
+def _unused_tls() -> ssl.SSLContext:
+    """httpx builds an SSL context for every transport, and the default one loads the CA bundle (tens of
+    milliseconds). This API is plain HTTP over a UNIX socket, so hand it one empty context, made once."""
+    import ssl  # noqa: PLC0415 - see above
+
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
 
 # Substrings of cloud-hypervisor's error strings that mean "the VM is not in a state where this request
 # makes sense", as opposed to a failure of the request itself. Each is the `#[error]` text of a variant, the
@@ -78,6 +90,8 @@ def error_details(content: bytes) -> tuple[str, ...]:
 
 
 def _url(endpoint: str) -> httpx.URL:
+    import httpx  # noqa: PLC0415 - see _unused_tls
+
     url = _URLS.get(endpoint)
     if url is None:
         url = _URLS[endpoint] = httpx.URL(BASE_URL + endpoint)
@@ -102,11 +116,13 @@ class ApiClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        import httpx  # noqa: PLC0415 - see _unused_tls
+
         self.socket_path = socket_path
         self.timeout = timeout
         self._transport = transport or httpx.HTTPTransport(
             uds=str(socket_path),
-            verify=_UNUSED_TLS,
+            verify=_unused_tls(),
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
             retries=0,
         )
@@ -156,6 +172,8 @@ class ApiClient:
     def _request(
         self, method: str, endpoint: str, body: Mapping[str, Any] | None, timeout: float | None
     ) -> Any:
+        import httpx  # noqa: PLC0415 - imported by __init__ already
+
         limit = self.timeout if timeout is None else timeout
         content: bytes | None = None
         headers: dict[str, str] | None = None
@@ -192,9 +210,9 @@ class ApiClient:
 
 def get_once(socket_path: Path, endpoint: str, *, timeout: float) -> Any:
     """GET /api/v1/<endpoint> on a connection of its own, closed after the answer; the decoded JSON answer,
-    translated as `ApiClient` does. For the calls a worker makes to every VM in turn (the watchdog's
-    vmm.ping, the scrape's vm.counters): one request per socket, where an httpx transport made for each
-    costs twice the CPU of the request (bench_worker.py, 1 000 VMs)."""
+    translated as `ApiClient` does. For the calls a worker makes to every VM in turn (adoption's and the
+    watchdog's vmm.ping, vm.info, the scrape's vm.counters): one request per socket, where an httpx
+    transport made for each costs twice the CPU of the request (bench_worker.py, 1 000 VMs)."""
     request = f"GET /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
     log.debug("cloud-hypervisor api: GET %s once (%s)", endpoint, socket_path)
     return _exchange(socket_path, endpoint, request.encode(), (), timeout)

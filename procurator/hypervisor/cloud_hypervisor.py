@@ -17,7 +17,9 @@ Stopping is a ladder, each rung bounded: the power button (the guest shuts down;
 `vmm.shutdown`, SIGTERM and SIGKILL. With `--no-shutdown` the process outlives its guest, so a graceful
 stop ends with `vmm.shutdown` too.
 
-All HTTP goes through `procurator.hypervisor.api.ApiClient`; all processes through `procurator.process`.
+All HTTP goes through `procurator.hypervisor.api`: `ApiClient` for the steps of a boot, a stop or a
+snapshot, `get_once` for the single reads (vmm.ping, vm.info, vm.counters: what a worker asks every
+VM, without httpx's import); all processes through `procurator.process`.
 """
 
 from __future__ import annotations
@@ -378,8 +380,7 @@ class CloudHypervisor:
         """vm.info as a VmInfo; `VmState.GONE` when the process is no longer running."""
         if not self._alive(handle):
             return VmInfo(state=VmState.GONE)
-        with self._api(handle) as api:
-            answer = api.get("vm.info")
+        answer = get_once(handle.api_socket, "vm.info", timeout=self.api_timeout)
         if not isinstance(answer, dict) or "state" not in answer:
             raise HypervisorError(
                 f"vm.info: expected a VmInfo object from {handle.api_socket}, got {answer!r}"
@@ -496,8 +497,7 @@ class CloudHypervisor:
         if handle.backend != BACKEND or not self._alive(handle):
             return False
         try:
-            with ApiClient(handle.api_socket, timeout=min(self.api_timeout, 2.0)) as api:
-                pong = api.get("vmm.ping")
+            pong = get_once(handle.api_socket, "vmm.ping", timeout=min(self.api_timeout, 2.0))
         except HypervisorError as exc:
             log.info("cannot adopt pid %d: %s", handle.pid, exc)
             return False

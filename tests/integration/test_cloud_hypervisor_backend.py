@@ -8,6 +8,8 @@ import os
 import pwd
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -241,6 +243,40 @@ def test_adopt_recognises_only_the_very_process(
     finally:
         backend.kill(handle)
     assert not backend.adopt(handle)
+
+
+_STEADY = """
+import json, sys
+from pathlib import Path
+from procurator.hypervisor.base import Handle
+from procurator.hypervisor.cloud_hypervisor import CloudHypervisor
+h = json.loads(sys.argv[1])
+handle = Handle(h["backend"], h["pid"], h["start_time"], Path(h["api_socket"]), Path(h["vm_dir"]))
+backend = CloudHypervisor(sys.argv[2])
+seen = [backend.adopt(handle), backend.info(handle).state.value, "pid" in backend.ping(handle),
+        isinstance(backend.counters(handle), dict)]
+print(json.dumps({"seen": seen, "httpx": "httpx" in sys.modules}))
+"""
+
+
+def test_what_a_worker_asks_every_vm_goes_without_httpx(
+    backend: CloudHypervisor, spec: LaunchSpec, clean: None
+) -> None:
+    """Adoption, vm.info, the watchdog's ping and the scrape's counters are single requests (get_once, read
+    by http1.py): a worker that boots nothing never imports httpx (some 5 MB of its memory)."""
+    handle = backend.start(spec)
+    try:
+        fields = {"backend": handle.backend, "pid": handle.pid, "start_time": handle.start_time,
+                  "api_socket": str(handle.api_socket), "vm_dir": str(handle.vm_dir)}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", _STEADY, json.dumps(fields), str(BINARY)],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"seen": [True, "Running", True, True], "httpx": False}
+    finally:
+        backend.kill(handle)
 
 
 def test_kill_stops_at_once_and_removes_the_socket(
