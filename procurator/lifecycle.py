@@ -38,6 +38,7 @@ from procurator.errors import (
 )
 from procurator.health import wait_healthy
 from procurator.hypervisor.base import Hypervisor, LaunchSpec, StopResult, VmState
+from procurator.hypervisor.registry import factory
 from procurator.models import VMM_OVERHEAD_MIB, VMM_OVERHEAD_MIB_BY_BACKEND, Bundle, Volume
 from procurator.runtime import GuestAddress, NicBinding, runtime_config
 from procurator.state import (
@@ -126,6 +127,15 @@ class Host:
     reservations: vmusers.Reservations = field(
         default_factory=vmusers.Reservations, repr=False, compare=False
     )
+
+    @classmethod
+    def of(cls, config: WorkerConfig, state_dir: Path) -> Host:
+        """The host a command runs on: the state in `state_dir`, the backends `config` names."""
+        return cls(
+            state=StateDir(state_dir),
+            config=config,
+            hypervisors=factory(config.hypervisor, serial_max_bytes=config.serial_log_max_bytes),
+        )
 
     @property
     def net(self) -> network.NetworkConfig:

@@ -18,8 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     """The Click command (everything but `ps` answered by a worker)."""
-    import logging  # noqa: PLC0415 - see main
-    import traceback  # noqa: PLC0415
+    import traceback  # noqa: PLC0415 - see main
 
     import click  # noqa: PLC0415
 
@@ -27,7 +26,7 @@ def _run(args: list[str]) -> int:
     from procurator.errors import EXIT_FAILURE, EXIT_USAGE, ProcuratorError  # noqa: PLC0415
 
     debug = "--debug" in args
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    setup_logging(debug)
     try:
         rv = cli.main(args=args, prog_name="procurator", standalone_mode=False)
     except ProcuratorError as exc:
@@ -51,6 +50,13 @@ def _run(args: list[str]) -> int:
         click.echo("error: interrupted", err=True)
         return 130
     return rv if isinstance(rv, int) else 0
+
+
+def setup_logging(debug: bool) -> None:
+    """Warnings (with --debug, everything) on stderr as `logger: message`, for every command."""
+    import logging  # noqa: PLC0415 - see main
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from click.shell_completion import CompletionItem
 from procurator.cli.paths import where
 from procurator.config import WorkerConfig
 from procurator.errors import ProcuratorError
-from procurator.hypervisor.registry import factory
 from procurator.lifecycle import Host
 from procurator.state import DEFAULT_STATE_DIR, StateDir
 
@@ -28,12 +27,7 @@ log = logging.getLogger("procurator.cli")
 
 
 def host(ctx: click.Context) -> Host:
-    config, state_dir = where(ctx)
-    return Host(
-        state=StateDir(state_dir),
-        config=config,
-        hypervisors=factory(config.hypervisor, serial_max_bytes=config.serial_log_max_bytes),
-    )
+    return Host.of(*where(ctx))
 
 
 def worker(h: Host) -> WorkerClient | None:

@@ -1,15 +1,16 @@
-"""`procurator ps`'s rows as text, and `ps` answered by a running worker without Click.
+"""`procurator ps` without Click: its rows as text, from a running worker or from the state.
 
-When a worker answers, `ps` is one request on its socket; Click (its import, the command table, parsing)
-was then about a sixth of the command's time. `answer(args)` recognises exactly the invocations it can
-answer as the Click command would: `ps` or `ps --json`, with the global `--config FILE` and
-`--state-dir DIR` (each at most once, before or after `ps`, as `--opt VALUE` or `--opt=VALUE`) and the
-environment's PROCURATOR_CONFIG / PROCURATOR_STATE_DIR, and a worker of that state directory answering
-that loaded the very same configuration file (by its digest: procurator/configfile.py, which is how this
-path reads a configuration without importing config.py's reader). For anything else (another command,
---help, --debug, an option it does not know, a configuration file that is not the worker's, no worker
-answering) it returns None and the Click command runs as before, so every error
-and every other output stays the Click command's. Both print through `render` below.
+Click (its import, the command table, parsing) was about a sixth of `ps`'s time when a worker answers,
+and some 25 ms of it when none does. `answer(args)` recognises exactly the invocations it can answer as
+the Click command would: `ps` or `ps --json`, with the global `--config FILE` and `--state-dir DIR`
+(each at most once, before or after `ps`, as `--opt VALUE` or `--opt=VALUE`) and the environment's
+PROCURATOR_CONFIG / PROCURATOR_STATE_DIR. A worker of that state directory that loaded the very same
+configuration file (by its digest: procurator/configfile.py) is asked first, without even importing
+config.py's reader; else the file is read whole and `listed` does what the Click command does (ask the
+worker, else read the records and the process table). For anything else (another command, --help,
+--debug, an option it does not know, any error, which includes a configuration that does not load) it
+returns False and the Click command runs, so every error and every other output stays the Click
+command's. Both print through `render` and `listed` below.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import sys
 
 TYPE_CHECKING = False  # as in procurator/worker/__init__.py: no typing import for `ps`
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
+
+    from procurator.config import WorkerConfig
 
 DAMAGED = "damaged"  # lifecycle.DAMAGED, the state of a VM whose record cannot be read
 HEADERS = ["NAME", "STATE", "GENERATION", "BACKEND", "IP", "PID", "UPTIME", "RESTARTS", "LAST EXIT"]
@@ -96,8 +100,10 @@ def parse(args: list[str]) -> tuple[dict[str, str], bool] | None:
 
 
 def answer(args: list[str]) -> bool:
-    """Print `ps` as a running worker answers it, if `args` are a plain `ps` and one answers; True if
-    it did (then exit 0), False when the Click command must run."""
+    """Print `ps` if `args` are a plain `ps`: as a running worker that loaded the same configuration file
+    lists the VMs, else as the Click command would (the file read whole, then the worker asked or the
+    state read here). True if it printed (then exit 0), False when the Click command must run: for
+    every error, which the Click command reports."""
     parsed = parse(args)
     if parsed is None:
         return False
@@ -112,18 +118,43 @@ def answer(args: list[str]) -> bool:
     ):
         return False  # Click's path checks say what is wrong
     where = _where(config_arg)
-    if where is None:
-        return False
-    api_socket, state_dir, digest = where
-    rows = client.listing(api_socket, state_arg or state_dir or configfile.STATE_DIR, config_digest=digest)
-    if rows is None:
-        return False
+    rows = None
+    if where is not None:  # a worker that loaded this very file: its listing
+        api_socket, state_dir, digest = where
+        state = state_arg or state_dir or configfile.STATE_DIR
+        rows = client.listing(api_socket, state, config_digest=digest)
+    if rows is None:  # the configuration read whole, and `ps` as the Click command does it
+        from pathlib import Path  # noqa: PLC0415 - not when the worker answered
+
+        from procurator.cli import setup_logging  # noqa: PLC0415
+        from procurator.config import DEFAULT_STATE_DIR, WorkerConfig  # noqa: PLC0415
+        from procurator.errors import ProcuratorError  # noqa: PLC0415
+
+        setup_logging(False)
+        try:
+            config = WorkerConfig.load(Path(config_arg) if config_arg else None)
+            rows = listed(config, Path(state_arg) if state_arg else config.state_dir or DEFAULT_STATE_DIR)
+        except ProcuratorError:
+            return False  # the Click command says what is wrong, as it says every error
     out, notes = render(rows, as_json)
     for line in notes:
         sys.stderr.write(line + "\n")
     sys.stdout.write(out + "\n")
     sys.stdout.flush()
     return True
+
+
+def listed(config: WorkerConfig, state_dir: Path) -> list[dict[str, Any]]:
+    """The rows of `ps`: as a running worker of `state_dir` lists them, else read here from the records
+    and the process table."""
+    from procurator import lifecycle  # noqa: PLC0415 - not when the worker answers
+    from procurator.worker import client  # noqa: PLC0415
+
+    rows = client.listing(config.api_socket, state_dir)
+    if rows is None:
+        statuses, damaged = lifecycle.listing(lifecycle.Host.of(config, state_dir))
+        rows = [s.to_json() for s in statuses] + [lifecycle.damaged_json(d) for d in damaged]
+    return rows
 
 
 def _where(config_arg: str | None) -> tuple[str, str | None, str | None] | None:

@@ -109,20 +109,36 @@ def test_the_options_after_ps_and_the_environment_count_the_same(served: Path) -
         assert done.stderr.endswith("click imported: False\n")
 
 
-def test_a_worker_of_another_state_directory_is_not_asked_and_click_reads_the_state(
+def test_a_worker_of_another_state_directory_is_not_asked_and_the_state_is_read_here(
     served: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other-state"
     done = _cli("--config", str(served), "--state-dir", str(other), "ps", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
-    assert done.stderr.endswith("click imported: True\n")
+    assert done.stderr.endswith("click imported: False\n")
 
 
-def test_a_configuration_file_changed_since_the_worker_loaded_it_is_the_click_commands(served: Path) -> None:
-    """The fast path reads apiSocket and stateDir without config.py's reader, trusting them only for
-    the bytes the worker validated (their digest in GET /vms). Bytes changed since: the Click command
-    reads them whole, so a now invalid file gets its one-line error, and a valid one its listing."""
+def test_without_a_worker_ps_prints_what_the_click_command_prints(served: Path) -> None:
+    """No worker answers (its socket gone): both read the records and the process table, alike."""
+    state = json.loads(served.read_text())["stateDir"]
+    served.write_text(json.dumps({"stateDir": state, "apiSocket": str(served.parent / "none.sock")}))
+    for form in (["ps", "--json"], ["ps"]):
+        fast = _cli("--config", str(served), *form)
+        slow = _cli("--config", str(served), *form, "--debug")
+        assert fast.returncode == slow.returncode == 0, fast.stderr + slow.stderr
+        assert fast.stderr.endswith("click imported: False\n")
+        assert _steady(fast.stdout) == _steady(slow.stdout)
+        assert len(fast.stdout.splitlines()) > 1
+        notes = [line for line in fast.stderr.splitlines() if line.startswith("bad: ")]
+        assert len(notes) == 1
+        assert notes == [line for line in slow.stderr.splitlines() if line.startswith("bad: ")]
+
+
+def test_a_configuration_file_changed_since_the_worker_loaded_it_is_read_whole(served: Path) -> None:
+    """The first try reads apiSocket and stateDir without config.py's reader, trusting them only for
+    the bytes the worker validated (their digest in GET /vms). Bytes changed since are read whole: a now
+    invalid file gets the Click command's one-line error, a valid one the worker's listing."""
     original = served.read_text()
     data = json.loads(original)
     served.write_text(json.dumps({**data, "snapshotKeep": 0}))
@@ -134,11 +150,11 @@ def test_a_configuration_file_changed_since_the_worker_loaded_it_is_the_click_co
     assert "snapshotKeep" in errors[0]
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
+    assert done.stderr.endswith("click imported: True\n")  # the error is the Click command's
     served.write_text(json.dumps(data, indent=4))  # the same settings, other bytes
     done = _cli("--config", str(served), "ps", "--json")
     assert done.returncode == 0, done.stderr
-    assert done.stderr.endswith("click imported: True\n")
-    assert len(json.loads(done.stdout)) == 4  # the Click command asked the worker (without the digest)
+    assert len(json.loads(done.stdout)) == 4  # read whole, then listed as the Click command lists
     served.write_text(original)
     assert _cli("--config", str(served), "ps", "--json").stderr.endswith("click imported: False\n")
 
