@@ -160,8 +160,8 @@ def listed(config: WorkerConfig, state_dir: Path) -> list[dict[str, Any]]:
 def _where(config_arg: str | None) -> tuple[str, str | None, str | None] | None:
     """(apiSocket, stateDir or None, the file's configfile.digest) of the configuration at `config_arg`
     (the defaults without one), read without config.py's reader: the worker's answer must then name the
-    same digest (procurator/configfile.py), else `ps` is the Click command's. None for a file that is
-    not even JSON with those keys as strings."""
+    same digest (procurator/configfile.py), else the file is read whole. None for a file that is not
+    even JSON with those keys as strings."""
     from procurator import configfile  # noqa: PLC0415 - see answer
 
     if config_arg is None:
