@@ -1878,7 +1878,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("Failed to start the VMM thread", "Error creating API server's socket", str(exc)),
             )
 
+    exiting = threading.Lock()
+
     def exit_process(code: int) -> None:
+        # One exit per process, as the real VMM's: the guest's poweroff (before v52, no --no-shutdown) and a
+        # vmm.shutdown request may both get here; the second waits for the first's os._exit.
+        exiting.acquire()
         recorder.write(
             {"kind": "process", "what": "exit", "pid": os.getpid(), "code": code, "t": time.monotonic()}
         )
