@@ -24,9 +24,7 @@ from tests.support.poller import Poll, max_gap, parse
 
 pytestmark = pytest.mark.e2e
 
-# The old generation serves on for DRAIN seconds after the switch: long enough for a request begun just
-# before it to finish on a starved machine (each poll may take its 1 s timeout per read, under TCG)
-DRAIN = 3
+DRAIN = 1  # seconds the old generation serves on after the switch
 BLUE_GREEN = f'volumes = [ ]; replace = {{ strategy = "blue-green"; drainSeconds = {DRAIN}; }};'
 
 
